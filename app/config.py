@@ -1,0 +1,68 @@
+"""Settings, read from the environment (prefix ``STEWARD_``; ``DATABASE_URL``/``REDIS_URL`` too)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every option is documented in docs/operations.md; keep the two in step."""
+
+    model_config = SettingsConfigDict(env_prefix="STEWARD_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "STEWARD_DATABASE_URL")
+    )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "STEWARD_REDIS_URL")
+    )
+    data_dir: Path = Path(".steward")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, validation_alias=AliasChoices("PORT", "STEWARD_PORT"))
+    # arq queues are named "<queue_prefix>:<priority>"; tests give each run its own prefix.
+    queue_prefix: str = "steward"
+    db_pool_size: int = 10
+    db_max_overflow: int = 10
+
+    # Request and definition limits.
+    max_body_bytes: int = 1_048_576
+    max_steps_per_workflow: int = 200
+    max_map_items: int = 10_000
+    max_map_concurrency: int = 100
+    max_output_bytes: int = 262_144
+    max_long_poll_s: float = 60.0
+    page_size_default: int = 50
+    page_size_max: int = 500
+
+    # Engine defaults (a step's own `timeout_s` / `retry` override them).
+    step_timeout_s: float = 300.0
+    retry_max_attempts: int = 3
+    retry_backoff_base_s: float = 1.0
+    retry_backoff_max_s: float = 300.0
+    # A worker that finishes a step claims the run's next ready step itself, up to this many in a row.
+    inline_continue_max: int = 1000
+
+    # Worker and reconciler.
+    worker_concurrency: int = 20
+    worker_poll_delay_s: float = 0.01
+    worker_shutdown_grace_s: float = 10.0
+    reconcile_interval_s: float = 5.0
+    outbox_stale_s: float = 5.0
+    lost_job_after_s: float = 30.0
+    relay_retry_s: float = 1.0
+    # Steps keep a lease while they run; a worker renews it every lease_s / 3. A lease that runs out
+    # (the worker died) counts as a transient failure of that attempt.
+    lease_s: float = 30.0
+    arq_job_timeout_s: float = 7 * 86400
+
+    # The builtin `http` tool refuses loopback, link-local and private addresses unless this is set.
+    http_allow_private_networks: bool = False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

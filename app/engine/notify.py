@@ -1,0 +1,77 @@
+"""Wakes long polls when a run ends: Postgres LISTEN/NOTIFY on ``steward_run_done``.
+
+Notifications are a shortcut, not the truth: waiters re-read the run when woken and also on a
+timer, so a notification lost while the listening connection reconnects costs latency only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+CHANNEL = "steward_run_done"
+
+
+def asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+class RunNotifier:
+    def __init__(self, database_url: str) -> None:
+        self.dsn = asyncpg_dsn(database_url)
+        self._waiters: dict[uuid.UUID, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="run-notifier")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    @contextlib.contextmanager
+    def subscribe(self, run_id: uuid.UUID) -> Any:
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(run_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[run_id]
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            for event in self._waiters.get(uuid.UUID(payload), ()):
+                event.set()
+
+    async def _listen(self) -> None:
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.dsn)
+                await conn.add_listener(CHANNEL, self._on_notify)
+                self.connected.set()
+                while not conn.is_closed():
+                    await asyncio.sleep(1)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("run notifier: %s; reconnecting", exc)
+            finally:
+                self.connected.clear()
+                if conn is not None and not conn.is_closed():
+                    await conn.close()
+                # Anyone waiting may have missed a notification: let them re-check.
+                for waiters in self._waiters.values():
+                    for event in waiters:
+                        event.set()
+            await asyncio.sleep(1)

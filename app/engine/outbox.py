@@ -1,0 +1,120 @@
+"""Outbox relay: hands committed jobs to arq, retrying while Redis is unreachable.
+
+Jobs go in with ``SET NX`` on arq's own job key, so a job already queued (or re-sent by the
+reconciler) is never enqueued twice; a Lua script sends a whole batch in one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss, job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+from redis.exceptions import RedisError
+
+from app.engine.tx import Job
+
+log = logging.getLogger(__name__)
+
+FUNCTIONS = {"step": "run_step", "wait_timeout": "fire_wait_timeout"}
+# arq's own default: a job not started within a day of its due time is dropped (the reconciler re-sends).
+EXPIRES_EXTRA_MS = 86_400_000
+
+_ENQUEUE_MANY = """
+local sent = 0
+for i = 1, #ARGV, 5 do
+  local id, queue, score, ttl, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  if redis.call('EXISTS', KEYS[2] .. id) == 0 and redis.call('SET', KEYS[1] .. id, payload, 'NX', 'PX', ttl) then
+    redis.call('ZADD', queue, score, id)
+    sent = sent + 1
+  end
+end
+return sent
+"""
+
+
+def _score_ms(not_before: datetime | None, now_ms: int) -> int:
+    return max(now_ms, int(not_before.timestamp() * 1000)) if not_before is not None else now_ms
+
+
+async def enqueue_many(redis: ArqRedis, jobs: Iterable[Job]) -> int:
+    """Enqueue jobs into their arq queues; returns how many were new."""
+    now_ms = int(time.time() * 1000)
+    argv: list[Any] = []
+    for job in jobs:
+        arg = job.job_id if job.kind == "step" else job.job_id.split(":")[1]
+        score = _score_ms(job.not_before, now_ms)
+        payload = serialize_job(FUNCTIONS[job.kind], (arg,), {}, None, now_ms)
+        argv += [job.job_id, job.queue, score, score - now_ms + EXPIRES_EXTRA_MS, payload]
+    if not argv:
+        return 0
+    return int(await redis.eval(_ENQUEUE_MANY, 2, job_key_prefix, result_key_prefix, *argv))
+
+
+async def abort_jobs(redis: ArqRedis, job_ids: Iterable[str]) -> None:
+    """Ask the workers running these jobs to cancel them (arq's abort set)."""
+    now_ms = int(time.time() * 1000)
+    mapping = {job_id: now_ms for job_id in job_ids}
+    if mapping:
+        await redis.zadd(abort_jobs_ss, mapping)
+
+
+class Relay:
+    """Sends jobs after commit; what cannot be sent now is retried in the background.
+
+    Losing this process loses nothing: the rows stay in the outbox until a worker claims the job,
+    and the reconciler re-sends rows that waited too long.
+    """
+
+    def __init__(self, redis: ArqRedis, retry_s: float) -> None:
+        self.redis = redis
+        self.retry_s = retry_s
+        self._pending: list[Job] = []
+        self._aborts: list[str] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def send(self, jobs: list[Job], aborts: list[str] | None = None) -> None:
+        try:
+            if jobs:
+                await enqueue_many(self.redis, jobs)
+            if aborts:
+                await abort_jobs(self.redis, aborts)
+        except (RedisError, OSError) as exc:
+            log.warning("relay: Redis unavailable (%s); %d jobs will be retried", exc, len(jobs))
+            self._pending.extend(jobs)
+            self._aborts.extend(aborts or [])
+            self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending or self._aborts:
+                jobs, self._pending = self._pending, []
+                aborts, self._aborts = self._aborts, []
+                try:
+                    await enqueue_many(self.redis, jobs)
+                    await abort_jobs(self.redis, aborts)
+                except (RedisError, OSError):
+                    self._pending = jobs + self._pending
+                    self._aborts = aborts + self._aborts
+                    await asyncio.sleep(self.retry_s)

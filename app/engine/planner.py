@@ -1,0 +1,148 @@
+"""The scheduler, as a pure function: definition + step states in, the next moves out.
+
+No database and no I/O: ``advance()`` feeds it what it loaded and applies the answer through the
+state machine. Rules:
+- a step is ready when every step it needs has succeeded or been skipped;
+- a step whose need was skipped, or whose ``when`` is false, is skipped;
+- a ``map`` step expands into items once ready and keeps at most ``concurrency`` of them active;
+- a failed step fails the run; a run whose steps all succeeded or were skipped succeeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.engine.expressions import ExpressionError, evaluate_condition, render
+from app.engine.state_machine import STEP_ACTIVE, STEP_DONE, StepStatus
+from app.workflows.definition import Definition, StepDef
+
+S = StepStatus
+
+
+@dataclass(frozen=True)
+class StepView:
+    status: str
+    output: Any = None
+    # For a map step whose items exist: each item's status, by index.
+    items: tuple[str, ...] | None = None
+
+
+@dataclass
+class Plan:
+    skip: list[str] = field(default_factory=list)
+    # (step id, rendered args) of tool steps to start.
+    start: list[tuple[str, Any]] = field(default_factory=list)
+    wait: list[str] = field(default_factory=list)
+    # (step id, item args) of maps to expand: one rendered args value per item.
+    expand: list[tuple[str, list[Any]]] = field(default_factory=list)
+    # A map step that is pending again (after a retry) whose items already exist.
+    reopen: list[str] = field(default_factory=list)
+    # (step id, item index) of map items to start.
+    start_items: list[tuple[str, int]] = field(default_factory=list)
+    complete_maps: list[str] = field(default_factory=list)
+    # (step id, error) of steps that fail without running: a bad expression, a failed map item.
+    fail: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # The run's status once the moves above are applied.
+    run_status: str = "running"
+
+
+def context_for(run_input: Any, steps: dict[str, StepView]) -> dict[str, Any]:
+    return {
+        "input": run_input,
+        "steps": {sid: {"output": v.output} for sid, v in steps.items() if v.status == S.SUCCEEDED},
+    }
+
+
+def plan(definition: Definition, run_input: Any, steps: dict[str, StepView]) -> Plan:
+    """Decide the next moves; ``steps`` holds every step of the definition by id."""
+    result = Plan()
+    # Statuses as they will be once this plan is applied, so a skip cascades within one pass.
+    status = {sid: v.status for sid, v in steps.items()}
+    ctx = context_for(run_input, steps)
+    for sid in definition.order:
+        step = definition.step(sid)
+        view = steps[sid]
+        if view.status == S.PENDING:
+            _plan_pending(step, view, status, ctx, result)
+        elif view.status == S.RUNNING and step.kind == "map" and view.items is not None:
+            _plan_map_items(step, view.items, result, status)
+    result.run_status = _run_status(status, result)
+    return result
+
+
+def _plan_pending(
+    step: StepDef, view: StepView, status: dict[str, str], ctx: dict[str, Any], result: Plan
+) -> None:
+    needs = [status[n] for n in step.needs]
+    if any(s == S.SKIPPED for s in needs):
+        result.skip.append(step.id)
+        status[step.id] = S.SKIPPED
+        return
+    if not all(s == S.SUCCEEDED for s in needs):
+        return
+    try:
+        if step.when is not None and not evaluate_condition(step.when, ctx):
+            result.skip.append(step.id)
+            status[step.id] = S.SKIPPED
+            return
+        if step.kind == "tool":
+            result.start.append((step.id, render(step.args, ctx)))
+            status[step.id] = S.QUEUED
+        elif step.kind == "wait":
+            result.wait.append(step.id)
+            status[step.id] = S.WAITING
+        elif view.items is not None:
+            result.reopen.append(step.id)
+            status[step.id] = S.RUNNING
+            _plan_map_items(step, view.items, result, status)
+        else:
+            assert step.map is not None
+            items = render(step.map.items, ctx)
+            if not isinstance(items, list):
+                raise ExpressionError(str(step.map.items), f"map items must be a list, got {type(items).__name__}")
+            args = [render(step.map.args, {**ctx, "item": it, "index": i}) for i, it in enumerate(items)]
+            result.expand.append((step.id, args))
+            status[step.id] = S.RUNNING
+            _plan_map_items(step, tuple(S.PENDING for _ in args), result, status)
+    except ExpressionError as exc:
+        result.fail.append((step.id, {"class": "expression", "message": str(exc)}))
+        status[step.id] = S.FAILED
+
+
+def _plan_map_items(step: StepDef, items: tuple[str, ...], result: Plan, status: dict[str, str]) -> None:
+    assert step.map is not None
+    failed = [i for i, s in enumerate(items) if s == S.FAILED]
+    if failed:
+        result.fail.append(
+            (step.id, {"class": "map_item_failed", "message": f"map item {failed[0]} failed", "index": failed[0]})
+        )
+        status[step.id] = S.FAILED
+        return
+    if all(s == S.SUCCEEDED for s in items):
+        # Dependents wait for the next pass: they need the map's gathered output, which is only
+        # read from the database when the map completes.
+        result.complete_maps.append(step.id)
+        status[step.id] = S.RUNNING
+        return
+    active = sum(1 for s in items if s in STEP_ACTIVE)
+    room = step.map.concurrency - active
+    for i, s in enumerate(items):
+        if room <= 0:
+            break
+        if s == S.PENDING:
+            result.start_items.append((step.id, i))
+            room -= 1
+
+
+def _run_status(status: dict[str, str], result: Plan) -> str:
+    values = set(status.values())
+    if S.FAILED in values or S.CANCELLED in values:
+        return "failed"
+    if values <= STEP_DONE:
+        return "succeeded"
+    if values & {S.QUEUED, S.RUNNING}:
+        return "running"
+    if S.WAITING in values:
+        return "waiting"
+    return "running"

@@ -1,0 +1,60 @@
+"""Process-wide engine resources: database engine and sessions, the arq pool, the relay, the notifier."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from arq.connections import ArqRedis, create_pool
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker
+from app.engine.notify import RunNotifier
+from app.engine.outbox import Relay
+from app.engine.tx import Tx
+from app.redis import redis_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: ArqRedis
+    relay: Relay
+    notifier: RunNotifier | None = None
+    owns_redis: bool = field(default=True)
+
+    @classmethod
+    async def start(cls, settings: Settings, *, role: str = "api", redis: ArqRedis | None = None) -> Runtime:
+        """Connect to Postgres and Redis; ``role="api"`` also listens for finished runs."""
+        if not settings.database_url or not settings.redis_url:
+            raise RuntimeError("DATABASE_URL and REDIS_URL must be set")
+        engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                             max_overflow=settings.db_max_overflow)
+        owns = redis is None
+        if redis is None:
+            # No retries at start-up: Redis may be down, and the relay copes with that later.
+            redis = await create_pool(redis_settings(settings.redis_url), retry=0)
+        relay = Relay(redis, settings.relay_retry_s)
+        relay.start()
+        notifier = None
+        if role == "api":
+            notifier = RunNotifier(settings.database_url)
+            notifier.start()
+        return cls(settings, engine, make_sessionmaker(engine), redis, relay, notifier, owns)
+
+    async def after_commit(self, tx: Tx) -> None:
+        if tx.jobs or tx.aborts:
+            await self.relay.send(tx.jobs, tx.aborts)
+
+    async def stop(self) -> None:
+        await self.relay.stop()
+        if self.notifier is not None:
+            await self.notifier.stop()
+        if self.owns_redis:
+            await self.redis.aclose()
+        await self.engine.dispose()

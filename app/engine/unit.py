@@ -1,0 +1,42 @@
+"""Running engine work in a transaction, then relaying what it produced."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError
+
+from app.engine.runtime import Runtime
+from app.engine.tx import Tx
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Deadlock and serialization failures: Postgres rolled the transaction back; running it again is safe.
+RETRYABLE_SQLSTATES = {"40P01", "40001"}
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+
+
+async def in_tx(runtime: Runtime, work: Callable[[Tx], Awaitable[T]], *, attempts: int = 3) -> T:
+    """Run ``work`` in one transaction with a fresh :class:`Tx`; after commit, relay its jobs."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with runtime.sessionmaker() as db, db.begin():
+                tx = Tx(db)
+                result = await work(tx)
+                await tx.flush()
+            break
+        except DBAPIError as exc:
+            if _sqlstate(exc) not in RETRYABLE_SQLSTATES or attempt == attempts:
+                raise
+            log.info("retrying engine transaction after %s", _sqlstate(exc))
+            await asyncio.sleep(0.01 * attempt)
+    await runtime.after_commit(tx)
+    return result

@@ -1,0 +1,144 @@
+"""Runs, step runs, attempts and the run event trace.
+
+Status columns are written only by ``app.engine.state_machine``; every such write bumps ``version``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base
+
+TS = DateTime(timezone=True)
+
+
+class Run(Base):
+    __tablename__ = "run"
+    __table_args__ = (
+        # Keyset pagination of the run list, newest first, optionally by status or workflow.
+        Index("ix_run_tenant_created", "tenant_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_run_tenant_status_created", "tenant_id", "status", text("created_at DESC"), text("id DESC")),
+        Index(
+            "ix_run_tenant_workflow_created", "tenant_id", "workflow_name", text("created_at DESC"), text("id DESC")
+        ),
+        Index(
+            "uq_run_tenant_idempotency_key",
+            "tenant_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
+    workflow_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workflow.id", ondelete="CASCADE"))
+    workflow_version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("workflow_version.id"))
+    workflow_name: Mapped[str] = mapped_column(String(128))
+    workflow_version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[str] = mapped_column(String(8))
+    input: Mapped[Any] = mapped_column(JSONB)
+    output: Mapped[Any | None] = mapped_column(JSONB)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())
+    started_at: Mapped[datetime | None] = mapped_column(TS)
+    finished_at: Mapped[datetime | None] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())
+
+
+class StepRun(Base):
+    """One row per step of a run, plus one per item of a ``map`` step (``map_index`` set)."""
+
+    __tablename__ = "step_run"
+    __table_args__ = (
+        UniqueConstraint("run_id", "step_id", "map_index", postgresql_nulls_not_distinct=True),
+        # The reconciler's scans: expired leases and due wait timeouts.
+        Index("ix_step_run_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        Index("ix_step_run_wait_deadline", "wait_deadline", postgresql_where=text("status = 'waiting'")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    step_id: Mapped[str] = mapped_column(String(64))
+    map_index: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    current_attempt_id: Mapped[uuid.UUID | None] = mapped_column()
+    input: Mapped[Any | None] = mapped_column(JSONB)
+    output: Mapped[Any | None] = mapped_column(JSONB)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(TS)
+    wait_deadline: Mapped[datetime | None] = mapped_column(TS)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())
+    started_at: Mapped[datetime | None] = mapped_column(TS)
+    finished_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class StepAttempt(Base):
+    """One execution attempt of a step; its id is the arq job id that carries it."""
+
+    __tablename__ = "step_attempt"
+    __table_args__ = (
+        UniqueConstraint("step_run_id", "n"),
+        Index("ix_step_attempt_run_id", "run_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    step_run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("step_run.id", ondelete="CASCADE"))
+    n: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    # The arq job executing this attempt: the attempt's own id, or the job of the worker that
+    # continued the run inline. Cancel aborts this job.
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(128))
+    not_before: Mapped[datetime | None] = mapped_column(TS)
+    queued_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())
+    started_at: Mapped[datetime | None] = mapped_column(TS)
+    finished_at: Mapped[datetime | None] = mapped_column(TS)
+    error_class: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+
+class RunEvent(Base):
+    """Append-only trace of a run."""
+
+    __tablename__ = "run_event"
+    __table_args__ = (Index("ix_run_event_run_id_id", "run_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    step_id: Mapped[str | None] = mapped_column(String(64))
+    map_index: Mapped[int | None] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(48))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())

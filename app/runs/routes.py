@@ -1,0 +1,185 @@
+"""Run endpoints: start, read, list, long-poll, operator actions, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.deps import require_role
+from app.config import Settings
+from app.context import Ctx
+from app.db import get_db
+from app.engine import actions
+from app.engine.advance import RunRow
+from app.engine.runtime import Runtime
+from app.engine.state_machine import RUN_TERMINAL, RunStatus
+from app.engine.tx import Tx
+from app.errors import Invalid
+from app.runs import schemas
+from app.runs import service as runs_service
+
+router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
+
+Db = Annotated[AsyncSession, Depends(get_db)]
+Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
+Operator = Annotated[Ctx, Depends(require_role("operator"))]
+RunStatusParam = Annotated[RunStatus | None, Query(description="only runs in this status")]
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+async def _commit(request: Request, tx: Tx) -> None:
+    await tx.flush()
+    await tx.db.commit()
+    await _runtime(request).after_commit(tx)
+
+
+@router.post("", status_code=201, response_model=schemas.RunRead)
+async def start_run(
+    request: Request,
+    response: Response,
+    body: schemas.RunCreate,
+    db: Db,
+    ctx: Operator,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> schemas.RunRead:
+    """Start a run. The same `Idempotency-Key` with the same body returns the same run (200)."""
+    tx = Tx(db, ctx.tenant_id)
+    settings: Settings = request.app.state.settings
+    run_id, created = await runs_service.create_run(tx, ctx, settings, body, idempotency_key)
+    await _commit(request, tx)
+    if not created:
+        response.status_code = 200
+    response.headers["Location"] = f"/api/v1/runs/{run_id}"
+    return await runs_service.get_run(db, ctx, run_id)
+
+
+@router.get("", response_model=schemas.RunPage)
+async def list_runs(
+    request: Request,
+    db: Db,
+    ctx: Viewer,
+    status: RunStatusParam = None,
+    workflow: Annotated[str | None, Query(max_length=128)] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+) -> schemas.RunPage:
+    settings: Settings = request.app.state.settings
+    size = min(limit or settings.page_size_default, settings.page_size_max)
+    return await runs_service.list_runs(
+        db, ctx, status=status.value if status else None, workflow=workflow, created_after=created_after,
+        created_before=created_before, cursor=cursor, limit=size,
+    )
+
+
+@router.get("/{run_id}", response_model=schemas.RunRead)
+async def get_run(
+    request: Request,
+    run_id: uuid.UUID,
+    db: Db,
+    ctx: Viewer,
+    wait: Annotated[float | None, Query(ge=0, description="hold up to this many seconds until the run ends")] = None,
+) -> schemas.RunRead:
+    """The run with its steps, attempts and events; `?wait=S` long-polls until it is terminal."""
+    if wait:
+        settings: Settings = request.app.state.settings
+        await _wait_terminal(request, db, ctx, run_id, min(wait, settings.max_long_poll_s))
+    return await runs_service.get_run(db, ctx, run_id)
+
+
+async def _wait_terminal(request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, wait: float) -> None:
+    notifier = _runtime(request).notifier
+    assert notifier is not None
+    deadline = time.monotonic() + wait
+    with notifier.subscribe(run_id) as woken:
+        while True:
+            # Read in a transaction of its own so each check sees the latest commit.
+            status = await runs_service.run_status(db, ctx, run_id)
+            await db.rollback()
+            left = deadline - time.monotonic()
+            if RunStatus(status) in RUN_TERMINAL or left <= 0:
+                return
+            try:
+                # The timer is a backstop for a notification lost while the listener reconnects.
+                await asyncio.wait_for(woken.wait(), timeout=min(left, 1.0))
+            except TimeoutError:
+                pass
+            woken.clear()
+
+
+@router.get("/{run_id}/events", response_model=schemas.EventPage)
+async def list_events(
+    request: Request,
+    run_id: uuid.UUID,
+    db: Db,
+    ctx: Viewer,
+    cursor: Annotated[int | None, Query(ge=0, description="events after this id")] = None,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+) -> schemas.EventPage:
+    settings: Settings = request.app.state.settings
+    size = min(limit or settings.page_size_default, settings.page_size_max)
+    return await runs_service.list_events(db, ctx, run_id, after=cursor, limit=size)
+
+
+Action = Callable[[Tx, Settings, uuid.UUID, uuid.UUID, str], Awaitable[RunRow]]
+
+
+async def _act(request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, action: Action) -> schemas.RunRead:
+    tx = Tx(db, ctx.tenant_id)
+    await action(tx, request.app.state.settings, run_id, ctx.tenant_id, ctx.principal)
+    await _commit(request, tx)
+    return await runs_service.get_run(db, ctx, run_id)
+
+
+@router.post("/{run_id}/pause", response_model=schemas.RunRead)
+async def pause_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> schemas.RunRead:
+    """Stop dispatching new steps; steps already running finish and are recorded."""
+    return await _act(request, db, ctx, run_id, actions.pause_run)
+
+
+@router.post("/{run_id}/resume", response_model=schemas.RunRead)
+async def resume_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> schemas.RunRead:
+    return await _act(request, db, ctx, run_id, actions.resume_run)
+
+
+@router.post("/{run_id}/cancel", response_model=schemas.RunRead)
+async def cancel_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> schemas.RunRead:
+    """Cancel queued steps and abort running ones."""
+    return await _act(request, db, ctx, run_id, actions.cancel_run)
+
+
+@router.post("/{run_id}/retry", response_model=schemas.RunRead)
+async def retry_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> schemas.RunRead:
+    """Run a failed run again from its failed steps; completed steps are not re-run."""
+    return await _act(request, db, ctx, run_id, actions.retry_run)
+
+
+@router.post("/{run_id}/signals/{name}", response_model=schemas.RunRead)
+async def signal_run(
+    request: Request,
+    run_id: uuid.UUID,
+    name: str,
+    db: Db,
+    ctx: Operator,
+    body: schemas.SignalBody | None = None,
+) -> schemas.RunRead:
+    """Deliver a signal: the steps waiting for `name` succeed with `payload` as their output."""
+    if len(name) > 128:
+        raise Invalid("signal name too long", errors=[{"pointer": "/path/name", "message": "at most 128 characters"}])
+    tx = Tx(db, ctx.tenant_id)
+    payload: Any = body.payload if body is not None else None
+    await actions.signal_run(tx, request.app.state.settings, run_id, ctx.tenant_id, name, payload, ctx.principal)
+    await _commit(request, tx)
+    return await runs_service.get_run(db, ctx, run_id)

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Priority = Literal["high", "normal", "low"]
+
+
+class RunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workflow: str = Field(min_length=1, max_length=128)
+    version: int | None = Field(default=None, ge=1)
+    input: Any = Field(default_factory=dict)
+    priority: Priority = "normal"
+
+
+class SignalBody(BaseModel):
+    """Any JSON value; it becomes the waiting step's output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    payload: Any = None
+
+
+class AttemptRead(BaseModel):
+    n: int
+    status: str
+    queued_at: datetime
+    not_before: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: dict[str, Any] | None
+    worker: str | None
+
+
+class ItemRead(BaseModel):
+    index: int
+    status: str
+    output: Any
+    error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: list[AttemptRead]
+
+
+class StepRead(BaseModel):
+    id: str
+    kind: str
+    status: str
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: list[AttemptRead]
+    items: list[ItemRead] | None = None
+
+
+class EventRead(BaseModel):
+    id: int
+    type: str
+    step_id: str | None
+    map_index: int | None
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class RunSummary(BaseModel):
+    id: uuid.UUID
+    workflow: str
+    workflow_version: int
+    status: str
+    priority: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunRead(RunSummary):
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    steps: list[StepRead]
+    events: list[EventRead]
+    events_truncated: bool
+
+
+class RunPage(BaseModel):
+    items: list[RunSummary]
+    next_cursor: str | None
+
+
+class EventPage(BaseModel):
+    items: list[EventRead]
+    next_cursor: int | None

@@ -1,0 +1,79 @@
+"""Runs one claimed step: the tool under a hard timeout, with the lease renewed while it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+
+import httpx
+
+from app.config import Settings
+from app.engine.advance import Claimed, step_timeout
+from app.engine.attempts import Outcome, renew_lease
+from app.engine.runtime import Runtime
+from app.workflows.definition import StepDef
+from workers.steps.tools import TOOLS, ToolCall, ToolError
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def tool_name(step: StepDef, claimed: Claimed) -> str:
+    if claimed.map_index is not None:
+        assert step.map is not None
+        return step.map.tool
+    assert step.tool is not None
+    return step.tool
+
+
+async def execute(runtime: Runtime, http: httpx.AsyncClient, step: StepDef, claimed: Claimed) -> Outcome:
+    settings = runtime.settings
+    timeout = step_timeout(step, settings)
+    call = ToolCall(claimed.args, claimed.attempt_n, claimed.idempotency_key, settings, http)
+    tool = TOOLS[tool_name(step, claimed)]
+    started = _now()
+    heartbeat = None
+    if timeout > settings.lease_s / 3:
+        heartbeat = asyncio.create_task(_renew_lease(runtime, claimed))
+    try:
+        async with asyncio.timeout(timeout):
+            output = await tool(call)
+        return _checked(output, started, settings)
+    except TimeoutError:
+        return Outcome(False, started, _now(), error_class="timeout", transient=True,
+                       message=f"step did not finish within {timeout:g}s")
+    except ToolError as exc:
+        return Outcome(False, started, _now(), error_class=exc.error_class, message=exc.message,
+                       transient=exc.transient, retry_after=exc.retry_after)
+    except Exception as exc:  # a bug in a tool must fail the step, not the worker
+        log.exception("tool %s crashed", tool_name(step, claimed))
+        return Outcome(False, started, _now(), error_class="internal", message=f"{type(exc).__name__}: {exc}")
+    finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
+
+
+def _checked(output: object, started: datetime, settings: Settings) -> Outcome:
+    size = len(json.dumps(output, separators=(",", ":"), default=str))
+    if size > settings.max_output_bytes:
+        return Outcome(False, started, _now(), error_class="output_too_large",
+                       message=f"output is {size} bytes; the limit is {settings.max_output_bytes}")
+    return Outcome(True, started, _now(), output=output)
+
+
+async def _renew_lease(runtime: Runtime, claimed: Claimed) -> None:
+    """Extend the lease while the step runs; a dead worker stops renewing and its lease runs out."""
+    interval = runtime.settings.lease_s / 3
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            async with runtime.sessionmaker() as db, db.begin():
+                if not await renew_lease(db, claimed, runtime.settings.lease_s):
+                    return  # the step moved on without us (cancelled, or the lease already expired)
+        except Exception:  # the step goes on; if renewals keep failing, the lease expires and it is retried
+            log.warning("lease renewal failed for step run %s", claimed.step_run_id, exc_info=True)

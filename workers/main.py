@@ -1,0 +1,89 @@
+"""arq workers: one arq ``Worker`` per priority queue in one process, sharing the engine runtime.
+
+Each queue has its own job slots, so a backlog of low-priority runs never takes the slots a
+high-priority run needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+import httpx
+from arq import Worker, cron, func
+
+from app.config import Settings
+from app.engine.runtime import Runtime
+from app.engine.tx import QUEUES
+from app.redis import redis_settings
+from workers.jobs import fire_wait_timeout, reconcile, run_step
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def build_workers(runtime: Runtime, *, concurrency: int, worker_id: str, http: httpx.AsyncClient) -> list[Worker]:
+    settings = runtime.settings
+    ctx: dict[str, Any] = {"runtime": runtime, "worker_id": worker_id, "http": http}
+    every = max(1, int(settings.reconcile_interval_s))
+    workers = []
+    for priority in QUEUES:
+        workers.append(
+            Worker(
+                functions=[func(run_step, name="run_step"), func(fire_wait_timeout, name="fire_wait_timeout")],
+                queue_name=f"{settings.queue_prefix}:{priority}",
+                redis_settings=redis_settings(settings.redis_url or ""),
+                max_jobs=concurrency,
+                poll_delay=settings.worker_poll_delay_s,
+                job_timeout=settings.arq_job_timeout_s,
+                keep_result=0,
+                allow_abort_jobs=True,
+                retry_jobs=False,
+                handle_signals=False,
+                ctx=dict(ctx),
+                # The reconciler runs on one queue's worker only; arq's cron uniqueness keeps one
+                # instance at a time across processes.
+                cron_jobs=[cron(reconcile, name="reconcile", second=set(range(0, 60, every)),
+                                run_at_startup=True, unique=True, timeout=300)]
+                if priority == "normal" else None,
+                health_check_interval=60,
+            )
+        )
+    return workers
+
+
+async def run_worker(settings: Settings, *, concurrency: int | None = None) -> None:
+    """Run the workers until cancelled; then let running steps finish for a grace period."""
+    runtime = await Runtime.start(settings, role="worker")
+    worker_id = new_worker_id()
+    async with httpx.AsyncClient(follow_redirects=False) as http:
+        workers = build_workers(runtime, concurrency=concurrency or settings.worker_concurrency,
+                                worker_id=worker_id, http=http)
+        tasks = [asyncio.create_task(w.async_run()) for w in workers]
+        log.info("worker %s started on %s", worker_id, ", ".join(w.queue_name for w in workers))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            await _shutdown(workers, tasks, settings.worker_shutdown_grace_s)
+            await runtime.stop()
+
+
+async def _shutdown(workers: list[Worker], tasks: list[asyncio.Task[None]], grace_s: float) -> None:
+    for w in workers:
+        w.allow_pick_jobs = False
+    running = [t for w in workers for t in w.tasks.values() if not t.done()]
+    if running:
+        log.info("waiting up to %ss for %d running jobs", grace_s, len(running))
+        await asyncio.wait(running, timeout=grace_s)
+    for w in workers:
+        await w.close()  # cancels what is still running: those steps record an interrupted attempt
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
