@@ -1,15 +1,15 @@
 """Application errors and their problem+json rendering.
 
-    AppError                    500 internal
-    ├── BadRequest              400 bad-request
-    ├── Unauthorized            401 unauthorized
-    ├── Forbidden               403 forbidden
-    ├── NotFound                404 not-found
-    ├── Conflict                409 conflict
-    │   ├── IllegalTransition   (engine) a move the state machine does not allow
-    │   └── StaleTransition     (engine) someone else moved the row first
-    ├── PayloadTooLarge         413 payload-too-large
-    └── Invalid                 422 invalid   (``errors``: [{"pointer", "message"}])
+AppError                    500 internal
+├── BadRequest              400 bad-request
+├── Unauthorized            401 unauthorized
+├── Forbidden               403 forbidden
+├── NotFound                404 not-found
+├── Conflict                409 conflict
+│   ├── IllegalTransition   (engine) a move the state machine does not allow
+│   └── StaleTransition     (engine) someone else moved the row first
+├── PayloadTooLarge         413 payload-too-large
+└── Invalid                 422 invalid   (``errors``: [{"pointer", "message"}])
 """
 
 from __future__ import annotations

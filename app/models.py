@@ -6,4 +6,15 @@ from app.runs.models import Run, RunEvent, StepAttempt, StepRun
 from app.tenants.models import ApiKey, Tenant
 from app.workflows.models import Workflow, WorkflowVersion
 
-__all__ = ["ApiKey", "Base", "Outbox", "Run", "RunEvent", "StepAttempt", "StepRun", "Tenant", "Workflow", "WorkflowVersion"]
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Outbox",
+    "Run",
+    "RunEvent",
+    "StepAttempt",
+    "StepRun",
+    "Tenant",
+    "Workflow",
+    "WorkflowVersion",
+]

@@ -45,11 +45,24 @@ async def execute(runtime: Runtime, http: httpx.AsyncClient, step: StepDef, clai
             output = await tool(call)
         return _checked(output, started, settings)
     except TimeoutError:
-        return Outcome(False, started, _now(), error_class="timeout", transient=True,
-                       message=f"step did not finish within {timeout:g}s")
+        return Outcome(
+            False,
+            started,
+            _now(),
+            error_class="timeout",
+            transient=True,
+            message=f"step did not finish within {timeout:g}s",
+        )
     except ToolError as exc:
-        return Outcome(False, started, _now(), error_class=exc.error_class, message=exc.message,
-                       transient=exc.transient, retry_after=exc.retry_after)
+        return Outcome(
+            False,
+            started,
+            _now(),
+            error_class=exc.error_class,
+            message=exc.message,
+            transient=exc.transient,
+            retry_after=exc.retry_after,
+        )
     except Exception as exc:  # a bug in a tool must fail the step, not the worker
         log.exception("tool %s crashed", tool_name(step, claimed))
         return Outcome(False, started, _now(), error_class="internal", message=f"{type(exc).__name__}: {exc}")
@@ -61,8 +74,13 @@ async def execute(runtime: Runtime, http: httpx.AsyncClient, step: StepDef, clai
 def _checked(output: object, started: datetime, settings: Settings) -> Outcome:
     size = len(json.dumps(output, separators=(",", ":"), default=str))
     if size > settings.max_output_bytes:
-        return Outcome(False, started, _now(), error_class="output_too_large",
-                       message=f"output is {size} bytes; the limit is {settings.max_output_bytes}")
+        return Outcome(
+            False,
+            started,
+            _now(),
+            error_class="output_too_large",
+            message=f"output is {size} bytes; the limit is {settings.max_output_bytes}",
+        )
     return Outcome(True, started, _now(), output=output)
 
 

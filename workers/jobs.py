@@ -24,7 +24,7 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
     runtime: Runtime = ctx["runtime"]
     settings = runtime.settings
     claimer = Claimer(worker_id=ctx["worker_id"], job_id=ctx["job_id"])
-    claimed = await in_tx(runtime, lambda tx: claim_attempt(tx, settings, uuid.UUID(attempt_id), claimer))
+    claimed = await in_tx(runtime, claim_attempt, settings, uuid.UUID(attempt_id), claimer)
     chained = 0
     while claimed is not None:
         current: Claimed = claimed
@@ -39,21 +39,23 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
             raise
         chained += 1
         next_claimer = claimer if chained < settings.inline_continue_max else None
-        claimed = await in_tx(runtime, lambda tx: record_outcome(tx, settings, current, outcome, next_claimer))
+        claimed = await in_tx(runtime, record_outcome, settings, current, outcome, next_claimer)
 
 
 async def _interrupted(runtime: Runtime, claimed: Claimed) -> None:
     t = datetime.now(UTC)
-    outcome = Outcome(False, t, t, error_class="interrupted", transient=True, message="worker stopped mid-step")
+    outcome = Outcome(
+        False, t, t, error_class="interrupted", transient=True, message="worker stopped mid-step"
+    )
     try:
-        await in_tx(runtime, lambda tx: record_outcome(tx, runtime.settings, claimed, outcome, None))
+        await in_tx(runtime, record_outcome, runtime.settings, claimed, outcome, None)
     except Exception:  # the lease will expire and the reconciler retries the step instead
         log.warning("could not record the interrupted attempt %s", claimed.attempt_id, exc_info=True)
 
 
 async def fire_wait_timeout(ctx: dict[str, Any], step_run_id: str) -> None:
     runtime: Runtime = ctx["runtime"]
-    await in_tx(runtime, lambda tx: fire_wait_timeout_tx(tx, runtime.settings, uuid.UUID(step_run_id)))
+    await in_tx(runtime, fire_wait_timeout_tx, runtime.settings, uuid.UUID(step_run_id))
 
 
 async def reconcile(ctx: dict[str, Any]) -> None:

@@ -29,7 +29,9 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def build_workers(runtime: Runtime, *, concurrency: int, worker_id: str, http: httpx.AsyncClient) -> list[Worker]:
+def build_workers(
+    runtime: Runtime, *, concurrency: int, worker_id: str, http: httpx.AsyncClient
+) -> list[Worker]:
     settings = runtime.settings
     ctx: dict[str, Any] = {"runtime": runtime, "worker_id": worker_id, "http": http}
     every = max(1, int(settings.reconcile_interval_s))
@@ -37,7 +39,10 @@ def build_workers(runtime: Runtime, *, concurrency: int, worker_id: str, http: h
     for priority in QUEUES:
         workers.append(
             Worker(
-                functions=[func(run_step, name="run_step"), func(fire_wait_timeout, name="fire_wait_timeout")],
+                functions=[
+                    func(run_step, name="run_step"),
+                    func(fire_wait_timeout, name="fire_wait_timeout"),
+                ],
                 queue_name=f"{settings.queue_prefix}:{priority}",
                 redis_settings=redis_settings(settings.redis_url or ""),
                 max_jobs=concurrency,
@@ -50,9 +55,18 @@ def build_workers(runtime: Runtime, *, concurrency: int, worker_id: str, http: h
                 ctx=dict(ctx),
                 # The reconciler runs on one queue's worker only; arq's cron uniqueness keeps one
                 # instance at a time across processes.
-                cron_jobs=[cron(reconcile, name="reconcile", second=set(range(0, 60, every)),
-                                run_at_startup=True, unique=True, timeout=300)]
-                if priority == "normal" else None,
+                cron_jobs=[
+                    cron(
+                        reconcile,
+                        name="reconcile",
+                        second=set(range(0, 60, every)),
+                        run_at_startup=True,
+                        unique=True,
+                        timeout=300,
+                    )
+                ]
+                if priority == "normal"
+                else None,
                 health_check_interval=60,
             )
         )
@@ -64,8 +78,9 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
     runtime = await Runtime.start(settings, role="worker")
     worker_id = new_worker_id()
     async with httpx.AsyncClient(follow_redirects=False) as http:
-        workers = build_workers(runtime, concurrency=concurrency or settings.worker_concurrency,
-                                worker_id=worker_id, http=http)
+        workers = build_workers(
+            runtime, concurrency=concurrency or settings.worker_concurrency, worker_id=worker_id, http=http
+        )
         tasks = [asyncio.create_task(w.async_run()) for w in workers]
         log.info("worker %s started on %s", worker_id, ", ".join(w.queue_name for w in workers))
         try:

@@ -11,7 +11,16 @@ from typing import Any
 from sqlalchemy import select
 
 from app.config import Settings
-from app.engine.advance import Advance, RunRow, load_definition, load_steps, lock, now, set_run_status, stop_steps
+from app.engine.advance import (
+    Advance,
+    RunRow,
+    load_definition,
+    load_steps,
+    lock,
+    now,
+    set_run_status,
+    stop_steps,
+)
 from app.engine.models import Outbox
 from app.engine.state_machine import (
     RUN_TERMINAL,
@@ -38,7 +47,9 @@ async def _locked(tx: Tx, run_id: uuid.UUID, tenant_id: uuid.UUID) -> RunRow:
     return run
 
 
-async def pause_run(tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str) -> RunRow:
+async def pause_run(
+    tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
+) -> RunRow:
     """Stop new dispatch; steps already running finish and are recorded."""
     run = await _locked(tx, run_id, tenant_id)
     if run.status in (RunStatus.PAUSED, *RUN_TERMINAL):
@@ -48,22 +59,31 @@ async def pause_run(tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uu
     return run
 
 
-async def resume_run(tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str) -> RunRow:
+async def resume_run(
+    tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
+) -> RunRow:
     """Continue a paused run: re-send its queued steps' jobs and dispatch what became ready."""
     run = await _locked(tx, run_id, tenant_id)
     if run.status != RunStatus.PAUSED:
-        raise IllegalTransition(f"only a paused run can be resumed; this one is {run.status}", status_now=run.status)
+        raise IllegalTransition(
+            f"only a paused run can be resumed; this one is {run.status}", status_now=run.status
+        )
     await set_run_status(tx, run, RunStatus.RUNNING)
     tx.events[-1]["data"]["actor"] = actor
     # Jobs of steps queued before the pause were refused by the workers and are still in the outbox.
-    rows = (await tx.db.execute(select(Outbox.kind, Outbox.job_id, Outbox.queue, Outbox.not_before)
-                                .where(Outbox.run_id == run.id))).all()
+    rows = (
+        await tx.db.execute(
+            select(Outbox.kind, Outbox.job_id, Outbox.queue, Outbox.not_before).where(Outbox.run_id == run.id)
+        )
+    ).all()
     tx.jobs.extend(Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows)
     await Advance(tx, run, await load_definition(tx.db, run.workflow_version_id), settings).run_plan()
     return run
 
 
-async def cancel_run(tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str) -> RunRow:
+async def cancel_run(
+    tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
+) -> RunRow:
     """Cancel every unfinished step: queued jobs are dropped, running ones aborted."""
     run = await _locked(tx, run_id, tenant_id)
     check_run_move(run.status, RunStatus.CANCELLED)
@@ -74,16 +94,21 @@ async def cancel_run(tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: u
     return run
 
 
-async def retry_run(tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str) -> RunRow:
+async def retry_run(
+    tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
+) -> RunRow:
     """Resume a failed run from its failed steps; steps that succeeded are never run again."""
     run = await _locked(tx, run_id, tenant_id)
     if run.status != RunStatus.FAILED:
-        raise IllegalTransition(f"only a failed run can be retried; this one is {run.status}", status_now=run.status)
+        raise IllegalTransition(
+            f"only a failed run can be retried; this one is {run.status}", status_now=run.status
+        )
     rows = (await load_steps(tx.db, run.id)).values()
     reset = [r for r in rows if r.status in (S.FAILED, S.CANCELLED)]
     for row in reset:
-        await transition_step(tx.db, row.id, status=row.status, version=row.version, to=S.PENDING,
-                              error=None, finished_at=None)
+        await transition_step(
+            tx.db, row.id, status=row.status, version=row.version, to=S.PENDING, error=None, finished_at=None
+        )
     tx.event(run.id, "run_retried", actor=actor, steps=sorted({r.step_id for r in reset}))
     await set_run_status(tx, run, RunStatus.RUNNING, error=None, finished_at=None)
     await Advance(tx, run, await load_definition(tx.db, run.workflow_version_id), settings).run_plan()
@@ -100,14 +125,26 @@ async def signal_run(
     definition = await load_definition(tx.db, run.workflow_version_id)
     rows = await load_steps(tx.db, run.id)
     waiting = [
-        row for (sid, idx), row in rows.items()
-        if idx is None and row.status == S.WAITING and (spec := definition.step(sid).wait) and spec.signal == name
+        row
+        for (sid, idx), row in rows.items()
+        if idx is None
+        and row.status == S.WAITING
+        and (spec := definition.step(sid).wait)
+        and spec.signal == name
     ]
     if not waiting:
         raise IllegalTransition(f"no step of this run is waiting for signal {name!r}", status_now=run.status)
     for row in waiting:
-        await transition_step(tx.db, row.id, status=row.status, version=row.version, to=S.SUCCEEDED,
-                              output=payload, finished_at=now(), wait_deadline=None)
+        await transition_step(
+            tx.db,
+            row.id,
+            status=row.status,
+            version=row.version,
+            to=S.SUCCEEDED,
+            output=payload,
+            finished_at=now(),
+            wait_deadline=None,
+        )
         tx.event(run.id, "signal_received", step_id=row.step_id, signal=name, actor=actor)
     await Advance(tx, run, definition, settings).run_plan()
     return [row.step_id for row in waiting]

@@ -193,7 +193,9 @@ def queue_name(settings: Settings, priority: str) -> str:
     return f"{settings.queue_prefix}:{priority}"
 
 
-def backoff_delay(step: StepDef, settings: Settings, attempt_n: int, retry_after: float | None, rand: float) -> float:
+def backoff_delay(
+    step: StepDef, settings: Settings, attempt_n: int, retry_after: float | None, rand: float
+) -> float:
     """Exponential backoff for the attempt after ``attempt_n``; ``rand`` in [0, 1) drives the jitter."""
     base = step.retry.backoff_base_s if step.retry else settings.retry_backoff_base_s
     cap = step.retry.backoff_max_s if step.retry else settings.retry_backoff_max_s
@@ -271,9 +273,16 @@ class Advance:
         await self._settle_run(p, paused)
 
     async def _move(
-        self, row: StepRow, to: StepStatus, event: str | None, data: dict[str, Any] | None = None, **values: Any
+        self,
+        row: StepRow,
+        to: StepStatus,
+        event: str | None,
+        data: dict[str, Any] | None = None,
+        **values: Any,
     ) -> None:
-        row.version = await transition_step(self.db, row.id, status=row.status, version=row.version, to=to, **values)
+        row.version = await transition_step(
+            self.db, row.id, status=row.status, version=row.version, to=to, **values
+        )
         row.status = to
         if event:
             if "error" in values:
@@ -291,35 +300,77 @@ class Advance:
         if inline:
             assert self.claimer is not None
             await self._move(
-                row, S.RUNNING, "step_started", attempts=n, current_attempt_id=attempt_id, input=args,
-                lease_owner=self.claimer.worker_id, started_at=started,
+                row,
+                S.RUNNING,
+                "step_started",
+                attempts=n,
+                current_attempt_id=attempt_id,
+                input=args,
+                lease_owner=self.claimer.worker_id,
+                started_at=started,
                 lease_expires_at=started + timedelta(seconds=self.settings.lease_s),
                 data={"attempt": n, "worker": self.claimer.worker_id},
             )
-            self._add_attempt(row, attempt_id, n, "running", started_at=started,
-                              job_id=self.claimer.job_id, worker=self.claimer.worker_id)
+            self._add_attempt(
+                row,
+                attempt_id,
+                n,
+                "running",
+                started_at=started,
+                job_id=self.claimer.job_id,
+                worker=self.claimer.worker_id,
+            )
             self.claimed = self._claimed(row, attempt_id, n, args, self.claimer)
         else:
-            await self._move(row, S.QUEUED, "step_queued", {"attempt": n}, attempts=n,
-                             current_attempt_id=attempt_id, input=args)
+            await self._move(
+                row,
+                S.QUEUED,
+                "step_queued",
+                {"attempt": n},
+                attempts=n,
+                current_attempt_id=attempt_id,
+                input=args,
+            )
             self._add_attempt(row, attempt_id, n, "queued")
-            self.tx.enqueue(self.run.id, Job("step", str(attempt_id), queue_name(self.settings, self.run.priority)))
+            self.tx.enqueue(
+                self.run.id, Job("step", str(attempt_id), queue_name(self.settings, self.run.priority))
+            )
         row.attempts = n
         row.current_attempt_id = attempt_id
 
     def _add_attempt(self, row: StepRow, attempt_id: uuid.UUID, n: int, status: str, **values: Any) -> None:
         self.tx.attempts.append(
-            {"id": attempt_id, "tenant_id": self.run.tenant_id, "run_id": self.run.id, "step_run_id": row.id,
-             "n": n, "status": status, "queued_at": now(), "job_id": values.pop("job_id", str(attempt_id)),
-             "worker": None, "not_before": None, "started_at": None, **values}
+            {
+                "id": attempt_id,
+                "tenant_id": self.run.tenant_id,
+                "run_id": self.run.id,
+                "step_run_id": row.id,
+                "n": n,
+                "status": status,
+                "queued_at": now(),
+                "job_id": values.pop("job_id", str(attempt_id)),
+                "worker": None,
+                "not_before": None,
+                "started_at": None,
+                **values,
+            }
         )
 
     def _claimed(self, row: StepRow, attempt_id: uuid.UUID, n: int, args: Any, claimer: Claimer) -> Claimed:
         return Claimed(
-            run_id=self.run.id, tenant_id=self.run.tenant_id, workflow_version_id=self.run.workflow_version_id,
-            priority=self.run.priority, step_run_id=row.id, step_version=row.version, step_id=row.step_id,
-            map_index=row.map_index, attempt_id=attempt_id, attempt_n=n, args=args,
-            job_id=claimer.job_id, worker_id=claimer.worker_id,
+            run_id=self.run.id,
+            tenant_id=self.run.tenant_id,
+            workflow_version_id=self.run.workflow_version_id,
+            priority=self.run.priority,
+            step_run_id=row.id,
+            step_version=row.version,
+            step_id=row.step_id,
+            map_index=row.map_index,
+            attempt_id=attempt_id,
+            attempt_n=n,
+            args=args,
+            job_id=claimer.job_id,
+            worker_id=claimer.worker_id,
         )
 
     async def _wait(self, sid: str) -> None:
@@ -329,15 +380,21 @@ class Advance:
         row = self.rows[(sid, None)]
         await self._move(row, S.WAITING, "step_waiting", wait_deadline=deadline, started_at=now())
         if deadline is not None:
-            job = Job("wait_timeout", f"wt:{row.id}:{row.version}", queue_name(self.settings, self.run.priority),
-                      not_before=deadline)
+            job = Job(
+                "wait_timeout",
+                f"wt:{row.id}:{row.version}",
+                queue_name(self.settings, self.run.priority),
+                not_before=deadline,
+            )
             self.tx.enqueue(self.run.id, job)
 
     async def _expand(self, sid: str, item_args: list[Any]) -> None:
         parent = self.rows[(sid, None)]
         if len(item_args) > self.settings.max_map_items:
-            error = {"class": "map_too_large",
-                     "message": f"map has {len(item_args)} items; the limit is {self.settings.max_map_items}"}
+            error = {
+                "class": "map_too_large",
+                "message": f"map has {len(item_args)} items; the limit is {self.settings.max_map_items}",
+            }
             await self._move(parent, S.FAILED, "step_failed", error=error, finished_at=now())
             return
         await self._move(parent, S.RUNNING, "map_expanded", started_at=now())
@@ -346,24 +403,43 @@ class Advance:
             await self._complete_map(sid)
             return
         values = [
-            {"id": uuid.uuid4(), "tenant_id": self.run.tenant_id, "run_id": self.run.id, "step_id": sid,
-             "map_index": i, "kind": "item", "status": S.PENDING.value, "version": 1, "attempts": 0, "input": args}
+            {
+                "id": uuid.uuid4(),
+                "tenant_id": self.run.tenant_id,
+                "run_id": self.run.id,
+                "step_id": sid,
+                "map_index": i,
+                "kind": "item",
+                "status": S.PENDING.value,
+                "version": 1,
+                "attempts": 0,
+                "input": args,
+            }
             for i, args in enumerate(item_args)
         ]
         await self.db.execute(insert(StepRun), values)
         for v in values:
-            self.rows[(sid, v["map_index"])] = StepRow(v["id"], sid, v["map_index"], "item", S.PENDING, 1, 0, None)
+            self.rows[(sid, v["map_index"])] = StepRow(
+                v["id"], sid, v["map_index"], "item", S.PENDING, 1, 0, None
+            )
 
     async def _complete_map(self, sid: str) -> None:
         outputs = (
-            await self.db.execute(
-                select(StepRun.output)
-                .where(StepRun.run_id == self.run.id, StepRun.step_id == sid, StepRun.map_index.is_not(None))
-                .order_by(StepRun.map_index)
+            (
+                await self.db.execute(
+                    select(StepRun.output)
+                    .where(
+                        StepRun.run_id == self.run.id, StepRun.step_id == sid, StepRun.map_index.is_not(None)
+                    )
+                    .order_by(StepRun.map_index)
+                )
             )
-        ).scalars().all()
-        await self._move(self.rows[(sid, None)], S.SUCCEEDED, "step_succeeded", output=list(outputs),
-                         finished_at=now())
+            .scalars()
+            .all()
+        )
+        await self._move(
+            self.rows[(sid, None)], S.SUCCEEDED, "step_succeeded", output=list(outputs), finished_at=now()
+        )
         self.rows[(sid, None)].output = list(outputs)
 
     async def _settle_run(self, p: Plan, paused: bool) -> None:
@@ -379,7 +455,11 @@ class Advance:
             await self._fail_run()
         elif target == RunStatus.SUCCEEDED:
             sinks = [s.id for s in self.definition.steps if not self.definition.dependents(s.id)]
-            output = {sid: self.rows[(sid, None)].output for sid in sinks if self.rows[(sid, None)].status == S.SUCCEEDED}
+            output = {
+                sid: self.rows[(sid, None)].output
+                for sid in sinks
+                if self.rows[(sid, None)].status == S.SUCCEEDED
+            }
             await set_run_status(self.tx, self.run, RunStatus.SUCCEEDED, output=output)
         else:
             await set_run_status(self.tx, self.run, target)
@@ -390,10 +470,20 @@ class Advance:
             (sid, row) for (sid, idx), row in self.rows.items() if idx is None and row.status == S.FAILED
         ]
         error_row = (
-            await self.db.execute(select(StepRun.step_id, StepRun.error).where(StepRun.id == failed[0][1].id))
-        ).one() if failed else None
+            (
+                await self.db.execute(
+                    select(StepRun.step_id, StepRun.error).where(StepRun.id == failed[0][1].id)
+                )
+            ).one()
+            if failed
+            else None
+        )
         await stop_steps(self.tx, self.run, self.rows.values(), (S.QUEUED, S.WAITING), "run failed")
-        error = {"step": error_row[0], **(error_row[1] or {})} if error_row else {"message": "a step was cancelled"}
+        error = (
+            {"step": error_row[0], **(error_row[1] or {})}
+            if error_row
+            else {"message": "a step was cancelled"}
+        )
         await set_run_status(self.tx, self.run, RunStatus.FAILED, error=error)
 
 
@@ -412,9 +502,7 @@ async def set_run_status(tx: Tx, run: RunRow, to: RunStatus, **values: Any) -> N
     run.status = to
 
 
-async def stop_steps(
-    tx: Tx, run: RunRow, rows: Any, statuses: tuple[StepStatus, ...], reason: str
-) -> None:
+async def stop_steps(tx: Tx, run: RunRow, rows: Any, statuses: tuple[StepStatus, ...], reason: str) -> None:
     """Cancel the run's steps in ``statuses``; their queued jobs are dropped and running ones aborted."""
     targets = [r for r in rows if r.status in statuses]
     if not targets:
@@ -422,8 +510,14 @@ async def stop_steps(
     t = now()
     for row in targets:
         row.version = await transition_step(
-            tx.db, row.id, status=row.status, version=row.version, to=S.CANCELLED, finished_at=t,
-            lease_owner=None, lease_expires_at=None,
+            tx.db,
+            row.id,
+            status=row.status,
+            version=row.version,
+            to=S.CANCELLED,
+            finished_at=t,
+            lease_owner=None,
+            lease_expires_at=None,
         )
         row.status = S.CANCELLED
         tx.event(run.id, "step_cancelled", step_id=row.step_id, map_index=row.map_index, reason=reason)

@@ -25,6 +25,8 @@ class Outbox(Base):
     # "step" (job id = step attempt id) or "wait_timeout" (job id = "wt:" + step run id).
     kind: Mapped[str] = mapped_column(String(16))
     job_id: Mapped[str] = mapped_column(String(64), unique=True)
-    queue: Mapped[str] = mapped_column(String(16))
+    queue: Mapped[str] = mapped_column(String(128))
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.clock_timestamp())
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.clock_timestamp()
+    )

@@ -60,11 +60,17 @@ class RunNotifier:
             conn = None
             try:
                 conn = await asyncpg.connect(self.dsn)
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _conn: closed.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.connected.set()
-                while not conn.is_closed():
-                    await asyncio.sleep(1)
-            except (OSError, asyncpg.PostgresError) as exc:
+                while not closed.is_set():
+                    try:
+                        await asyncio.wait_for(closed.wait(), timeout=30)
+                    except TimeoutError:
+                        # A connection that died silently only shows when used.
+                        await conn.fetchval("SELECT 1", timeout=5)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("run notifier: %s; reconnecting", exc)
             finally:
                 self.connected.clear()

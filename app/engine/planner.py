@@ -100,7 +100,9 @@ def _plan_pending(
             assert step.map is not None
             items = render(step.map.items, ctx)
             if not isinstance(items, list):
-                raise ExpressionError(str(step.map.items), f"map items must be a list, got {type(items).__name__}")
+                raise ExpressionError(
+                    str(step.map.items), f"map items must be a list, got {type(items).__name__}"
+                )
             args = [render(step.map.args, {**ctx, "item": it, "index": i}) for i, it in enumerate(items)]
             result.expand.append((step.id, args))
             status[step.id] = S.RUNNING
@@ -115,7 +117,10 @@ def _plan_map_items(step: StepDef, items: tuple[str, ...], result: Plan, status:
     failed = [i for i, s in enumerate(items) if s == S.FAILED]
     if failed:
         result.fail.append(
-            (step.id, {"class": "map_item_failed", "message": f"map item {failed[0]} failed", "index": failed[0]})
+            (
+                step.id,
+                {"class": "map_item_failed", "message": f"map item {failed[0]} failed", "index": failed[0]},
+            )
         )
         status[step.id] = S.FAILED
         return

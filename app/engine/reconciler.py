@@ -40,9 +40,9 @@ async def reconcile_once(runtime: Runtime) -> Report:
     report = Report()
     settings = runtime.settings
     for step_run_id in await _due(runtime, StepRun.lease_expires_at, "running"):
-        report.leases_expired += await in_tx(runtime, lambda tx, i=step_run_id: expire_lease(tx, settings, i))
+        report.leases_expired += await in_tx(runtime, expire_lease, settings, step_run_id)
     for step_run_id in await _due(runtime, StepRun.wait_deadline, "waiting"):
-        report.waits_timed_out += await in_tx(runtime, lambda tx, i=step_run_id: fire_wait_timeout(tx, settings, i))
+        report.waits_timed_out += await in_tx(runtime, fire_wait_timeout, settings, step_run_id)
     report.jobs_resent = await resend_stale_outbox(runtime)
     if report.leases_expired or report.waits_timed_out:
         log.info("reconciler: %s", report)
@@ -65,12 +65,17 @@ async def resend_stale_outbox(runtime: Runtime) -> int:
             await db.execute(
                 select(Outbox.kind, Outbox.job_id, Outbox.queue, Outbox.not_before)
                 .join(Run, Run.id == Outbox.run_id)
-                .where(Outbox.created_at < stale, or_(Outbox.not_before.is_(None), Outbox.not_before < stale),
-                       Run.status != RunStatus.PAUSED.value)
+                .where(
+                    Outbox.created_at < stale,
+                    or_(Outbox.not_before.is_(None), Outbox.not_before < stale),
+                    Run.status != RunStatus.PAUSED.value,
+                )
                 .order_by(Outbox.id)
                 .limit(BATCH * 5)
             )
         ).all()
     if rows:
-        await runtime.relay.send([Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows])
+        await runtime.relay.send(
+            [Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows]
+        )
     return len(rows)

@@ -33,8 +33,9 @@ class Runtime:
         """Connect to Postgres and Redis; ``role="api"`` also listens for finished runs."""
         if not settings.database_url or not settings.redis_url:
             raise RuntimeError("DATABASE_URL and REDIS_URL must be set")
-        engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
-                             max_overflow=settings.db_max_overflow)
+        engine = make_engine(
+            settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+        )
         owns = redis is None
         if redis is None:
             # No retries at start-up: Redis may be down, and the relay copes with that later.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
@@ -24,13 +24,13 @@ def _sqlstate(exc: DBAPIError) -> str | None:
     return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
 
 
-async def in_tx(runtime: Runtime, work: Callable[[Tx], Awaitable[T]], *, attempts: int = 3) -> T:
-    """Run ``work`` in one transaction with a fresh :class:`Tx`; after commit, relay its jobs."""
+async def in_tx(runtime: Runtime, work: Callable[..., Awaitable[T]], *args: Any, attempts: int = 3) -> T:
+    """Run ``work(tx, *args)`` in one transaction with a fresh :class:`Tx`; after commit, relay its jobs."""
     for attempt in range(1, attempts + 1):
         try:
             async with runtime.sessionmaker() as db, db.begin():
                 tx = Tx(db)
-                result = await work(tx)
+                result = await work(tx, *args)
                 await tx.flush()
             break
         except DBAPIError as exc:

@@ -35,9 +35,15 @@ class Run(Base):
     __table_args__ = (
         # Keyset pagination of the run list, newest first, optionally by status or workflow.
         Index("ix_run_tenant_created", "tenant_id", text("created_at DESC"), text("id DESC")),
-        Index("ix_run_tenant_status_created", "tenant_id", "status", text("created_at DESC"), text("id DESC")),
         Index(
-            "ix_run_tenant_workflow_created", "tenant_id", "workflow_name", text("created_at DESC"), text("id DESC")
+            "ix_run_tenant_status_created", "tenant_id", "status", text("created_at DESC"), text("id DESC")
+        ),
+        Index(
+            "ix_run_tenant_workflow_created",
+            "tenant_id",
+            "workflow_name",
+            text("created_at DESC"),
+            text("id DESC"),
         ),
         Index(
             "uq_run_tenant_idempotency_key",

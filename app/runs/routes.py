@@ -79,8 +79,14 @@ async def list_runs(
     settings: Settings = request.app.state.settings
     size = min(limit or settings.page_size_default, settings.page_size_max)
     return await runs_service.list_runs(
-        db, ctx, status=status.value if status else None, workflow=workflow, created_after=created_after,
-        created_before=created_before, cursor=cursor, limit=size,
+        db,
+        ctx,
+        status=status.value if status else None,
+        workflow=workflow,
+        created_after=created_after,
+        created_before=created_before,
+        cursor=cursor,
+        limit=size,
     )
 
 
@@ -90,7 +96,9 @@ async def get_run(
     run_id: uuid.UUID,
     db: Db,
     ctx: Viewer,
-    wait: Annotated[float | None, Query(ge=0, description="hold up to this many seconds until the run ends")] = None,
+    wait: Annotated[
+        float | None, Query(ge=0, description="hold up to this many seconds until the run ends")
+    ] = None,
 ) -> schemas.RunRead:
     """The run with its steps, attempts and events; `?wait=S` long-polls until it is terminal."""
     if wait:
@@ -99,7 +107,9 @@ async def get_run(
     return await runs_service.get_run(db, ctx, run_id)
 
 
-async def _wait_terminal(request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, wait: float) -> None:
+async def _wait_terminal(
+    request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, wait: float
+) -> None:
     notifier = _runtime(request).notifier
     assert notifier is not None
     deadline = time.monotonic() + wait
@@ -136,7 +146,9 @@ async def list_events(
 Action = Callable[[Tx, Settings, uuid.UUID, uuid.UUID, str], Awaitable[RunRow]]
 
 
-async def _act(request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, action: Action) -> schemas.RunRead:
+async def _act(
+    request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, action: Action
+) -> schemas.RunRead:
     tx = Tx(db, ctx.tenant_id)
     await action(tx, request.app.state.settings, run_id, ctx.tenant_id, ctx.principal)
     await _commit(request, tx)
@@ -177,9 +189,13 @@ async def signal_run(
 ) -> schemas.RunRead:
     """Deliver a signal: the steps waiting for `name` succeed with `payload` as their output."""
     if len(name) > 128:
-        raise Invalid("signal name too long", errors=[{"pointer": "/path/name", "message": "at most 128 characters"}])
+        raise Invalid(
+            "signal name too long", errors=[{"pointer": "/path/name", "message": "at most 128 characters"}]
+        )
     tx = Tx(db, ctx.tenant_id)
     payload: Any = body.payload if body is not None else None
-    await actions.signal_run(tx, request.app.state.settings, run_id, ctx.tenant_id, name, payload, ctx.principal)
+    await actions.signal_run(
+        tx, request.app.state.settings, run_id, ctx.tenant_id, name, payload, ctx.principal
+    )
     await _commit(request, tx)
     return await runs_service.get_run(db, ctx, run_id)

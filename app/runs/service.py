@@ -43,17 +43,30 @@ async def create_run(
         if existing is not None:
             return existing, False
     wv = await workflows_service.get_workflow_version(db, ctx, body.workflow, body.version)
-    definition = parse_definition(wv.definition, max_steps=10**6, max_map_items=10**9, max_map_concurrency=10**6)
+    definition = parse_definition(
+        wv.definition, max_steps=10**6, max_map_items=10**9, max_map_concurrency=10**6
+    )
     errors = validate_input(definition, body.input)
     if errors:
-        raise Invalid("the input does not match the workflow's input_schema",
-                      errors=[{**e, "pointer": "/input" + e["pointer"]} for e in errors])
+        raise Invalid(
+            "the input does not match the workflow's input_schema",
+            errors=[{**e, "pointer": "/input" + e["pointer"]} for e in errors],
+        )
     run_id = uuid.uuid4()
     values = {
-        "id": run_id, "tenant_id": ctx.tenant_id, "workflow_id": wv.workflow_id, "workflow_version_id": wv.id,
-        "workflow_name": body.workflow, "workflow_version": wv.version, "status": RunStatus.QUEUED.value,
-        "priority": body.priority, "input": body.input, "idempotency_key": idempotency_key,
-        "request_hash": digest if idempotency_key else None, "created_by": ctx.principal, "version": 1,
+        "id": run_id,
+        "tenant_id": ctx.tenant_id,
+        "workflow_id": wv.workflow_id,
+        "workflow_version_id": wv.id,
+        "workflow_name": body.workflow,
+        "workflow_version": wv.version,
+        "status": RunStatus.QUEUED.value,
+        "priority": body.priority,
+        "input": body.input,
+        "idempotency_key": idempotency_key,
+        "request_hash": digest if idempotency_key else None,
+        "created_by": ctx.principal,
+        "version": 1,
     }
     try:
         async with db.begin_nested():
@@ -67,13 +80,30 @@ async def create_run(
         return existing, False
     await db.execute(
         insert(StepRun),
-        [{"tenant_id": ctx.tenant_id, "run_id": run_id, "step_id": s.id, "map_index": None, "kind": s.kind,
-          "status": "pending", "version": 1, "attempts": 0} for s in definition.steps],
+        [
+            {
+                "tenant_id": ctx.tenant_id,
+                "run_id": run_id,
+                "step_id": s.id,
+                "map_index": None,
+                "kind": s.kind,
+                "status": "pending",
+                "version": 1,
+                "attempts": 0,
+            }
+            for s in definition.steps
+        ],
     )
     run = await lock(tx, run_id)
     assert run is not None
-    tx.event(run_id, "run_created", actor=ctx.principal, workflow=body.workflow, version=wv.version,
-             priority=body.priority)
+    tx.event(
+        run_id,
+        "run_created",
+        actor=ctx.principal,
+        workflow=body.workflow,
+        version=wv.version,
+        priority=body.priority,
+    )
     await Advance(tx, run, definition, settings).run_plan()
     return run_id, True
 
@@ -96,54 +126,102 @@ async def _by_idempotency_key(tx: Tx, ctx: Ctx, key: str, digest: str) -> uuid.U
 async def get_run(tx_db: Any, ctx: Ctx, run_id: uuid.UUID) -> schemas.RunRead:
     """The run with its steps, map items, attempts and first events; another tenant's run is 404."""
     db = tx_db
-    run = (await db.execute(select(Run).where(Run.id == run_id, Run.tenant_id == ctx.tenant_id))).scalar_one_or_none()
+    run = (
+        await db.execute(select(Run).where(Run.id == run_id, Run.tenant_id == ctx.tenant_id))
+    ).scalar_one_or_none()
     if run is None:
         raise RunNotFound(f"run {run_id} not found")
     steps = (await db.execute(select(StepRun).where(StepRun.run_id == run_id))).scalars().all()
     attempts = (
-        await db.execute(select(StepAttempt).where(StepAttempt.run_id == run_id).order_by(StepAttempt.n))
-    ).scalars().all()
+        (await db.execute(select(StepAttempt).where(StepAttempt.run_id == run_id).order_by(StepAttempt.n)))
+        .scalars()
+        .all()
+    )
     events = (
-        await db.execute(
-            select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id).limit(RUN_EVENTS_INLINE + 1)
+        (
+            await db.execute(
+                select(RunEvent)
+                .where(RunEvent.run_id == run_id)
+                .order_by(RunEvent.id)
+                .limit(RUN_EVENTS_INLINE + 1)
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     by_step: dict[uuid.UUID, list[schemas.AttemptRead]] = defaultdict(list)
     for a in attempts:
         error = {"class": a.error_class, "message": a.error_message} if a.error_class else None
-        by_step[a.step_run_id].append(schemas.AttemptRead(
-            n=a.n, status=a.status, queued_at=a.queued_at, not_before=a.not_before, started_at=a.started_at,
-            finished_at=a.finished_at, error=error, worker=a.worker))
+        by_step[a.step_run_id].append(
+            schemas.AttemptRead(
+                n=a.n,
+                status=a.status,
+                queued_at=a.queued_at,
+                not_before=a.not_before,
+                started_at=a.started_at,
+                finished_at=a.finished_at,
+                error=error,
+                worker=a.worker,
+            )
+        )
     items: dict[str, list[schemas.ItemRead]] = defaultdict(list)
     for s in sorted((s for s in steps if s.map_index is not None), key=lambda s: s.map_index or 0):
-        items[s.step_id].append(schemas.ItemRead(
-            index=s.map_index or 0, status=s.status, output=s.output, error=s.error, started_at=s.started_at,
-            finished_at=s.finished_at, attempts=by_step[s.id]))
+        items[s.step_id].append(
+            schemas.ItemRead(
+                index=s.map_index or 0,
+                status=s.status,
+                output=s.output,
+                error=s.error,
+                started_at=s.started_at,
+                finished_at=s.finished_at,
+                attempts=by_step[s.id],
+            )
+        )
     definition = await load_definition(db, run.workflow_version_id)
     order = {sid: i for i, sid in enumerate(definition.order)}
     step_reads = [
         schemas.StepRead(
-            id=s.step_id, kind=s.kind, status=s.status, input=s.input, output=s.output, error=s.error,
-            started_at=s.started_at, finished_at=s.finished_at, attempts=by_step[s.id],
-            items=items.get(s.step_id) if s.kind == "map" else None)
+            id=s.step_id,
+            kind=s.kind,
+            status=s.status,
+            input=s.input,
+            output=s.output,
+            error=s.error,
+            started_at=s.started_at,
+            finished_at=s.finished_at,
+            attempts=by_step[s.id],
+            items=items.get(s.step_id) if s.kind == "map" else None,
+        )
         for s in sorted((s for s in steps if s.map_index is None), key=lambda s: order.get(s.step_id, 0))
     ]
     return schemas.RunRead(
-        **_summary(run).model_dump(), input=run.input, output=run.output, error=run.error, steps=step_reads,
-        events=[_event(e) for e in events[:RUN_EVENTS_INLINE]], events_truncated=len(events) > RUN_EVENTS_INLINE,
+        **_summary(run).model_dump(),
+        input=run.input,
+        output=run.output,
+        error=run.error,
+        steps=step_reads,
+        events=[_event(e) for e in events[:RUN_EVENTS_INLINE]],
+        events_truncated=len(events) > RUN_EVENTS_INLINE,
     )
 
 
 def _summary(run: Run) -> schemas.RunSummary:
     return schemas.RunSummary(
-        id=run.id, workflow=run.workflow_name, workflow_version=run.workflow_version, status=run.status,
-        priority=run.priority, created_at=run.created_at, started_at=run.started_at, finished_at=run.finished_at,
+        id=run.id,
+        workflow=run.workflow_name,
+        workflow_version=run.workflow_version,
+        status=run.status,
+        priority=run.priority,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
     )
 
 
 def _event(e: RunEvent) -> schemas.EventRead:
-    return schemas.EventRead(id=e.id, type=e.type, step_id=e.step_id, map_index=e.map_index, data=e.data,
-                             created_at=e.created_at)
+    return schemas.EventRead(
+        id=e.id, type=e.type, step_id=e.step_id, map_index=e.map_index, data=e.data, created_at=e.created_at
+    )
 
 
 async def run_status(db: Any, ctx: Ctx, run_id: uuid.UUID) -> str:
@@ -165,12 +243,21 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         ts, rid = raw.split("|")
         return datetime.fromisoformat(ts), uuid.UUID(rid)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise BadRequest("invalid cursor", errors=[{"pointer": "/query/cursor", "message": "invalid cursor"}]) from exc
+        raise BadRequest(
+            "invalid cursor", errors=[{"pointer": "/query/cursor", "message": "invalid cursor"}]
+        ) from exc
 
 
 async def list_runs(
-    db: Any, ctx: Ctx, *, status: str | None, workflow: str | None, created_after: datetime | None,
-    created_before: datetime | None, cursor: str | None, limit: int,
+    db: Any,
+    ctx: Ctx,
+    *,
+    status: str | None,
+    workflow: str | None,
+    created_after: datetime | None,
+    created_before: datetime | None,
+    cursor: str | None,
+    limit: int,
 ) -> schemas.RunPage:
     """Newest first, keyset-paginated on (created_at, id)."""
     stmt = select(Run).where(Run.tenant_id == ctx.tenant_id)
@@ -185,12 +272,18 @@ async def list_runs(
     if cursor:
         ts, rid = decode_cursor(cursor)
         stmt = stmt.where(or_(Run.created_at < ts, and_(Run.created_at == ts, Run.id < rid)))
-    rows = (await db.execute(stmt.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1))).scalars().all()
+    rows = (
+        (await db.execute(stmt.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)))
+        .scalars()
+        .all()
+    )
     next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
     return schemas.RunPage(items=[_summary(r) for r in rows[:limit]], next_cursor=next_cursor)
 
 
-async def list_events(db: Any, ctx: Ctx, run_id: uuid.UUID, *, after: int | None, limit: int) -> schemas.EventPage:
+async def list_events(
+    db: Any, ctx: Ctx, run_id: uuid.UUID, *, after: int | None, limit: int
+) -> schemas.EventPage:
     await run_status(db, ctx, run_id)
     stmt = select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.tenant_id == ctx.tenant_id)
     if after is not None:

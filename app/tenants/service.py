@@ -36,7 +36,9 @@ async def create_api_key(
 ) -> str:
     """Create a key and return it in clear: the only moment it exists outside its hash."""
     key = new_api_key()
-    db.add(ApiKey(tenant_id=tenant_id, name=name, prefix=key[:10], key_hash=hash_api_key(key), roles=list(roles)))
+    db.add(
+        ApiKey(tenant_id=tenant_id, name=name, prefix=key[:10], key_hash=hash_api_key(key), roles=list(roles))
+    )
     await db.flush()
     return key
 

@@ -99,7 +99,7 @@ def upgrade() -> None:
     sa.Column('run_id', sa.Uuid(), nullable=False),
     sa.Column('kind', sa.String(length=16), nullable=False),
     sa.Column('job_id', sa.String(length=64), nullable=False),
-    sa.Column('queue', sa.String(length=16), nullable=False),
+    sa.Column('queue', sa.String(length=128), nullable=False),
     sa.Column('not_before', sa.DateTime(timezone=True), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('clock_timestamp()'), nullable=False),
     sa.ForeignKeyConstraint(['run_id'], ['run.id'], name=op.f('fk_outbox_run_id_run'), ondelete='CASCADE'),

@@ -7,8 +7,8 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,7 +20,9 @@ from app.config import Settings
 class ToolError(Exception):
     """A tool call that did not succeed; ``transient`` ones are retried with backoff."""
 
-    def __init__(self, error_class: str, message: str, *, transient: bool, retry_after: float | None = None) -> None:
+    def __init__(
+        self, error_class: str, message: str, *, transient: bool, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.error_class = error_class
         self.message = message
@@ -94,14 +96,19 @@ async def check_destination(url: str, settings: Settings) -> None:
     if settings.http_allow_private_networks:
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            parts.hostname, parts.port or 443, type=socket.SOCK_STREAM
+        )
     except socket.gaierror as exc:
         raise ToolError("dns", f"cannot resolve {parts.hostname}: {exc}", transient=True) from exc
     for info in infos:
         ip = ipaddress.ip_address(info[4][0])
         if not ip.is_global:
-            raise ToolError("forbidden_destination", f"{parts.hostname} resolves to a non-public address ({ip})",
-                            transient=False)
+            raise ToolError(
+                "forbidden_destination",
+                f"{parts.hostname} resolves to a non-public address ({ip})",
+                transient=False,
+            )
 
 
 async def http(call: ToolCall) -> Any:
@@ -116,18 +123,30 @@ async def http(call: ToolCall) -> Any:
     method = str(args.get("method", "GET")).upper()
     try:
         response = await call.http.request(
-            method, url, headers=headers, json=args.get("json"), content=args.get("body"),
+            method,
+            url,
+            headers=headers,
+            json=args.get("json"),
+            content=args.get("body"),
         )
     except httpx.TimeoutException as exc:
         raise ToolError("timeout", f"{method} {url} timed out", transient=True) from exc
     except httpx.TransportError as exc:
-        raise ToolError("connection", f"{method} {url}: {exc.__class__.__name__}: {exc}", transient=True) from exc
+        raise ToolError(
+            "connection", f"{method} {url}: {exc.__class__.__name__}: {exc}", transient=True
+        ) from exc
     status = response.status_code
     if status == 429 or status >= 500:
-        raise ToolError(f"http_{status}", f"{method} {url} returned {status}", transient=True,
-                        retry_after=retry_after_seconds(response.headers.get("retry-after")))
+        raise ToolError(
+            f"http_{status}",
+            f"{method} {url} returned {status}",
+            transient=True,
+            retry_after=retry_after_seconds(response.headers.get("retry-after")),
+        )
     if status >= 400:
-        raise ToolError(f"http_{status}", f"{method} {url} returned {status}: {response.text[:500]}", transient=False)
+        raise ToolError(
+            f"http_{status}", f"{method} {url} returned {status}: {response.text[:500]}", transient=False
+        )
     try:
         body: Any = response.json()
     except ValueError:
