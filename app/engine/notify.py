@@ -61,7 +61,7 @@ class RunNotifier:
             try:
                 conn = await asyncpg.connect(self.dsn)
                 closed = asyncio.Event()
-                conn.add_termination_listener(lambda _conn: closed.set())
+                conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.connected.set()
                 while not closed.is_set():

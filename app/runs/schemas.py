@@ -4,9 +4,25 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Priority = Literal["high", "normal", "low"]
+
+
+def json_value(value: Any) -> Any:
+    """Reject what Python's JSON parser lets through but JSON (and Postgres JSONB) does not: NaN, Infinity."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("NaN and Infinity are not valid JSON numbers")
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return value
 
 
 class RunCreate(BaseModel):
@@ -17,6 +33,8 @@ class RunCreate(BaseModel):
     input: Any = Field(default_factory=dict)
     priority: Priority = "normal"
 
+    _finite = field_validator("input")(json_value)
+
 
 class SignalBody(BaseModel):
     """Any JSON value; it becomes the waiting step's output."""
@@ -24,6 +42,8 @@ class SignalBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     payload: Any = None
+
+    _finite = field_validator("payload")(json_value)
 
 
 class AttemptRead(BaseModel):

@@ -58,6 +58,7 @@ def upgrade() -> None:
     sa.Column('version', sa.Integer(), nullable=False),
     sa.Column('definition', postgresql.JSONB(astext_type=sa.Text()), nullable=False),
     sa.Column('definition_hash', sa.String(length=64), nullable=False),
+    sa.Column('description', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenant.id'], name=op.f('fk_workflow_version_tenant_id_tenant'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['workflow_id'], ['workflow.id'], name=op.f('fk_workflow_version_workflow_id_workflow'), ondelete='CASCADE'),

@@ -285,3 +285,14 @@ async def test_unknown_run_is_404(client: httpx.AsyncClient, tenant: TenantKey) 
     r = await client.get(f"/api/v1/runs/{uuid.uuid4()}", headers=tenant.headers)
     assert r.status_code == 404 and r.json()["type"].endswith("/run-not-found")
     assert (await client.get("/api/v1/runs/not-a-uuid", headers=tenant.headers)).status_code == 422
+
+
+async def test_nan_in_run_input_or_signal_payload_is_422(client: httpx.AsyncClient, tenant: TenantKey) -> None:
+    wf = name()
+    await create_workflow(client, tenant.headers, wf, [{"id": "w", "wait": {"signal": "go"}}])
+    headers = {**tenant.headers, "Content-Type": "application/json"}
+    r = await client.post("/api/v1/runs", content=f'{{"workflow": "{wf}", "input": {{"x": [NaN]}}}}', headers=headers)
+    assert r.status_code == 422
+    run = await start_run(client, tenant.headers, wf)
+    r = await client.post(f"/api/v1/runs/{run['id']}/signals/go", content='{"payload": Infinity}', headers=headers)
+    assert r.status_code == 422

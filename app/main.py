@@ -1,0 +1,159 @@
+"""The FastAPI application: routers, error handlers, middleware and the runtime's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy import text
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.config import Settings, get_settings
+from app.engine.runtime import Runtime
+from app.http import BodySizeLimitMiddleware, problem_response, problem_responses, register_error_handlers
+from app.runs.routes import router as runs_router
+from app.workflows.routes import router as workflows_router
+
+log = logging.getLogger(__name__)
+
+try:
+    VERSION = package_version("steward")
+except PackageNotFoundError:  # running from a checkout that was never installed
+    VERSION = "0.0.0"
+
+READY_TIMEOUT_S = 2.0
+
+# Module-level: prometheus_client's default registry refuses a second metric of the same name, and
+# tests build several apps in one process.
+HTTP_REQUESTS = Counter("steward_http_requests_total", "HTTP requests handled", ["method", "route", "status"])
+HTTP_LATENCY = Histogram(
+    "steward_http_request_duration_seconds", "Time to handle an HTTP request", ["method", "route"]
+)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class MetricsMiddleware:
+    """Counts requests and their latency, labelled by route template (not raw path: bounded cardinality)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            # The router writes the matched route into this same scope dict.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
+
+
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@health_router.get(
+    "/readyz",
+    summary="The database and Redis answer",
+    responses=problem_responses(503),
+)
+async def readyz(request: Request) -> Any:
+    runtime: Runtime = request.app.state.runtime
+    checks = {"database": await _check_database(runtime)}
+    if runtime.redis is not None:
+        checks["redis"] = await _check_redis(runtime)
+    down = sorted(name for name, state in checks.items() if state != "ok")
+    if down:
+        return problem_response(
+            503,
+            "not-ready",
+            "Service unavailable",
+            f"not ready: {', '.join(down)} unreachable",
+            instance=request.url.path,
+            checks=checks,
+        )
+    return {"status": "ok", "checks": checks}
+
+
+@health_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _check_database(runtime: Runtime) -> str:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S), runtime.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure means "not ready"; the reason goes to the log
+        log.warning("readiness: database check failed: %r", exc)
+        return "down"
+    return "ok"
+
+
+async def _check_redis(runtime: Runtime) -> str:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await runtime.redis.ping()
+    except Exception as exc:
+        log.warning("readiness: redis check failed: %r", exc)
+        return "down"
+    return "ok"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.start(settings, role="api")
+        app.state.runtime = runtime
+        app.state.sessionmaker = runtime.sessionmaker
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="Steward",
+        version=VERSION,
+        description="Durable, supervised workflows for AI agents.",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    register_error_handlers(app)
+    # Last added runs first: metrics see every response, 413s included.
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    app.include_router(health_router)
+    app.include_router(workflows_router)
+    app.include_router(runs_router)
+    return app

@@ -1,0 +1,554 @@
+"""Workflow definitions: parse and validate a submitted definition into frozen, typed objects.
+
+Validation collects every problem it can find rather than stopping at the first, and reports each as
+``{"pointer": <JSON pointer into the submitted definition>, "message": ...}`` so a client can show all of
+them next to the offending fields. The format is described in docs and in :func:`parse_definition`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+from jsonschema import Draft202012Validator
+from referencing.exceptions import Unresolvable
+
+from app.engine.expressions import (
+    ExpressionError,
+    compile_expression,
+    condition_source,
+    extract_expressions,
+    is_template,
+    referenced_steps,
+    whole_expression,
+)
+from app.workflows import dag
+from app.workflows.document import Collector, DefinitionError, Path, load_document, pointer
+
+__all__ = [
+    "BUILTIN_TOOLS",
+    "Definition",
+    "DefinitionError",
+    "MapSpec",
+    "RetryPolicy",
+    "StepDef",
+    "WaitSpec",
+    "load_definition_text",
+    "parse_definition",
+    "validate_input",
+]
+
+StepKind = Literal["tool", "wait", "map"]
+
+BUILTIN_TOOLS: frozenset[str] = frozenset({"echo", "sleep", "fail", "http"})
+STEP_KINDS: tuple[StepKind, ...] = ("tool", "wait", "map")
+# In the product design but not implemented yet; named so the error says "not supported", not "unknown".
+UNSUPPORTED_KINDS = ("approval", "llm", "agent")
+MAX_STEP_TIMEOUT_S = 86_400
+DEFAULT_MAP_CONCURRENCY = 10
+# Nesting deeper than this in args is almost certainly a mistake, and rendering recurses over it.
+MAX_NESTING = 64
+
+_TOP_FIELDS = frozenset({"input_schema", "limits", "steps"})
+_STEP_FIELDS = frozenset({"id", "needs", "when", "timeout_s", "retry", "description", "args", *STEP_KINDS})
+_RETRY_FIELDS = frozenset({"max_attempts", "backoff_base_s", "backoff_max_s", "jitter"})
+_WAIT_FIELDS = frozenset({"signal", "timeout_s"})
+_MAP_FIELDS = frozenset({"items", "tool", "args", "concurrency"})
+_LIMIT_FIELDS = frozenset({"max_steps", "max_tokens", "max_cost_usd", "timeout_s"})
+_STEP_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_SIGNAL = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    backoff_base_s: float
+    backoff_max_s: float
+    jitter: bool
+
+
+# Mirrors the engine defaults in app.config.Settings; a step's partial `retry` is filled from these.
+DEFAULT_RETRY = RetryPolicy(max_attempts=3, backoff_base_s=1.0, backoff_max_s=300.0, jitter=True)
+
+
+@dataclass(frozen=True)
+class WaitSpec:
+    signal: str
+    timeout_s: float | None
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    items: Any  # a literal list, or a "${{ expr }}" string evaluated at run time
+    tool: str
+    args: dict[str, Any]
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class StepDef:
+    """One step. ``tool``/``args`` are set for kind "tool" only; a map step carries its own in ``map``."""
+
+    id: str
+    kind: StepKind
+    needs: tuple[str, ...]
+    when: str | None
+    tool: str | None
+    args: dict[str, Any]
+    timeout_s: float | None
+    retry: RetryPolicy | None
+    wait: WaitSpec | None
+    map: MapSpec | None
+
+
+@dataclass(frozen=True)
+class Definition:
+    """A validated workflow: steps in their listed order, the run input's schema and the run's limits."""
+
+    steps: tuple[StepDef, ...]
+    input_schema: dict[str, Any] | None
+    limits: dict[str, Any]
+
+    def step(self, step_id: str) -> StepDef:
+        """The step with this id; ``KeyError`` if there is none."""
+        return self._by_id[step_id]
+
+    @cached_property
+    def order(self) -> tuple[str, ...]:
+        """Step ids in a topological order; ties keep the listed order."""
+        positions = {step.id: i for i, step in enumerate(self.steps)}
+        needs = [[positions[need] for need in step.needs] for step in self.steps]
+        return tuple(self.steps[i].id for i in dag.topological_order(needs))
+
+    def dependents(self, step_id: str) -> tuple[str, ...]:
+        """Ids of the steps that directly need ``step_id``, in listed order; ``KeyError`` if unknown."""
+        return self._dependents[step_id]
+
+    @cached_property
+    def _by_id(self) -> dict[str, StepDef]:
+        return {step.id: step for step in self.steps}
+
+    @cached_property
+    def _dependents(self) -> dict[str, tuple[str, ...]]:
+        found: dict[str, list[str]] = {step.id: [] for step in self.steps}
+        for step in self.steps:
+            for need in step.needs:
+                found[need].append(step.id)
+        return {step_id: tuple(ids) for step_id, ids in found.items()}
+
+    @cached_property
+    def _input_validator(self) -> Draft202012Validator | None:
+        # No format checker: in 2020-12 "format" is an annotation unless a vocabulary asks for assertion,
+        # and which formats could be checked would otherwise depend on optional packages being installed.
+        return None if self.input_schema is None else Draft202012Validator(self.input_schema)
+
+
+# --- parsing -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx(Collector):
+    max_map_items: int = 10000
+    max_map_concurrency: int = 100
+
+
+@dataclass
+class _Draft:
+    """What graph validation needs from a step, kept even when the step itself is broken."""
+
+    index: int
+    id: str | None = None
+    needs: list[tuple[int, str]] = field(default_factory=list)  # (position in the needs list, step id)
+    refs: list[tuple[Path, str]] = field(default_factory=list)  # (path of a string, step id it uses)
+    step: StepDef | None = None  # None when the step has errors of its own
+
+
+def parse_definition(
+    raw: Any, *, max_steps: int = 200, max_map_items: int = 10000, max_map_concurrency: int = 100
+) -> Definition:
+    """Validate ``raw`` (a decoded JSON/YAML document) and build a :class:`Definition`.
+
+    Raises :class:`DefinitionError` listing every problem found.
+    """
+    cx = _Ctx(max_map_items=max_map_items, max_map_concurrency=max_map_concurrency)
+    top = cx.object((), raw, "the definition must be an object")
+    if top is None:
+        raise DefinitionError(cx.errors)
+    cx.reject_unknown((), top, _TOP_FIELDS)
+    input_schema = _parse_input_schema(cx, top["input_schema"]) if "input_schema" in top else None
+    limits = _parse_limits(cx, top["limits"]) if "limits" in top else {}
+    drafts = _parse_steps(cx, top, max_steps)
+    _check_graph(cx, drafts)
+    if cx.errors:
+        raise DefinitionError(cx.errors)
+    steps = tuple(draft.step for draft in drafts if draft.step is not None)
+    return Definition(steps=steps, input_schema=input_schema, limits=limits)
+
+
+def _parse_steps(cx: _Ctx, top: dict[str, Any], max_steps: int) -> list[_Draft]:
+    if "steps" not in top:
+        cx.error((), "missing required field 'steps'")
+        return []
+    raw_steps = top["steps"]
+    if not isinstance(raw_steps, list):
+        cx.error(("steps",), "must be a list of steps")
+        return []
+    if not raw_steps:
+        cx.error(("steps",), "must contain at least one step")
+    if len(raw_steps) > max_steps:
+        cx.error(("steps",), f"too many steps: {len(raw_steps)} (at most {max_steps} allowed)")
+    return [_parse_step(cx, raw, index) for index, raw in enumerate(raw_steps)]
+
+
+def _parse_step(cx: _Ctx, raw: Any, index: int) -> _Draft:
+    path: Path = ("steps", index)
+    draft = _Draft(index=index)
+    obj = cx.object(path, raw, "a step must be an object")
+    if obj is None:
+        return draft
+    errors_before = len(cx.errors)
+    cx.reject_unknown(path, obj, _STEP_FIELDS | set(UNSUPPORTED_KINDS))
+    draft.id = _parse_id(cx, path, obj)
+    draft.needs = _parse_needs(cx, path, obj, draft.id)
+    when = _parse_when(cx, path, obj, draft.refs)
+    timeout_s = cx.number((*path, "timeout_s"), obj, gt=0, le=MAX_STEP_TIMEOUT_S)
+    retry = _parse_retry(cx, (*path, "retry"), obj["retry"]) if "retry" in obj else None
+    if "description" in obj and not isinstance(obj["description"], str):
+        cx.error((*path, "description"), "must be a string")
+    kind = _step_kind(cx, path, obj)
+    tool, args, wait, map_spec = _parse_kind(cx, path, obj, kind, draft.refs)
+    if len(cx.errors) == errors_before and kind is not None and draft.id is not None:
+        needs = tuple(need for _, need in draft.needs)
+        draft.step = StepDef(draft.id, kind, needs, when, tool, args, timeout_s, retry, wait, map_spec)
+    return draft
+
+
+def _parse_id(cx: _Ctx, path: Path, obj: dict[str, Any]) -> str | None:
+    if "id" not in obj:
+        cx.error(path, "missing required field 'id'")
+        return None
+    step_id = obj["id"]
+    if not isinstance(step_id, str):
+        cx.error((*path, "id"), "must be a string")
+        return None
+    if not _STEP_ID.fullmatch(step_id):
+        cx.error((*path, "id"), f"invalid step id {step_id!r}: must match ^[A-Za-z_][A-Za-z0-9_]{{0,63}}$")
+    # Kept even when malformed so that other steps' needs on it do not also report "unknown step".
+    return step_id
+
+
+def _parse_needs(cx: _Ctx, path: Path, obj: dict[str, Any], step_id: str | None) -> list[tuple[int, str]]:
+    raw = obj.get("needs", [])
+    if not isinstance(raw, list):
+        cx.error((*path, "needs"), "must be a list of step ids")
+        return []
+    needs: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    for pos, need in enumerate(raw):
+        need_path = (*path, "needs", pos)
+        if not isinstance(need, str):
+            cx.error(need_path, "must be a string (a step id)")
+        elif need == step_id:
+            cx.error(need_path, f"step '{need}' cannot need itself")
+        elif need in seen:
+            cx.error(need_path, f"duplicate need '{need}'")
+        else:
+            seen.add(need)
+            needs.append((pos, need))
+    return needs
+
+
+def _parse_when(cx: _Ctx, path: Path, obj: dict[str, Any], refs: list[tuple[Path, str]]) -> str | None:
+    if "when" not in obj:
+        return None
+    when = obj["when"]
+    when_path = (*path, "when")
+    if not isinstance(when, str):
+        cx.error(when_path, "must be a string (a CEL expression)")
+        return None
+    try:
+        source = condition_source(when)
+    except ExpressionError as exc:
+        cx.error(when_path, str(exc))
+        return None
+    _check_expression(cx, when_path, source, refs)
+    return when
+
+
+def _parse_retry(cx: _Ctx, path: Path, raw: Any) -> RetryPolicy | None:
+    obj = cx.object(path, raw, "must be an object")
+    if obj is None:
+        return None
+    cx.reject_unknown(path, obj, _RETRY_FIELDS)
+    attempts = cx.integer((*path, "max_attempts"), obj, minimum=1, maximum=100)
+    base = cx.number((*path, "backoff_base_s"), obj, ge=0)
+    cap = cx.number((*path, "backoff_max_s"), obj, ge=0)
+    jitter = obj.get("jitter", DEFAULT_RETRY.jitter)
+    if not isinstance(jitter, bool):
+        cx.error((*path, "jitter"), "must be a boolean")
+        jitter = DEFAULT_RETRY.jitter
+    if base is not None and cap is not None and cap < base:
+        cx.error((*path, "backoff_max_s"), "must be at least backoff_base_s")
+    return RetryPolicy(
+        max_attempts=DEFAULT_RETRY.max_attempts if attempts is None else attempts,
+        backoff_base_s=DEFAULT_RETRY.backoff_base_s if base is None else base,
+        backoff_max_s=DEFAULT_RETRY.backoff_max_s if cap is None else cap,
+        jitter=jitter,
+    )
+
+
+def _step_kind(cx: _Ctx, path: Path, obj: dict[str, Any]) -> StepKind | None:
+    unsupported = [name for name in UNSUPPORTED_KINDS if name in obj]
+    for name in unsupported:
+        cx.error((*path, name), f"step kind '{name}' is not supported by this version")
+    kinds = [kind for kind in STEP_KINDS if kind in obj]
+    if len(kinds) > 1:
+        cx.error(path, f"a step must have exactly one kind, got {', '.join(map(repr, kinds))}")
+        return None
+    if not kinds:
+        if not unsupported:
+            cx.error(path, "a step must have exactly one kind: 'tool', 'wait' or 'map'")
+        return None
+    return kinds[0]
+
+
+_KindParts = tuple[str | None, dict[str, Any], WaitSpec | None, MapSpec | None]
+
+
+def _parse_kind(
+    cx: _Ctx, path: Path, obj: dict[str, Any], kind: StepKind | None, refs: list[tuple[Path, str]]
+) -> _KindParts:
+    if "args" in obj and kind != "tool":
+        cx.error((*path, "args"), "'args' is only allowed on 'tool' steps (a map step takes map.args)")
+    if kind == "tool":
+        tool = _tool_name(cx, (*path, "tool"), obj["tool"])
+        return tool, _parse_args(cx, (*path, "args"), obj.get("args", {}), refs), None, None
+    if kind == "wait":
+        return None, {}, _parse_wait(cx, (*path, "wait"), obj["wait"]), None
+    if kind == "map":
+        return None, {}, None, _parse_map(cx, (*path, "map"), obj["map"], refs)
+    return None, {}, None, None
+
+
+def _tool_name(cx: _Ctx, path: Path, raw: Any) -> str | None:
+    if not isinstance(raw, str):
+        cx.error(path, "must be a string (a tool name)")
+        return None
+    if raw not in BUILTIN_TOOLS:
+        cx.error(path, f"unknown tool {raw!r}; available tools: {', '.join(sorted(BUILTIN_TOOLS))}")
+        return None
+    return raw
+
+
+def _parse_args(cx: _Ctx, path: Path, raw: Any, refs: list[tuple[Path, str]]) -> dict[str, Any]:
+    args = cx.object(path, raw, "must be an object")
+    if args is None:
+        return {}
+    _check_templates(cx, path, args, refs)
+    # A private copy, so the caller mutating its document cannot change a frozen definition.
+    return copy.deepcopy(args)
+
+
+def _parse_wait(cx: _Ctx, path: Path, raw: Any) -> WaitSpec | None:
+    obj = cx.object(path, raw, "must be an object")
+    if obj is None:
+        return None
+    cx.reject_unknown(path, obj, _WAIT_FIELDS)
+    signal = obj.get("signal")
+    if "signal" not in obj:
+        cx.error(path, "missing required field 'signal'")
+    elif not isinstance(signal, str) or not _SIGNAL.fullmatch(signal):
+        cx.error((*path, "signal"), "must be a string matching ^[A-Za-z0-9_.:-]{1,128}$")
+    timeout_s = cx.number((*path, "timeout_s"), obj, gt=0)
+    return WaitSpec(signal, timeout_s) if isinstance(signal, str) else None
+
+
+def _parse_map(cx: _Ctx, path: Path, raw: Any, refs: list[tuple[Path, str]]) -> MapSpec | None:
+    obj = cx.object(path, raw, "must be an object")
+    if obj is None:
+        return None
+    cx.reject_unknown(path, obj, _MAP_FIELDS)
+    items = _parse_map_items(cx, (*path, "items"), obj, refs)
+    tool = _tool_name(cx, (*path, "tool"), obj["tool"]) if "tool" in obj else None
+    if "tool" not in obj:
+        cx.error(path, "missing required field 'tool'")
+    args = _parse_args(cx, (*path, "args"), obj.get("args", {}), refs)
+    default = min(DEFAULT_MAP_CONCURRENCY, cx.max_map_concurrency)
+    concurrency = cx.integer((*path, "concurrency"), obj, minimum=1, maximum=cx.max_map_concurrency)
+    if tool is None:
+        return None
+    return MapSpec(
+        items=items, tool=tool, args=args, concurrency=default if concurrency is None else concurrency
+    )
+
+
+def _parse_map_items(cx: _Ctx, path: Path, obj: dict[str, Any], refs: list[tuple[Path, str]]) -> Any:
+    if "items" not in obj:
+        cx.error(path[:-1], "missing required field 'items'")
+        return None
+    items = obj["items"]
+    if isinstance(items, list):
+        if len(items) > cx.max_map_items:
+            cx.error(path, f"too many items: {len(items)} (at most {cx.max_map_items} allowed)")
+        _check_templates(cx, path, items, refs)
+        return copy.deepcopy(items)
+    source = whole_expression(items) if isinstance(items, str) else None
+    if source is None:
+        cx.error(path, "must be a list or a single ${{ }} expression")
+        return None
+    _check_expression(cx, path, source, refs)
+    return items
+
+
+# --- expressions ---------------------------------------------------------------------------------------
+
+
+def _check_templates(cx: _Ctx, path: Path, value: Any, refs: list[tuple[Path, str]]) -> None:
+    """Report bad CEL in every string under ``value`` and record the steps each one references."""
+    for string_path, text in _template_strings(cx, path, value):
+        try:
+            sources = extract_expressions(text)
+        except ExpressionError as exc:
+            cx.error(string_path, str(exc))
+            continue
+        for source in sources:
+            _check_expression(cx, string_path, source, refs)
+
+
+def _template_strings(cx: _Ctx, path: Path, value: Any) -> Iterator[tuple[Path, str]]:
+    # Iterative, with a depth cap: submitted documents can nest deeper than Python's recursion limit.
+    todo: list[tuple[Path, Any, int]] = [(path, value, 0)]
+    while todo:
+        here, node, depth = todo.pop()
+        if isinstance(node, str) and is_template(node):
+            yield here, node
+        elif isinstance(node, dict | list) and depth >= MAX_NESTING:
+            cx.error(here, f"nested too deeply (at most {MAX_NESTING} levels)")
+        elif isinstance(node, dict):
+            todo.extend(((*here, key), item, depth + 1) for key, item in reversed(node.items()))
+        elif isinstance(node, list):
+            todo.extend(((*here, i), item, depth + 1) for i, item in reversed(list(enumerate(node))))
+
+
+def _check_expression(cx: _Ctx, path: Path, source: str, refs: list[tuple[Path, str]]) -> None:
+    try:
+        compile_expression(source)
+    except ExpressionError as exc:
+        cx.error(path, str(exc))
+        return
+    refs.extend((path, step) for step in sorted(referenced_steps(source)))
+
+
+# --- the step graph ------------------------------------------------------------------------------------
+
+
+def _check_graph(cx: _Ctx, drafts: list[_Draft]) -> None:
+    positions = _step_positions(cx, drafts)
+    needs: list[list[int]] = [[] for _ in drafts]
+    for draft in drafts:
+        for pos, need in draft.needs:
+            if need in positions:
+                needs[draft.index].append(positions[need])
+            else:
+                cx.error(("steps", draft.index, "needs", pos), f"unknown step '{need}'")
+    for component in dag.cyclic_components(needs):
+        cycle = dag.find_cycle(needs, component)
+        names = " -> ".join(drafts[i].id or "?" for i in cycle)
+        cx.error(("steps", cycle[0], "needs"), f"cycle: {names}")
+    masks = dag.ancestor_masks(needs)
+    for draft in drafts:
+        if draft.refs:
+            # A cyclic graph (already reported) has no masks; search from each referencing step instead.
+            upstream = masks[draft.index] if masks is not None else _mask(dag.ancestors(needs, draft.index))
+            _check_references(cx, draft, positions, upstream)
+
+
+def _mask(nodes: set[int]) -> int:
+    return sum(1 << node for node in nodes)
+
+
+def _step_positions(cx: _Ctx, drafts: list[_Draft]) -> dict[str, int]:
+    positions: dict[str, int] = {}
+    for draft in drafts:
+        if draft.id is None:
+            continue
+        if draft.id in positions:
+            first = pointer(("steps", positions[draft.id]))
+            cx.error(("steps", draft.index, "id"), f"duplicate step id '{draft.id}' (also used at {first})")
+        else:
+            positions[draft.id] = draft.index
+    return positions
+
+
+def _check_references(cx: _Ctx, draft: _Draft, positions: dict[str, int], upstream: int) -> None:
+    """Every ``steps.X`` a step uses must name a step it (transitively) needs; ``upstream`` is a bitset."""
+    name = draft.id or "?"
+    for path, step in draft.refs:
+        if step not in positions:
+            cx.error(path, f"step '{name}' uses steps.{step} but there is no step '{step}'")
+        elif not upstream >> positions[step] & 1:
+            cx.error(
+                path, f"step '{name}' uses steps.{step}.output but does not (transitively) need '{step}'"
+            )
+
+
+# --- sections ------------------------------------------------------------------------------------------
+
+
+def _parse_input_schema(cx: _Ctx, raw: Any) -> dict[str, Any] | None:
+    schema = cx.object(("input_schema",), raw, "must be an object (a JSON Schema)")
+    if schema is None:
+        return None
+    # What Draft202012Validator.check_schema does, but keeping every error instead of raising the first.
+    meta = Draft202012Validator(
+        Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+    errors_before = len(cx.errors)
+    for error in sorted(meta.iter_errors(schema), key=lambda e: pointer(tuple(e.absolute_path))):
+        cx.error(("input_schema", *error.absolute_path), f"invalid JSON Schema: {error.message}")
+    return copy.deepcopy(schema) if len(cx.errors) == errors_before else None
+
+
+def _parse_limits(cx: _Ctx, raw: Any) -> dict[str, Any]:
+    obj = cx.object(("limits",), raw, "must be an object")
+    if obj is None:
+        return {}
+    cx.reject_unknown(("limits",), obj, _LIMIT_FIELDS)
+    limits: dict[str, Any] = {}
+    for key in ("max_steps", "max_tokens"):
+        limits[key] = cx.integer(("limits", key), obj, minimum=1)
+    for key in ("max_cost_usd", "timeout_s"):
+        limits[key] = cx.number(("limits", key), obj, gt=0)
+    return {key: value for key, value in limits.items() if value is not None}
+
+
+def load_definition_text(text: str, content_type: str | None) -> Any:
+    """Decode JSON or YAML definition text (chosen by ``content_type``, else sniffed) into plain data.
+
+    Raises :class:`DefinitionError` (pointer "") for text that does not parse, and for YAML that does not
+    map onto JSON (non-string keys, binary, sets, NaN) with a pointer to the offending value.
+    """
+    return load_document(text, content_type)
+
+
+def validate_input(definition: Definition, value: Any) -> list[dict[str, str]]:
+    """Check a run input against the definition's input_schema (JSON Schema 2020-12).
+
+    Returns ``[]`` when valid or when there is no schema, else errors with pointers into the input.
+    """
+    validator = definition._input_validator
+    if validator is None:
+        return []
+    try:
+        errors = [
+            {"pointer": pointer(tuple(error.absolute_path)), "message": error.message}
+            for error in validator.iter_errors(value)
+        ]
+    except Unresolvable as exc:
+        # A $ref the schema check cannot see is broken (only reached when validating): the schema's fault.
+        return [{"pointer": "", "message": f"input_schema cannot be applied: unresolvable $ref ({exc})"}]
+    return sorted(errors, key=lambda e: (e["pointer"], e["message"]))

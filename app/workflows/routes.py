@@ -1,0 +1,200 @@
+"""Workflow endpoints: create (JSON or YAML), read, list, versions."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.deps import require_role
+from app.config import Settings
+from app.context import Ctx
+from app.db import get_db
+from app.errors import BadRequest, Invalid
+from app.http import AppSettings, UnsupportedMediaType, problem_responses
+from app.workflows import service
+from app.workflows.definition import DefinitionError, load_definition_text
+from app.workflows.models import Workflow, WorkflowVersion
+from app.workflows.schemas import (
+    WorkflowCreate,
+    WorkflowPage,
+    WorkflowSummary,
+    WorkflowVersionPage,
+    WorkflowVersionRead,
+    WorkflowVersionSummary,
+)
+
+router = APIRouter(
+    prefix="/api/v1/workflows", tags=["workflows"], responses=problem_responses(401, 403, 404, 422)
+)
+
+Author = Annotated[Ctx, Depends(require_role("author"))]
+Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
+Db = Annotated[AsyncSession, Depends(get_db)]
+Limit = Annotated[
+    int | None, Query(ge=1, description="Page size (default and maximum are set by the server)")
+]
+Cursor = Annotated[str | None, Query(max_length=1024, description="`next_cursor` of the previous page")]
+
+_JSON_TYPES = ("application/json",)
+_YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+_CREATE_SCHEMA = WorkflowCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=WorkflowVersionRead,
+    summary="Create a workflow, or a new version of one",
+    responses={
+        200: {"model": WorkflowVersionRead, "description": "Same definition as the latest version"},
+        **problem_responses(400, 413, 415),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {media: {"schema": _CREATE_SCHEMA} for media in (*_JSON_TYPES, *_YAML_TYPES[:2])},
+        }
+    },
+)
+async def create_workflow(
+    request: Request, response: Response, ctx: Author, db: Db, settings: AppSettings
+) -> WorkflowVersionRead:
+    """Re-posting the latest version's definition returns that version (200); a change adds a version."""
+    body = await _read_create_body(request)
+    version, created = await service.create_workflow(
+        db, ctx, name=body.name, definition=body.definition, description=body.description, settings=settings
+    )
+    await db.commit()
+    if not created:
+        response.status_code = 200
+    return _version_read(body.name, version)
+
+
+@router.get("", response_model=WorkflowPage, summary="List workflows by name")
+async def list_workflows(
+    ctx: Viewer, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
+) -> WorkflowPage:
+    after = _decode_cursor(cursor) if cursor else None
+    rows, more = await service.list_workflows(db, ctx, limit=_page_size(limit, settings), after=after)
+    return WorkflowPage(
+        items=[_summary(row) for row in rows],
+        next_cursor=_encode_cursor(rows[-1].name) if more and rows else None,
+    )
+
+
+@router.get("/{name}", response_model=WorkflowVersionRead, summary="The latest version of a workflow")
+async def get_workflow(name: str, ctx: Viewer, db: Db) -> WorkflowVersionRead:
+    return _version_read(name, await service.get_workflow_version(db, ctx, name, None))
+
+
+@router.get("/{name}/versions", response_model=WorkflowVersionPage, summary="Versions, newest first")
+async def list_workflow_versions(
+    name: str, ctx: Viewer, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
+) -> WorkflowVersionPage:
+    before = _decode_version_cursor(cursor) if cursor else None
+    rows, more = await service.list_workflow_versions(
+        db, ctx, name, limit=_page_size(limit, settings), before=before
+    )
+    return WorkflowVersionPage(
+        items=[
+            WorkflowVersionSummary(
+                id=row.id,
+                name=name,
+                version=row.version,
+                created_at=row.created_at,
+                definition_hash=row.definition_hash,
+            )
+            for row in rows
+        ],
+        next_cursor=_encode_cursor(str(rows[-1].version)) if more and rows else None,
+    )
+
+
+@router.get("/{name}/versions/{version}", response_model=WorkflowVersionRead, summary="One version")
+async def get_workflow_version(
+    name: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)], ctx: Viewer, db: Db
+) -> WorkflowVersionRead:
+    return _version_read(name, await service.get_workflow_version(db, ctx, name, version))
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+async def _read_create_body(request: Request) -> WorkflowCreate:
+    """The body as JSON or YAML (by Content-Type; sniffed when absent), validated as WorkflowCreate."""
+    content_type = request.headers.get("content-type")
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media and not (media in _JSON_TYPES or media.endswith("+json") or media in _YAML_TYPES):
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {media!r}: send application/json or application/yaml"
+        )
+    try:
+        text = (await request.body()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest("request body is not valid UTF-8") from exc
+    try:
+        data: Any = load_definition_text(text, content_type)
+    except DefinitionError as exc:
+        if all(err["pointer"] == "" for err in exc.errors):
+            raise BadRequest(f"malformed request body: {exc.errors[0]['message']}") from exc
+        errors = [{"pointer": "/body" + err["pointer"], "message": err["message"]} for err in exc.errors]
+        raise Invalid("the request body is not representable as JSON", errors=errors) from exc
+    try:
+        return WorkflowCreate.model_validate(data)
+    except ValidationError as exc:
+        # Rendered by the same handler as FastAPI's own body errors: pointers under /body.
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
+        ) from exc
+
+
+def _version_read(name: str, version: WorkflowVersion) -> WorkflowVersionRead:
+    return WorkflowVersionRead(
+        id=version.id,
+        name=name,
+        version=version.version,
+        created_at=version.created_at,
+        definition=version.definition,
+        description=version.description,
+    )
+
+
+def _summary(row: Workflow) -> WorkflowSummary:
+    return WorkflowSummary(
+        name=row.name, latest_version=row.latest_version, created_at=row.created_at, updated_at=row.updated_at
+    )
+
+
+def _page_size(limit: int | None, settings: Settings) -> int:
+    return min(limit or settings.page_size_default, settings.page_size_max)
+
+
+def _encode_cursor(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise _bad_cursor() from exc
+
+
+def _decode_version_cursor(cursor: str) -> int:
+    value = _decode_cursor(cursor)
+    if not (value.isascii() and value.isdigit() and len(value) <= 10):
+        raise _bad_cursor()
+    return int(value)
+
+
+def _bad_cursor() -> Invalid:
+    return Invalid(
+        "invalid cursor", errors=[{"pointer": "/query/cursor", "message": "not a cursor from this API"}]
+    )

@@ -1,0 +1,244 @@
+"""Workflows: named, versioned definitions. A version is immutable; a changed definition is a new version."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings, get_settings
+from app.context import Ctx
+from app.errors import Invalid, NotFound
+from app.workflows.definition import Definition, DefinitionError, parse_definition
+from app.workflows.models import Workflow, WorkflowVersion
+from app.workflows.schemas import NAME_PATTERN
+
+_NAME = re.compile(NAME_PATTERN)
+
+
+class WorkflowNotFound(NotFound):
+    pass
+
+
+class InvalidDefinition(Invalid):
+    pass
+
+
+def definition_hash(definition: Any) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, no whitespace): equal documents, equal hash."""
+    canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def validate_definition(definition: Any, settings: Settings) -> Definition:
+    """Parse ``definition`` under the configured limits; errors point at ``/definition/...``."""
+    try:
+        return parse_definition(
+            definition,
+            max_steps=settings.max_steps_per_workflow,
+            max_map_items=settings.max_map_items,
+            max_map_concurrency=settings.max_map_concurrency,
+        )
+    except DefinitionError as exc:
+        errors = [
+            {"pointer": "/definition" + err["pointer"], "message": err["message"]} for err in exc.errors
+        ]
+        raise InvalidDefinition("the workflow definition is invalid", errors=errors) from exc
+
+
+async def create_workflow(
+    db: AsyncSession,
+    ctx: Ctx,
+    *,
+    name: str,
+    definition: dict[str, Any],
+    description: str | None = None,
+    settings: Settings | None = None,
+) -> tuple[WorkflowVersion, bool]:
+    """Store ``definition`` as version 1 of a new workflow or the next version of ``name``.
+
+    Returns ``(version, created)``; re-posting the latest version's definition creates nothing and
+    returns that version. Concurrent calls for one name serialise on the workflow row (created with
+    INSERT ... ON CONFLICT, then locked), so versions stay 1, 2, 3... with no gaps or duplicates.
+    Only valid definitions are stored.
+    """
+    if not _NAME.fullmatch(name):
+        raise Invalid(
+            f"invalid workflow name {name!r}",
+            errors=[{"pointer": "/name", "message": f"must match {NAME_PATTERN}"}],
+        )
+    validate_definition(definition, settings or get_settings())
+    digest = definition_hash(definition)
+    await db.execute(
+        pg_insert(Workflow)
+        .values(id=uuid.uuid4(), tenant_id=ctx.tenant_id, name=name, latest_version=0)
+        .on_conflict_do_nothing(index_elements=[Workflow.tenant_id, Workflow.name])
+    )
+    workflow = (
+        await db.execute(
+            select(Workflow)
+            .where(Workflow.tenant_id == ctx.tenant_id, Workflow.name == name)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one()
+    if workflow.latest_version > 0:
+        latest = (
+            await db.execute(
+                select(WorkflowVersion).where(
+                    WorkflowVersion.workflow_id == workflow.id,
+                    WorkflowVersion.version == workflow.latest_version,
+                )
+            )
+        ).scalar_one()
+        if latest.definition_hash == digest:
+            return latest, False
+
+    version = WorkflowVersion(
+        tenant_id=ctx.tenant_id,
+        workflow_id=workflow.id,
+        version=workflow.latest_version + 1,
+        # A private copy: the caller's dict (or a module constant) must not alias a stored version.
+        definition=copy.deepcopy(definition),
+        definition_hash=digest,
+        description=description,
+    )
+    db.add(version)
+    workflow.latest_version = version.version
+    workflow.updated_at = func.now()
+    await db.flush()
+    return version, True
+
+
+async def get_workflow(db: AsyncSession, ctx: Ctx, name: str) -> Workflow:
+    """The workflow called ``name`` in the caller's tenant; raises WorkflowNotFound."""
+    workflow = (
+        await db.execute(select(Workflow).where(Workflow.tenant_id == ctx.tenant_id, Workflow.name == name))
+    ).scalar_one_or_none()
+    if workflow is None:
+        raise WorkflowNotFound(f"workflow {name!r} not found")
+    return workflow
+
+
+async def get_workflow_version(db: AsyncSession, ctx: Ctx, name: str, version: int | None) -> WorkflowVersion:
+    """Version ``version`` of workflow ``name`` (the latest when None); raises WorkflowNotFound."""
+    wanted = Workflow.latest_version if version is None else version
+    found = (
+        await db.execute(
+            select(WorkflowVersion)
+            .join(Workflow, Workflow.id == WorkflowVersion.workflow_id)
+            .where(
+                Workflow.tenant_id == ctx.tenant_id,
+                WorkflowVersion.tenant_id == ctx.tenant_id,
+                Workflow.name == name,
+                WorkflowVersion.version == wanted,
+            )
+        )
+    ).scalar_one_or_none()
+    if found is None:
+        what = f"workflow {name!r}" if version is None else f"version {version} of workflow {name!r}"
+        raise WorkflowNotFound(f"{what} not found")
+    return found
+
+
+async def list_workflows(
+    db: AsyncSession, ctx: Ctx, *, limit: int, after: str | None = None
+) -> tuple[list[Workflow], bool]:
+    """Up to ``limit`` workflows ordered by name, starting after ``after``; and whether more follow."""
+    query = select(Workflow).where(Workflow.tenant_id == ctx.tenant_id)
+    if after is not None:
+        query = query.where(Workflow.name > after)
+    rows = list((await db.execute(query.order_by(Workflow.name).limit(limit + 1))).scalars())
+    return rows[:limit], len(rows) > limit
+
+
+async def list_workflow_versions(
+    db: AsyncSession, ctx: Ctx, name: str, *, limit: int, before: int | None = None
+) -> tuple[list[WorkflowVersion], bool]:
+    """Versions of ``name`` below ``before``, newest first, and whether more follow; WorkflowNotFound."""
+    workflow = await get_workflow(db, ctx, name)
+    query = select(WorkflowVersion).where(
+        WorkflowVersion.tenant_id == ctx.tenant_id, WorkflowVersion.workflow_id == workflow.id
+    )
+    if before is not None:
+        query = query.where(WorkflowVersion.version < before)
+    rows = list((await db.execute(query.order_by(WorkflowVersion.version.desc()).limit(limit + 1))).scalars())
+    return rows[:limit], len(rows) > limit
+
+
+# --- examples ------------------------------------------------------------------------------------------
+
+HELLO_DEFINITION: dict[str, Any] = {
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "names": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Who to greet",
+                "default": ["Ada", "Grace"],
+                "examples": [["Ada", "Grace"]],
+            }
+        },
+        "required": ["names"],
+    },
+    "limits": {"max_steps": 1000, "timeout_s": 600},
+    "steps": [
+        {
+            "id": "start",
+            "description": "An echo step: its output is its args.",
+            "tool": "echo",
+            "args": {"message": "Greeting ${{ size(input.names) }} people"},
+        },
+        {
+            "id": "greet",
+            "description": "Fan out: one echo per name, at most 4 at a time; the output is the list.",
+            "map": {
+                "items": "${{ input.names }}",
+                "tool": "echo",
+                "args": {"greeting": "Hello, ${{ item }}!", "index": "${{ index }}"},
+                "concurrency": 4,
+            },
+        },
+        {
+            "id": "summary",
+            "description": "Fan in: runs once both branches have succeeded.",
+            "needs": ["start", "greet"],
+            "tool": "echo",
+            "args": {
+                "intro": "${{ steps.start.output.message }}",
+                "greetings": "${{ steps.greet.output.map(g, g.greeting) }}",
+                "count": "${{ size(steps.greet.output) }}",
+            },
+        },
+    ],
+}
+
+EXAMPLE_WORKFLOWS: dict[str, dict[str, Any]] = {"hello": HELLO_DEFINITION}
+
+
+async def ensure_example_workflows(db: AsyncSession, tenant_id: uuid.UUID) -> list[str]:
+    """Create each example workflow the tenant lacks; returns the names it created."""
+    ctx = Ctx(tenant_id=tenant_id, principal="system:examples", roles=frozenset({"admin"}))
+    existing = set(
+        (
+            await db.execute(
+                select(Workflow.name).where(
+                    Workflow.tenant_id == tenant_id, Workflow.name.in_(list(EXAMPLE_WORKFLOWS))
+                )
+            )
+        ).scalars()
+    )
+    created: list[str] = []
+    for name, definition in EXAMPLE_WORKFLOWS.items():
+        # `created` is False when a concurrent call made it first (create_workflow locks the row).
+        if name not in existing and (await create_workflow(db, ctx, name=name, definition=definition))[1]:
+            created.append(name)
+    return created

@@ -1,0 +1,258 @@
+"""Shared fixtures: a migrated database and a Redis database per test process, the app, clients, tenants.
+
+Real PostgreSQL and Redis (127.0.0.1:5432 / 6379, or TEST_DATABASE_URL / TEST_REDIS_URL); when nothing
+answers there, embedded servers under ``.steward-test/<xdist worker>`` (see app/embedded.py).
+Nothing starts until a test asks for it: pure unit tests never touch a server.
+
+Every async fixture runs on the session event loop (``loop_scope="session"``), as do the tests
+(``asyncio_default_test_loop_scope`` in pyproject.toml), so connections can be shared across tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import pytest_asyncio
+from arq.connections import create_pool
+from fastapi import FastAPI
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from app.auth.keys import hash_api_key, new_api_key
+from app.config import Settings
+from app.db import async_url, make_engine, make_sessionmaker, run_migrations
+from app.redis import redis_settings
+from app.tenants import service as tenants_service
+from app.tenants.models import ApiKey
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Redis has 16 databases by default; database 0 is left to people running Steward by hand.
+REDIS_DATABASES = 15
+
+
+@dataclass(frozen=True)
+class Servers:
+    admin_database_url: str  # a database we may CREATE DATABASE from
+    redis_url: str  # a Redis database of our own
+
+
+@dataclass(frozen=True)
+class TenantKey:
+    tenant_id: uuid.UUID
+    key: str
+    headers: dict[str, str]  # {"Authorization": "Bearer <key>"}
+    name: str
+
+
+MakeTenant = Callable[..., Awaitable[TenantKey]]
+MakeApiKey = Callable[..., Awaitable[str]]
+
+
+# --- servers and the database ----------------------------------------------------------------------
+
+
+def _worker_id() -> str:
+    """pytest-xdist's worker id ("gw0", "gw1", ...), or "master" when not distributed."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "master")
+
+
+def _worker_index(worker_id: str) -> int:
+    return int(worker_id[2:]) if worker_id.startswith("gw") and worker_id[2:].isdigit() else 0
+
+
+def _answers(url: str, default_port: int) -> bool:
+    """Something accepts TCP connections at the URL's host and port (URLs without a host: assume so)."""
+    parsed = urlsplit(url)
+    if not parsed.hostname:
+        return True
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or default_port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    """PostgreSQL and Redis to test against: real ones when they answer, else embedded ones."""
+    worker_id = _worker_id()
+    admin_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
+    redis_url = os.environ.get(
+        "TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + _worker_index(worker_id) % REDIS_DATABASES}"
+    )
+    pg_up = _answers(admin_url, 5432)
+    redis_up = _answers(redis_url, 6379)
+    with ExitStack() as stack:
+        if not (pg_up and redis_up):
+            from app.embedded import embedded_services  # heavy, and only needed without real servers
+
+            # One data directory per xdist worker: embedded servers lock theirs.
+            embedded = stack.enter_context(
+                embedded_services(
+                    ROOT / ".steward-test" / worker_id,
+                    database_url=admin_url if pg_up else None,
+                    redis_url=redis_url if redis_up else None,
+                )
+            )
+            admin_url, redis_url = embedded.database_url, embedded.redis_url
+        yield Servers(admin_database_url=admin_url, redis_url=redis_url)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def database_url(servers: Servers) -> AsyncIterator[str]:
+    """A fresh database for this test process, migrated with ``alembic upgrade head``; dropped at the end."""
+    name = f"steward_test_{_worker_id()}_{secrets.token_hex(4)}"
+    admin = create_async_engine(async_url(servers.admin_database_url), isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = make_url(async_url(servers.admin_database_url)).set(database=name)
+        database_url = url.render_as_string(hide_password=False)
+        # Alembic's env.py runs its own event loop: keep it off ours.
+        await asyncio.to_thread(run_migrations, database_url)
+        yield database_url
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                {"name": name},
+            )
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def settings(database_url: str, servers: Servers) -> Settings:
+    """Settings for this test process: its own database, its own (flushed) Redis database and queue prefix."""
+    client = await create_pool(redis_settings(servers.redis_url), retry=0)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+    return Settings(
+        database_url=database_url,
+        redis_url=servers.redis_url,
+        queue_prefix=f"stwtest-{secrets.token_hex(4)}",
+        http_allow_private_networks=True,
+        db_pool_size=5,
+        db_max_overflow=20,
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def sessionmaker(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Sessions on the test database, independent of the app's pool; commit what others must see."""
+    assert settings.database_url is not None
+    engine = make_engine(settings.database_url, pool_size=5, max_overflow=10)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def db(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session inside a transaction that is rolled back after the test; ``commit()`` only releases a
+    savepoint. Its writes are invisible to other connections (the app, workers): use ``sessionmaker``
+    and real commits for those."""
+    engine = sessionmaker.kw["bind"]
+    async with engine.connect() as conn:
+        outer = await conn.begin()
+        session = AsyncSession(bind=conn, expire_on_commit=False, join_transaction_mode="create_savepoint")
+        try:
+            yield session
+        finally:
+            await session.close()
+            await outer.rollback()
+
+
+# --- the app ---------------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """The API with its lifespan running (Runtime started: pool, arq pool, relay, notifier)."""
+    from app.main import create_app
+
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client calling the app in-process (no auth headers: pass ``tenant.headers``)."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield http
+
+
+# --- tenants and keys ------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def make_tenant(sessionmaker: async_sessionmaker[AsyncSession]) -> MakeTenant:
+    """``await make_tenant(name=None, roles=("admin",))``: a committed tenant with a fresh API key."""
+
+    async def make(name: str | None = None, roles: Sequence[str] = ("admin",)) -> TenantKey:
+        name = name or f"test-{secrets.token_hex(6)}"
+        async with sessionmaker() as session, session.begin():
+            tenant, _ = await tenants_service.get_or_create_tenant(session, name)
+            key = await tenants_service.create_api_key(session, tenant.id, name="test", roles=tuple(roles))
+        return TenantKey(tenant.id, key, {"Authorization": f"Bearer {key}"}, name)
+
+    return make
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def make_api_key(sessionmaker: async_sessionmaker[AsyncSession]) -> MakeApiKey:
+    """``await make_api_key(tenant_id, roles=("admin",), expires_at=None, revoked_at=None)`` -> the key."""
+
+    async def make(
+        tenant_id: uuid.UUID,
+        roles: Sequence[str] = ("admin",),
+        *,
+        expires_at: datetime | None = None,
+        revoked_at: datetime | None = None,
+    ) -> str:
+        key = new_api_key()
+        async with sessionmaker() as session, session.begin():
+            session.add(
+                ApiKey(
+                    tenant_id=tenant_id,
+                    name="test",
+                    prefix=key[:10],
+                    key_hash=hash_api_key(key),
+                    roles=list(roles),
+                    expires_at=expires_at,
+                    revoked_at=revoked_at,
+                )
+            )
+        return key
+
+    return make
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def tenant(make_tenant: MakeTenant) -> TenantKey:
+    """A new tenant with an admin key, for this test only."""
+    return await make_tenant()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def other_tenant(make_tenant: MakeTenant) -> TenantKey:
+    """A second, unrelated tenant with an admin key: for isolation tests."""
+    return await make_tenant()
