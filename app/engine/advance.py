@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -206,7 +206,7 @@ def backoff_delay(
         delay = delay / 2 + delay / 2 * rand
     if retry_after is not None:
         delay = max(delay, min(retry_after, settings.retry_backoff_max_s))
-    return delay
+    return float(delay)
 
 
 def max_attempts(step: StepDef, settings: Settings) -> int:
@@ -525,7 +525,7 @@ async def stop_steps(tx: Tx, run: RunRow, rows: Any, statuses: tuple[StepStatus,
     if attempt_ids:
         running_jobs = (
             await tx.db.execute(
-                StepAttempt.__table__.update()
+                update(StepAttempt)
                 .where(StepAttempt.id.in_(attempt_ids), StepAttempt.status.in_(("queued", "running")))
                 .values(status="cancelled", finished_at=t, error_class="cancelled", error_message=reason)
                 .returning(StepAttempt.job_id, StepAttempt.worker)

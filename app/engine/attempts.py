@@ -50,9 +50,7 @@ class Outcome:
     retry_after: float | None = None
 
 
-async def claim_attempt(
-    tx: Tx, settings: Settings, attempt_id: uuid.UUID, claimer: Claimer
-) -> Claimed | None:
+async def claim_attempt(tx: Tx, settings: Settings, attempt_id: uuid.UUID, claimer: Claimer) -> Claimed | None:
     """Take the lease on a queued attempt; ``None`` when it is not ours to run (duplicate, paused, gone)."""
     row = (
         await tx.db.execute(
@@ -151,19 +149,15 @@ async def record_outcome(
         return None  # cancelled or expired meanwhile: that transaction already recorded the attempt
     definition = await load_definition(tx.db, run.workflow_version_id)
     step = definition.step(claimed.step_id)
-    base = {"status": S.RUNNING.value, "version": claimed.step_version}
-    common = {"lease_owner": None, "lease_expires_at": None}
     try:
         if outcome.ok:
-            await transition_step(
-                tx.db,
-                claimed.step_run_id,
-                **base,
-                to=S.SUCCEEDED,
+            await _leave_running(
+                tx,
+                claimed,
+                S.SUCCEEDED,
                 output=outcome.output,
                 finished_at=outcome.finished_at,
                 started_at=outcome.started_at,
-                **common,
             )
             tx.event(
                 run.id,
@@ -173,33 +167,31 @@ async def record_outcome(
                 attempt=claimed.attempt_n,
             )
         elif outcome.transient and claimed.attempt_n < max_attempts(step, settings):
-            await _schedule_retry(tx, settings, run, claimed, outcome, base, common)
+            await _schedule_retry(tx, settings, run, claimed, outcome)
         else:
             error = {"class": outcome.error_class, "message": outcome.message, "attempt": claimed.attempt_n}
-            await transition_step(
-                tx.db,
-                claimed.step_run_id,
-                **base,
-                to=S.FAILED,
-                error=error,
-                finished_at=outcome.finished_at,
-                **common,
-            )
+            await _leave_running(tx, claimed, S.FAILED, error=error, finished_at=outcome.finished_at)
             tx.event(run.id, "step_failed", step_id=claimed.step_id, map_index=claimed.map_index, error=error)
     except StaleTransition:
         return None
     return await Advance(tx, run, definition, settings, claimer).run_plan()
 
 
-async def _schedule_retry(
-    tx: Tx,
-    settings: Settings,
-    run: RunRow,
-    claimed: Claimed,
-    outcome: Outcome,
-    base: dict[str, Any],
-    common: dict[str, Any],
-) -> None:
+async def _leave_running(tx: Tx, claimed: Claimed, to: StepStatus, **values: Any) -> None:
+    """Move the step this attempt ran out of ``running``, giving up its lease."""
+    await transition_step(
+        tx.db,
+        claimed.step_run_id,
+        status=S.RUNNING.value,
+        version=claimed.step_version,
+        to=to,
+        lease_owner=None,
+        lease_expires_at=None,
+        **values,
+    )
+
+
+async def _schedule_retry(tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome) -> None:
     definition = await load_definition(tx.db, run.workflow_version_id)
     delay = backoff_delay(
         definition.step(claimed.step_id), settings, claimed.attempt_n, outcome.retry_after, random.random()
@@ -207,9 +199,7 @@ async def _schedule_retry(
     not_before = now() + timedelta(seconds=delay)
     attempt_id = uuid.uuid4()
     n = claimed.attempt_n + 1
-    await transition_step(
-        tx.db, claimed.step_run_id, **base, to=S.QUEUED, attempts=n, current_attempt_id=attempt_id, **common
-    )
+    await _leave_running(tx, claimed, S.QUEUED, attempts=n, current_attempt_id=attempt_id)
     tx.attempts.append(
         {
             "id": attempt_id,
@@ -235,9 +225,7 @@ async def _schedule_retry(
         message=outcome.message,
         delay_s=round(delay, 3),
     )
-    tx.enqueue(
-        run.id, Job("step", str(attempt_id), queue_name(settings, run.priority), not_before=not_before)
-    )
+    tx.enqueue(run.id, Job("step", str(attempt_id), queue_name(settings, run.priority), not_before=not_before))
 
 
 async def renew_lease(db: AsyncSession, claimed: Claimed, lease_s: float) -> bool:
@@ -257,9 +245,7 @@ async def renew_lease(db: AsyncSession, claimed: Claimed, lease_s: float) -> boo
 
 async def expire_lease(tx: Tx, settings: Settings, step_run_id: uuid.UUID) -> bool:
     """A running step whose lease ran out lost its worker: fail that attempt as transient."""
-    run_id = (
-        await tx.db.execute(select(StepRun.run_id).where(StepRun.id == step_run_id))
-    ).scalar_one_or_none()
+    run_id = (await tx.db.execute(select(StepRun.run_id).where(StepRun.id == step_run_id))).scalar_one_or_none()
     run = await lock(tx, run_id) if run_id is not None else None
     if run is None:
         return False
@@ -313,9 +299,7 @@ async def expire_lease(tx: Tx, settings: Settings, step_run_id: uuid.UUID) -> bo
 
 async def fire_wait_timeout(tx: Tx, settings: Settings, step_run_id: uuid.UUID) -> bool:
     """Fail a waiting step whose deadline passed (the run then fails like for any failed step)."""
-    run_id = (
-        await tx.db.execute(select(StepRun.run_id).where(StepRun.id == step_run_id))
-    ).scalar_one_or_none()
+    run_id = (await tx.db.execute(select(StepRun.run_id).where(StepRun.id == step_run_id))).scalar_one_or_none()
     run = await lock(tx, run_id) if run_id is not None else None
     if run is None:
         return False

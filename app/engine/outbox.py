@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, job_key_prefix, result_key_prefix
@@ -54,7 +54,8 @@ async def enqueue_many(redis: ArqRedis, jobs: Iterable[Job]) -> int:
         argv += [job.job_id, job.queue, score, score - now_ms + EXPIRES_EXTRA_MS, payload]
     if not argv:
         return 0
-    return int(await redis.eval(_ENQUEUE_MANY, 2, job_key_prefix, result_key_prefix, *argv))
+    sent = redis.eval(_ENQUEUE_MANY, 2, job_key_prefix, result_key_prefix, *argv)
+    return int(await cast(Awaitable[Any], sent))
 
 
 async def abort_jobs(redis: ArqRedis, job_ids: Iterable[str]) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
+from sqlalchemy.orm import InstrumentedAttribute
 
 from app.engine.advance import now
 from app.engine.attempts import expire_lease, fire_wait_timeout
@@ -49,11 +50,9 @@ async def reconcile_once(runtime: Runtime) -> Report:
     return report
 
 
-async def _due(runtime: Runtime, column: object, status: str) -> list[uuid.UUID]:
+async def _due(runtime: Runtime, column: InstrumentedAttribute[datetime | None], status: str) -> list[uuid.UUID]:
     async with runtime.sessionmaker() as db:
-        rows = await db.execute(
-            select(StepRun.id).where(StepRun.status == status, column < now()).limit(BATCH)  # type: ignore[operator]
-        )
+        rows = await db.execute(select(StepRun.id).where(StepRun.status == status, column < now()).limit(BATCH))
         return list(rows.scalars())
 
 
@@ -75,7 +74,5 @@ async def resend_stale_outbox(runtime: Runtime) -> int:
             )
         ).all()
     if rows:
-        await runtime.relay.send(
-            [Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows]
-        )
+        await runtime.relay.send([Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows])
     return len(rows)

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime
 from typing import Any, Literal
-
-import math
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
