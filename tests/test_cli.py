@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -209,9 +210,7 @@ def test_unreachable_database_is_one_line(command: str) -> None:
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(
-        f"steward {command}: cannot connect to the database at postgresql://postgres:***@"
-    )
+    assert lines[0].startswith(f"steward {command}: cannot connect to the database at postgresql://postgres:***@")
     assert "s3cret" not in result.stderr
 
 
@@ -242,6 +241,52 @@ def _free_port() -> int:
     return _closed_port()
 
 
+class _Up:
+    """A `steward up` child whose output is drained by a thread, so a silent hang cannot hang the test."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "up"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "Steward is ready" in line:
+                self.ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        if not self.ready.wait(timeout):
+            self.stop(check=False)
+            pytest.fail(f"steward up did not become ready:\n{self.output}")
+
+    def stop(self, *, check: bool = True) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=10)
+        if check:
+            assert self.proc.returncode == 0, self.output
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("embedded")
 def test_steward_up_end_to_end(data_dir: Path) -> None:
@@ -253,50 +298,39 @@ def test_steward_up_end_to_end(data_dir: Path) -> None:
     port = _free_port()
     env = _env(STEWARD_DATA_DIR=str(data_dir), STEWARD_PORT=str(port), PYTHONUNBUFFERED="1")
 
-    def start() -> tuple[subprocess.Popen[str], list[str]]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "up"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    up = _Up(env)
+    try:
+        up.wait_ready()
+        key = re.search(r"Admin API key \(shown once, store it now\): (stw_\S+)", up.output)
+        assert key, up.output
+        assert "Tenant:     demo" in up.output
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+        assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+        # The key works, and the worker runs a step end to end.
+        headers = {"Authorization": f"Bearer {key.group(1)}"}
+        created = httpx.post(
+            f"{base}/api/v1/workflows",
+            headers=headers,
+            json={"name": "cli-e2e", "definition": {"steps": [{"id": "a", "tool": "echo", "args": {"x": 1}}]}},
+            timeout=10,
         )
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 90
-        for line in proc.stdout:
-            lines.append(line)
-            if "Steward is ready" in line or time.monotonic() > deadline:
-                break
-        assert any("Steward is ready" in line for line in lines), "".join(lines)
-        return proc, lines
-
-    def stop(proc: subprocess.Popen[str]) -> str:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, out
-        assert _server_pids(data_dir) == []
-        return out
-
-    proc, lines = start()
-    try:
-        output = "".join(lines)
-        key = re.search(r"Admin API key \(shown once, store it now\): (stw_\S+)", output)
-        assert key, output
-        assert "Tenant:     demo" in output
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
-        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+        assert created.status_code == 201, created.text
+        run = httpx.post(f"{base}/api/v1/runs", headers=headers, json={"workflow": "cli-e2e", "input": {}}, timeout=10)
+        assert run.status_code == 201, run.text
+        done = httpx.get(f"{base}/api/v1/runs/{run.json()['id']}?wait=30", headers=headers, timeout=40)
+        assert done.json()["status"] == "succeeded", done.text
     finally:
-        if proc.poll() is None:
-            stop(proc)
+        up.stop()
+    assert _server_pids(data_dir) == [], "embedded servers should be stopped"
 
-    # Second start: same data, the key is not shown again.
-    proc, lines = start()
+    # Second start on the same data: the tenant is there, the key is not shown again.
+    up = _Up(env)
     try:
-        output = "".join(lines)
-        assert "stw_" not in output
-        assert "steward bootstrap --tenant demo" in output
+        up.wait_ready()
+        assert "shown once" not in up.output
+        assert "shown on the first start only" in up.output
+        assert "steward bootstrap --tenant demo" in up.output
     finally:
-        if proc.poll() is None:
-            stop(proc)
+        up.stop()
+    assert _server_pids(data_dir) == []

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from arq import Worker, cron, func
 
+import app.models  # noqa: F401  (every table, so foreign keys resolve in a worker-only process)
 from app.config import Settings
 from app.engine.runtime import Runtime
 from app.engine.tx import QUEUES

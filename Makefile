@@ -1,0 +1,59 @@
+# Steward developer commands. Works on a fresh clone: the virtualenv is created on first use and
+# re-installed only when pyproject.toml changes (stamp files inside .venv).
+
+# Prefer python3.11 explicitly; any python3 >= 3.11 is accepted (checked below).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint bench clean distclean
+
+help:
+	@echo "make run        install and start everything (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)"
+	@echo "make test       run the test suite (pytest -n 2); PYTEST_ARGS='-k name' to narrow it"
+	@echo "make lint       ruff + mypy --strict"
+	@echo "make bench      run the engine benchmark"
+	@echo "make clean      remove caches and install stamps (keeps .venv and the .steward data)"
+	@echo "make distclean  clean, and remove .venv too"
+
+$(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "error: python3.11 (or python3 >= 3.11) not found on PATH" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "error: $(PYTHON) is older than Python 3.11" >&2; exit 1; }
+	@# Debian/Ubuntu ship the venv module separately; say so instead of leaving a half-made .venv.
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+		echo "error: '$(PYTHON) -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e .
+	@touch $@
+
+# The dev extras include everything `make run` needs, so this stamps both.
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[dev]'
+	@touch $@ $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/steward up
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict app workers
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/engine.py
+
+clean:
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
+	@# Data directories of interrupted test runs (tests/test_cli.py removes its own when it finishes).
+	rm -rf .steward-test-*
+	rm -f $(VENV)/.installed $(VENV)/.installed-dev
+
+distclean: clean
+	rm -rf $(VENV)
