@@ -48,7 +48,8 @@ class Settings(BaseSettings):
 
     # Worker and reconciler.
     worker_concurrency: int = 20
-    worker_poll_delay_s: float = 0.01
+    # Workers are woken through Redis pub/sub when jobs arrive; this idle poll is only the safety net.
+    worker_poll_delay_s: float = 0.5
     worker_shutdown_grace_s: float = 10.0
     reconcile_interval_s: float = 5.0
     outbox_stale_s: float = 5.0

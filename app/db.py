@@ -39,7 +39,9 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10, **kw: 
         async_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per checkout on the hot path. A connection that died is
+        # invalidated by SQLAlchemy on the error, and the engine's callers retry what failed.
+        pool_recycle=3600,
         connect_args={"server_settings": {"application_name": "steward"}},
         **kw,
     )

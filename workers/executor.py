@@ -90,8 +90,8 @@ async def _renew_lease(runtime: Runtime, claimed: Claimed) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            async with runtime.sessionmaker() as db, db.begin():
-                if not await renew_lease(db, claimed, runtime.settings.lease_s):
+            async with runtime.pg.acquire() as conn:
+                if not await renew_lease(conn, claimed, runtime.settings.lease_s):
                     return  # the step moved on without us (cancelled, or the lease already expired)
         except Exception:  # the step goes on; if renewals keep failing, the lease expires and it is retried
             log.warning("lease renewal failed for step run %s", claimed.step_run_id, exc_info=True)

@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from app.engine.advance import Claimed, Claimer, load_definition
+from app.engine.advance import Claimed, Claimer, cached_definition, load_definition
 from app.engine.attempts import Outcome, claim_attempt, record_outcome
 from app.engine.attempts import fire_wait_timeout as fire_wait_timeout_tx
 from app.engine.reconciler import reconcile_once
@@ -28,8 +28,11 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
     chained = 0
     while claimed is not None:
         current: Claimed = claimed
-        async with runtime.sessionmaker() as db:
-            step = (await load_definition(db, current.workflow_version_id)).step(current.step_id)
+        definition = cached_definition(current.workflow_version_id)
+        if definition is None:
+            async with runtime.pg.acquire() as conn:
+                definition = await load_definition(conn, current.workflow_version_id)
+        step = definition.step(current.step_id)
         try:
             outcome = await execute(runtime, ctx["http"], step, current)
         except asyncio.CancelledError:

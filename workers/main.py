@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 import httpx
-from arq import Worker, cron, func
+from arq import cron, func
 
 import app.models  # noqa: F401  (every table, so foreign keys resolve in a worker-only process)
 from app.config import Settings
@@ -22,6 +22,7 @@ from app.engine.runtime import Runtime
 from app.engine.tx import QUEUES
 from app.redis import redis_settings
 from workers.jobs import fire_wait_timeout, reconcile, run_step
+from workers.wakeup import WakeableWorker, listen
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,14 @@ def new_worker_id() -> str:
 
 def build_workers(
     runtime: Runtime, *, concurrency: int, worker_id: str, http: httpx.AsyncClient
-) -> list[Worker]:
+) -> list[WakeableWorker]:
     settings = runtime.settings
     ctx: dict[str, Any] = {"runtime": runtime, "worker_id": worker_id, "http": http}
     every = max(1, int(settings.reconcile_interval_s))
     workers = []
     for priority in QUEUES:
         workers.append(
-            Worker(
+            WakeableWorker(
                 functions=[
                     func(run_step, name="run_step"),
                     func(fire_wait_timeout, name="fire_wait_timeout"),
@@ -83,6 +84,8 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
             runtime, concurrency=concurrency or settings.worker_concurrency, worker_id=worker_id, http=http
         )
         tasks = [asyncio.create_task(w.async_run()) for w in workers]
+        by_queue = {w.queue_name: w for w in workers}
+        tasks.append(asyncio.create_task(listen(runtime.redis, settings.queue_prefix, by_queue)))
         log.info("worker %s started on %s", worker_id, ", ".join(w.queue_name for w in workers))
         try:
             await asyncio.gather(*tasks)
@@ -91,7 +94,7 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
             await runtime.stop()
 
 
-async def _shutdown(workers: list[Worker], tasks: list[asyncio.Task[None]], grace_s: float) -> None:
+async def _shutdown(workers: list[WakeableWorker], tasks: list[asyncio.Task[None]], grace_s: float) -> None:
     for w in workers:
         w.allow_pick_jobs = False
     running = [t for w in workers for t in w.tasks.values() if not t.done()]

@@ -8,8 +8,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
-
 from app.config import Settings
 from app.engine.advance import (
     Advance,
@@ -17,11 +15,9 @@ from app.engine.advance import (
     load_definition,
     load_steps,
     lock,
-    now,
     set_run_status,
     stop_steps,
 )
-from app.engine.models import Outbox
 from app.engine.state_machine import (
     RUN_TERMINAL,
     IllegalTransition,
@@ -30,7 +26,7 @@ from app.engine.state_machine import (
     check_run_move,
     transition_step,
 )
-from app.engine.tx import Job, Tx
+from app.engine.tx import Job, Tx, now
 from app.errors import NotFound
 
 S = StepStatus
@@ -71,13 +67,9 @@ async def resume_run(
     await set_run_status(tx, run, RunStatus.RUNNING)
     tx.events[-1]["data"]["actor"] = actor
     # Jobs of steps queued before the pause were refused by the workers and are still in the outbox.
-    rows = (
-        await tx.db.execute(
-            select(Outbox.kind, Outbox.job_id, Outbox.queue, Outbox.not_before).where(Outbox.run_id == run.id)
-        )
-    ).all()
+    rows = await tx.conn.fetch("SELECT kind, job_id, queue, not_before FROM outbox WHERE run_id = $1", run.id)
     tx.jobs.extend(Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows)
-    await Advance(tx, run, await load_definition(tx.db, run.workflow_version_id), settings).run_plan()
+    await Advance(tx, run, await load_definition(tx.conn, run.workflow_version_id), settings).run_plan()
     return run
 
 
@@ -87,7 +79,7 @@ async def cancel_run(
     """Cancel every unfinished step: queued jobs are dropped, running ones aborted."""
     run = await _locked(tx, run_id, tenant_id)
     check_run_move(run.status, RunStatus.CANCELLED)
-    rows = (await load_steps(tx.db, run.id)).values()
+    rows = (await load_steps(tx.conn, run.id)).values()
     await stop_steps(tx, run, rows, (S.PENDING, S.QUEUED, S.RUNNING, S.WAITING), f"cancelled by {actor}")
     await set_run_status(tx, run, RunStatus.CANCELLED)
     tx.events[-1]["data"]["actor"] = actor
@@ -103,15 +95,15 @@ async def retry_run(
         raise IllegalTransition(
             f"only a failed run can be retried; this one is {run.status}", status_now=run.status
         )
-    rows = (await load_steps(tx.db, run.id)).values()
+    rows = (await load_steps(tx.conn, run.id)).values()
     reset = [r for r in rows if r.status in (S.FAILED, S.CANCELLED)]
     for row in reset:
         await transition_step(
-            tx.db, row.id, status=row.status, version=row.version, to=S.PENDING, error=None, finished_at=None
+            tx.conn, row.id, status=row.status, version=row.version, to=S.PENDING, error=None, finished_at=None
         )
     tx.event(run.id, "run_retried", actor=actor, steps=sorted({r.step_id for r in reset}))
     await set_run_status(tx, run, RunStatus.RUNNING, error=None, finished_at=None)
-    await Advance(tx, run, await load_definition(tx.db, run.workflow_version_id), settings).run_plan()
+    await Advance(tx, run, await load_definition(tx.conn, run.workflow_version_id), settings).run_plan()
     return run
 
 
@@ -122,8 +114,8 @@ async def signal_run(
     run = await _locked(tx, run_id, tenant_id)
     if run.status in RUN_TERMINAL:
         raise IllegalTransition(f"a {run.status} run takes no signals", status_now=run.status)
-    definition = await load_definition(tx.db, run.workflow_version_id)
-    rows = await load_steps(tx.db, run.id)
+    definition = await load_definition(tx.conn, run.workflow_version_id)
+    rows = await load_steps(tx.conn, run.id)
     waiting = [
         row
         for (sid, idx), row in rows.items()
@@ -136,7 +128,7 @@ async def signal_run(
         raise IllegalTransition(f"no step of this run is waiting for signal {name!r}", status_now=run.status)
     for row in waiting:
         await transition_step(
-            tx.db,
+            tx.conn,
             row.id,
             status=row.status,
             version=row.version,

@@ -11,15 +11,12 @@ import json
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from app.config import Settings
-from app.engine.models import Outbox
 from app.engine.planner import Plan, StepView, plan
+from app.engine.sql import Conn, dumps
 from app.engine.state_machine import (
     RUN_TERMINAL,
     RunStatus,
@@ -27,18 +24,13 @@ from app.engine.state_machine import (
     StepStatus,
     transition_run,
     transition_step,
+    transition_steps,
 )
-from app.engine.tx import Job, Tx
-from app.runs.models import Run, StepAttempt, StepRun
+from app.engine.tx import Job, Tx, now
 from app.workflows.definition import Definition, StepDef, parse_definition
-from app.workflows.models import WorkflowVersion
 
 S = StepStatus
 MAX_PASSES = 50
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -98,30 +90,27 @@ class Claimed:
         return key if self.map_index is None else f"{key}:{self.map_index}"
 
 
-RUN_COLUMNS = (
-    Run.id,
-    Run.tenant_id,
-    Run.status,
-    Run.version,
-    Run.priority,
-    Run.input,
-    Run.workflow_version_id,
-    Run.started_at,
+_LOCK_RUN = (
+    "SELECT id, tenant_id, status, version, priority, input, workflow_version_id, started_at FROM run "
+    "WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2) FOR UPDATE"
+)
+# Item outputs stay in the database until their map completes: a map of thousands would otherwise
+# be read back on every item's completion.
+_LOAD_STEPS = (
+    "SELECT id, step_id, map_index, kind, status, version, attempts, current_attempt_id, "
+    "CASE WHEN map_index IS NULL THEN output END FROM step_run WHERE run_id = $1 ORDER BY step_id, map_index"
 )
 
 
-async def lock_run(db: AsyncSession, run_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> RunRow | None:
+async def lock_run(conn: Conn, run_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> RunRow | None:
     """Lock a run's row for this transaction; every engine move of the run happens under it."""
-    stmt = select(*RUN_COLUMNS).where(Run.id == run_id).with_for_update()
-    if tenant_id is not None:
-        stmt = stmt.where(Run.tenant_id == tenant_id)
-    row = (await db.execute(stmt)).one_or_none()
+    row = await conn.fetchrow(_LOCK_RUN, run_id, tenant_id)
     return RunRow(*row) if row is not None else None
 
 
 async def lock(tx: Tx, run_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> RunRow | None:
     """:func:`lock_run`, also telling ``tx`` whose events it is writing."""
-    run = await lock_run(tx.db, run_id, tenant_id)
+    run = await lock_run(tx.conn, run_id, tenant_id)
     if run is not None:
         tx.tenant_id = run.tenant_id
     return run
@@ -130,15 +119,19 @@ async def lock(tx: Tx, run_id: uuid.UUID, tenant_id: uuid.UUID | None = None) ->
 _definitions: OrderedDict[uuid.UUID, Definition] = OrderedDict()
 
 
-async def load_definition(db: AsyncSession, workflow_version_id: uuid.UUID) -> Definition:
-    """Parsed definition of a version; versions are immutable, so parse once per process."""
+def cached_definition(workflow_version_id: uuid.UUID) -> Definition | None:
     cached = _definitions.get(workflow_version_id)
     if cached is not None:
         _definitions.move_to_end(workflow_version_id)
+    return cached
+
+
+async def load_definition(conn: Conn, workflow_version_id: uuid.UUID) -> Definition:
+    """Parsed definition of a version; versions are immutable, so parse once per process."""
+    cached = cached_definition(workflow_version_id)
+    if cached is not None:
         return cached
-    raw = (
-        await db.execute(select(WorkflowVersion.definition).where(WorkflowVersion.id == workflow_version_id))
-    ).scalar_one()
+    raw = await conn.fetchval("SELECT definition FROM workflow_version WHERE id = $1", workflow_version_id)
     # Stored definitions passed validation under whatever limits applied then; don't re-apply limits.
     definition = parse_definition(raw, max_steps=1_000_000, max_map_items=10**9, max_map_concurrency=10**6)
     _definitions[workflow_version_id] = definition
@@ -147,31 +140,8 @@ async def load_definition(db: AsyncSession, workflow_version_id: uuid.UUID) -> D
     return definition
 
 
-async def load_steps(db: AsyncSession, run_id: uuid.UUID) -> dict[tuple[str, int | None], StepRow]:
-    # Item outputs stay in the database until their map completes: a map of thousands would
-    # otherwise be read back on every item's completion.
-    stmt = (
-        select(
-            StepRun.id,
-            StepRun.step_id,
-            StepRun.map_index,
-            StepRun.kind,
-            StepRun.status,
-            StepRun.version,
-            StepRun.attempts,
-            StepRun.current_attempt_id,
-            StepRun.output,
-        )
-        .where(StepRun.run_id == run_id)
-        .order_by(StepRun.step_id, StepRun.map_index)
-    )
-    rows: dict[tuple[str, int | None], StepRow] = {}
-    for r in await db.execute(stmt):
-        row = StepRow(*r)
-        if row.map_index is not None:
-            row.output = None
-        rows[(row.step_id, row.map_index)] = row
-    return rows
+async def load_steps(conn: Conn, run_id: uuid.UUID) -> dict[tuple[str, int | None], StepRow]:
+    return {(r[1], r[2]): StepRow(*r) for r in await conn.fetch(_LOAD_STEPS, run_id)}
 
 
 def views(definition: Definition, rows: dict[tuple[str, int | None], StepRow]) -> dict[str, StepView]:
@@ -230,8 +200,8 @@ class Advance:
     rows: dict[tuple[str, int | None], StepRow] = field(default_factory=dict)
 
     @property
-    def db(self) -> AsyncSession:
-        return self.tx.db
+    def conn(self) -> Conn:
+        return self.tx.conn
 
     async def run_plan(self) -> Claimed | None:
         """Plan and apply until nothing changes; returns the step claimed for ``claimer``, if any."""
@@ -240,7 +210,7 @@ class Advance:
         passes = 0
         while passes < MAX_PASSES:
             passes += 1
-            self.rows = await load_steps(self.db, self.run.id)
+            self.rows = await load_steps(self.conn, self.run.id)
             try:
                 p = plan(self.definition, self.run.input, views(self.definition, self.rows))
                 await self._apply(p)
@@ -260,16 +230,19 @@ class Advance:
         for sid in p.complete_maps:
             await self._complete_map(sid)
         if not paused:
-            for sid, args in p.start:
-                await self._start(self.rows[(sid, None)], args)
             for sid in p.wait:
                 await self._wait(sid)
             for sid, item_args in p.expand:
                 await self._expand(sid, item_args)
             for sid in p.reopen:
                 await self._move(self.rows[(sid, None)], S.RUNNING, "map_reopened")
-            for sid, index in p.start_items:
-                await self._start(self.rows[(sid, index)], None)
+            starts = [(self.rows[(sid, None)], args) for sid, args in p.start]
+            # Items of a map just expanded: their args are known here, no need to read them back.
+            expanded = {sid: item_args for sid, item_args in p.expand}
+            starts += [
+                (self.rows[(sid, i)], expanded[sid][i] if sid in expanded else None) for sid, i in p.start_items
+            ]
+            await self._start_all(starts)
         await self._settle_run(p, paused)
 
     async def _move(
@@ -280,98 +253,60 @@ class Advance:
         data: dict[str, Any] | None = None,
         **values: Any,
     ) -> None:
-        row.version = await transition_step(
-            self.db, row.id, status=row.status, version=row.version, to=to, **values
-        )
+        row.version = await transition_step(self.conn, row.id, status=row.status, version=row.version, to=to, **values)
         row.status = to
         if event:
             if "error" in values:
                 data = {**(data or {}), "error": values["error"]}
             self.tx.event(self.run.id, event, step_id=row.step_id, map_index=row.map_index, **(data or {}))
 
-    async def _start(self, row: StepRow, args: Any) -> None:
-        """Queue a tool step or map item, or hand it straight to the claiming worker."""
-        if args is None:
-            args = (await self.db.execute(select(StepRun.input).where(StepRun.id == row.id))).scalar_one()
-        attempt_id = uuid.uuid4()
-        n = row.attempts + 1
-        started = now()
-        inline = self.claimer is not None and self.claimed is None
-        if inline:
-            assert self.claimer is not None
-            await self._move(
-                row,
-                S.RUNNING,
-                "step_started",
-                attempts=n,
-                current_attempt_id=attempt_id,
-                input=args,
-                lease_owner=self.claimer.worker_id,
-                started_at=started,
-                lease_expires_at=started + timedelta(seconds=self.settings.lease_s),
-                data={"attempt": n, "worker": self.claimer.worker_id},
-            )
-            self._add_attempt(
-                row,
-                attempt_id,
-                n,
-                "running",
-                started_at=started,
-                job_id=self.claimer.job_id,
-                worker=self.claimer.worker_id,
-            )
-            self.claimed = self._claimed(row, attempt_id, n, args, self.claimer)
-        else:
-            await self._move(
-                row,
-                S.QUEUED,
-                "step_queued",
-                {"attempt": n},
-                attempts=n,
-                current_attempt_id=attempt_id,
-                input=args,
-            )
+    async def _start_all(self, starts: list[tuple[StepRow, Any]]) -> None:
+        """Start tool steps and map items: the first may go to the claiming worker, the rest are queued."""
+        if self.claimer is not None and self.claimed is None and starts:
+            row, args = starts[0]
+            await self._claim_inline(row, args, self.claimer)
+            starts = starts[1:]
+        if not starts:
+            return
+        missing = [row.id for row, args in starts if args is None]
+        if missing:
+            stored = dict(await self.conn.fetch("SELECT id, input FROM step_run WHERE id = ANY($1::uuid[])", missing))
+            starts = [(row, stored[row.id] if args is None else args) for row, args in starts]
+        queue = queue_name(self.settings, self.run.priority)
+        moves = []
+        for row, args in starts:
+            attempt_id, n = uuid.uuid4(), row.attempts + 1
+            moves.append((row, {"attempts": n, "current_attempt_id": attempt_id, "input": args}))
             self._add_attempt(row, attempt_id, n, "queued")
-            self.tx.enqueue(
-                self.run.id, Job("step", str(attempt_id), queue_name(self.settings, self.run.priority))
-            )
-        row.attempts = n
-        row.current_attempt_id = attempt_id
+            self.tx.enqueue(self.run.id, Job("step", str(attempt_id), queue))
+            self.tx.event(self.run.id, "step_queued", step_id=row.step_id, map_index=row.map_index, attempt=n)
+        await transition_steps(self.conn, moves, S.QUEUED)
+        for row, values in moves:
+            row.attempts, row.current_attempt_id = values["attempts"], values["current_attempt_id"]
 
-    def _add_attempt(self, row: StepRow, attempt_id: uuid.UUID, n: int, status: str, **values: Any) -> None:
-        self.tx.attempts.append(
-            {
-                "id": attempt_id,
-                "tenant_id": self.run.tenant_id,
-                "run_id": self.run.id,
-                "step_run_id": row.id,
-                "n": n,
-                "status": status,
-                "queued_at": now(),
-                "job_id": values.pop("job_id", str(attempt_id)),
-                "worker": None,
-                "not_before": None,
-                "started_at": None,
-                **values,
-            }
+    async def _claim_inline(self, row: StepRow, args: Any, claimer: Claimer) -> None:
+        if args is None:
+            args = await self.conn.fetchval("SELECT input FROM step_run WHERE id = $1", row.id)
+        attempt_id, n, started = uuid.uuid4(), row.attempts + 1, now()
+        await self._move(
+            row, S.RUNNING, "step_started", {"attempt": n, "worker": claimer.worker_id},
+            attempts=n, current_attempt_id=attempt_id, input=args, lease_owner=claimer.worker_id,
+            started_at=started, lease_expires_at=started + timedelta(seconds=self.settings.lease_s),
         )
-
-    def _claimed(self, row: StepRow, attempt_id: uuid.UUID, n: int, args: Any, claimer: Claimer) -> Claimed:
-        return Claimed(
-            run_id=self.run.id,
-            tenant_id=self.run.tenant_id,
-            workflow_version_id=self.run.workflow_version_id,
-            priority=self.run.priority,
-            step_run_id=row.id,
-            step_version=row.version,
-            step_id=row.step_id,
-            map_index=row.map_index,
-            attempt_id=attempt_id,
-            attempt_n=n,
-            args=args,
-            job_id=claimer.job_id,
+        self._add_attempt(row, attempt_id, n, "running", started_at=started, job_id=claimer.job_id,
+                          worker=claimer.worker_id)
+        row.attempts, row.current_attempt_id = n, attempt_id
+        self.claimed = Claimed(
+            run_id=self.run.id, tenant_id=self.run.tenant_id, workflow_version_id=self.run.workflow_version_id,
+            priority=self.run.priority, step_run_id=row.id, step_version=row.version, step_id=row.step_id,
+            map_index=row.map_index, attempt_id=attempt_id, attempt_n=n, args=args, job_id=claimer.job_id,
             worker_id=claimer.worker_id,
         )
+
+    def _add_attempt(self, row: StepRow, attempt_id: uuid.UUID, n: int, status: str, **values: Any) -> None:
+        values.setdefault("job_id", str(attempt_id))
+        self.tx.add_attempt(id=attempt_id, tenant_id=self.run.tenant_id, run_id=self.run.id, step_run_id=row.id,
+                            n=n, status=status, **values)
 
     async def _wait(self, sid: str) -> None:
         spec = self.definition.step(sid).wait
@@ -380,13 +315,8 @@ class Advance:
         row = self.rows[(sid, None)]
         await self._move(row, S.WAITING, "step_waiting", wait_deadline=deadline, started_at=now())
         if deadline is not None:
-            job = Job(
-                "wait_timeout",
-                f"wt:{row.id}:{row.version}",
-                queue_name(self.settings, self.run.priority),
-                not_before=deadline,
-            )
-            self.tx.enqueue(self.run.id, job)
+            queue = queue_name(self.settings, self.run.priority)
+            self.tx.enqueue(self.run.id, Job("wait_timeout", f"wt:{row.id}:{row.version}", queue, deadline))
 
     async def _expand(self, sid: str, item_args: list[Any]) -> None:
         parent = self.rows[(sid, None)]
@@ -397,50 +327,28 @@ class Advance:
             }
             await self._move(parent, S.FAILED, "step_failed", error=error, finished_at=now())
             return
-        await self._move(parent, S.RUNNING, "map_expanded", started_at=now())
-        self.tx.events[-1]["data"]["items"] = len(item_args)
+        await self._move(parent, S.RUNNING, "map_expanded", {"items": len(item_args)}, started_at=now())
         if not item_args:
             await self._complete_map(sid)
             return
-        values = [
-            {
-                "id": uuid.uuid4(),
-                "tenant_id": self.run.tenant_id,
-                "run_id": self.run.id,
-                "step_id": sid,
-                "map_index": i,
-                "kind": "item",
-                "status": S.PENDING.value,
-                "version": 1,
-                "attempts": 0,
-                "input": args,
-            }
-            for i, args in enumerate(item_args)
-        ]
-        await self.db.execute(insert(StepRun), values)
-        for v in values:
-            self.rows[(sid, v["map_index"])] = StepRow(
-                v["id"], sid, v["map_index"], "item", S.PENDING, 1, 0, None
-            )
+        ids = [uuid.uuid4() for _ in item_args]
+        await self.conn.execute(
+            "INSERT INTO step_run (id, tenant_id, run_id, step_id, map_index, kind, status, version, attempts, "
+            "input, created_at) SELECT id, $2, $3, $4, ord - 1, 'item', 'pending', 1, 0, input, $5 "
+            "FROM unnest($1::uuid[], $6::jsonb[]) WITH ORDINALITY AS x(id, input, ord)",
+            ids, self.run.tenant_id, self.run.id, sid, now(), [dumps(a) for a in item_args],
+        )
+        for i, item_id in enumerate(ids):
+            self.rows[(sid, i)] = StepRow(item_id, sid, i, "item", S.PENDING, 1, 0, None)
 
     async def _complete_map(self, sid: str) -> None:
-        outputs = (
-            (
-                await self.db.execute(
-                    select(StepRun.output)
-                    .where(
-                        StepRun.run_id == self.run.id, StepRun.step_id == sid, StepRun.map_index.is_not(None)
-                    )
-                    .order_by(StepRun.map_index)
-                )
-            )
-            .scalars()
-            .all()
+        outputs = await self.conn.fetchval(
+            "SELECT coalesce(jsonb_agg(output ORDER BY map_index), '[]'::jsonb) FROM step_run "
+            "WHERE run_id = $1 AND step_id = $2 AND map_index IS NOT NULL",
+            self.run.id, sid,
         )
-        await self._move(
-            self.rows[(sid, None)], S.SUCCEEDED, "step_succeeded", output=list(outputs), finished_at=now()
-        )
-        self.rows[(sid, None)].output = list(outputs)
+        await self._move(self.rows[(sid, None)], S.SUCCEEDED, "step_succeeded", output=outputs, finished_at=now())
+        self.rows[(sid, None)].output = outputs
 
     async def _settle_run(self, p: Plan, paused: bool) -> None:
         target = RunStatus(p.run_status)
@@ -466,24 +374,12 @@ class Advance:
 
     async def _fail_run(self) -> None:
         """Fail the run: the first failed step's error becomes the run's; queued and waiting work stops."""
-        failed = [
-            (sid, row) for (sid, idx), row in self.rows.items() if idx is None and row.status == S.FAILED
-        ]
-        error_row = (
-            (
-                await self.db.execute(
-                    select(StepRun.step_id, StepRun.error).where(StepRun.id == failed[0][1].id)
-                )
-            ).one()
-            if failed
-            else None
-        )
+        failed = [row for (sid, idx), row in self.rows.items() if idx is None and row.status == S.FAILED]
+        error: dict[str, Any] = {"message": "a step was cancelled"}
+        if failed:
+            step_error = await self.conn.fetchval("SELECT error FROM step_run WHERE id = $1", failed[0].id)
+            error = {"step": failed[0].step_id, **(step_error or {})}
         await stop_steps(self.tx, self.run, self.rows.values(), (S.QUEUED, S.WAITING), "run failed")
-        error = (
-            {"step": error_row[0], **(error_row[1] or {})}
-            if error_row
-            else {"message": "a step was cancelled"}
-        )
         await set_run_status(self.tx, self.run, RunStatus.FAILED, error=error)
 
 
@@ -496,8 +392,8 @@ async def set_run_status(tx: Tx, run: RunRow, to: RunStatus, **values: Any) -> N
     if to in RUN_TERMINAL:
         values["finished_at"] = t
         tx.finished_runs.append(run.id)
-    run.version = await transition_run(tx.db, run.id, status=run.status, version=run.version, to=to, **values)
-    data = {k: v for k, v in values.items() if k in ("error",)}
+    run.version = await transition_run(tx.conn, run.id, status=run.status, version=run.version, to=to, **values)
+    data = {k: v for k, v in values.items() if k in ("error", "actor")}
     tx.event(run.id, f"run_{to.value}", from_status=run.status, **data)
     run.status = to
 
@@ -508,31 +404,21 @@ async def stop_steps(tx: Tx, run: RunRow, rows: Any, statuses: tuple[StepStatus,
     if not targets:
         return
     t = now()
+    await transition_steps(
+        tx.conn, [(r, {"finished_at": t, "lease_owner": None, "lease_expires_at": None}) for r in targets], S.CANCELLED
+    )
     for row in targets:
-        row.version = await transition_step(
-            tx.db,
-            row.id,
-            status=row.status,
-            version=row.version,
-            to=S.CANCELLED,
-            finished_at=t,
-            lease_owner=None,
-            lease_expires_at=None,
-        )
-        row.status = S.CANCELLED
         tx.event(run.id, "step_cancelled", step_id=row.step_id, map_index=row.map_index, reason=reason)
     attempt_ids = [r.current_attempt_id for r in targets if r.current_attempt_id is not None]
     if attempt_ids:
-        running_jobs = (
-            await tx.db.execute(
-                update(StepAttempt)
-                .where(StepAttempt.id.in_(attempt_ids), StepAttempt.status.in_(("queued", "running")))
-                .values(status="cancelled", finished_at=t, error_class="cancelled", error_message=reason)
-                .returning(StepAttempt.job_id, StepAttempt.worker)
-            )
-        ).all()
+        running_jobs = await tx.conn.fetch(
+            "UPDATE step_attempt SET status = 'cancelled', finished_at = $2, error_class = 'cancelled', "
+            "error_message = $3 WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'running') "
+            "RETURNING job_id, worker",
+            attempt_ids, t, reason,
+        )
         tx.aborts.extend(job for job, worker in running_jobs if worker is not None and job)
-    await tx.db.execute(delete(Outbox).where(Outbox.run_id == run.id))
+    await tx.conn.execute("DELETE FROM outbox WHERE run_id = $1", run.id)
 
 
 def request_hash(payload: Any) -> str:

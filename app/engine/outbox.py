@@ -26,14 +26,20 @@ FUNCTIONS = {"step": "run_step", "wait_timeout": "fire_wait_timeout"}
 # arq's own default: a job not started within a day of its due time is dropped (the reconciler re-sends).
 EXPIRES_EXTRA_MS = 86_400_000
 
+# KEYS: job key prefix, result key prefix, wake-up channel. ARGV: (id, queue, score, ttl, payload)*.
+# Publishes the earliest due time per queue so idle workers wake at once (workers/wakeup.py).
 _ENQUEUE_MANY = """
-local sent = 0
+local sent, due = 0, {}
 for i = 1, #ARGV, 5 do
   local id, queue, score, ttl, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   if redis.call('EXISTS', KEYS[2] .. id) == 0 and redis.call('SET', KEYS[1] .. id, payload, 'NX', 'PX', ttl) then
     redis.call('ZADD', queue, score, id)
     sent = sent + 1
+    if due[queue] == nil or tonumber(score) < due[queue] then due[queue] = tonumber(score) end
   end
+end
+for queue, score in pairs(due) do
+  redis.call('PUBLISH', KEYS[3], queue .. '|' .. string.format('%d', score))
 end
 return sent
 """
@@ -43,8 +49,13 @@ def _score_ms(not_before: datetime | None, now_ms: int) -> int:
     return max(now_ms, int(not_before.timestamp() * 1000)) if not_before is not None else now_ms
 
 
+def wake_channel_of(queue: str) -> str:
+    return queue.rsplit(":", 1)[0] + ":wake"
+
+
 async def enqueue_many(redis: ArqRedis, jobs: Iterable[Job]) -> int:
     """Enqueue jobs into their arq queues; returns how many were new."""
+    jobs = list(jobs)
     now_ms = int(time.time() * 1000)
     argv: list[Any] = []
     for job in jobs:
@@ -54,16 +65,18 @@ async def enqueue_many(redis: ArqRedis, jobs: Iterable[Job]) -> int:
         argv += [job.job_id, job.queue, score, score - now_ms + EXPIRES_EXTRA_MS, payload]
     if not argv:
         return 0
-    sent = redis.eval(_ENQUEUE_MANY, 2, job_key_prefix, result_key_prefix, *argv)
+    channel = wake_channel_of(jobs[0].queue)
+    sent = redis.eval(_ENQUEUE_MANY, 3, job_key_prefix, result_key_prefix, channel, *argv)
     return int(await cast(Awaitable[Any], sent))
 
 
-async def abort_jobs(redis: ArqRedis, job_ids: Iterable[str]) -> None:
-    """Ask the workers running these jobs to cancel them (arq's abort set)."""
+async def abort_jobs(redis: ArqRedis, job_ids: Iterable[str], channel: str) -> None:
+    """Ask the workers running these jobs to cancel them (arq's abort set), and wake them to look."""
     now_ms = int(time.time() * 1000)
     mapping = {job_id: now_ms for job_id in job_ids}
     if mapping:
         await redis.zadd(abort_jobs_ss, mapping)
+        await redis.publish(channel, "abort")
 
 
 class Relay:
@@ -73,8 +86,9 @@ class Relay:
     and the reconciler re-sends rows that waited too long.
     """
 
-    def __init__(self, redis: ArqRedis, retry_s: float) -> None:
+    def __init__(self, redis: ArqRedis, retry_s: float, queue_prefix: str) -> None:
         self.redis = redis
+        self.wake_channel = f"{queue_prefix}:wake"
         self.retry_s = retry_s
         self._pending: list[Job] = []
         self._aborts: list[str] = []
@@ -94,7 +108,7 @@ class Relay:
             if jobs:
                 await enqueue_many(self.redis, jobs)
             if aborts:
-                await abort_jobs(self.redis, aborts)
+                await abort_jobs(self.redis, aborts, self.wake_channel)
         except (RedisError, OSError) as exc:
             log.warning("relay: Redis unavailable (%s); %d jobs will be retried", exc, len(jobs))
             self._pending.extend(jobs)
@@ -114,7 +128,7 @@ class Relay:
                 aborts, self._aborts = self._aborts, []
                 try:
                     await enqueue_many(self.redis, jobs)
-                    await abort_jobs(self.redis, aborts)
+                    await abort_jobs(self.redis, aborts, self.wake_channel)
                 except (RedisError, OSError):
                     self._pending = jobs + self._pending
                     self._aborts = aborts + self._aborts

@@ -12,19 +12,12 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import or_, select
-from sqlalchemy.orm import InstrumentedAttribute
-
-from app.engine.advance import now
 from app.engine.attempts import expire_lease, fire_wait_timeout
-from app.engine.models import Outbox
 from app.engine.runtime import Runtime
-from app.engine.state_machine import RunStatus
-from app.engine.tx import Job
+from app.engine.tx import Job, now
 from app.engine.unit import in_tx
-from app.runs.models import Run, StepRun
 
 log = logging.getLogger(__name__)
 BATCH = 200
@@ -40,9 +33,9 @@ class Report:
 async def reconcile_once(runtime: Runtime) -> Report:
     report = Report()
     settings = runtime.settings
-    for step_run_id in await _due(runtime, StepRun.lease_expires_at, "running"):
+    for step_run_id in await _due(runtime, "lease_expires_at", "running"):
         report.leases_expired += await in_tx(runtime, expire_lease, settings, step_run_id)
-    for step_run_id in await _due(runtime, StepRun.wait_deadline, "waiting"):
+    for step_run_id in await _due(runtime, "wait_deadline", "waiting"):
         report.waits_timed_out += await in_tx(runtime, fire_wait_timeout, settings, step_run_id)
     report.jobs_resent = await resend_stale_outbox(runtime)
     if report.leases_expired or report.waits_timed_out:
@@ -50,29 +43,22 @@ async def reconcile_once(runtime: Runtime) -> Report:
     return report
 
 
-async def _due(runtime: Runtime, column: InstrumentedAttribute[datetime | None], status: str) -> list[uuid.UUID]:
-    async with runtime.sessionmaker() as db:
-        rows = await db.execute(select(StepRun.id).where(StepRun.status == status, column < now()).limit(BATCH))
-        return list(rows.scalars())
+async def _due(runtime: Runtime, column: str, status: str) -> list[uuid.UUID]:
+    rows = await runtime.pg.fetch(
+        f"SELECT id FROM step_run WHERE status = $1 AND {column} < $2 LIMIT {BATCH}", status, now()
+    )
+    return [r["id"] for r in rows]
 
 
 async def resend_stale_outbox(runtime: Runtime) -> int:
     """Send again the jobs whose rows outlived ``outbox_stale_s`` (not for paused runs: they wait)."""
     stale = now() - timedelta(seconds=runtime.settings.outbox_stale_s)
-    async with runtime.sessionmaker() as db:
-        rows = (
-            await db.execute(
-                select(Outbox.kind, Outbox.job_id, Outbox.queue, Outbox.not_before)
-                .join(Run, Run.id == Outbox.run_id)
-                .where(
-                    Outbox.created_at < stale,
-                    or_(Outbox.not_before.is_(None), Outbox.not_before < stale),
-                    Run.status != RunStatus.PAUSED.value,
-                )
-                .order_by(Outbox.id)
-                .limit(BATCH * 5)
-            )
-        ).all()
+    rows = await runtime.pg.fetch(
+        "SELECT o.kind, o.job_id, o.queue, o.not_before FROM outbox o JOIN run r ON r.id = o.run_id "
+        "WHERE o.created_at < $1 AND (o.not_before IS NULL OR o.not_before < $1) AND r.status <> 'paused' "
+        f"ORDER BY o.id LIMIT {BATCH * 5}",
+        stale,
+    )
     if rows:
         await runtime.relay.send([Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows])
     return len(rows)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import asyncpg
 from arq.connections import ArqRedis, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
-from app.engine.notify import RunNotifier
+from app.engine.notify import RunNotifier, asyncpg_dsn
 from app.engine.outbox import Relay
+from app.engine.sql import setup_connection
 from app.engine.tx import Tx
 from app.redis import redis_settings
 
@@ -25,6 +27,8 @@ class Runtime:
     sessionmaker: async_sessionmaker[AsyncSession]
     redis: ArqRedis
     relay: Relay
+    # The engine's own connections (workers, reconciler); API requests use their session's connection.
+    pg: asyncpg.Pool[asyncpg.Record]
     notifier: RunNotifier | None = None
     owns_redis: bool = field(default=True)
 
@@ -36,17 +40,21 @@ class Runtime:
         engine = make_engine(
             settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
         )
+        pg = await asyncpg.create_pool(
+            asyncpg_dsn(settings.database_url), min_size=1, max_size=settings.db_pool_size + settings.db_max_overflow,
+            init=setup_connection, server_settings={"application_name": f"steward-{role}"},
+        )
         owns = redis is None
         if redis is None:
             # No retries at start-up: Redis may be down, and the relay copes with that later.
             redis = await create_pool(redis_settings(settings.redis_url), retry=0)
-        relay = Relay(redis, settings.relay_retry_s)
+        relay = Relay(redis, settings.relay_retry_s, settings.queue_prefix)
         relay.start()
         notifier = None
         if role == "api":
             notifier = RunNotifier(settings.database_url)
             notifier.start()
-        return cls(settings, engine, make_sessionmaker(engine), redis, relay, notifier, owns)
+        return cls(settings, engine, make_sessionmaker(engine), redis, relay, pg, notifier, owns)
 
     async def after_commit(self, tx: Tx) -> None:
         if tx.jobs or tx.aborts:
@@ -58,4 +66,5 @@ class Runtime:
             await self.notifier.stop()
         if self.owns_redis:
             await self.redis.aclose()
+        await self.pg.close()
         await self.engine.dispose()

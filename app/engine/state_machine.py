@@ -10,11 +10,8 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import update
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from app.engine.sql import Conn, dumps, encode, versioned_update
 from app.errors import Conflict
-from app.runs.models import Run, StepRun
 
 
 class RunStatus(StrEnum):
@@ -91,36 +88,60 @@ def check_step_move(current: str, to: StepStatus) -> None:
 
 
 async def transition_run(
-    db: AsyncSession, run_id: uuid.UUID, *, status: str, version: int, to: RunStatus, **values: Any
+    conn: Conn, run_id: uuid.UUID, *, status: str, version: int, to: RunStatus, **values: Any
 ) -> int:
     """Move a run from ``status``/``version`` to ``to``; returns the new version."""
     check_run_move(status, to)
-    stmt = (
-        update(Run)
-        .where(Run.id == run_id, Run.version == version)
-        .values(status=to.value, version=version + 1, **values)
-        .returning(Run.version)
-        .execution_options(synchronize_session=False)
-    )
-    new_version = (await db.execute(stmt)).scalar_one_or_none()
-    if new_version is None:
-        raise StaleTransition(f"run {run_id} changed concurrently")
-    return int(new_version)
+    return await _update(conn, "run", run_id, version, to.value, values)
 
 
 async def transition_step(
-    db: AsyncSession, step_run_id: uuid.UUID, *, status: str, version: int, to: StepStatus, **values: Any
+    conn: Conn, step_run_id: uuid.UUID, *, status: str, version: int, to: StepStatus, **values: Any
 ) -> int:
     """Move a step run from ``status``/``version`` to ``to``; returns the new version."""
     check_step_move(status, to)
-    stmt = (
-        update(StepRun)
-        .where(StepRun.id == step_run_id, StepRun.version == version)
-        .values(status=to.value, version=version + 1, **values)
-        .returning(StepRun.version)
-        .execution_options(synchronize_session=False)
-    )
-    new_version = (await db.execute(stmt)).scalar_one_or_none()
+    return await _update(conn, "step_run", step_run_id, version, to.value, values)
+
+
+async def _update(conn: Conn, table: str, row_id: uuid.UUID, version: int, to: str, values: dict[str, Any]) -> int:
+    columns = tuple(sorted(values))
+    args = [to, version + 1, *(encode(c, values[c]) for c in columns), row_id, version]
+    new_version = await conn.fetchval(versioned_update(table, columns), *args)
     if new_version is None:
-        raise StaleTransition(f"step run {step_run_id} changed concurrently")
+        raise StaleTransition(f"{table} {row_id} changed concurrently")
     return int(new_version)
+
+
+# Types of the step_run columns that bulk transitions may set.
+_STEP_COLUMN_TYPES = {
+    "attempts": "int", "current_attempt_id": "uuid", "input": "jsonb", "output": "jsonb", "error": "jsonb",
+    "finished_at": "timestamptz", "started_at": "timestamptz", "lease_owner": "text",
+    "lease_expires_at": "timestamptz", "wait_deadline": "timestamptz",
+}
+
+
+async def transition_steps(conn: Conn, moves: list[tuple[Any, dict[str, Any]]], to: StepStatus) -> None:
+    """Move many step rows (objects with ``id``, ``status``, ``version``) to ``to`` in one statement.
+
+    Each move is checked and versioned like :func:`transition_step`; if any row changed concurrently
+    the statement's effect is discarded with the transaction (:class:`StaleTransition`). On success
+    the rows' ``status`` and ``version`` are updated in place.
+    """
+    if not moves:
+        return
+    for row, _ in moves:
+        check_step_move(row.status, to)
+    columns = sorted(moves[0][1])
+    sets = ", ".join(f"{c} = v.{c}" for c in columns)
+    fields = ", ".join(f"{c} {_STEP_COLUMN_TYPES[c]}" for c in columns)
+    sql = (
+        f"UPDATE step_run s SET status = $1, version = s.version + 1{', ' if sets else ''}{sets} "
+        f"FROM jsonb_to_recordset($2::jsonb) AS v(id uuid, version int{', ' if fields else ''}{fields}) "
+        "WHERE s.id = v.id AND s.version = v.version RETURNING s.id"
+    )
+    payload = [{"id": row.id, "version": row.version, **values} for row, values in moves]
+    updated = await conn.fetch(sql, to.value, dumps(payload))
+    if len(updated) != len(moves):
+        raise StaleTransition(f"{len(moves) - len(updated)} of {len(moves)} steps changed concurrently")
+    for row, _ in moves:
+        row.status, row.version = to.value, row.version + 1

@@ -1,23 +1,24 @@
 """A unit of engine work: one database transaction plus what it hands on after commit.
 
-Events and outbox rows are collected while the engine applies transitions and written in one
-multi-row insert each just before commit; the outbox rows are relayed to arq only after commit.
+New attempts, run events, outbox rows and end-of-run notifications are collected while the engine
+applies transitions and written by one statement just before commit; the jobs are relayed to arq
+only after commit.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, text
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from app.engine.models import Outbox
-from app.runs.models import RunEvent, StepAttempt
+from app.engine.sql import Conn, dumps
 
 QUEUES = ("high", "normal", "low")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,35 @@ class Job:
     not_before: datetime | None = None
 
 
+# jsonb_to_recordset turns each JSON array into rows: one round trip whatever the batch sizes.
+_FLUSH = """
+WITH attempts AS (
+    INSERT INTO step_attempt (id, tenant_id, run_id, step_run_id, n, status, job_id, worker, not_before,
+                              queued_at, started_at)
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(
+        id uuid, tenant_id uuid, run_id uuid, step_run_id uuid, n int, status text, job_id text, worker text,
+        not_before timestamptz, queued_at timestamptz, started_at timestamptz)
+), events AS (
+    INSERT INTO run_event (tenant_id, run_id, step_id, map_index, type, data, created_at)
+    SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
+        tenant_id uuid, run_id uuid, step_id text, map_index int, type text, data jsonb, created_at timestamptz)
+), outbox AS (
+    INSERT INTO outbox (tenant_id, run_id, kind, job_id, queue, not_before, created_at)
+    SELECT * FROM jsonb_to_recordset($3::jsonb) AS x(
+        tenant_id uuid, run_id uuid, kind text, job_id text, queue text, not_before timestamptz,
+        created_at timestamptz)
+)
+SELECT count(pg_notify('steward_run_done', id)) FROM unnest($4::text[]) AS id
+"""
+
+
 @dataclass
 class Tx:
-    db: AsyncSession
+    conn: Conn
     # The tenant of the run being worked on; set when the run is locked.
     tenant_id: uuid.UUID | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
     outbox: list[dict[str, Any]] = field(default_factory=list)
     # Jobs to (re-)send after commit: new outbox rows, plus existing ones a resume re-sends.
     jobs: list[Job] = field(default_factory=list)
@@ -45,49 +68,26 @@ class Tx:
     finished_runs: list[uuid.UUID] = field(default_factory=list)
 
     def event(
-        self,
-        run_id: uuid.UUID,
-        type_: str,
-        *,
-        step_id: str | None = None,
-        map_index: int | None = None,
-        **data: Any,
-    ) -> None:
-        self.events.append(
-            {
-                "tenant_id": self.tenant_id,
-                "run_id": run_id,
-                "step_id": step_id,
-                "map_index": map_index,
-                "type": type_,
-                "data": data,
-            }
-        )
+        self, run_id: uuid.UUID, type_: str, *, step_id: str | None = None, map_index: int | None = None, **data: Any
+    ) -> dict[str, Any]:
+        row = {"tenant_id": self.tenant_id, "run_id": run_id, "step_id": step_id, "map_index": map_index,
+               "type": type_, "data": data, "created_at": now()}
+        self.events.append(row)
+        return row
+
+    def add_attempt(self, **values: Any) -> None:
+        self.attempts.append({"worker": None, "not_before": None, "started_at": None, "queued_at": now(), **values})
 
     def enqueue(self, run_id: uuid.UUID, job: Job) -> None:
-        self.outbox.append(
-            {
-                "tenant_id": self.tenant_id,
-                "run_id": run_id,
-                "kind": job.kind,
-                "job_id": job.job_id,
-                "queue": job.queue,
-                "not_before": job.not_before,
-            }
-        )
+        self.outbox.append({"tenant_id": self.tenant_id, "run_id": run_id, "kind": job.kind, "job_id": job.job_id,
+                            "queue": job.queue, "not_before": job.not_before, "created_at": now()})
         self.jobs.append(job)
 
     async def flush(self) -> None:
-        """Write the collected events and outbox rows; call once, right before commit."""
-        if self.attempts:
-            await self.db.execute(insert(StepAttempt), self.attempts)
-            self.attempts = []
-        if self.events:
-            await self.db.execute(insert(RunEvent), self.events)
-            self.events = []
-        if self.outbox:
-            await self.db.execute(insert(Outbox), self.outbox)
-            self.outbox = []
-        for run_id in self.finished_runs:
-            # Long polls wake on this; delivered only if the transaction commits.
-            await self.db.execute(text("SELECT pg_notify('steward_run_done', :id)"), {"id": str(run_id)})
+        """Write what was collected; call once, right before commit."""
+        if self.attempts or self.events or self.outbox or self.finished_runs:
+            await self.conn.fetchval(
+                _FLUSH, dumps(self.attempts), dumps(self.events), dumps(self.outbox),
+                [str(r) for r in self.finished_runs],
+            )
+        self.attempts, self.events, self.outbox, self.finished_runs = [], [], [], []

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError
+import asyncpg
 
 from app.engine.runtime import Runtime
 from app.engine.tx import Tx
@@ -19,24 +19,19 @@ log = logging.getLogger(__name__)
 RETRYABLE_SQLSTATES = {"40P01", "40001"}
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    orig = exc.orig
-    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-
-
 async def in_tx(runtime: Runtime, work: Callable[..., Awaitable[T]], *args: Any, attempts: int = 3) -> T:
     """Run ``work(tx, *args)`` in one transaction with a fresh :class:`Tx`; after commit, relay its jobs."""
     for attempt in range(1, attempts + 1):
         try:
-            async with runtime.sessionmaker() as db, db.begin():
-                tx = Tx(db)
+            async with runtime.pg.acquire() as conn, conn.transaction():
+                tx = Tx(conn)
                 result = await work(tx, *args)
                 await tx.flush()
             break
-        except DBAPIError as exc:
-            if _sqlstate(exc) not in RETRYABLE_SQLSTATES or attempt == attempts:
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate not in RETRYABLE_SQLSTATES or attempt == attempts:
                 raise
-            log.info("retrying engine transaction after %s", _sqlstate(exc))
+            log.info("retrying engine transaction after %s", exc.sqlstate)
             await asyncio.sleep(0.01 * attempt)
     await runtime.after_commit(tx)
     return result

@@ -19,6 +19,7 @@ from app.db import get_db
 from app.engine import actions
 from app.engine.advance import RunRow
 from app.engine.runtime import Runtime
+from app.engine.sql import driver
 from app.engine.state_machine import RUN_TERMINAL, RunStatus
 from app.engine.tx import Tx
 from app.errors import Invalid
@@ -38,9 +39,9 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def _commit(request: Request, tx: Tx) -> None:
+async def _commit(request: Request, db: AsyncSession, tx: Tx) -> None:
     await tx.flush()
-    await tx.db.commit()
+    await db.commit()
     await _runtime(request).after_commit(tx)
 
 
@@ -54,10 +55,10 @@ async def start_run(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> schemas.RunRead:
     """Start a run. The same `Idempotency-Key` with the same body returns the same run (200)."""
-    tx = Tx(db, ctx.tenant_id)
+    tx = Tx(await driver(db), ctx.tenant_id)
     settings: Settings = request.app.state.settings
-    run_id, created = await runs_service.create_run(tx, ctx, settings, body, idempotency_key)
-    await _commit(request, tx)
+    run_id, created = await runs_service.create_run(db, tx, ctx, settings, body, idempotency_key)
+    await _commit(request, db, tx)
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/api/v1/runs/{run_id}"
@@ -149,9 +150,9 @@ Action = Callable[[Tx, Settings, uuid.UUID, uuid.UUID, str], Awaitable[RunRow]]
 async def _act(
     request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, action: Action
 ) -> schemas.RunRead:
-    tx = Tx(db, ctx.tenant_id)
+    tx = Tx(await driver(db), ctx.tenant_id)
     await action(tx, request.app.state.settings, run_id, ctx.tenant_id, ctx.principal)
-    await _commit(request, tx)
+    await _commit(request, db, tx)
     return await runs_service.get_run(db, ctx, run_id)
 
 
@@ -192,10 +193,10 @@ async def signal_run(
         raise Invalid(
             "signal name too long", errors=[{"pointer": "/path/name", "message": "at most 128 characters"}]
         )
-    tx = Tx(db, ctx.tenant_id)
+    tx = Tx(await driver(db), ctx.tenant_id)
     payload: Any = body.payload if body is not None else None
     await actions.signal_run(
         tx, request.app.state.settings, run_id, ctx.tenant_id, name, payload, ctx.principal
     )
-    await _commit(request, tx)
+    await _commit(request, db, tx)
     return await runs_service.get_run(db, ctx, run_id)

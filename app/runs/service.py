@@ -11,18 +11,20 @@ from typing import Any
 
 from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.context import Ctx
 from app.engine.actions import RunNotFound
 from app.engine.advance import Advance, load_definition, lock, request_hash
+from app.engine.sql import driver
 from app.engine.state_machine import RunStatus
 from app.engine.tx import Tx
 from app.errors import BadRequest, Invalid
 from app.runs import schemas
 from app.runs.models import Run, RunEvent, StepAttempt, StepRun
 from app.workflows import service as workflows_service
-from app.workflows.definition import parse_definition, validate_input
+from app.workflows.definition import validate_input
 
 RUN_EVENTS_INLINE = 200
 
@@ -33,19 +35,19 @@ class IdempotencyKeyReused(Invalid):
 
 
 async def create_run(
-    tx: Tx, ctx: Ctx, settings: Settings, body: schemas.RunCreate, idempotency_key: str | None
+    db: AsyncSession, tx: Tx, ctx: Ctx, settings: Settings, body: schemas.RunCreate, idempotency_key: str | None
 ) -> tuple[uuid.UUID, bool]:
-    """Start a run (or return the one this Idempotency-Key already started); returns (id, created)."""
-    db = tx.db
+    """Start a run (or return the one this Idempotency-Key already started); returns (id, created).
+
+    ``tx`` works on ``db``'s connection: the run, its steps and its first dispatch commit together.
+    """
     digest = request_hash(body.model_dump(mode="json"))
     if idempotency_key is not None:
-        existing = await _by_idempotency_key(tx, ctx, idempotency_key, digest)
+        existing = await _by_idempotency_key(db, ctx, idempotency_key, digest)
         if existing is not None:
             return existing, False
     wv = await workflows_service.get_workflow_version(db, ctx, body.workflow, body.version)
-    definition = parse_definition(
-        wv.definition, max_steps=10**6, max_map_items=10**9, max_map_concurrency=10**6
-    )
+    definition = await load_definition(tx.conn, wv.id)
     errors = validate_input(definition, body.input)
     if errors:
         raise Invalid(
@@ -75,7 +77,7 @@ async def create_run(
         # Another request with the same key won the race; answer as it did.
         if idempotency_key is None:
             raise
-        existing = await _by_idempotency_key(tx, ctx, idempotency_key, digest)
+        existing = await _by_idempotency_key(db, ctx, idempotency_key, digest)
         assert existing is not None
         return existing, False
     await db.execute(
@@ -108,9 +110,9 @@ async def create_run(
     return run_id, True
 
 
-async def _by_idempotency_key(tx: Tx, ctx: Ctx, key: str, digest: str) -> uuid.UUID | None:
+async def _by_idempotency_key(db: AsyncSession, ctx: Ctx, key: str, digest: str) -> uuid.UUID | None:
     row = (
-        await tx.db.execute(
+        await db.execute(
             select(Run.id, Run.request_hash).where(Run.tenant_id == ctx.tenant_id, Run.idempotency_key == key)
         )
     ).one_or_none()
@@ -123,9 +125,8 @@ async def _by_idempotency_key(tx: Tx, ctx: Ctx, key: str, digest: str) -> uuid.U
     return uuid.UUID(str(row.id))
 
 
-async def get_run(tx_db: Any, ctx: Ctx, run_id: uuid.UUID) -> schemas.RunRead:
+async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> schemas.RunRead:
     """The run with its steps, map items, attempts and first events; another tenant's run is 404."""
-    db = tx_db
     run = (
         await db.execute(select(Run).where(Run.id == run_id, Run.tenant_id == ctx.tenant_id))
     ).scalar_one_or_none()
@@ -177,7 +178,7 @@ async def get_run(tx_db: Any, ctx: Ctx, run_id: uuid.UUID) -> schemas.RunRead:
                 attempts=by_step[s.id],
             )
         )
-    definition = await load_definition(db, run.workflow_version_id)
+    definition = await load_definition(await driver(db), run.workflow_version_id)
     order = {sid: i for i, sid in enumerate(definition.order)}
     step_reads = [
         schemas.StepRead(

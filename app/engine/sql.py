@@ -1,0 +1,61 @@
+"""The engine's database access: asyncpg statements on the transaction's own connection.
+
+The engine's statements are few, fixed and on the hot path of every step, so they are written as
+SQL and run on the asyncpg connection directly (prepared once per connection by asyncpg's statement
+cache) rather than built through SQLAlchemy's expression layer on every call. Inside an API request
+the engine uses the request session's connection, so its writes share the request's transaction.
+
+JSONB values go in as JSON text and come out decoded: the codec SQLAlchemy's asyncpg dialect installs,
+which :func:`setup_connection` installs on the engine's own pool too.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import (
+    Any,
+    TypeAlias,
+)
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncSession
+
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
+
+JSON_COLUMNS = frozenset({"input", "output", "error", "data"})
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+async def setup_connection(conn: Conn) -> None:
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", format="binary",
+        encoder=lambda text: b"\x01" + text.encode(), decoder=lambda data: json.loads(data[1:].decode()),
+    )
+
+
+async def driver(db: AsyncSession) -> Conn:
+    """The asyncpg connection under ``db``, inside the session's transaction."""
+    connection = await db.connection()
+    fairy = await connection.get_raw_connection()
+    adapted: Any = fairy.dbapi_connection
+    # SQLAlchemy's adapter opens its transaction lazily, on the first statement it runs itself.
+    if adapted._transaction is None and adapted.isolation_level != "autocommit":
+        await adapted._start_transaction()
+    conn: Conn = adapted._connection
+    return conn
+
+
+@lru_cache(maxsize=256)
+def versioned_update(table: str, columns: tuple[str, ...]) -> str:
+    """``UPDATE table SET status, version, <columns> WHERE id AND version RETURNING version``."""
+    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(("status", "version", *columns), start=1))
+    n = len(columns) + 2
+    return f"UPDATE {table} SET {sets} WHERE id = ${n + 1} AND version = ${n + 2} RETURNING version"
+
+
+def encode(column: str, value: Any) -> Any:
+    return dumps(value) if column in JSON_COLUMNS and value is not None else value
