@@ -22,6 +22,7 @@ from app.engine.state_machine import (
     RunStatus,
     StaleTransition,
     StepStatus,
+    defer_step_move,
     transition_run,
     transition_step,
     transition_steps,
@@ -210,7 +211,9 @@ class Advance:
         passes = 0
         while passes < MAX_PASSES:
             passes += 1
-            self.rows = await load_steps(self.conn, self.run.id)
+            if passes > 1 or not self.rows:
+                await self.tx.flush()  # deferred writes first: the reload must see them
+                self.rows = await load_steps(self.conn, self.run.id)
             try:
                 p = plan(self.definition, self.run.input, views(self.definition, self.rows))
                 await self._apply(p)
@@ -288,11 +291,13 @@ class Advance:
         if args is None:
             args = await self.conn.fetchval("SELECT input FROM step_run WHERE id = $1", row.id)
         attempt_id, n, started = uuid.uuid4(), row.attempts + 1, now()
-        await self._move(
-            row, S.RUNNING, "step_started", {"attempt": n, "worker": claimer.worker_id},
-            attempts=n, current_attempt_id=attempt_id, input=args, lease_owner=claimer.worker_id,
-            started_at=started, lease_expires_at=started + timedelta(seconds=self.settings.lease_s),
-        )
+        values = {
+            "attempts": n, "current_attempt_id": attempt_id, "input": args, "lease_owner": claimer.worker_id,
+            "started_at": started, "lease_expires_at": started + timedelta(seconds=self.settings.lease_s),
+        }
+        defer_step_move(self.tx.deferred, row, S.RUNNING, values)
+        self.tx.event(self.run.id, "step_started", step_id=row.step_id, map_index=row.map_index, attempt=n,
+                      worker=claimer.worker_id)
         self._add_attempt(row, attempt_id, n, "running", started_at=started, job_id=claimer.job_id,
                           worker=claimer.worker_id)
         row.attempts, row.current_attempt_id = n, attempt_id

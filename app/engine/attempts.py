@@ -18,6 +18,7 @@ from app.engine.advance import (
     Claimed,
     Claimer,
     RunRow,
+    StepRow,
     backoff_delay,
     load_definition,
     lock,
@@ -26,7 +27,7 @@ from app.engine.advance import (
     set_run_status,
 )
 from app.engine.sql import Conn
-from app.engine.state_machine import RunStatus, StaleTransition, StepStatus, transition_step
+from app.engine.state_machine import RunStatus, StaleTransition, StepStatus, finish_attempt, transition_step
 from app.engine.tx import Job, Tx, now
 
 S = StepStatus
@@ -85,12 +86,6 @@ async def claim_attempt(tx: Tx, settings: Settings, attempt_id: uuid.UUID, claim
     )
 
 
-_FINISH_ATTEMPT = (
-    "UPDATE step_attempt SET status = $2, started_at = $3, finished_at = $4, error_class = $5, error_message = $6 "
-    "WHERE id = $1 AND status = 'running' RETURNING id"
-)
-
-
 async def record_outcome(
     tx: Tx, settings: Settings, claimed: Claimed, outcome: Outcome, claimer: Claimer | None
 ) -> Claimed | None:
@@ -101,29 +96,59 @@ async def record_outcome(
     """
     run = await lock(tx, claimed.run_id)
     assert run is not None
+    definition = await load_definition(tx.conn, run.workflow_version_id)
+    attempt = {"status": "succeeded" if outcome.ok else "failed", "started_at": outcome.started_at,
+               "finished_at": outcome.finished_at, "error_class": outcome.error_class,
+               "error_message": outcome.message}
+    retry = not outcome.ok and outcome.transient and claimed.attempt_n < max_attempts(
+        definition.step(claimed.step_id), settings
+    )
+    if retry:
+        return await _retry(tx, settings, run, claimed, outcome, attempt)
+    error = None if outcome.ok else {"class": outcome.error_class, "message": outcome.message,
+                                     "attempt": claimed.attempt_n}
+    to = S.SUCCEEDED if outcome.ok else S.FAILED
+    landed, version, rows = await finish_attempt(
+        tx.conn, run_id=run.id, attempt_id=claimed.attempt_id, attempt=attempt, step_run_id=claimed.step_run_id,
+        version=claimed.step_version, to=to, output=outcome.output if outcome.ok else None, error=error,
+        started_at=outcome.started_at if outcome.ok else None,
+    )
+    if not landed or version is None:
+        return None  # cancelled or expired meanwhile: that transaction recorded the attempt
+    if outcome.ok:
+        tx.event(run.id, "step_succeeded", step_id=claimed.step_id, map_index=claimed.map_index,
+                 attempt=claimed.attempt_n)
+    else:
+        tx.event(run.id, "step_failed", step_id=claimed.step_id, map_index=claimed.map_index, error=error)
+    # The rows were read by the statement that moved this step: patch its new state in.
+    steps = {(r[1], r[2]): StepRow(*r) for r in rows}
+    mine = steps[(claimed.step_id, claimed.map_index)]
+    mine.status, mine.version = to.value, version
+    if outcome.ok and claimed.map_index is None:
+        mine.output = outcome.output
+    return await Advance(tx, run, definition, settings, claimer, rows=steps).run_plan()
+
+
+_FAIL_ATTEMPT = (
+    "UPDATE step_attempt SET status = $2, started_at = $3, finished_at = $4, error_class = $5, error_message = $6 "
+    "WHERE id = $1 AND status = 'running' RETURNING id"
+)
+
+
+async def _retry(
+    tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, attempt: dict[str, Any]
+) -> Claimed | None:
     landed = await tx.conn.fetchval(
-        _FINISH_ATTEMPT, claimed.attempt_id, "succeeded" if outcome.ok else "failed", outcome.started_at,
-        outcome.finished_at, outcome.error_class, outcome.message,
+        _FAIL_ATTEMPT, claimed.attempt_id, attempt["status"], attempt["started_at"], attempt["finished_at"],
+        attempt["error_class"], attempt["error_message"],
     )
     if landed is None:
-        return None  # cancelled or expired meanwhile: that transaction already recorded the attempt
-    definition = await load_definition(tx.conn, run.workflow_version_id)
-    step = definition.step(claimed.step_id)
+        return None
     try:
-        if outcome.ok:
-            await _leave_running(tx.conn, claimed, S.SUCCEEDED, output=outcome.output,
-                                 finished_at=outcome.finished_at, started_at=outcome.started_at)
-            tx.event(run.id, "step_succeeded", step_id=claimed.step_id, map_index=claimed.map_index,
-                     attempt=claimed.attempt_n)
-        elif outcome.transient and claimed.attempt_n < max_attempts(step, settings):
-            await _schedule_retry(tx, settings, run, claimed, outcome)
-        else:
-            error = {"class": outcome.error_class, "message": outcome.message, "attempt": claimed.attempt_n}
-            await _leave_running(tx.conn, claimed, S.FAILED, error=error, finished_at=outcome.finished_at)
-            tx.event(run.id, "step_failed", step_id=claimed.step_id, map_index=claimed.map_index, error=error)
+        await _schedule_retry(tx, settings, run, claimed, outcome)
     except StaleTransition:
         return None
-    return await Advance(tx, run, definition, settings, claimer).run_plan()
+    return None
 
 
 async def _leave_running(conn: Conn, claimed: Claimed, to: StepStatus, **values: Any) -> None:

@@ -145,3 +145,70 @@ async def transition_steps(conn: Conn, moves: list[tuple[Any, dict[str, Any]]], 
         raise StaleTransition(f"{len(moves) - len(updated)} of {len(moves)} steps changed concurrently")
     for row, _ in moves:
         row.status, row.version = to.value, row.version + 1
+
+
+_FINISH_ATTEMPT = """
+WITH attempt AS (
+    UPDATE step_attempt SET status = $1, started_at = $2, finished_at = $3, error_class = $4, error_message = $5
+    WHERE id = $6 AND status = 'running' RETURNING id
+), step AS (
+    UPDATE step_run SET status = $7, version = version + 1, output = $8, error = $9, finished_at = $3,
+        started_at = coalesce($10, started_at), lease_owner = NULL, lease_expires_at = NULL
+    WHERE id = $11 AND version = $12 AND EXISTS (SELECT 1 FROM attempt) RETURNING version
+)
+SELECT (SELECT count(*) FROM attempt), (SELECT version FROM step),
+    s.id, s.step_id, s.map_index, s.kind, s.status, s.version, s.attempts, s.current_attempt_id,
+    CASE WHEN s.map_index IS NULL THEN s.output END
+FROM step_run s WHERE s.run_id = $13 ORDER BY s.step_id, s.map_index
+"""
+
+
+async def finish_attempt(
+    conn: Conn,
+    *,
+    run_id: uuid.UUID,
+    attempt_id: uuid.UUID,
+    attempt: dict[str, Any],
+    step_run_id: uuid.UUID,
+    version: int,
+    to: StepStatus,
+    output: Any = None,
+    error: dict[str, Any] | None = None,
+    started_at: Any = None,
+) -> tuple[bool, int | None, list[Any]]:
+    """Close a running attempt and move its step out of ``running`` in one statement.
+
+    Returns (attempt landed, the step's new version or None if it was stale, the run's step rows as
+    they were before this statement). The step moves only if the attempt was still running.
+    """
+    check_step_move(StepStatus.RUNNING, to)
+    rows = await conn.fetch(
+        _FINISH_ATTEMPT, attempt["status"], attempt["started_at"], attempt["finished_at"], attempt["error_class"],
+        attempt["error_message"], attempt_id, to.value, encode("output", output), encode("error", error),
+        started_at, step_run_id, version, run_id,
+    )
+    landed, new_version = bool(rows[0][0]), rows[0][1]
+    return landed, new_version, [tuple(r)[2:] for r in rows]
+
+
+def defer_step_move(deferred: list[tuple[Any, str, dict[str, Any]]], row: Any, to: StepStatus,
+                    values: dict[str, Any]) -> None:
+    """Check a step move now and leave its versioned write to the transaction's final flush.
+
+    Saves a round trip on the hot path (a worker claiming the next step inline); the flush checks
+    that every deferred row still had the version seen here and raises :class:`StaleTransition` if not.
+    """
+    check_step_move(row.status, to)
+    deferred.append((row, to.value, values))
+    row.status, row.version = to.value, row.version + 1
+
+
+def deferred_moves_sql(to_param: int, rows_param: int, columns: tuple[str, ...]) -> str:
+    """A CTE body applying deferred moves (all to one status, setting the same columns)."""
+    sets = "".join(f", {c} = v.{c}" for c in columns)
+    fields = "".join(f", {c} {_STEP_COLUMN_TYPES[c]}" for c in columns)
+    return (
+        f"UPDATE step_run s SET status = ${to_param}, version = s.version + 1{sets} "
+        f"FROM jsonb_to_recordset(${rows_param}::jsonb) AS v(id uuid, version int{fields}) "
+        "WHERE s.id = v.id AND s.version = v.version RETURNING s.id"
+    )

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.engine.sql import Conn, dumps
+from app.engine.state_machine import StaleTransition, deferred_moves_sql
 
 QUEUES = ("high", "normal", "low")
 
@@ -32,7 +33,7 @@ class Job:
 
 
 # jsonb_to_recordset turns each JSON array into rows: one round trip whatever the batch sizes.
-_FLUSH = """
+_FLUSH_TEMPLATE = """
 WITH attempts AS (
     INSERT INTO step_attempt (id, tenant_id, run_id, step_run_id, n, status, job_id, worker, not_before,
                               queued_at, started_at)
@@ -49,7 +50,8 @@ WITH attempts AS (
         tenant_id uuid, run_id uuid, kind text, job_id text, queue text, not_before timestamptz,
         created_at timestamptz)
 )
-SELECT count(pg_notify('steward_run_done', id)) FROM unnest($4::text[]) AS id
+{moves}
+SELECT {moved}, count(pg_notify('steward_run_done', id)) FROM unnest($4::text[]) AS id
 """
 
 
@@ -66,6 +68,8 @@ class Tx:
     # arq jobs to abort after commit (a cancelled run's running steps).
     aborts: list[str] = field(default_factory=list)
     finished_runs: list[uuid.UUID] = field(default_factory=list)
+    # Step moves checked already, written by flush (see state_machine.defer_step_move).
+    deferred: list[tuple[Any, str, dict[str, Any]]] = field(default_factory=list)
 
     def event(
         self, run_id: uuid.UUID, type_: str, *, step_id: str | None = None, map_index: int | None = None, **data: Any
@@ -84,10 +88,34 @@ class Tx:
         self.jobs.append(job)
 
     async def flush(self) -> None:
-        """Write what was collected; call once, right before commit."""
-        if self.attempts or self.events or self.outbox or self.finished_runs:
-            await self.conn.fetchval(
-                _FLUSH, dumps(self.attempts), dumps(self.events), dumps(self.outbox),
-                [str(r) for r in self.finished_runs],
-            )
-        self.attempts, self.events, self.outbox, self.finished_runs = [], [], [], []
+        """Write what was collected; call before commit and before reading steps back."""
+        moves = self.deferred
+        if not (self.attempts or self.events or self.outbox or self.finished_runs or moves):
+            return
+        args: list[Any] = [dumps(self.attempts), dumps(self.events), dumps(self.outbox),
+                           [str(r) for r in self.finished_runs]]
+        groups = {(to, tuple(sorted(values))) for _, to, values in moves}
+        if len(groups) > 1:
+            raise AssertionError("deferred step moves must share their target status and columns")
+        if moves:
+            ((to, columns),) = groups
+            args += [to, dumps([{"id": row.id, "version": row.version - 1, **values} for row, _, values in moves])]
+        moved = await self.conn.fetchval(_flush_sql(tuple(sorted(moves[0][2])) if moves else None), *args)
+        self.attempts, self.events, self.outbox, self.finished_runs, self.deferred = [], [], [], [], []
+        if moves and moved != len(moves):
+            raise StaleTransition(f"{len(moves) - moved} of {len(moves)} deferred step moves were stale")
+
+
+_flush_cache: dict[tuple[str, ...] | None, str] = {}
+
+
+def _flush_sql(columns: tuple[str, ...] | None) -> str:
+    sql = _flush_cache.get(columns)
+    if sql is None:
+        if columns is None:
+            sql = _FLUSH_TEMPLATE.format(moves="", moved="0")
+        else:
+            sql = _FLUSH_TEMPLATE.format(moves=f", moved AS ({deferred_moves_sql(5, 6, columns)})",
+                                         moved="(SELECT count(*) FROM moved)")
+        _flush_cache[columns] = sql
+    return sql

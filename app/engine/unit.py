@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from app.engine.runtime import Runtime
+from app.engine.state_machine import StaleTransition
 from app.engine.tx import Tx
 
 T = TypeVar("T")
@@ -28,10 +29,12 @@ async def in_tx(runtime: Runtime, work: Callable[..., Awaitable[T]], *args: Any,
                 result = await work(tx, *args)
                 await tx.flush()
             break
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate not in RETRYABLE_SQLSTATES or attempt == attempts:
+        except (asyncpg.PostgresError, StaleTransition) as exc:
+            # A stale deferred move (see state_machine.defer_step_move) rolled back: run the unit again.
+            reason = "stale" if isinstance(exc, StaleTransition) else exc.sqlstate
+            if (reason != "stale" and reason not in RETRYABLE_SQLSTATES) or attempt == attempts:
                 raise
-            log.info("retrying engine transaction after %s", exc.sqlstate)
+            log.info("retrying engine transaction after %s", reason)
             await asyncio.sleep(0.01 * attempt)
     await runtime.after_commit(tx)
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -45,24 +46,26 @@ async def _commit(request: Request, db: AsyncSession, tx: Tx) -> None:
     await _runtime(request).after_commit(tx)
 
 
+def _run_response(run: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    # Already JSON-ready (see runs_service.get_run); the response_model only documents it.
+    return Response(json.dumps(run, separators=(",", ":")), status_code, headers, media_type="application/json")
+
+
 @router.post("", status_code=201, response_model=schemas.RunRead)
 async def start_run(
     request: Request,
-    response: Response,
     body: schemas.RunCreate,
     db: Db,
     ctx: Operator,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> schemas.RunRead:
+) -> Response:
     """Start a run. The same `Idempotency-Key` with the same body returns the same run (200)."""
     tx = Tx(await driver(db), ctx.tenant_id)
     settings: Settings = request.app.state.settings
     run_id, created = await runs_service.create_run(db, tx, ctx, settings, body, idempotency_key)
     await _commit(request, db, tx)
-    if not created:
-        response.status_code = 200
-    response.headers["Location"] = f"/api/v1/runs/{run_id}"
-    return await runs_service.get_run(db, ctx, run_id)
+    run = await runs_service.get_run(db, ctx, run_id)
+    return _run_response(run, 201 if created else 200, {"Location": f"/api/v1/runs/{run_id}"})
 
 
 @router.get("", response_model=schemas.RunPage)
@@ -100,12 +103,12 @@ async def get_run(
     wait: Annotated[
         float | None, Query(ge=0, description="hold up to this many seconds until the run ends")
     ] = None,
-) -> schemas.RunRead:
+) -> Response:
     """The run with its steps, attempts and events; `?wait=S` long-polls until it is terminal."""
     if wait:
         settings: Settings = request.app.state.settings
         await _wait_terminal(request, db, ctx, run_id, min(wait, settings.max_long_poll_s))
-    return await runs_service.get_run(db, ctx, run_id)
+    return _run_response(await runs_service.get_run(db, ctx, run_id))
 
 
 async def _wait_terminal(
@@ -149,32 +152,32 @@ Action = Callable[[Tx, Settings, uuid.UUID, uuid.UUID, str], Awaitable[RunRow]]
 
 async def _act(
     request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, action: Action
-) -> schemas.RunRead:
+) -> Response:
     tx = Tx(await driver(db), ctx.tenant_id)
     await action(tx, request.app.state.settings, run_id, ctx.tenant_id, ctx.principal)
     await _commit(request, db, tx)
-    return await runs_service.get_run(db, ctx, run_id)
+    return _run_response(await runs_service.get_run(db, ctx, run_id))
 
 
 @router.post("/{run_id}/pause", response_model=schemas.RunRead)
-async def pause_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> schemas.RunRead:
+async def pause_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> Response:
     """Stop dispatching new steps; steps already running finish and are recorded."""
     return await _act(request, db, ctx, run_id, actions.pause_run)
 
 
 @router.post("/{run_id}/resume", response_model=schemas.RunRead)
-async def resume_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> schemas.RunRead:
+async def resume_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> Response:
     return await _act(request, db, ctx, run_id, actions.resume_run)
 
 
 @router.post("/{run_id}/cancel", response_model=schemas.RunRead)
-async def cancel_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> schemas.RunRead:
+async def cancel_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> Response:
     """Cancel queued steps and abort running ones."""
     return await _act(request, db, ctx, run_id, actions.cancel_run)
 
 
 @router.post("/{run_id}/retry", response_model=schemas.RunRead)
-async def retry_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> schemas.RunRead:
+async def retry_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> Response:
     """Run a failed run again from its failed steps; completed steps are not re-run."""
     return await _act(request, db, ctx, run_id, actions.retry_run)
 
@@ -187,7 +190,7 @@ async def signal_run(
     db: Db,
     ctx: Operator,
     body: schemas.SignalBody | None = None,
-) -> schemas.RunRead:
+) -> Response:
     """Deliver a signal: the steps waiting for `name` succeed with `payload` as their output."""
     if len(name) > 128:
         raise Invalid(
@@ -199,4 +202,4 @@ async def signal_run(
         tx, request.app.state.settings, run_id, ctx.tenant_id, name, payload, ctx.principal
     )
     await _commit(request, db, tx)
-    return await runs_service.get_run(db, ctx, run_id)
+    return _run_response(await runs_service.get_run(db, ctx, run_id))

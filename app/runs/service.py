@@ -22,7 +22,7 @@ from app.engine.state_machine import RunStatus
 from app.engine.tx import Tx
 from app.errors import BadRequest, Invalid
 from app.runs import schemas
-from app.runs.models import Run, RunEvent, StepAttempt, StepRun
+from app.runs.models import Run, RunEvent, StepRun
 from app.workflows import service as workflows_service
 from app.workflows.definition import validate_input
 
@@ -125,85 +125,76 @@ async def _by_idempotency_key(db: AsyncSession, ctx: Ctx, key: str, digest: str)
     return uuid.UUID(str(row.id))
 
 
-async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> schemas.RunRead:
-    """The run with its steps, map items, attempts and first events; another tenant's run is 404."""
-    run = (
-        await db.execute(select(Run).where(Run.id == run_id, Run.tenant_id == ctx.tenant_id))
-    ).scalar_one_or_none()
+def _ts(value: datetime | None) -> str | None:
+    # The same form pydantic gives the other endpoints' timestamps.
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+_RUN = (
+    "SELECT id, workflow_name, workflow_version, status, priority, created_at, started_at, finished_at, input, "
+    "output, error, workflow_version_id FROM run WHERE id = $1 AND tenant_id = $2"
+)
+_STEPS = (
+    "SELECT id, step_id, map_index, kind, status, input, output, error, started_at, finished_at FROM step_run "
+    "WHERE run_id = $1 ORDER BY map_index NULLS FIRST"
+)
+_ATTEMPTS = (
+    "SELECT step_run_id, n, status, queued_at, not_before, started_at, finished_at, error_class, error_message, "
+    "worker FROM step_attempt WHERE run_id = $1 ORDER BY n"
+)
+_EVENTS = (
+    "SELECT id, type, step_id, map_index, data, created_at FROM run_event WHERE run_id = $1 ORDER BY id LIMIT $2"
+)
+
+
+async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
+    """The run with its steps, map items, attempts and first events, in the shape of ``schemas.RunRead``.
+
+    Built as plain JSON-ready data straight from four queries: this is what every long poll returns,
+    so it skips the ORM and model validation. Another tenant's run is 404.
+    """
+    conn = await driver(db)
+    run = await conn.fetchrow(_RUN, run_id, ctx.tenant_id)
     if run is None:
         raise RunNotFound(f"run {run_id} not found")
-    steps = (await db.execute(select(StepRun).where(StepRun.run_id == run_id))).scalars().all()
-    attempts = (
-        (await db.execute(select(StepAttempt).where(StepAttempt.run_id == run_id).order_by(StepAttempt.n)))
-        .scalars()
-        .all()
-    )
-    events = (
-        (
-            await db.execute(
-                select(RunEvent)
-                .where(RunEvent.run_id == run_id)
-                .order_by(RunEvent.id)
-                .limit(RUN_EVENTS_INLINE + 1)
-            )
-        )
-        .scalars()
-        .all()
-    )
-    by_step: dict[uuid.UUID, list[schemas.AttemptRead]] = defaultdict(list)
+    steps = await conn.fetch(_STEPS, run_id)
+    attempts = await conn.fetch(_ATTEMPTS, run_id)
+    events = await conn.fetch(_EVENTS, run_id, RUN_EVENTS_INLINE + 1)
+    by_step: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
     for a in attempts:
-        error = {"class": a.error_class, "message": a.error_message} if a.error_class else None
-        by_step[a.step_run_id].append(
-            schemas.AttemptRead(
-                n=a.n,
-                status=a.status,
-                queued_at=a.queued_at,
-                not_before=a.not_before,
-                started_at=a.started_at,
-                finished_at=a.finished_at,
-                error=error,
-                worker=a.worker,
-            )
-        )
-    items: dict[str, list[schemas.ItemRead]] = defaultdict(list)
-    for s in sorted((s for s in steps if s.map_index is not None), key=lambda s: s.map_index or 0):
-        items[s.step_id].append(
-            schemas.ItemRead(
-                index=s.map_index or 0,
-                status=s.status,
-                output=s.output,
-                error=s.error,
-                started_at=s.started_at,
-                finished_at=s.finished_at,
-                attempts=by_step[s.id],
-            )
-        )
-    definition = await load_definition(await driver(db), run.workflow_version_id)
-    order = {sid: i for i, sid in enumerate(definition.order)}
-    step_reads = [
-        schemas.StepRead(
-            id=s.step_id,
-            kind=s.kind,
-            status=s.status,
-            input=s.input,
-            output=s.output,
-            error=s.error,
-            started_at=s.started_at,
-            finished_at=s.finished_at,
-            attempts=by_step[s.id],
-            items=items.get(s.step_id) if s.kind == "map" else None,
-        )
-        for s in sorted((s for s in steps if s.map_index is None), key=lambda s: order.get(s.step_id, 0))
-    ]
-    return schemas.RunRead(
-        **_summary(run).model_dump(),
-        input=run.input,
-        output=run.output,
-        error=run.error,
-        steps=step_reads,
-        events=[_event(e) for e in events[:RUN_EVENTS_INLINE]],
-        events_truncated=len(events) > RUN_EVENTS_INLINE,
-    )
+        by_step[a["step_run_id"]].append({
+            "n": a["n"], "status": a["status"], "queued_at": _ts(a["queued_at"]), "not_before": _ts(a["not_before"]),
+            "started_at": _ts(a["started_at"]), "finished_at": _ts(a["finished_at"]),
+            "error": {"class": a["error_class"], "message": a["error_message"]} if a["error_class"] else None,
+            "worker": a["worker"],
+        })
+    top: dict[str, dict[str, Any]] = {}
+    for st in steps:
+        common = {"status": st["status"], "output": st["output"], "error": st["error"],
+                  "started_at": _ts(st["started_at"]), "finished_at": _ts(st["finished_at"]),
+                  "attempts": by_step.get(st["id"], [])}
+        if st["map_index"] is None:
+            top[st["step_id"]] = {"id": st["step_id"], "kind": st["kind"], "input": st["input"], **common,
+                                  "items": [] if st["kind"] == "map" else None}
+        else:
+            top[st["step_id"]]["items"].append({"index": st["map_index"], **common})
+    for step in top.values():
+        if step["kind"] == "map" and not step["items"]:
+            step["items"] = None  # not expanded yet
+    definition = await load_definition(conn, run["workflow_version_id"])
+    return {
+        "id": str(run["id"]), "workflow": run["workflow_name"], "workflow_version": run["workflow_version"],
+        "status": run["status"], "priority": run["priority"], "created_at": _ts(run["created_at"]),
+        "started_at": _ts(run["started_at"]), "finished_at": _ts(run["finished_at"]), "input": run["input"],
+        "output": run["output"], "error": run["error"],
+        "steps": [top[sid] for sid in definition.order if sid in top],
+        "events": [
+            {"id": e["id"], "type": e["type"], "step_id": e["step_id"], "map_index": e["map_index"],
+             "data": e["data"], "created_at": _ts(e["created_at"])}
+            for e in events[:RUN_EVENTS_INLINE]
+        ],
+        "events_truncated": len(events) > RUN_EVENTS_INLINE,
+    }
 
 
 def _summary(run: Run) -> schemas.RunSummary:
