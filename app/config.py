@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = 300.0
     # A worker that finishes a step claims the run's next ready step itself, up to this many in a row.
     inline_continue_max: int = 1000
+    # How many steps of one run a worker job takes and runs side by side (map items, parallel
+    # branches): fewer transactions and queue round trips per step. 1 turns batching off.
+    worker_batch: int = 100
 
     # Worker and reconciler.
     worker_concurrency: int = 20

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from app.engine.advance import Claimed, Claimer, cached_definition, load_definition
-from app.engine.attempts import Outcome, claim_attempt, record_outcome
+from app.engine.attempts import Outcome, claim_attempt, record_outcomes
 from app.engine.attempts import fire_wait_timeout as fire_wait_timeout_tx
 from app.engine.reconciler import reconcile_once
 from app.engine.runtime import Runtime
@@ -20,40 +21,52 @@ log = logging.getLogger(__name__)
 
 
 async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
-    """Claim the attempt, run it, record it; then keep running the run's next ready step inline."""
+    """Claim the attempt (and up to ``worker_batch`` ready siblings), run them side by side, record
+    outcomes as they land, and keep running the run's next ready steps inline until none is left."""
     runtime: Runtime = ctx["runtime"]
     settings = runtime.settings
-    claimer = Claimer(worker_id=ctx["worker_id"], job_id=ctx["job_id"])
+    batch = max(1, settings.worker_batch)
+    claimer = Claimer(worker_id=ctx["worker_id"], job_id=ctx["job_id"], capacity=batch)
     claimed = await in_tx(runtime, claim_attempt, settings, uuid.UUID(attempt_id), claimer)
-    chained = 0
-    while claimed is not None:
-        current: Claimed = claimed
-        definition = cached_definition(current.workflow_version_id)
-        if definition is None:
-            async with runtime.pg.acquire() as conn:
-                definition = await load_definition(conn, current.workflow_version_id)
-        step = definition.step(current.step_id)
-        try:
-            outcome = await execute(runtime, ctx["http"], step, current)
-        except asyncio.CancelledError:
-            # Aborted (the run was cancelled: already recorded) or the worker is shutting down:
-            # record an interrupted attempt so it is retried now rather than when the lease runs out.
-            await asyncio.shield(_interrupted(runtime, current))
-            raise
-        chained += 1
-        next_claimer = claimer if chained < settings.inline_continue_max else None
-        claimed = await in_tx(runtime, record_outcome, settings, current, outcome, next_claimer)
-
-
-async def _interrupted(runtime: Runtime, claimed: Claimed) -> None:
-    t = datetime.now(UTC)
-    outcome = Outcome(
-        False, t, t, error_class="interrupted", transient=True, message="worker stopped mid-step"
-    )
+    running: dict[asyncio.Task[Outcome], Claimed] = {}
+    results: list[tuple[Claimed, Outcome]] = []
+    started = 0
     try:
-        await in_tx(runtime, record_outcome, runtime.settings, claimed, outcome, None)
-    except Exception:  # the lease will expire and the reconciler retries the step instead
-        log.warning("could not record the interrupted attempt %s", claimed.attempt_id, exc_info=True)
+        while claimed or running:
+            for c in claimed:
+                running[asyncio.create_task(_execute(runtime, ctx["http"], c))] = c
+            started += len(claimed)
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            results = [(running.pop(task), task.result()) for task in done]
+            room = batch - len(running) if started < settings.inline_continue_max else 0
+            claimed = await in_tx(runtime, record_outcomes, settings, results, replace(claimer, capacity=room))
+            results = []
+    except asyncio.CancelledError:
+        # Aborted (the run was cancelled: already recorded) or the worker is shutting down: record
+        # interrupted attempts so they are retried now rather than when their leases run out.
+        for task in running:
+            task.cancel()
+        await asyncio.shield(_interrupted(runtime, [*running.values(), *(c for c, _ in results)]))
+        raise
+
+
+async def _execute(runtime: Runtime, http: Any, claimed: Claimed) -> Outcome:
+    definition = cached_definition(claimed.workflow_version_id)
+    if definition is None:
+        async with runtime.pg.acquire() as conn:
+            definition = await load_definition(conn, claimed.workflow_version_id)
+    return await execute(runtime, http, definition.step(claimed.step_id), claimed)
+
+
+async def _interrupted(runtime: Runtime, claimed: list[Claimed]) -> None:
+    if not claimed:
+        return
+    t = datetime.now(UTC)
+    outcome = Outcome(False, t, t, error_class="interrupted", transient=True, message="worker stopped mid-step")
+    try:
+        await in_tx(runtime, record_outcomes, runtime.settings, [(c, outcome) for c in claimed], None)
+    except Exception:  # the leases will expire and the reconciler retries the steps instead
+        log.warning("could not record %d interrupted attempts", len(claimed), exc_info=True)
 
 
 async def fire_wait_timeout(ctx: dict[str, Any], step_run_id: str) -> None:

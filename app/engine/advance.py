@@ -61,10 +61,11 @@ class StepRow:
 
 @dataclass(frozen=True)
 class Claimer:
-    """A worker ready to run the next step itself instead of sending it through the queue."""
+    """A worker ready to run up to ``capacity`` ready steps itself instead of sending them through the queue."""
 
     worker_id: str
     job_id: str
+    capacity: int = 1
 
 
 @dataclass
@@ -197,17 +198,17 @@ class Advance:
     definition: Definition
     settings: Settings
     claimer: Claimer | None = None
-    claimed: Claimed | None = None
+    claimed: list[Claimed] = field(default_factory=list)
     rows: dict[tuple[str, int | None], StepRow] = field(default_factory=dict)
 
     @property
     def conn(self) -> Conn:
         return self.tx.conn
 
-    async def run_plan(self) -> Claimed | None:
-        """Plan and apply until nothing changes; returns the step claimed for ``claimer``, if any."""
+    async def run_plan(self) -> list[Claimed]:
+        """Plan and apply until nothing changes; returns the steps claimed for ``claimer``."""
         if RunStatus(self.run.status) in RUN_TERMINAL:
-            return None
+            return []
         passes = 0
         while passes < MAX_PASSES:
             passes += 1
@@ -265,10 +266,11 @@ class Advance:
 
     async def _start_all(self, starts: list[tuple[StepRow, Any]]) -> None:
         """Start tool steps and map items: the first may go to the claiming worker, the rest are queued."""
-        if self.claimer is not None and self.claimed is None and starts:
-            row, args = starts[0]
-            await self._claim_inline(row, args, self.claimer)
-            starts = starts[1:]
+        if self.claimer is not None:
+            room = max(0, self.claimer.capacity - len(self.claimed))
+            for row, args in starts[:room]:
+                await self._claim_inline(row, args, self.claimer)
+            starts = starts[room:]
         if not starts:
             return
         missing = [row.id for row, args in starts if args is None]
@@ -301,12 +303,12 @@ class Advance:
         self._add_attempt(row, attempt_id, n, "running", started_at=started, job_id=claimer.job_id,
                           worker=claimer.worker_id)
         row.attempts, row.current_attempt_id = n, attempt_id
-        self.claimed = Claimed(
+        self.claimed.append(Claimed(
             run_id=self.run.id, tenant_id=self.run.tenant_id, workflow_version_id=self.run.workflow_version_id,
             priority=self.run.priority, step_run_id=row.id, step_version=row.version, step_id=row.step_id,
             map_index=row.map_index, attempt_id=attempt_id, attempt_n=n, args=args, job_id=claimer.job_id,
             worker_id=claimer.worker_id,
-        )
+        ))
 
     def _add_attempt(self, row: StepRow, attempt_id: uuid.UUID, n: int, status: str, **values: Any) -> None:
         values.setdefault("job_id", str(attempt_id))
@@ -362,7 +364,7 @@ class Advance:
             return
         if paused and target not in RUN_TERMINAL:
             return
-        if current == RunStatus.QUEUED and target == RunStatus.RUNNING and self.claimed is None:
+        if current == RunStatus.QUEUED and target == RunStatus.RUNNING and not self.claimed:
             return  # stays queued until a worker claims its first step
         if target == RunStatus.FAILED:
             await self._fail_run()

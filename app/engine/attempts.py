@@ -6,6 +6,7 @@ Each function is one transaction's worth of work on a locked run; the caller run
 
 from __future__ import annotations
 
+import contextlib
 import random
 import uuid
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ from app.engine.advance import (
     set_run_status,
 )
 from app.engine.sql import Conn
-from app.engine.state_machine import RunStatus, StaleTransition, StepStatus, finish_attempt, transition_step
+from app.engine.state_machine import (
+    RunStatus,
+    StaleTransition,
+    StepStatus,
+    finish_attempts,
+    transition_step,
+    transition_steps,
+)
 from app.engine.tx import Job, Tx, now
 
 S = StepStatus
@@ -47,86 +55,128 @@ class Outcome:
 
 
 _ATTEMPT_RUN = "SELECT run_id FROM step_attempt WHERE id = $1 AND status = 'queued'"
+# The job's own attempt first, then other queued, due attempts of the same run (map items, parallel
+# branches) that this worker can take in the same transaction.
 _CLAIMABLE = (
-    "SELECT s.id, s.status, s.version, s.current_attempt_id, s.step_id, s.map_index, s.input, a.n "
-    "FROM step_attempt a JOIN step_run s ON s.id = a.step_run_id WHERE a.id = $1 AND a.status = 'queued'"
+    "SELECT s.id, s.status, s.version, s.step_id, s.map_index, s.input, a.n, a.id AS attempt_id, a.job_id "
+    "FROM step_attempt a JOIN step_run s ON s.id = a.step_run_id "
+    "WHERE a.run_id = $1 AND a.status = 'queued' AND s.status = 'queued' AND s.current_attempt_id = a.id "
+    "AND (a.not_before IS NULL OR a.not_before <= $2) "
+    "ORDER BY a.id = $3 DESC, s.map_index NULLS FIRST, a.queued_at LIMIT $4"
 )
-_START_ATTEMPT = (
-    "WITH gone AS (DELETE FROM outbox WHERE job_id = $5) "
-    "UPDATE step_attempt SET status = 'running', worker = $2, job_id = $3, started_at = $4 WHERE id = $1"
+_START_ATTEMPTS = (
+    "WITH gone AS (DELETE FROM outbox WHERE job_id = ANY($5::text[])) "
+    "UPDATE step_attempt SET status = 'running', worker = $2, job_id = $3, started_at = $4 WHERE id = ANY($1::uuid[])"
 )
 
 
-async def claim_attempt(tx: Tx, settings: Settings, attempt_id: uuid.UUID, claimer: Claimer) -> Claimed | None:
-    """Take the lease on a queued attempt; ``None`` when it is not ours to run (duplicate, paused, gone)."""
+async def claim_attempt(tx: Tx, settings: Settings, attempt_id: uuid.UUID, claimer: Claimer) -> list[Claimed]:
+    """Take the lease on a queued attempt, and on up to ``claimer.capacity - 1`` more of the same run.
+
+    Returns nothing when the attempt is not ours to run (a duplicate delivery, a paused or finished
+    run). The other attempts' jobs become no-ops, and are taken out of Redis after commit.
+    """
     run_id = await tx.conn.fetchval(_ATTEMPT_RUN, attempt_id)
     if run_id is None:
-        return None  # delivered again after it ran, or cancelled
+        return []  # delivered again after it ran, or cancelled
     run = await lock(tx, run_id)
     if run is None or run.status not in DISPATCHABLE:
-        return None  # a paused run keeps the step queued; resume sends its job again
-    step = await tx.conn.fetchrow(_CLAIMABLE, attempt_id)
-    if step is None or step["status"] != S.QUEUED or step["current_attempt_id"] != attempt_id:
-        return None
+        return []  # a paused run keeps the step queued; resume sends its job again
     t = now()
-    version = await transition_step(
-        tx.conn, step["id"], status=step["status"], version=step["version"], to=S.RUNNING,
-        lease_owner=claimer.worker_id, lease_expires_at=t + timedelta(seconds=settings.lease_s), started_at=t,
-    )
-    await tx.conn.execute(_START_ATTEMPT, attempt_id, claimer.worker_id, claimer.job_id, t, str(attempt_id))
-    tx.event(run.id, "step_started", step_id=step["step_id"], map_index=step["map_index"], attempt=step["n"],
-             worker=claimer.worker_id)
+    rows = await tx.conn.fetch(_CLAIMABLE, run_id, t, attempt_id, max(1, claimer.capacity))
+    if not rows or rows[0]["attempt_id"] != attempt_id:
+        return []
+    lease = {"lease_owner": claimer.worker_id, "lease_expires_at": t + timedelta(seconds=settings.lease_s),
+             "started_at": t}
+    steps = [StepRow(r["id"], r["step_id"], r["map_index"], "", r["status"], r["version"], r["n"], r["attempt_id"])
+             for r in rows]
+    await transition_steps(tx.conn, [(step, lease) for step in steps], S.RUNNING)
+    await tx.conn.execute(_START_ATTEMPTS, [r["attempt_id"] for r in rows], claimer.worker_id, claimer.job_id, t,
+                          [r["job_id"] for r in rows])
+    queue = queue_name(settings, run.priority)
+    tx.dequeue.extend((queue, r["job_id"]) for r in rows[1:])
+    for r in rows:
+        tx.event(run.id, "step_started", step_id=r["step_id"], map_index=r["map_index"], attempt=r["n"],
+                 worker=claimer.worker_id)
     if run.status == RunStatus.QUEUED:
         await set_run_status(tx, run, RunStatus.RUNNING)
-    return Claimed(
-        run_id=run.id, tenant_id=run.tenant_id, workflow_version_id=run.workflow_version_id, priority=run.priority,
-        step_run_id=step["id"], step_version=version, step_id=step["step_id"], map_index=step["map_index"],
-        attempt_id=attempt_id, attempt_n=step["n"], args=step["input"], job_id=claimer.job_id,
-        worker_id=claimer.worker_id,
-    )
+    return [
+        Claimed(
+            run_id=run.id, tenant_id=run.tenant_id, workflow_version_id=run.workflow_version_id,
+            priority=run.priority, step_run_id=step.id, step_version=step.version, step_id=step.step_id,
+            map_index=step.map_index, attempt_id=r["attempt_id"], attempt_n=r["n"], args=r["input"],
+            job_id=claimer.job_id, worker_id=claimer.worker_id,
+        )
+        for step, r in zip(steps, rows, strict=True)
+    ]
 
 
 async def record_outcome(
     tx: Tx, settings: Settings, claimed: Claimed, outcome: Outcome, claimer: Claimer | None
-) -> Claimed | None:
-    """Record an attempt's outcome and advance the run; returns the next step claimed inline, if any.
+) -> list[Claimed]:
+    """:func:`record_outcomes` for one attempt."""
+    return await record_outcomes(tx, settings, [(claimed, outcome)], claimer)
+
+
+async def record_outcomes(
+    tx: Tx, settings: Settings, results: list[tuple[Claimed, Outcome]], claimer: Claimer | None
+) -> list[Claimed]:
+    """Record attempts' outcomes (all of one run) and advance it once; returns the steps claimed inline.
 
     A step that changed under us (the run was cancelled, or our lease expired and another attempt
-    began) keeps its newer state: the outcome is not applied.
+    began) keeps its newer state: that outcome is not applied.
     """
-    run = await lock(tx, claimed.run_id)
+    run = await lock(tx, results[0][0].run_id)
     assert run is not None
     definition = await load_definition(tx.conn, run.workflow_version_id)
-    attempt = {"status": "succeeded" if outcome.ok else "failed", "started_at": outcome.started_at,
-               "finished_at": outcome.finished_at, "error_class": outcome.error_class,
-               "error_message": outcome.message}
-    retry = not outcome.ok and outcome.transient and claimed.attempt_n < max_attempts(
-        definition.step(claimed.step_id), settings
-    )
-    if retry:
-        return await _retry(tx, settings, run, claimed, outcome, attempt)
-    error = None if outcome.ok else {"class": outcome.error_class, "message": outcome.message,
-                                     "attempt": claimed.attempt_n}
-    to = S.SUCCEEDED if outcome.ok else S.FAILED
-    landed, version, rows = await finish_attempt(
-        tx.conn, run_id=run.id, attempt_id=claimed.attempt_id, attempt=attempt, step_run_id=claimed.step_run_id,
-        version=claimed.step_version, to=to, output=outcome.output if outcome.ok else None, error=error,
-        started_at=outcome.started_at if outcome.ok else None,
-    )
-    if not landed or version is None:
-        return None  # cancelled or expired meanwhile: that transaction recorded the attempt
-    if outcome.ok:
-        tx.event(run.id, "step_succeeded", step_id=claimed.step_id, map_index=claimed.map_index,
-                 attempt=claimed.attempt_n)
-    else:
-        tx.event(run.id, "step_failed", step_id=claimed.step_id, map_index=claimed.map_index, error=error)
-    # The rows were read by the statement that moved this step: patch its new state in.
-    steps = {(r[1], r[2]): StepRow(*r) for r in rows}
-    mine = steps[(claimed.step_id, claimed.map_index)]
-    mine.status, mine.version = to.value, version
-    if outcome.ok and claimed.map_index is None:
-        mine.output = outcome.output
-    return await Advance(tx, run, definition, settings, claimer, rows=steps).run_plan()
+    finished: list[tuple[Claimed, Outcome, dict[str, Any]]] = []
+    for claimed, outcome in results:
+        attempt = {"attempt_id": claimed.attempt_id, "status": "succeeded" if outcome.ok else "failed",
+                   "started_at": outcome.started_at, "finished_at": outcome.finished_at,
+                   "error_class": outcome.error_class, "error_message": outcome.message}
+        if not outcome.ok and outcome.transient and claimed.attempt_n < max_attempts(
+            definition.step(claimed.step_id), settings
+        ):
+            await _retry(tx, settings, run, claimed, outcome, attempt)
+        else:
+            finished.append((claimed, outcome, attempt))
+    steps = await _finish(tx, run, finished) if finished else None
+    return await Advance(tx, run, definition, settings, claimer, rows=steps or {}).run_plan()
+
+
+async def _finish(
+    tx: Tx, run: RunRow, finished: list[tuple[Claimed, Outcome, dict[str, Any]]]
+) -> dict[tuple[str, int | None], StepRow]:
+    """Close the attempts and their steps; returns the run's steps as they are now."""
+    entries = []
+    for claimed, outcome, attempt in finished:
+        error = None if outcome.ok else {"class": outcome.error_class, "message": outcome.message,
+                                         "attempt": claimed.attempt_n}
+        entries.append({
+            **attempt, "step_run_id": claimed.step_run_id, "version": claimed.step_version,
+            "step_status": (S.SUCCEEDED if outcome.ok else S.FAILED).value,
+            "output": outcome.output if outcome.ok else None, "error": error,
+            "step_started_at": outcome.started_at if outcome.ok else None,
+        })
+    rows = await finish_attempts(tx.conn, run.id, entries)
+    moved = {r[1]: r[0] for r in rows if r[0] is not None}
+    # The rows were read by the statement that moved the steps: patch their new state in.
+    steps = {(r[2], r[3]): StepRow(*r[1:]) for r in rows}
+    for (claimed, outcome, _), entry in zip(finished, entries, strict=True):
+        version = moved.get(claimed.step_run_id)
+        if version is None:
+            continue  # cancelled or expired meanwhile: that transaction recorded the attempt
+        row = steps[(claimed.step_id, claimed.map_index)]
+        row.status, row.version = entry["step_status"], version
+        if outcome.ok and claimed.map_index is None:
+            row.output = outcome.output
+        if outcome.ok:
+            tx.event(run.id, "step_succeeded", step_id=claimed.step_id, map_index=claimed.map_index,
+                     attempt=claimed.attempt_n)
+        else:
+            tx.event(run.id, "step_failed", step_id=claimed.step_id, map_index=claimed.map_index,
+                     error=entry["error"])
+    return steps
 
 
 _FAIL_ATTEMPT = (
@@ -137,18 +187,15 @@ _FAIL_ATTEMPT = (
 
 async def _retry(
     tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, attempt: dict[str, Any]
-) -> Claimed | None:
+) -> None:
     landed = await tx.conn.fetchval(
         _FAIL_ATTEMPT, claimed.attempt_id, attempt["status"], attempt["started_at"], attempt["finished_at"],
         attempt["error_class"], attempt["error_message"],
     )
     if landed is None:
-        return None
-    try:
+        return
+    with contextlib.suppress(StaleTransition):
         await _schedule_retry(tx, settings, run, claimed, outcome)
-    except StaleTransition:
-        return None
-    return None
 
 
 async def _leave_running(conn: Conn, claimed: Claimed, to: StepStatus, **values: Any) -> None:

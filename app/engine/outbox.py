@@ -70,6 +70,16 @@ async def enqueue_many(redis: ArqRedis, jobs: Iterable[Job]) -> int:
     return int(await cast(Awaitable[Any], sent))
 
 
+async def dequeue_jobs(redis: ArqRedis, jobs: Iterable[tuple[str, str]]) -> None:
+    """Drop queued jobs whose attempts another job took over (they would only find nothing to do)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for queue, job_id in jobs:
+            pipe.zrem(queue, job_id)
+            # Not deleted: a worker may be starting it this instant (and would log it as expired).
+            pipe.pexpire(job_key_prefix + job_id, 60_000)
+        await pipe.execute()
+
+
 async def abort_jobs(redis: ArqRedis, job_ids: Iterable[str], channel: str) -> None:
     """Ask the workers running these jobs to cancel them (arq's abort set), and wake them to look."""
     now_ms = int(time.time() * 1000)
@@ -102,6 +112,13 @@ class Relay:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def drop(self, jobs: list[tuple[str, str]]) -> None:
+        """Best effort: a job left behind finds its attempt taken and does nothing."""
+        try:
+            await dequeue_jobs(self.redis, jobs)
+        except (RedisError, OSError) as exc:
+            log.info("relay: could not drop %d taken-over jobs (%s)", len(jobs), exc)
 
     async def send(self, jobs: list[Job], aborts: list[str] | None = None) -> None:
         try:

@@ -59,6 +59,8 @@ class Runtime:
     async def after_commit(self, tx: Tx) -> None:
         if tx.jobs or tx.aborts:
             await self.relay.send(tx.jobs, tx.aborts)
+        if tx.dequeue:
+            await self.relay.drop(tx.dequeue)
 
     async def stop(self) -> None:
         await self.relay.stop()

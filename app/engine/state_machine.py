@@ -147,6 +147,33 @@ async def transition_steps(conn: Conn, moves: list[tuple[Any, dict[str, Any]]], 
         row.status, row.version = to.value, row.version + 1
 
 
+_FINISH_ATTEMPTS = """
+WITH v AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(
+        attempt_id uuid, status text, started_at timestamptz, finished_at timestamptz, error_class text,
+        error_message text, step_run_id uuid, version int, step_status text, output jsonb, error jsonb,
+        step_started_at timestamptz)
+), attempt AS (
+    UPDATE step_attempt a SET status = v.status, started_at = v.started_at, finished_at = v.finished_at,
+        error_class = v.error_class, error_message = v.error_message
+    FROM v WHERE a.id = v.attempt_id AND a.status = 'running' RETURNING a.id
+), step AS (
+    UPDATE step_run s SET status = v.step_status, version = s.version + 1, output = v.output, error = v.error,
+        finished_at = v.finished_at, started_at = coalesce(v.step_started_at, s.started_at),
+        lease_owner = NULL, lease_expires_at = NULL
+    FROM v WHERE s.id = v.step_run_id AND s.version = v.version AND v.attempt_id IN (SELECT id FROM attempt)
+    RETURNING s.id, s.version
+)
+SELECT step.version, s.id, s.step_id, s.map_index, s.kind, s.status, s.version, s.attempts,
+    s.current_attempt_id, CASE WHEN s.map_index IS NULL THEN s.output END
+FROM step_run s LEFT JOIN step ON step.id = s.id
+WHERE s.run_id = $2
+ORDER BY s.step_id, s.map_index
+"""
+
+
+# The same for a single attempt (a chain's every step): plain parameters plan and run cheaper than a
+# JSON record set.
 _FINISH_ATTEMPT = """
 WITH attempt AS (
     UPDATE step_attempt SET status = $1, started_at = $2, finished_at = $3, error_class = $4, error_message = $5
@@ -154,41 +181,37 @@ WITH attempt AS (
 ), step AS (
     UPDATE step_run SET status = $7, version = version + 1, output = $8, error = $9, finished_at = $3,
         started_at = coalesce($10, started_at), lease_owner = NULL, lease_expires_at = NULL
-    WHERE id = $11 AND version = $12 AND EXISTS (SELECT 1 FROM attempt) RETURNING version
+    WHERE id = $11 AND version = $12 AND EXISTS (SELECT 1 FROM attempt) RETURNING id, version
 )
-SELECT (SELECT count(*) FROM attempt), (SELECT version FROM step),
-    s.id, s.step_id, s.map_index, s.kind, s.status, s.version, s.attempts, s.current_attempt_id,
-    CASE WHEN s.map_index IS NULL THEN s.output END
-FROM step_run s WHERE s.run_id = $13 ORDER BY s.step_id, s.map_index
+SELECT step.version, s.id, s.step_id, s.map_index, s.kind, s.status, s.version, s.attempts,
+    s.current_attempt_id, CASE WHEN s.map_index IS NULL THEN s.output END
+FROM step_run s LEFT JOIN step ON step.id = s.id
+WHERE s.run_id = $13
+ORDER BY s.step_id, s.map_index
 """
 
 
-async def finish_attempt(
-    conn: Conn,
-    *,
-    run_id: uuid.UUID,
-    attempt_id: uuid.UUID,
-    attempt: dict[str, Any],
-    step_run_id: uuid.UUID,
-    version: int,
-    to: StepStatus,
-    output: Any = None,
-    error: dict[str, Any] | None = None,
-    started_at: Any = None,
-) -> tuple[bool, int | None, list[Any]]:
-    """Close a running attempt and move its step out of ``running`` in one statement.
+async def finish_attempts(conn: Conn, run_id: uuid.UUID, finished: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Close running attempts and move their steps out of ``running``, all in one statement.
 
-    Returns (attempt landed, the step's new version or None if it was stale, the run's step rows as
-    they were before this statement). The step moves only if the attempt was still running.
+    Each entry: ``attempt_id``, the attempt's ``status``/``started_at``/``finished_at``/``error_class``/
+    ``error_message``, and the step's ``step_run_id``, ``version`` (as claimed), ``step_status``,
+    ``output``, ``error``, ``step_started_at``. A step moves only if its attempt was still running and
+    its version still matches. Returns the run's step rows as they were before the statement, each
+    preceded by the new version of the steps this statement moved (None for the others).
     """
-    check_step_move(StepStatus.RUNNING, to)
-    rows = await conn.fetch(
-        _FINISH_ATTEMPT, attempt["status"], attempt["started_at"], attempt["finished_at"], attempt["error_class"],
-        attempt["error_message"], attempt_id, to.value, encode("output", output), encode("error", error),
-        started_at, step_run_id, version, run_id,
-    )
-    landed, new_version = bool(rows[0][0]), rows[0][1]
-    return landed, new_version, [tuple(r)[2:] for r in rows]
+    for entry in finished:
+        check_step_move(StepStatus.RUNNING, StepStatus(entry["step_status"]))
+    if len(finished) == 1:
+        (e,) = finished
+        rows = await conn.fetch(
+            _FINISH_ATTEMPT, e["status"], e["started_at"], e["finished_at"], e["error_class"], e["error_message"],
+            e["attempt_id"], e["step_status"], encode("output", e["output"]), encode("error", e["error"]),
+            e["step_started_at"], e["step_run_id"], e["version"], run_id,
+        )
+    else:
+        rows = await conn.fetch(_FINISH_ATTEMPTS, dumps(finished), run_id)
+    return [tuple(r) for r in rows]
 
 
 def defer_step_move(deferred: list[tuple[Any, str, dict[str, Any]]], row: Any, to: StepStatus,

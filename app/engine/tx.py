@@ -67,6 +67,8 @@ class Tx:
     jobs: list[Job] = field(default_factory=list)
     # arq jobs to abort after commit (a cancelled run's running steps).
     aborts: list[str] = field(default_factory=list)
+    # arq jobs whose attempts another job took over: (queue, job id), removed from Redis after commit.
+    dequeue: list[tuple[str, str]] = field(default_factory=list)
     finished_runs: list[uuid.UUID] = field(default_factory=list)
     # Step moves checked already, written by flush (see state_machine.defer_step_move).
     deferred: list[tuple[Any, str, dict[str, Any]]] = field(default_factory=list)

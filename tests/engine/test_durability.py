@@ -142,7 +142,7 @@ async def test_two_workers_racing_for_one_step_only_one_runs_it(
         return await in_tx(runtime, claim_attempt, settings, attempt_id, claimer)
 
     results = await asyncio.gather(*(claim(f"racer-{i}") for i in range(8)))
-    winners = [r for r in results if r is not None]
+    winners = [r[0] for r in results if r]
     assert len(winners) == 1
     async with runtime.sessionmaker() as db:
         attempt = (await db.execute(select(StepAttempt).where(StepAttempt.id == attempt_id))).scalar_one()
