@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(handler=cmd_up)
 
-    api = sub.add_parser("api", help="serve the HTTP API and dashboard (needs DATABASE_URL and REDIS_URL)")
+    api = sub.add_parser("api", help="serve the HTTP API (needs DATABASE_URL and REDIS_URL)")
     api.add_argument("--host", help="interface to listen on (default: STEWARD_HOST or 127.0.0.1)")
     api.add_argument("--port", type=int, help="port to listen on (default: PORT / STEWARD_PORT or 8000)")
     api.set_defaults(handler=cmd_api)
@@ -445,7 +445,6 @@ def _print_banner(
     base = f"http://{_browser_host(settings.host)}:{settings.port}"
     lines = [
         "",
-        f"  Dashboard:  {base}/",
         f"  API:        {base}/api/v1   (OpenAPI: {base}/docs)",
         f"  Tenant:     {DEMO_TENANT}",
     ]

@@ -56,7 +56,6 @@ class Settings(BaseSettings):
     worker_shutdown_grace_s: float = 10.0
     reconcile_interval_s: float = 5.0
     outbox_stale_s: float = 5.0
-    lost_job_after_s: float = 30.0
     relay_retry_s: float = 1.0
     # Steps keep a lease while they run; a worker renews it every lease_s / 3. A lease that runs out
     # (the worker died) counts as a transient failure of that attempt.

@@ -103,6 +103,7 @@ class Relay:
         self._pending: list[Job] = []
         self._aborts: list[str] = []
         self._wake = asyncio.Event()
+        self._in_flight = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -134,7 +135,8 @@ class Relay:
 
     @property
     def backlog(self) -> int:
-        return len(self._pending)
+        """Jobs not yet handed to Redis (waiting, or being retried right now)."""
+        return len(self._pending) + self._in_flight
 
     async def _loop(self) -> None:
         while True:
@@ -143,6 +145,7 @@ class Relay:
             while self._pending or self._aborts:
                 jobs, self._pending = self._pending, []
                 aborts, self._aborts = self._aborts, []
+                self._in_flight = len(jobs)
                 try:
                     await enqueue_many(self.redis, jobs)
                     await abort_jobs(self.redis, aborts, self.wake_channel)
@@ -150,3 +153,5 @@ class Relay:
                     self._pending = jobs + self._pending
                     self._aborts = aborts + self._aborts
                     await asyncio.sleep(self.retry_s)
+                finally:
+                    self._in_flight = 0

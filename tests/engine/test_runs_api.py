@@ -296,3 +296,35 @@ async def test_nan_in_run_input_or_signal_payload_is_422(client: httpx.AsyncClie
     run = await start_run(client, tenant.headers, wf)
     r = await client.post(f"/api/v1/runs/{run['id']}/signals/go", content='{"payload": Infinity}', headers=headers)
     assert r.status_code == 422
+
+
+INVALID_DEFINITIONS = [
+    ({"steps": [{"id": "a", "needs": ["b"], "tool": "echo"}, {"id": "b", "needs": ["a"], "tool": "echo"}]},
+     "/definition/steps/0/needs", "cycle"),
+    ({"steps": [{"id": "a", "needs": ["ghost"], "tool": "echo"}]}, "/definition/steps/0/needs/0", "ghost"),
+    ({"steps": [{"id": "a", "tool": "echo"}, {"id": "a", "tool": "echo"}]}, "/definition/steps/1/id", "duplicate"),
+    ({"steps": [{"id": "a", "teleport": {}}]}, "/definition/steps/0", ""),
+    ({"steps": [{"id": "a", "llm": {"model": "x"}}]}, "/definition/steps/0/llm", "not supported"),
+    ({"steps": [{"id": "a", "tool": "nope"}]}, "/definition/steps/0/tool", "echo"),
+    ({"steps": [{"id": "a", "tool": "echo", "args": {"x": "${{ input.( }}"}}]}, "/definition/steps/0/args/x", ""),
+    ({"steps": [{"id": "a", "when": "${{ 1 + }}", "tool": "echo"}]}, "/definition/steps/0/when", ""),
+    ({"steps": [{"id": "a", "tool": "echo", "args": {"x": "${{ steps.b.output }}"}}, {"id": "b", "tool": "echo"}]},
+     "/definition/steps/0/args/x", "need"),
+    ({"input_schema": {"type": "objekt"}, "steps": [{"id": "a", "tool": "echo"}]}, "/definition/input_schema", ""),
+    ({"steps": [{"id": f"s{i}", "tool": "echo"} for i in range(201)]}, "/definition/steps", "200"),
+    ({"steps": []}, "/definition/steps", ""),
+]
+
+
+@pytest.mark.parametrize(("definition", "pointer", "words"), INVALID_DEFINITIONS)
+async def test_every_invalid_definition_is_422_pointing_at_the_place(
+    client: httpx.AsyncClient, tenant: TenantKey, definition: dict[str, object], pointer: str, words: str
+) -> None:
+    r = await client.post("/api/v1/workflows", json={"name": name(), "definition": definition},
+                          headers=tenant.headers)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    errors = r.json()["errors"]
+    matching = [e for e in errors if e["pointer"].startswith(pointer)]
+    assert matching, errors
+    assert any(words in e["message"] for e in matching), errors
