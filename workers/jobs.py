@@ -30,14 +30,21 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
     claimed = await in_tx(runtime, claim_attempt, settings, uuid.UUID(attempt_id), claimer)
     running: dict[asyncio.Task[Outcome], Claimed] = {}
     results: list[tuple[Claimed, Outcome]] = []
+    solo: Claimed | None = None
     started = 0
     try:
         while claimed or running:
-            for c in claimed:
-                running[asyncio.create_task(_execute(runtime, ctx["http"], c))] = c
             started += len(claimed)
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            results = [(running.pop(task), task.result()) for task in done]
+            if len(claimed) == 1 and not running:
+                # One step at a time (a chain): run it here, without a task to schedule and wait for.
+                solo = claimed[0]
+                results = [(solo, await _execute(runtime, ctx["http"], solo))]
+                solo = None
+            else:
+                for c in claimed:
+                    running[asyncio.create_task(_execute(runtime, ctx["http"], c))] = c
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                results = [(running.pop(task), task.result()) for task in done]
             room = batch - len(running) if started < settings.inline_continue_max else 0
             claimed = await in_tx(runtime, record_outcomes, settings, results, replace(claimer, capacity=room))
             results = []
@@ -46,7 +53,8 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
         # interrupted attempts so they are retried now rather than when their leases run out.
         for task in running:
             task.cancel()
-        await asyncio.shield(_interrupted(runtime, [*running.values(), *(c for c, _ in results)]))
+        unrecorded = [*running.values(), *(c for c, _ in results), *([solo] if solo else [])]
+        await asyncio.shield(_interrupted(runtime, unrecorded))
         raise
 
 

@@ -20,6 +20,12 @@ from app.redis import redis_settings
 log = logging.getLogger(__name__)
 
 
+async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Skip asyncpg's reset query on release (a round trip per transaction): the engine's connections
+    never LISTEN, take advisory locks, open cursors or SET session state, and asyncpg rolls back any
+    transaction left open before calling this."""
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -42,7 +48,7 @@ class Runtime:
         )
         pg = await asyncpg.create_pool(
             asyncpg_dsn(settings.database_url), min_size=1, max_size=settings.db_pool_size + settings.db_max_overflow,
-            init=setup_connection, server_settings={"application_name": f"steward-{role}"},
+            init=setup_connection, reset=_no_reset, server_settings={"application_name": f"steward-{role}"},
         )
         owns = redis is None
         if redis is None:
