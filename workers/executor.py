@@ -72,7 +72,10 @@ async def execute(runtime: Runtime, http: httpx.AsyncClient, step: StepDef, clai
 
 
 def _checked(output: object, started: datetime, settings: Settings) -> Outcome:
-    size = len(json.dumps(output, separators=(",", ":"), default=str))
+    try:
+        size = len(json.dumps(output, separators=(",", ":"), allow_nan=False))
+    except (TypeError, ValueError) as exc:  # NaN, Infinity, or no JSON at all: Postgres would refuse it
+        return Outcome(False, started, _now(), error_class="output_invalid", message=f"output is not JSON: {exc}")
     if size > settings.max_output_bytes:
         return Outcome(
             False,

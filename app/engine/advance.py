@@ -233,7 +233,8 @@ class Advance:
             await self._move(self.rows[(sid, None)], S.FAILED, "step_failed", error=error, finished_at=now())
         for sid in p.complete_maps:
             await self._complete_map(sid)
-        if not paused:
+        # A failing run starts nothing new (what is running finishes and is recorded).
+        if not paused and p.run_status != RunStatus.FAILED:
             for sid in p.wait:
                 await self._wait(sid)
             for sid, item_args in p.expand:

@@ -269,3 +269,60 @@ async def test_api_restart_mid_run(tenant: TenantKey, settings: Settings, worker
         await second_lifespan.__aexit__(None, None, None)
     assert done["status"] == "succeeded"
     assert done["output"] == {"z": {"got": "yes"}}
+
+
+async def test_a_failure_recorded_with_a_success_starts_nothing_new(
+    client: httpx.AsyncClient, tenant: TenantKey, app: FastAPI, settings: Settings
+) -> None:
+    """Two roots finish in one batch: one succeeds (its dependent is now ready), one fails for good.
+    The run fails, and the dependent must not start."""
+    from app.engine.attempts import Outcome, record_outcomes
+    from app.engine.tx import now
+
+    wf = name()
+    await create_workflow(client, tenant.headers, wf, [
+        {"id": "ok", "tool": "echo"},
+        {"id": "bad", "tool": "fail", "args": {"transient": False}},
+        {"id": "next", "needs": ["ok"], "tool": "echo"},
+    ])
+    run = await start_run(client, tenant.headers, wf)
+    runtime: Runtime = app.state.runtime
+    async with runtime.sessionmaker() as db:
+        attempt_id = (await db.execute(
+            select(StepRun.current_attempt_id).where(StepRun.run_id == uuid.UUID(run["id"]), StepRun.step_id == "ok")
+        )).scalar_one()
+    claimer = Claimer(worker_id="test-worker", job_id="job", capacity=10)
+    claimed = await in_tx(runtime, claim_attempt, settings, attempt_id, claimer)
+    assert sorted(c.step_id for c in claimed) == ["bad", "ok"]
+    t = now()
+    outcomes = {"ok": Outcome(True, t, t, output={}),
+                "bad": Outcome(False, t, t, error_class="fail", message="no", transient=False)}
+    started = await in_tx(runtime, record_outcomes, settings, [(c, outcomes[c.step_id]) for c in claimed], claimer)
+    assert started == []
+    done = (await client.get(f"/api/v1/runs/{run['id']}", headers=tenant.headers)).json()
+    assert done["status"] == "failed"
+    assert step(done, "next")["status"] == "pending" and step(done, "next")["attempts"] == []
+
+
+async def test_output_that_is_not_json_fails_the_step(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
+) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"value": NaN}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        wf = name()
+        port = server.sockets[0].getsockname()[1]
+        await create_workflow(client, tenant.headers, wf, [
+            {"id": "call", "tool": "http", "args": {"url": f"http://127.0.0.1:{port}/"}}])
+        done = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, wf))["id"])
+    finally:
+        server.close()
+    assert done["status"] == "failed"
+    assert step(done, "call")["error"]["class"] == "output_invalid"
