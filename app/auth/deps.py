@@ -12,14 +12,15 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.keys import KEY_PREFIX, hash_api_key
 from app.context import Ctx
 from app.db import get_db
+from app.engine.sql import driver
 from app.errors import Forbidden, Unauthorized
-from app.tenants.models import ApiKey
+
+_KEY_LOOKUP = "SELECT id, tenant_id, roles, revoked_at, expires_at FROM api_key WHERE key_hash = $1"
 
 # auto_error=False: a missing header must become our problem+json 401, not FastAPI's own error.
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer stw_...`")
@@ -45,16 +46,15 @@ async def get_ctx(
     token = credentials.credentials
     if not token.startswith(KEY_PREFIX):
         raise InvalidCredentials("invalid API key")
-    api_key = (
-        await db.execute(select(ApiKey).where(ApiKey.key_hash == hash_api_key(token)))
-    ).scalar_one_or_none()
+    # Every request runs this: a plain statement on the session's connection, no ORM object.
+    api_key = await (await driver(db)).fetchrow(_KEY_LOOKUP, hash_api_key(token))
     if api_key is None:
         raise InvalidCredentials("invalid API key")
-    if api_key.revoked_at is not None:
+    if api_key["revoked_at"] is not None:
         raise InvalidCredentials("API key has been revoked")
-    if api_key.expires_at is not None and api_key.expires_at <= datetime.now(UTC):
+    if api_key["expires_at"] is not None and api_key["expires_at"] <= datetime.now(UTC):
         raise InvalidCredentials("API key has expired")
-    ctx = Ctx(tenant_id=api_key.tenant_id, principal=f"key:{api_key.id}", roles=frozenset(api_key.roles))
+    ctx = Ctx(tenant_id=api_key["tenant_id"], principal=f"key:{api_key['id']}", roles=frozenset(api_key["roles"]))
     request.state.ctx = ctx
     return ctx
 

@@ -111,9 +111,7 @@ async def get_run(
     return _run_response(await runs_service.get_run(db, ctx, run_id))
 
 
-async def _wait_terminal(
-    request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, wait: float
-) -> None:
+async def _wait_terminal(request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, wait: float) -> None:
     notifier = _runtime(request).notifier
     assert notifier is not None
     deadline = time.monotonic() + wait
