@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,8 @@ async def wait_for(
 
 def step(run: dict[str, Any], step_id: str) -> dict[str, Any]:
     return next(s for s in run["steps"] if s["id"] == step_id)
+
+
+def name() -> str:
+    """A workflow name of its own, so tests never see each other's workflows."""
+    return f"wf_{uuid.uuid4().hex[:8]}"

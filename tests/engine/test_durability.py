@@ -19,14 +19,10 @@ from app.engine.runtime import Runtime
 from app.engine.unit import in_tx
 from app.runs.models import StepAttempt, StepRun
 from tests.conftest import TenantKey
-from tests.engine.conftest import FAST, WorkerProcess, create_workflow, start_run, step, wait_for, wait_run
+from tests.engine.conftest import FAST, WorkerProcess, create_workflow, name, start_run, step, wait_for, wait_run
 from workers.main import run_worker
 
 pytestmark = pytest.mark.xdist_group("engine")
-
-
-def name() -> str:
-    return f"wf_{uuid.uuid4().hex[:8]}"
 
 
 async def test_kill_9_mid_step_the_run_still_completes_and_attempts_tell_the_truth(

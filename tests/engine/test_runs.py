@@ -12,13 +12,9 @@ import pytest
 from app.config import Settings
 from app.runs.schemas import RunRead
 from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, start_run, step, wait_for, wait_run
+from tests.engine.conftest import create_workflow, name, start_run, step, wait_for, wait_run
 
 pytestmark = pytest.mark.xdist_group("engine")
-
-
-def name() -> str:
-    return f"wf_{uuid.uuid4().hex[:8]}"
 
 
 async def test_dag_with_fan_out_fan_in_and_a_map_of_50(

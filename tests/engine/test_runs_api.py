@@ -9,13 +9,9 @@ import httpx
 import pytest
 
 from tests.conftest import MakeTenant, TenantKey
-from tests.engine.conftest import create_workflow, start_run
+from tests.engine.conftest import create_workflow, name, start_run
 
 pytestmark = pytest.mark.xdist_group("engine")
-
-
-def name() -> str:
-    return f"wf_{uuid.uuid4().hex[:8]}"
 
 
 SCHEMA = {
