@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 import asyncpg
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
@@ -15,7 +15,7 @@ from app.engine.notify import RunNotifier, asyncpg_dsn
 from app.engine.outbox import Relay
 from app.engine.sql import setup_connection
 from app.engine.tx import Tx
-from app.redis import redis_settings
+from app.redis import connect as connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ class Runtime:
         )
         owns = redis is None
         if redis is None:
-            # No retries at start-up: Redis may be down, and the relay copes with that later.
-            redis = await create_pool(redis_settings(settings.redis_url), retry=0)
+            redis = connect_redis(settings.redis_url)
         relay = Relay(redis, settings.relay_retry_s, settings.queue_prefix)
         relay.start()
         notifier = None

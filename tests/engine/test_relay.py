@@ -10,11 +10,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from arq.connections import RedisSettings, create_pool
 
+from app.config import Settings
 from app.engine.outbox import Relay
 from app.engine.tx import Job
+from tests.conftest import MakeTenant
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
@@ -91,3 +94,23 @@ async def test_relay_keeps_jobs_while_redis_is_down_and_delivers_them_when_it_re
         await relay.stop()
         await pool.aclose()
 
+
+
+async def test_the_api_starts_and_takes_runs_while_redis_is_down(
+    settings: Settings, make_tenant: MakeTenant
+) -> None:
+    from app.main import create_app
+    from tests.engine.conftest import create_workflow, name, start_run
+
+    app = create_app(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    tenant = await make_tenant()
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["redis"] == "down"
+            wf = name()
+            await create_workflow(client, tenant.headers, wf, [{"id": "a", "tool": "echo"}])
+            run = await start_run(client, tenant.headers, wf)
+            assert run["status"] == "queued"
+            # The job waits in the relay (and in the outbox, for the reconciler) until Redis is back.
+            assert app.state.runtime.relay.backlog >= 1
