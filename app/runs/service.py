@@ -9,7 +9,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -263,7 +263,9 @@ async def list_runs(
         stmt = stmt.where(Run.created_at < created_before)
     if cursor:
         ts, rid = decode_cursor(cursor)
-        stmt = stmt.where(or_(Run.created_at < ts, and_(Run.created_at == ts, Run.id < rid)))
+        # A row comparison, not created_at < ts OR (...): Postgres turns it into an index bound, so a
+        # page deep in a million runs costs what the first page costs.
+        stmt = stmt.where(tuple_(Run.created_at, Run.id) < tuple_(ts, rid))
     rows = (
         (await db.execute(stmt.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)))
         .scalars()
