@@ -162,7 +162,7 @@ async def test_duplicate_job_delivery_runs_the_step_once(
 
     wf = name()
     await create_workflow(
-        client, tenant.headers, wf, [{"id": "a", "tool": "sleep", "args": {"seconds": 0.2}}]
+        client, tenant.headers, wf, [{"id": "a", "tool": "sleep", "args": {"seconds": 1.5}}]
     )
     run = await start_run(client, tenant.headers, wf)
     attempt = step(run, "a")
@@ -172,7 +172,7 @@ async def test_duplicate_job_delivery_runs_the_step_once(
             await db.execute(select(StepRun.current_attempt_id).where(StepRun.run_id == uuid.UUID(run["id"])))
         ).scalar_one()
     queue = f"{worker.queue_prefix}:normal"
-    # The same job id again while queued is dropped by arq's job key ...
+    # The same job id again while it is queued or running is dropped by arq's job key ...
     assert await enqueue_many(runtime.redis, [Job("step", str(attempt_id), queue)]) == 0
     done = await wait_run(client, tenant.headers, run["id"])
     # ... and delivered again after it ran, the claim refuses it.
