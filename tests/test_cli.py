@@ -6,6 +6,7 @@ Self-contained on purpose: no fixtures from conftest.py, no external servers nee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,14 @@ def data_dir() -> Iterator[Path]:
     # directory world-traversable (see TESTING.md).
     path = ROOT / f".steward-test-{uuid.uuid4().hex[:8]}"
     yield path
+    # A server still running here would outlive its deleted data directory (Redis then refuses to
+    # stop, its dump having nowhere to go): kill it, and say so.
+    leftovers = _server_pids(path)
+    for pid in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+    if leftovers:
+        warnings.warn(f"embedded servers left running in {path}: {leftovers}", stacklevel=1)
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -165,9 +165,7 @@ def queue_name(settings: Settings, priority: str) -> str:
     return f"{settings.queue_prefix}:{priority}"
 
 
-def backoff_delay(
-    step: StepDef, settings: Settings, attempt_n: int, retry_after: float | None, rand: float
-) -> float:
+def backoff_delay(step: StepDef, settings: Settings, attempt_n: int, retry_after: float | None, rand: float) -> float:
     """Exponential backoff for the attempt after ``attempt_n``; ``rand`` in [0, 1) drives the jitter."""
     base = step.retry.backoff_base_s if step.retry else settings.retry_backoff_base_s
     cap = step.retry.backoff_max_s if step.retry else settings.retry_backoff_max_s
@@ -216,7 +214,12 @@ class Advance:
                 await self.tx.flush()  # deferred writes first: the reload must see them
                 self.rows = await load_steps(self.conn, self.run.id)
             try:
-                p = plan(self.definition, self.run.input, views(self.definition, self.rows))
+                p = plan(
+                    self.definition,
+                    self.run.input,
+                    views(self.definition, self.rows),
+                    max_map_items=self.settings.max_map_items,
+                )
                 await self._apply(p)
             except StaleTransition:
                 continue  # someone moved a row first: plan again from what is there now
@@ -244,9 +247,7 @@ class Advance:
             starts = [(self.rows[(sid, None)], args) for sid, args in p.start]
             # Items of a map just expanded: their args are known here, no need to read them back.
             expanded = {sid: item_args for sid, item_args in p.expand}
-            starts += [
-                (self.rows[(sid, i)], expanded[sid][i] if sid in expanded else None) for sid, i in p.start_items
-            ]
+            starts += [(self.rows[(sid, i)], expanded[sid][i] if sid in expanded else None) for sid, i in p.start_items]
             await self._start_all(starts)
         await self._settle_run(p, paused)
 
@@ -295,26 +296,55 @@ class Advance:
             args = await self.conn.fetchval("SELECT input FROM step_run WHERE id = $1", row.id)
         attempt_id, n, started = uuid.uuid4(), row.attempts + 1, now()
         values = {
-            "attempts": n, "current_attempt_id": attempt_id, "input": args, "lease_owner": claimer.worker_id,
-            "started_at": started, "lease_expires_at": started + timedelta(seconds=self.settings.lease_s),
+            "attempts": n,
+            "current_attempt_id": attempt_id,
+            "input": args,
+            "lease_owner": claimer.worker_id,
+            "started_at": started,
+            "lease_expires_at": started + timedelta(seconds=self.settings.lease_s),
         }
         defer_step_move(self.tx.deferred, row, S.RUNNING, values)
-        self.tx.event(self.run.id, "step_started", step_id=row.step_id, map_index=row.map_index, attempt=n,
-                      worker=claimer.worker_id)
-        self._add_attempt(row, attempt_id, n, "running", started_at=started, job_id=claimer.job_id,
-                          worker=claimer.worker_id)
+        self.tx.event(
+            self.run.id,
+            "step_started",
+            step_id=row.step_id,
+            map_index=row.map_index,
+            attempt=n,
+            worker=claimer.worker_id,
+        )
+        self._add_attempt(
+            row, attempt_id, n, "running", started_at=started, job_id=claimer.job_id, worker=claimer.worker_id
+        )
         row.attempts, row.current_attempt_id = n, attempt_id
-        self.claimed.append(Claimed(
-            run_id=self.run.id, tenant_id=self.run.tenant_id, workflow_version_id=self.run.workflow_version_id,
-            priority=self.run.priority, step_run_id=row.id, step_version=row.version, step_id=row.step_id,
-            map_index=row.map_index, attempt_id=attempt_id, attempt_n=n, args=args, job_id=claimer.job_id,
-            worker_id=claimer.worker_id,
-        ))
+        self.claimed.append(
+            Claimed(
+                run_id=self.run.id,
+                tenant_id=self.run.tenant_id,
+                workflow_version_id=self.run.workflow_version_id,
+                priority=self.run.priority,
+                step_run_id=row.id,
+                step_version=row.version,
+                step_id=row.step_id,
+                map_index=row.map_index,
+                attempt_id=attempt_id,
+                attempt_n=n,
+                args=args,
+                job_id=claimer.job_id,
+                worker_id=claimer.worker_id,
+            )
+        )
 
     def _add_attempt(self, row: StepRow, attempt_id: uuid.UUID, n: int, status: str, **values: Any) -> None:
         values.setdefault("job_id", str(attempt_id))
-        self.tx.add_attempt(id=attempt_id, tenant_id=self.run.tenant_id, run_id=self.run.id, step_run_id=row.id,
-                            n=n, status=status, **values)
+        self.tx.add_attempt(
+            id=attempt_id,
+            tenant_id=self.run.tenant_id,
+            run_id=self.run.id,
+            step_run_id=row.id,
+            n=n,
+            status=status,
+            **values,
+        )
 
     async def _wait(self, sid: str) -> None:
         spec = self.definition.step(sid).wait
@@ -328,13 +358,6 @@ class Advance:
 
     async def _expand(self, sid: str, item_args: list[Any]) -> None:
         parent = self.rows[(sid, None)]
-        if len(item_args) > self.settings.max_map_items:
-            error = {
-                "class": "map_too_large",
-                "message": f"map has {len(item_args)} items; the limit is {self.settings.max_map_items}",
-            }
-            await self._move(parent, S.FAILED, "step_failed", error=error, finished_at=now())
-            return
         await self._move(parent, S.RUNNING, "map_expanded", {"items": len(item_args)}, started_at=now())
         if not item_args:
             await self._complete_map(sid)
@@ -344,7 +367,12 @@ class Advance:
             "INSERT INTO step_run (id, tenant_id, run_id, step_id, map_index, kind, status, version, attempts, "
             "input, created_at) SELECT id, $2, $3, $4, ord - 1, 'item', 'pending', 1, 0, input, $5 "
             "FROM unnest($1::uuid[], $6::jsonb[]) WITH ORDINALITY AS x(id, input, ord)",
-            ids, self.run.tenant_id, self.run.id, sid, now(), [dumps(a) for a in item_args],
+            ids,
+            self.run.tenant_id,
+            self.run.id,
+            sid,
+            now(),
+            [dumps(a) for a in item_args],
         )
         for i, item_id in enumerate(ids):
             self.rows[(sid, i)] = StepRow(item_id, sid, i, "item", S.PENDING, 1, 0, None)
@@ -353,7 +381,8 @@ class Advance:
         outputs = await self.conn.fetchval(
             "SELECT coalesce(jsonb_agg(output ORDER BY map_index), '[]'::jsonb) FROM step_run "
             "WHERE run_id = $1 AND step_id = $2 AND map_index IS NOT NULL",
-            self.run.id, sid,
+            self.run.id,
+            sid,
         )
         await self._move(self.rows[(sid, None)], S.SUCCEEDED, "step_succeeded", output=outputs, finished_at=now())
         self.rows[(sid, None)].output = outputs
@@ -372,9 +401,7 @@ class Advance:
         elif target == RunStatus.SUCCEEDED:
             sinks = [s.id for s in self.definition.steps if not self.definition.dependents(s.id)]
             output = {
-                sid: self.rows[(sid, None)].output
-                for sid in sinks
-                if self.rows[(sid, None)].status == S.SUCCEEDED
+                sid: self.rows[(sid, None)].output for sid in sinks if self.rows[(sid, None)].status == S.SUCCEEDED
             }
             await set_run_status(self.tx, self.run, RunStatus.SUCCEEDED, output=output)
         else:
@@ -423,7 +450,9 @@ async def stop_steps(tx: Tx, run: RunRow, rows: Any, statuses: tuple[StepStatus,
             "UPDATE step_attempt SET status = 'cancelled', finished_at = $2, error_class = 'cancelled', "
             "error_message = $3 WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'running') "
             "RETURNING job_id, worker",
-            attempt_ids, t, reason,
+            attempt_ids,
+            t,
+            reason,
         )
         tx.aborts.extend(job for job, worker in running_jobs if worker is not None and job)
     await tx.conn.execute("DELETE FROM outbox WHERE run_id = $1", run.id)

@@ -54,7 +54,7 @@ def context_for(run_input: Any, steps: dict[str, StepView]) -> dict[str, Any]:
     }
 
 
-def plan(definition: Definition, run_input: Any, steps: dict[str, StepView]) -> Plan:
+def plan(definition: Definition, run_input: Any, steps: dict[str, StepView], *, max_map_items: int = 10_000) -> Plan:
     """Decide the next moves; ``steps`` holds every step of the definition by id."""
     result = Plan()
     # Statuses as they will be once this plan is applied, so a skip cascades within one pass.
@@ -64,7 +64,7 @@ def plan(definition: Definition, run_input: Any, steps: dict[str, StepView]) -> 
         step = definition.step(sid)
         view = steps[sid]
         if view.status == S.PENDING:
-            _plan_pending(step, view, status, ctx, result)
+            _plan_pending(step, view, status, ctx, result, max_map_items)
         elif view.status == S.RUNNING and step.kind == "map" and view.items is not None:
             _plan_map_items(step, view.items, result, status)
     result.run_status = _run_status(status, result)
@@ -72,7 +72,7 @@ def plan(definition: Definition, run_input: Any, steps: dict[str, StepView]) -> 
 
 
 def _plan_pending(
-    step: StepDef, view: StepView, status: dict[str, str], ctx: dict[str, Any], result: Plan
+    step: StepDef, view: StepView, status: dict[str, str], ctx: dict[str, Any], result: Plan, max_map_items: int
 ) -> None:
     needs = [status[n] for n in step.needs]
     if any(s == S.SKIPPED for s in needs):
@@ -100,9 +100,15 @@ def _plan_pending(
             assert step.map is not None
             items = render(step.map.items, ctx)
             if not isinstance(items, list):
-                raise ExpressionError(
-                    str(step.map.items), f"map items must be a list, got {type(items).__name__}"
-                )
+                raise ExpressionError(str(step.map.items), f"map items must be a list, got {type(items).__name__}")
+            if len(items) > max_map_items:
+                error = {
+                    "class": "map_too_large",
+                    "message": f"map has {len(items)} items; the limit is {max_map_items}",
+                }
+                result.fail.append((step.id, error))
+                status[step.id] = S.FAILED
+                return
             args = [render(step.map.args, {**ctx, "item": it, "index": i}) for i, it in enumerate(items)]
             result.expand.append((step.id, args))
             status[step.id] = S.RUNNING

@@ -65,9 +65,7 @@ async def test_dag_with_fan_out_fan_in_and_a_map_of_50(
     assert done["started_at"] and done["finished_at"] >= done["started_at"]
 
 
-async def test_map_respects_its_concurrency(
-    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
-) -> None:
+async def test_map_respects_its_concurrency(client: httpx.AsyncClient, tenant: TenantKey, worker: Settings) -> None:
     wf = name()
     await create_workflow(
         client,
@@ -87,9 +85,7 @@ async def test_map_respects_its_concurrency(
     )
     done = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, wf))["id"])
     assert done["status"] == "succeeded"
-    spans = [
-        (i["attempts"][0]["started_at"], i["attempts"][0]["finished_at"]) for i in step(done, "m")["items"]
-    ]
+    spans = [(i["attempts"][0]["started_at"], i["attempts"][0]["finished_at"]) for i in step(done, "m")["items"]]
     for t, _ in spans:
         overlapping = sum(1 for s, f in spans if s <= t < f)
         assert overlapping <= 2
@@ -186,9 +182,7 @@ async def test_retries_run_out_and_the_run_fails(
     assert done["error"]["step"] == "never"
 
 
-async def test_permanent_failure_is_not_retried(
-    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
-) -> None:
+async def test_permanent_failure_is_not_retried(client: httpx.AsyncClient, tenant: TenantKey, worker: Settings) -> None:
     wf = name()
     await create_workflow(
         client,
@@ -252,9 +246,7 @@ async def test_pause_lets_the_running_step_finish_and_dispatches_nothing_until_r
     await wait_for(client, tenant.headers, run["id"], lambda r: step(r, "a")["status"] == "running")
     r = await client.post(f"/api/v1/runs/{run['id']}/pause", headers=tenant.headers)
     assert r.status_code == 200 and r.json()["status"] == "paused"
-    paused = await wait_for(
-        client, tenant.headers, run["id"], lambda r: step(r, "a")["status"] == "succeeded"
-    )
+    paused = await wait_for(client, tenant.headers, run["id"], lambda r: step(r, "a")["status"] == "succeeded")
     await asyncio.sleep(0.3)
     paused = (await client.get(f"/api/v1/runs/{run['id']}", headers=tenant.headers)).json()
     assert paused["status"] == "paused"
@@ -286,9 +278,7 @@ async def test_pause_holds_queued_steps_until_resume(
         await asyncio.sleep(1.5)
         held = (await client.get(f"/api/v1/runs/{run['id']}", headers=tenant.headers)).json()
         assert held["status"] == "paused" and step(held, "a")["status"] == "queued"
-        assert (
-            await client.post(f"/api/v1/runs/{run['id']}/resume", headers=tenant.headers)
-        ).status_code == 200
+        assert (await client.post(f"/api/v1/runs/{run['id']}/resume", headers=tenant.headers)).status_code == 200
         done = await wait_run(client, tenant.headers, run["id"], timeout=10)
         assert done["status"] == "succeeded"
         assert len(step(done, "a")["attempts"]) == 1
@@ -414,9 +404,7 @@ async def test_retry_resumes_from_the_failed_step_without_rerunning_completed_on
     assert (await client.post(f"/api/v1/runs/{run['id']}/retry", headers=tenant.headers)).status_code == 409
 
 
-async def test_signal_completes_a_waiting_step(
-    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
-) -> None:
+async def test_signal_completes_a_waiting_step(client: httpx.AsyncClient, tenant: TenantKey, worker: Settings) -> None:
     wf = name()
     await create_workflow(
         client,
@@ -434,9 +422,7 @@ async def test_signal_completes_a_waiting_step(
     )
     run = await start_run(client, tenant.headers, wf)
     assert run["status"] == "waiting" and step(run, "w")["status"] == "waiting"
-    r = await client.post(
-        f"/api/v1/runs/{run['id']}/signals/shipped", json={"payload": {}}, headers=tenant.headers
-    )
+    r = await client.post(f"/api/v1/runs/{run['id']}/signals/shipped", json={"payload": {}}, headers=tenant.headers)
     assert r.status_code == 409
     r = await client.post(
         f"/api/v1/runs/{run['id']}/signals/paid", json={"payload": {"amount": 42}}, headers=tenant.headers
@@ -445,17 +431,13 @@ async def test_signal_completes_a_waiting_step(
     done = await wait_run(client, tenant.headers, run["id"])
     assert done["status"] == "succeeded"
     assert done["output"] == {"after": {"amount": 42}}
-    r = await client.post(
-        f"/api/v1/runs/{run['id']}/signals/paid", json={"payload": {}}, headers=tenant.headers
-    )
+    r = await client.post(f"/api/v1/runs/{run['id']}/signals/paid", json={"payload": {}}, headers=tenant.headers)
     assert r.status_code == 409
 
 
 async def test_wait_times_out(client: httpx.AsyncClient, tenant: TenantKey, worker: Settings) -> None:
     wf = name()
-    await create_workflow(
-        client, tenant.headers, wf, [{"id": "w", "wait": {"signal": "never", "timeout_s": 0.3}}]
-    )
+    await create_workflow(client, tenant.headers, wf, [{"id": "w", "wait": {"signal": "never", "timeout_s": 0.3}}])
     done = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, wf))["id"])
     assert done["status"] == "failed"
     assert step(done, "w")["error"]["class"] == "wait_timeout"
@@ -467,9 +449,7 @@ async def test_high_priority_run_is_not_starved_by_a_low_priority_backlog(
     from workers.main import run_worker
 
     wf = name()
-    await create_workflow(
-        client, tenant.headers, wf, [{"id": "s", "tool": "sleep", "args": {"seconds": 0.3}}]
-    )
+    await create_workflow(client, tenant.headers, wf, [{"id": "s", "tool": "sleep", "args": {"seconds": 0.3}}])
     low = [await start_run(client, tenant.headers, wf, priority="low") for _ in range(12)]
     high = await start_run(client, tenant.headers, wf, priority="high")
     task = asyncio.create_task(run_worker(settings, concurrency=2))
@@ -494,19 +474,14 @@ async def test_http_tool_sends_the_idempotency_key_and_honours_retry_after(
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
-        key = next(
-            line.split(": ", 1)[1]
-            for line in head.split("\r\n")
-            if line.lower().startswith("idempotency-key")
-        )
+        key = next(line.split(": ", 1)[1] for line in head.split("\r\n") if line.lower().startswith("idempotency-key"))
         seen.append((key, loop.time()))
         if len(seen) == 1:
             writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n")
         else:
             body = b'{"ok": true}'
             writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                % (len(body), body)
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
         await writer.drain()
         writer.close()
@@ -562,3 +537,34 @@ async def test_http_tool_refuses_private_addresses_by_default(
         with pytest.raises(ToolError) as exc:
             await http(ToolCall({"url": "http://127.0.0.1:9/"}, 1, "k", strict, h))
     assert exc.value.error_class == "forbidden_destination" and not exc.value.transient
+
+
+async def test_limits_on_map_size_and_step_output(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, settings: Settings
+) -> None:
+    wf = name()
+    await create_workflow(
+        client,
+        tenant.headers,
+        wf,
+        [
+            {"id": "many", "map": {"items": "${{ input.items }}", "tool": "echo"}},
+        ],
+    )
+    too_many = list(range(settings.max_map_items + 1))
+    done = await wait_run(
+        client, tenant.headers, (await start_run(client, tenant.headers, wf, {"items": too_many}))["id"]
+    )
+    assert done["status"] == "failed"
+    assert step(done, "many")["error"]["class"] == "map_too_large"
+    assert step(done, "many")["items"] is None  # nothing was expanded
+
+    big = name()
+    await create_workflow(
+        client, tenant.headers, big, [{"id": "huge", "tool": "echo", "args": {"v": "${{ input.v }}"}}]
+    )
+    blob = "x" * (settings.max_output_bytes + 1)
+    done = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, big, {"v": blob}))["id"])
+    assert done["status"] == "failed"
+    assert step(done, "huge")["error"]["class"] == "output_too_large"
+    assert step(done, "huge")["output"] is None
