@@ -306,7 +306,12 @@ def cmd_api(args: argparse.Namespace) -> int:
     database_url, redis_url = _require_urls(settings, redis=True)
     assert redis_url is not None
     check_database(database_url)
-    check_redis(redis_url)
+    try:
+        check_redis(redis_url)
+    except CliError as exc:
+        # The API works without Redis for a while: runs are committed with their outbox rows and the
+        # relay sends the jobs once Redis answers; /readyz reports it down meanwhile.
+        print(f"steward api: warning: {exc}; starting anyway (/readyz will say so)", file=sys.stderr)
     host = args.host if args.host is not None else settings.host
     port = args.port if args.port is not None else settings.port
     settings = settings.model_copy(update={"host": host, "port": port})

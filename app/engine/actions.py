@@ -50,8 +50,7 @@ async def pause_run(
     run = await _locked(tx, run_id, tenant_id)
     if run.status in (RunStatus.PAUSED, *RUN_TERMINAL):
         raise IllegalTransition(f"a {run.status} run cannot be paused", status_now=run.status)
-    await set_run_status(tx, run, RunStatus.PAUSED)
-    tx.events[-1]["data"]["actor"] = actor
+    await set_run_status(tx, run, RunStatus.PAUSED, actor=actor)
     return run
 
 
@@ -64,8 +63,7 @@ async def resume_run(
         raise IllegalTransition(
             f"only a paused run can be resumed; this one is {run.status}", status_now=run.status
         )
-    await set_run_status(tx, run, RunStatus.RUNNING)
-    tx.events[-1]["data"]["actor"] = actor
+    await set_run_status(tx, run, RunStatus.RUNNING, actor=actor)
     # Jobs of steps queued before the pause were refused by the workers and are still in the outbox.
     rows = await tx.conn.fetch("SELECT kind, job_id, queue, not_before FROM outbox WHERE run_id = $1", run.id)
     tx.jobs.extend(Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows)
@@ -81,8 +79,7 @@ async def cancel_run(
     check_run_move(run.status, RunStatus.CANCELLED)
     rows = (await load_steps(tx.conn, run.id)).values()
     await stop_steps(tx, run, rows, (S.PENDING, S.QUEUED, S.RUNNING, S.WAITING), f"cancelled by {actor}")
-    await set_run_status(tx, run, RunStatus.CANCELLED)
-    tx.events[-1]["data"]["actor"] = actor
+    await set_run_status(tx, run, RunStatus.CANCELLED, actor=actor)
     return run
 
 

@@ -6,8 +6,6 @@ serialised; every step write is still versioned, and a lost race reloads and re-
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -418,8 +416,10 @@ class Advance:
         await set_run_status(self.tx, self.run, RunStatus.FAILED, error=error)
 
 
-async def set_run_status(tx: Tx, run: RunRow, to: RunStatus, **values: Any) -> None:
-    """Move the run (versioned), stamping start/finish times and telling long polls when it ends."""
+async def set_run_status(tx: Tx, run: RunRow, to: RunStatus, *, actor: str | None = None, **values: Any) -> None:
+    """Move the run (versioned), stamping start/finish times and telling long polls when it ends.
+
+    ``actor`` (an operator action's principal) goes into the run event, not the row."""
     t = now()
     values["updated_at"] = t
     if to in (RunStatus.RUNNING, RunStatus.WAITING) and run.started_at is None:
@@ -428,7 +428,9 @@ async def set_run_status(tx: Tx, run: RunRow, to: RunStatus, **values: Any) -> N
         values["finished_at"] = t
         tx.finished_runs.append(run.id)
     run.version = await transition_run(tx.conn, run.id, status=run.status, version=run.version, to=to, **values)
-    data = {k: v for k, v in values.items() if k in ("error", "actor")}
+    data = {k: v for k, v in values.items() if k == "error"}
+    if actor is not None:
+        data["actor"] = actor
     tx.event(run.id, f"run_{to.value}", from_status=run.status, **data)
     run.status = to
 
@@ -456,7 +458,3 @@ async def stop_steps(tx: Tx, run: RunRow, rows: Any, statuses: tuple[StepStatus,
         )
         tx.aborts.extend(job for job, worker in running_jobs if worker is not None and job)
     await tx.conn.execute("DELETE FROM outbox WHERE run_id = $1", run.id)
-
-
-def request_hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

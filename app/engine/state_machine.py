@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 from app.engine.sql import Conn, dumps, encode, versioned_update
@@ -131,14 +132,7 @@ async def transition_steps(conn: Conn, moves: list[tuple[Any, dict[str, Any]]], 
         return
     for row, _ in moves:
         check_step_move(row.status, to)
-    columns = sorted(moves[0][1])
-    sets = ", ".join(f"{c} = v.{c}" for c in columns)
-    fields = ", ".join(f"{c} {_STEP_COLUMN_TYPES[c]}" for c in columns)
-    sql = (
-        f"UPDATE step_run s SET status = $1, version = s.version + 1{', ' if sets else ''}{sets} "
-        f"FROM jsonb_to_recordset($2::jsonb) AS v(id uuid, version int{', ' if fields else ''}{fields}) "
-        "WHERE s.id = v.id AND s.version = v.version RETURNING s.id"
-    )
+    sql = bulk_moves_sql(1, 2, tuple(sorted(moves[0][1])))
     payload = [{"id": row.id, "version": row.version, **values} for row, values in moves]
     updated = await conn.fetch(sql, to.value, dumps(payload))
     if len(updated) != len(moves):
@@ -226,8 +220,12 @@ def defer_step_move(deferred: list[tuple[Any, str, dict[str, Any]]], row: Any, t
     row.status, row.version = to.value, row.version + 1
 
 
-def deferred_moves_sql(to_param: int, rows_param: int, columns: tuple[str, ...]) -> str:
-    """A CTE body applying deferred moves (all to one status, setting the same columns)."""
+@lru_cache(maxsize=64)
+def bulk_moves_sql(to_param: int, rows_param: int, columns: tuple[str, ...]) -> str:
+    """A versioned UPDATE of many step rows to one status, setting the same columns, from a JSON record set.
+
+    Used by :func:`transition_steps` and, as a CTE, by the flush of deferred moves.
+    """
     sets = "".join(f", {c} = v.{c}" for c in columns)
     fields = "".join(f", {c} {_STEP_COLUMN_TYPES[c]}" for c in columns)
     return (

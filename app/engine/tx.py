@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.engine.sql import Conn, dumps
-from app.engine.state_machine import StaleTransition, deferred_moves_sql
+from app.engine.state_machine import StaleTransition, bulk_moves_sql
 
 QUEUES = ("high", "normal", "low")
 
@@ -117,7 +117,7 @@ def _flush_sql(columns: tuple[str, ...] | None) -> str:
         if columns is None:
             sql = _FLUSH_TEMPLATE.format(moves="", moved="0")
         else:
-            sql = _FLUSH_TEMPLATE.format(moves=f", moved AS ({deferred_moves_sql(5, 6, columns)})",
+            sql = _FLUSH_TEMPLATE.format(moves=f", moved AS ({bulk_moves_sql(5, 6, columns)})",
                                          moved="(SELECT count(*) FROM moved)")
         _flush_cache[columns] = sql
     return sql

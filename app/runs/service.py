@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import uuid
 from collections import defaultdict
 from datetime import datetime
@@ -16,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.context import Ctx
 from app.engine.actions import RunNotFound
-from app.engine.advance import Advance, load_definition, lock, request_hash
+from app.engine.advance import Advance, load_definition, lock
 from app.engine.sql import driver
 from app.engine.state_machine import RunStatus
 from app.engine.tx import Tx
@@ -27,6 +29,11 @@ from app.workflows import service as workflows_service
 from app.workflows.definition import validate_input
 
 RUN_EVENTS_INLINE = 200
+
+
+def request_hash(payload: Any) -> str:
+    """Digest of a run request, to tell an Idempotency-Key replay from a reuse with another body."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class IdempotencyKeyReused(Invalid):

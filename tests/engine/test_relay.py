@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ from app.config import Settings
 from app.engine.outbox import Relay
 from app.engine.tx import Job
 from tests.conftest import MakeTenant
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
@@ -35,9 +39,21 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.workdir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         for _ in range(100):
             try:
@@ -95,10 +111,7 @@ async def test_relay_keeps_jobs_while_redis_is_down_and_delivers_them_when_it_re
         await pool.aclose()
 
 
-
-async def test_the_api_starts_and_takes_runs_while_redis_is_down(
-    settings: Settings, make_tenant: MakeTenant
-) -> None:
+async def test_the_api_starts_and_takes_runs_while_redis_is_down(settings: Settings, make_tenant: MakeTenant) -> None:
     from app.main import create_app
     from tests.engine.conftest import create_workflow, name, start_run
 
@@ -114,3 +127,55 @@ async def test_the_api_starts_and_takes_runs_while_redis_is_down(
             assert run["status"] == "queued"
             # The job waits in the relay (and in the outbox, for the reconciler) until Redis is back.
             assert app.state.runtime.relay.backlog >= 1
+
+
+async def test_steward_api_starts_without_redis_and_the_worker_refuses(settings: Settings) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url or "",
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "STEWARD_QUEUE_PREFIX": settings.queue_prefix,
+    }
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app.cli",
+        "worker",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, worker_err = await asyncio.wait_for(worker.communicate(), timeout=60)
+    assert worker.returncode == 1 and b"cannot connect to Redis" in worker_err
+    assert b"Traceback" not in worker_err
+
+    port = free_port()
+    api = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app.cli",
+        "api",
+        "--port",
+        str(port),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        ready = None
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(300):
+                try:
+                    ready = await client.get("/readyz")
+                    break
+                except httpx.TransportError:
+                    assert api.returncode is None, "steward api exited"
+                    await asyncio.sleep(0.1)
+        assert ready is not None and ready.status_code == 503
+        assert ready.json()["checks"] == {"database": "ok", "redis": "down"}
+    finally:
+        api.terminate()
+        _, api_err = await asyncio.wait_for(api.communicate(), timeout=20)
+    assert b"warning: cannot connect to Redis" in api_err

@@ -519,24 +519,46 @@ async def test_http_tool_sends_the_idempotency_key_and_honours_retry_after(
 
 
 async def test_http_tool_refuses_private_addresses_by_default(
-    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
+    client: httpx.AsyncClient, tenant: TenantKey, settings: Settings
 ) -> None:
+    from workers.main import run_worker
+    from workers.steps.tools import ToolCall, ToolError, http
+
+    strict = settings.model_copy(update={"http_allow_private_networks": False})
+    async with httpx.AsyncClient() as h:
+        with pytest.raises(ToolError) as exc:
+            await http(ToolCall({"url": "http://127.0.0.1:9/"}, 1, "k", strict, h))
+    assert exc.value.error_class == "forbidden_destination" and not exc.value.transient
+
+    # Through the engine: a permanent failure, not retried.
     wf = name()
     await create_workflow(
         client,
         tenant.headers,
         wf,
-        [
-            {"id": "call", "tool": "http", "args": {"url": "http://127.0.0.1:9/"}},
-        ],
+        [{"id": "call", "tool": "http", "args": {"url": "http://127.0.0.1:9/"}, "retry": {"max_attempts": 3}}],
     )
-    strict = worker.model_copy(update={"http_allow_private_networks": False})
-    from workers.steps.tools import ToolCall, ToolError, http
+    task = asyncio.create_task(run_worker(strict))
+    try:
+        done = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, wf))["id"])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert done["status"] == "failed"
+    assert [a["error"]["class"] for a in step(done, "call")["attempts"]] == ["forbidden_destination"]
 
-    async with httpx.AsyncClient() as h:
-        with pytest.raises(ToolError) as exc:
-            await http(ToolCall({"url": "http://127.0.0.1:9/"}, 1, "k", strict, h))
-    assert exc.value.error_class == "forbidden_destination" and not exc.value.transient
+
+async def test_a_long_step_keeps_its_lease_alive(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
+) -> None:
+    """The worker renews the lease (here 2 s) while a 3.5 s step runs: the reconciler must not take
+    the step for lost."""
+    assert worker.lease_s < 3
+    wf = name()
+    await create_workflow(client, tenant.headers, wf, [{"id": "long", "tool": "sleep", "args": {"seconds": 3.5}}])
+    done = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, wf))["id"])
+    assert done["status"] == "succeeded"
+    assert [a["status"] for a in step(done, "long")["attempts"]] == ["succeeded"]
 
 
 async def test_limits_on_map_size_and_step_output(
