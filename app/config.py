@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     lease_s: float = 30.0
     arq_job_timeout_s: float = 7 * 86400
 
+    # Keys sealing secrets at rest (AES-256-GCM): comma-separated, base64url 32-byte keys, newest first.
+    # Unset: a key file made under data_dir on first use (fine for one machine; set this for several).
+    secret_keys: str | None = Field(default=None, repr=False)
+
     # The builtin `http` tool refuses loopback, link-local and private addresses unless this is set.
     http_allow_private_networks: bool = False
 

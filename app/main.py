@@ -17,10 +17,14 @@ from sqlalchemy import text
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.approvals.routes import router as approvals_router
 from app.config import Settings, get_settings
 from app.engine.runtime import Runtime
 from app.http import BodySizeLimitMiddleware, problem_response, problem_responses, register_error_handlers
 from app.runs.routes import router as runs_router
+from app.tenants.routes import router as settings_router
+from app.tools.routes import router as tools_router
+from app.vault.routes import router as secrets_router
 from app.workflows.routes import router as workflows_router
 
 log = logging.getLogger(__name__)
@@ -156,4 +160,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(workflows_router)
     app.include_router(runs_router)
+    app.include_router(secrets_router)
+    app.include_router(tools_router)
+    app.include_router(approvals_router)
+    app.include_router(settings_router)
     return app

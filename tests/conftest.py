@@ -36,6 +36,7 @@ from app.db import async_url, make_engine, make_sessionmaker, run_migrations
 from app.redis import redis_settings
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey
+from app.vault.crypto import new_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -147,6 +148,7 @@ async def settings(database_url: str, servers: Servers) -> Settings:
         redis_url=servers.redis_url,
         queue_prefix=f"stwtest-{secrets.token_hex(4)}",
         http_allow_private_networks=True,
+        secret_keys=new_key(),
         db_pool_size=5,
         db_max_overflow=20,
     )

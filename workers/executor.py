@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import httpx
@@ -13,8 +14,9 @@ from app.config import Settings
 from app.engine.advance import Claimed, step_timeout
 from app.engine.attempts import Outcome, renew_lease
 from app.engine.runtime import Runtime
-from app.workflows.definition import StepDef
-from workers.steps.tools import TOOLS, ToolCall, ToolError
+from app.tools.breaker import Breaker
+from app.workflows.definition import Definition, StepDef
+from workers.calls import Caller, CallSite, run_scope
 
 log = logging.getLogger(__name__)
 
@@ -31,44 +33,38 @@ def tool_name(step: StepDef, claimed: Claimed) -> str:
     return step.tool
 
 
-async def execute(runtime: Runtime, http: httpx.AsyncClient, step: StepDef, claimed: Claimed) -> Outcome:
+async def execute(runtime: Runtime, http: httpx.AsyncClient, breaker: Breaker, definition: Definition,
+                  claimed: Claimed) -> Outcome:
+    """Run the step's tool call through the guardrails (workers/calls.py) under the step's hard timeout."""
     settings = runtime.settings
+    step = definition.step(claimed.step_id)
     timeout = step_timeout(step, settings)
-    call = ToolCall(claimed.args, claimed.attempt_n, claimed.idempotency_key, settings, http)
-    tool = TOOLS[tool_name(step, claimed)]
     started = _now()
     heartbeat = None
     if timeout > settings.lease_s / 3:
         heartbeat = asyncio.create_task(_renew_lease(runtime, claimed))
     try:
         async with asyncio.timeout(timeout):
-            output = await tool(call)
-        return _checked(output, started, settings)
+            async with runtime.pg.acquire() as conn:
+                scope = await run_scope(conn, claimed.run_id, claimed.tenant_id, definition.permissions,
+                                        definition.shadow)
+            site = CallSite(claimed.step_run_id, claimed.step_id, claimed.attempt_n, claimed.idempotency_key)
+            result = await Caller(runtime, http, scope, breaker).call(site, tool_name(step, claimed), claimed.args)
     except TimeoutError:
-        return Outcome(
-            False,
-            started,
-            _now(),
-            error_class="timeout",
-            transient=True,
-            message=f"step did not finish within {timeout:g}s",
-        )
-    except ToolError as exc:
-        return Outcome(
-            False,
-            started,
-            _now(),
-            error_class=exc.error_class,
-            message=exc.message,
-            transient=exc.transient,
-            retry_after=exc.retry_after,
-        )
+        return Outcome(False, started, _now(), error_class="timeout", transient=True,
+                       message=f"step did not finish within {timeout:g}s")
     except Exception as exc:  # a bug in a tool must fail the step, not the worker
         log.exception("tool %s crashed", tool_name(step, claimed))
         return Outcome(False, started, _now(), error_class="internal", message=f"{type(exc).__name__}: {exc}")
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
+    if result.ok:
+        outcome = _checked(result.output, started, settings)
+    else:
+        outcome = Outcome(False, started, _now(), error_class=result.error_class, message=result.message,
+                          transient=result.transient, retry_after=result.retry_after, gate=result.gate)
+    return replace(outcome, events=tuple(result.events), audits=tuple(result.audits), retry=result.retry)
 
 
 def _checked(output: object, started: datetime, settings: Settings) -> Outcome:

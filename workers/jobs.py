@@ -15,6 +15,7 @@ from app.engine.attempts import fire_wait_timeout as fire_wait_timeout_tx
 from app.engine.reconciler import reconcile_once
 from app.engine.runtime import Runtime
 from app.engine.unit import in_tx
+from app.tools.breaker import Breaker
 from workers.executor import execute
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,11 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
             if len(claimed) == 1 and not running:
                 # One step at a time (a chain): run it here, without a task to schedule and wait for.
                 solo = claimed[0]
-                results = [(solo, await _execute(runtime, ctx["http"], solo))]
+                results = [(solo, await _execute(runtime, ctx["http"], ctx["breaker"], solo))]
                 solo = None
             else:
                 for c in claimed:
-                    running[asyncio.create_task(_execute(runtime, ctx["http"], c))] = c
+                    running[asyncio.create_task(_execute(runtime, ctx["http"], ctx["breaker"], c))] = c
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 results = [(running.pop(task), task.result()) for task in done]
             room = batch - len(running) if started < settings.inline_continue_max else 0
@@ -58,12 +59,12 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
         raise
 
 
-async def _execute(runtime: Runtime, http: Any, claimed: Claimed) -> Outcome:
+async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claimed) -> Outcome:
     definition = cached_definition(claimed.workflow_version_id)
     if definition is None:
         async with runtime.pg.acquire() as conn:
             definition = await load_definition(conn, claimed.workflow_version_id)
-    return await execute(runtime, http, definition.step(claimed.step_id), claimed)
+    return await execute(runtime, http, breaker, definition, claimed)
 
 
 async def _interrupted(runtime: Runtime, claimed: list[Claimed]) -> None:

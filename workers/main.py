@@ -21,6 +21,7 @@ from app.config import Settings
 from app.engine.runtime import Runtime
 from app.engine.tx import QUEUES
 from app.redis import redis_settings
+from app.tools.breaker import Breaker
 from workers.jobs import fire_wait_timeout, reconcile, run_step
 from workers.wakeup import WakeableWorker, listen
 
@@ -35,7 +36,9 @@ def build_workers(
     runtime: Runtime, *, concurrency: int, worker_id: str, http: httpx.AsyncClient
 ) -> list[WakeableWorker]:
     settings = runtime.settings
-    ctx: dict[str, Any] = {"runtime": runtime, "worker_id": worker_id, "http": http}
+    # Breaker state lives in Redis, shared with every other worker process (the key prefix keeps tests apart).
+    breaker = Breaker(runtime.redis, prefix=f"{settings.queue_prefix}:breaker")
+    ctx: dict[str, Any] = {"runtime": runtime, "worker_id": worker_id, "http": http, "breaker": breaker}
     every = max(1, int(settings.reconcile_interval_s))
     workers = []
     for priority in QUEUES:

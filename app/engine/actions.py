@@ -63,7 +63,7 @@ async def resume_run(
         raise IllegalTransition(
             f"only a paused run can be resumed; this one is {run.status}", status_now=run.status
         )
-    await set_run_status(tx, run, RunStatus.RUNNING, actor=actor)
+    await set_run_status(tx, run, RunStatus.RUNNING, actor=actor, status_reason=None)
     # Jobs of steps queued before the pause were refused by the workers and are still in the outbox.
     rows = await tx.conn.fetch("SELECT kind, job_id, queue, not_before FROM outbox WHERE run_id = $1", run.id)
     tx.jobs.extend(Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows)

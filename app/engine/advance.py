@@ -26,7 +26,7 @@ from app.engine.state_machine import (
     transition_steps,
 )
 from app.engine.tx import Job, Tx, now
-from app.workflows.definition import Definition, StepDef, parse_definition
+from app.workflows.definition import Definition, RetryPolicy, StepDef, parse_definition
 
 S = StepStatus
 MAX_PASSES = 50
@@ -133,7 +133,9 @@ async def load_definition(conn: Conn, workflow_version_id: uuid.UUID) -> Definit
         return cached
     raw = await conn.fetchval("SELECT definition FROM workflow_version WHERE id = $1", workflow_version_id)
     # Stored definitions passed validation under whatever limits applied then; don't re-apply limits.
-    definition = parse_definition(raw, max_steps=1_000_000, max_map_items=10**9, max_map_concurrency=10**6)
+    definition = parse_definition(
+        raw, max_steps=1_000_000, max_map_items=10**9, max_map_concurrency=10**6, known_tools=None
+    )
     _definitions[workflow_version_id] = definition
     if len(_definitions) > 512:
         _definitions.popitem(last=False)
@@ -163,11 +165,17 @@ def queue_name(settings: Settings, priority: str) -> str:
     return f"{settings.queue_prefix}:{priority}"
 
 
-def backoff_delay(step: StepDef, settings: Settings, attempt_n: int, retry_after: float | None, rand: float) -> float:
-    """Exponential backoff for the attempt after ``attempt_n``; ``rand`` in [0, 1) drives the jitter."""
-    base = step.retry.backoff_base_s if step.retry else settings.retry_backoff_base_s
-    cap = step.retry.backoff_max_s if step.retry else settings.retry_backoff_max_s
-    jitter = step.retry.jitter if step.retry else True
+def backoff_delay(
+    step: StepDef, settings: Settings, attempt_n: int, retry_after: float | None, rand: float,
+    policy: RetryPolicy | None = None,
+) -> float:
+    """Exponential backoff for the attempt after ``attempt_n``; ``rand`` in [0, 1) drives the jitter.
+
+    The step's own ``retry`` wins; then ``policy`` (the tool's); then the settings."""
+    retry = step.retry or policy
+    base = retry.backoff_base_s if retry else settings.retry_backoff_base_s
+    cap = retry.backoff_max_s if retry else settings.retry_backoff_max_s
+    jitter = retry.jitter if retry else True
     delay = min(cap, base * (2 ** (attempt_n - 1)))
     if jitter:
         # "Equal jitter": keep half, randomise half, so retries spread without collapsing to zero.
@@ -177,8 +185,9 @@ def backoff_delay(step: StepDef, settings: Settings, attempt_n: int, retry_after
     return float(delay)
 
 
-def max_attempts(step: StepDef, settings: Settings) -> int:
-    return step.retry.max_attempts if step.retry else settings.retry_max_attempts
+def max_attempts(step: StepDef, settings: Settings, policy: RetryPolicy | None = None) -> int:
+    retry = step.retry or policy
+    return retry.max_attempts if retry else settings.retry_max_attempts
 
 
 def step_timeout(step: StepDef, settings: Settings) -> float:
@@ -264,7 +273,11 @@ class Advance:
                 data = {**(data or {}), "error": values["error"]}
             self.tx.event(self.run.id, event, step_id=row.step_id, map_index=row.map_index, **(data or {}))
 
-    async def _start_all(self, starts: list[tuple[StepRow, Any]]) -> None:
+    async def dispatch(self, starts: list[tuple[StepRow, Any]], **extra: Any) -> None:
+        """Queue steps with a new attempt each (args None: their stored input); ``extra`` columns are set too."""
+        await self._start_all(starts, extra)
+
+    async def _start_all(self, starts: list[tuple[StepRow, Any]], extra: dict[str, Any] | None = None) -> None:
         """Start tool steps and map items: the first may go to the claiming worker, the rest are queued."""
         if self.claimer is not None:
             room = max(0, self.claimer.capacity - len(self.claimed))
@@ -281,7 +294,7 @@ class Advance:
         moves = []
         for row, args in starts:
             attempt_id, n = uuid.uuid4(), row.attempts + 1
-            moves.append((row, {"attempts": n, "current_attempt_id": attempt_id, "input": args}))
+            moves.append((row, {"attempts": n, "current_attempt_id": attempt_id, "input": args, **(extra or {})}))
             self._add_attempt(row, attempt_id, n, "queued")
             self.tx.enqueue(self.run.id, Job("step", str(attempt_id), queue))
             self.tx.event(self.run.id, "step_queued", step_id=row.step_id, map_index=row.map_index, attempt=n)
@@ -345,7 +358,15 @@ class Advance:
         )
 
     async def _wait(self, sid: str) -> None:
-        spec = self.definition.step(sid).wait
+        step = self.definition.step(sid)
+        if step.approval is not None:
+            from app.approvals.engine import Gate, request_approval  # it builds on this module
+
+            gate = Gate("step", "", None, None, None, step.approval.reason, step.approval.timeout_s,
+                        step.approval.on_expiry)
+            await request_approval(self.tx, self.settings, self.run, self.rows[(sid, None)], gate)
+            return
+        spec = step.wait
         assert spec is not None
         deadline = now() + timedelta(seconds=spec.timeout_s) if spec.timeout_s is not None else None
         row = self.rows[(sid, None)]
@@ -428,7 +449,7 @@ async def set_run_status(tx: Tx, run: RunRow, to: RunStatus, *, actor: str | Non
         values["finished_at"] = t
         tx.finished_runs.append(run.id)
     run.version = await transition_run(tx.conn, run.id, status=run.status, version=run.version, to=to, **values)
-    data = {k: v for k, v in values.items() if k == "error"}
+    data = {k: v for k, v in values.items() if k in ("error", "status_reason") and v is not None}
     if actor is not None:
         data["actor"] = actor
     tx.event(run.id, f"run_{to.value}", from_status=run.status, **data)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from app.approvals.engine import Gate, request_approval
+from app.approvals.engine import expire as expire_approval
+from app.audit.service import record as audit
 from app.config import Settings
 from app.engine.advance import (
     Advance,
@@ -29,6 +32,7 @@ from app.engine.advance import (
 )
 from app.engine.sql import Conn
 from app.engine.state_machine import (
+    RUN_TERMINAL,
     RunStatus,
     StaleTransition,
     StepStatus,
@@ -37,9 +41,19 @@ from app.engine.state_machine import (
     transition_steps,
 )
 from app.engine.tx import Job, Tx, now
+from app.workflows.definition import RetryPolicy
 
 S = StepStatus
 DISPATCHABLE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+
+
+@dataclass(frozen=True)
+class AuditNote:
+    actor: str
+    action: str
+    target: str | None
+    outcome: str
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,15 @@ class Outcome:
     message: str | None = None
     transient: bool = False
     retry_after: float | None = None
+    # Run events (type, data) and audit events the call produced, written with the outcome.
+    events: tuple[tuple[str, dict[str, Any]], ...] = ()
+    audits: tuple[AuditNote, ...] = ()
+    # The call needs approval: the step waits for it instead of finishing.
+    gate: Gate | None = None
+    # A budget ran out and the tenant pauses runs for that: the step is queued again and the run paused.
+    pause_reason: str | None = None
+    # The tool's retry policy, used when the step has none of its own.
+    retry: RetryPolicy | None = None
 
 
 _ATTEMPT_RUN = "SELECT run_id FROM step_attempt WHERE id = $1 AND status = 'queued'"
@@ -131,11 +154,16 @@ async def record_outcomes(
     definition = await load_definition(tx.conn, run.workflow_version_id)
     finished: list[tuple[Claimed, Outcome, dict[str, Any]]] = []
     for claimed, outcome in results:
+        await _notes(tx, run, claimed, outcome)
         attempt = {"attempt_id": claimed.attempt_id, "status": "succeeded" if outcome.ok else "failed",
                    "started_at": outcome.started_at, "finished_at": outcome.finished_at,
                    "error_class": outcome.error_class, "error_message": outcome.message}
-        if not outcome.ok and outcome.transient and claimed.attempt_n < max_attempts(
-            definition.step(claimed.step_id), settings
+        if outcome.gate is not None:
+            await _gate(tx, settings, run, claimed, outcome)
+        elif outcome.pause_reason is not None:
+            await _pause(tx, settings, run, claimed, outcome, attempt)
+        elif not outcome.ok and outcome.transient and claimed.attempt_n < max_attempts(
+            definition.step(claimed.step_id), settings, outcome.retry
         ):
             await _retry(tx, settings, run, claimed, outcome, attempt)
         else:
@@ -179,6 +207,47 @@ async def _finish(
     return steps
 
 
+async def _notes(tx: Tx, run: RunRow, claimed: Claimed, outcome: Outcome) -> None:
+    for type_, data in outcome.events:
+        tx.event(run.id, type_, step_id=claimed.step_id, map_index=claimed.map_index, **data)
+    for note in outcome.audits:
+        await audit(tx.conn, run.tenant_id, note.actor, note.action, note.target, outcome=note.outcome, data=note.data)
+
+
+def _step_row(claimed: Claimed) -> StepRow:
+    return StepRow(claimed.step_run_id, claimed.step_id, claimed.map_index, "", S.RUNNING, claimed.step_version,
+                   claimed.attempt_n, claimed.attempt_id)
+
+
+async def _gate(tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome) -> None:
+    """The step's call needs approval: close the attempt and let the step wait for the decision."""
+    landed = await tx.conn.fetchval(
+        _FAIL_ATTEMPT, claimed.attempt_id, "gated", outcome.started_at, outcome.finished_at, "approval_required",
+        outcome.gate.reason if outcome.gate else None,
+    )
+    if landed is None or outcome.gate is None:
+        return
+    with contextlib.suppress(StaleTransition):
+        await request_approval(tx, settings, run, _step_row(claimed), outcome.gate)
+
+
+async def _pause(
+    tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, attempt: dict[str, Any]
+) -> None:
+    """A budget ran out before the call: queue the step again (it runs on resume) and pause the run."""
+    landed = await tx.conn.fetchval(
+        _FAIL_ATTEMPT, claimed.attempt_id, "failed", attempt["started_at"], attempt["finished_at"],
+        outcome.error_class, outcome.message,
+    )
+    if landed is None:
+        return
+    with contextlib.suppress(StaleTransition):
+        await _schedule_retry(tx, settings, run, claimed, outcome, delay=0.0)
+    if run.status not in (RunStatus.PAUSED, *RUN_TERMINAL):
+        await set_run_status(tx, run, RunStatus.PAUSED, status_reason=outcome.pause_reason, error={
+            "class": outcome.error_class, "message": outcome.message})
+
+
 _FAIL_ATTEMPT = (
     "UPDATE step_attempt SET status = $2, started_at = $3, finished_at = $4, error_class = $5, error_message = $6 "
     "WHERE id = $1 AND status = 'running' RETURNING id"
@@ -204,11 +273,15 @@ async def _leave_running(conn: Conn, claimed: Claimed, to: StepStatus, **values:
                           lease_owner=None, lease_expires_at=None, **values)
 
 
-async def _schedule_retry(tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome) -> None:
-    definition = await load_definition(tx.conn, run.workflow_version_id)
-    delay = backoff_delay(
-        definition.step(claimed.step_id), settings, claimed.attempt_n, outcome.retry_after, random.random()
-    )
+async def _schedule_retry(
+    tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, delay: float | None = None
+) -> None:
+    if delay is None:
+        definition = await load_definition(tx.conn, run.workflow_version_id)
+        delay = backoff_delay(
+            definition.step(claimed.step_id), settings, claimed.attempt_n, outcome.retry_after, random.random(),
+            outcome.retry,
+        )
     not_before = now() + timedelta(seconds=delay)
     attempt_id = uuid.uuid4()
     n = claimed.attempt_n + 1
@@ -270,6 +343,9 @@ async def fire_wait_timeout(tx: Tx, settings: Settings, step_run_id: uuid.UUID) 
     )
     if step["status"] != S.WAITING or step["wait_deadline"] is None or step["wait_deadline"] > now():
         return False
+    row = StepRow(step_run_id, step["step_id"], None, "", step["status"], step["version"], 0, None)
+    if await expire_approval(tx, settings, run, row):
+        return True
     error = {"class": "wait_timeout", "message": f"no signal before {step['wait_deadline'].isoformat()}"}
     await transition_step(tx.conn, step_run_id, status=step["status"], version=step["version"], to=S.FAILED,
                           error=error, finished_at=now())

@@ -89,7 +89,7 @@ def _plan_pending(
         if step.kind == "tool":
             result.start.append((step.id, render(step.args, ctx)))
             status[step.id] = S.QUEUED
-        elif step.kind == "wait":
+        elif step.kind in ("wait", "approval"):
             result.wait.append(step.id)
             status[step.id] = S.WAITING
         elif view.items is not None:

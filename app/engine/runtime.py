@@ -16,6 +16,7 @@ from app.engine.outbox import Relay
 from app.engine.sql import setup_connection
 from app.engine.tx import Tx
 from app.redis import connect as connect_redis
+from app.vault.crypto import Vault, load_keys
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,14 @@ class Runtime:
     pg: asyncpg.Pool[asyncpg.Record]
     notifier: RunNotifier | None = None
     owns_redis: bool = field(default=True)
+    _vault: Vault | None = field(default=None, repr=False)
+
+    @property
+    def vault(self) -> Vault:
+        """Seals and opens secrets; its keys are read on first use."""
+        if self._vault is None:
+            self._vault = Vault(load_keys(self.settings.secret_keys, self.settings.data_dir))
+        return self._vault
 
     @classmethod
     async def start(cls, settings: Settings, *, role: str = "api", redis: ArqRedis | None = None) -> Runtime:

@@ -53,8 +53,10 @@ STEP_MOVES: dict[StepStatus, frozenset[StepStatus]] = {
     S.PENDING: frozenset({S.QUEUED, S.RUNNING, S.WAITING, S.SUCCEEDED, S.FAILED, S.SKIPPED, S.CANCELLED}),
     S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
     # running -> queued: a transient failure whose next attempt waits out its backoff.
-    S.RUNNING: frozenset({S.QUEUED, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
-    S.WAITING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    # running -> waiting: the call it was about to make needs approval.
+    S.RUNNING: frozenset({S.QUEUED, S.WAITING, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    # waiting -> queued: an approved call is dispatched again; waiting -> waiting: its deadline changed.
+    S.WAITING: frozenset({S.QUEUED, S.WAITING, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
     # A retried run puts its failed and cancelled steps back to pending; completed ones stay.
     S.FAILED: frozenset({S.PENDING}),
     S.CANCELLED: frozenset({S.PENDING}),

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     DateTime,
     ForeignKey,
@@ -68,6 +69,10 @@ class Run(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_by: Mapped[str | None] = mapped_column(String(255))
+    # The starter's roles when the run began: tools with required_roles check them.
+    principal_roles: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
+    # Why the run is paused or failed by a guardrail (e.g. "budget_exhausted"); cleared on resume.
+    status_reason: Mapped[str | None] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())
     started_at: Mapped[datetime | None] = mapped_column(TS)
@@ -147,4 +152,22 @@ class RunEvent(Base):
     map_index: Mapped[int | None] = mapped_column(Integer)
     type: Mapped[str] = mapped_column(String(48))
     data: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())
+
+
+class AgentCheckpoint(Base):
+    """One completed model turn or tool call of an agent step, written as it completes.
+
+    A worker that resumes an agent step replays these instead of calling the model or the tool again.
+    """
+
+    __tablename__ = "agent_checkpoint"
+
+    step_run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("step_run.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(8))  # model | tool
+    call_id: Mapped[str | None] = mapped_column(String(128))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())

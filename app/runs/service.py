@@ -75,6 +75,7 @@ async def create_run(
         "idempotency_key": idempotency_key,
         "request_hash": digest if idempotency_key else None,
         "created_by": ctx.principal,
+        "principal_roles": sorted(ctx.roles),
         "version": 1,
     }
     try:

@@ -10,8 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.keys import hash_api_key, new_api_key
 from app.tenants.models import ApiKey, Tenant
+from app.tenants.policy import ROLES
 
-ALL_ROLES = ("viewer", "operator", "approver", "author", "auditor", "admin")
+ALL_ROLES = ROLES
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,9 @@ __all__ = [
     "BUILTIN_TOOLS",
     "Definition",
     "DefinitionError",
+    "ApprovalSpec",
     "MapSpec",
+    "Permissions",
     "RetryPolicy",
     "StepDef",
     "WaitSpec",
@@ -42,25 +44,28 @@ __all__ = [
     "validate_input",
 ]
 
-StepKind = Literal["tool", "wait", "map"]
+StepKind = Literal["tool", "wait", "map", "approval"]
 
 BUILTIN_TOOLS: frozenset[str] = frozenset({"echo", "sleep", "fail", "http"})
-STEP_KINDS: tuple[StepKind, ...] = ("tool", "wait", "map")
+STEP_KINDS: tuple[StepKind, ...] = ("tool", "wait", "map", "approval")
 # In the product design but not implemented yet; named so the error says "not supported", not "unknown".
-UNSUPPORTED_KINDS = ("approval", "llm", "agent")
+UNSUPPORTED_KINDS = ("llm", "agent")
 MAX_STEP_TIMEOUT_S = 86_400
 DEFAULT_MAP_CONCURRENCY = 10
 # Nesting deeper than this in args is almost certainly a mistake, and rendering recurses over it.
 MAX_NESTING = 64
 
-_TOP_FIELDS = frozenset({"input_schema", "limits", "steps"})
+_TOP_FIELDS = frozenset({"input_schema", "limits", "steps", "permissions", "shadow"})
 _STEP_FIELDS = frozenset({"id", "needs", "when", "timeout_s", "retry", "description", "args", *STEP_KINDS})
 _RETRY_FIELDS = frozenset({"max_attempts", "backoff_base_s", "backoff_max_s", "jitter"})
 _WAIT_FIELDS = frozenset({"signal", "timeout_s"})
+_APPROVAL_FIELDS = frozenset({"reason", "timeout_s", "on_expiry"})
+_PERMISSION_FIELDS = frozenset({"read_only", "tools"})
 _MAP_FIELDS = frozenset({"items", "tool", "args", "concurrency"})
 _LIMIT_FIELDS = frozenset({"max_steps", "max_tokens", "max_cost_usd", "timeout_s"})
 _STEP_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _SIGNAL = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_TOOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,21 @@ DEFAULT_RETRY = RetryPolicy(max_attempts=3, backoff_base_s=1.0, backoff_max_s=30
 class WaitSpec:
     signal: str
     timeout_s: float | None
+
+
+@dataclass(frozen=True)
+class ApprovalSpec:
+    reason: str
+    timeout_s: float | None
+    on_expiry: str | None  # "reject" | "flag"; None: the tenant's setting
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """What the workflow's tool calls may do: ``read_only`` refuses write tools; ``tools`` is an allowlist."""
+
+    read_only: bool = False
+    tools: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,7 @@ class StepDef:
     retry: RetryPolicy | None
     wait: WaitSpec | None
     map: MapSpec | None
+    approval: ApprovalSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,8 @@ class Definition:
     steps: tuple[StepDef, ...]
     input_schema: dict[str, Any] | None
     limits: dict[str, Any]
+    permissions: Permissions = field(default_factory=Permissions)
+    shadow: bool = False
 
     def step(self, step_id: str) -> StepDef:
         """The step with this id; ``KeyError`` if there is none."""
@@ -154,6 +177,8 @@ class Definition:
 class _Ctx(Collector):
     max_map_items: int = 10000
     max_map_concurrency: int = 100
+    # Tool names a step may use; None: any well-formed name (a stored definition, checked when it was made).
+    known_tools: frozenset[str] | None = BUILTIN_TOOLS
 
 
 @dataclass
@@ -168,25 +193,38 @@ class _Draft:
 
 
 def parse_definition(
-    raw: Any, *, max_steps: int = 200, max_map_items: int = 10000, max_map_concurrency: int = 100
+    raw: Any,
+    *,
+    max_steps: int = 200,
+    max_map_items: int = 10000,
+    max_map_concurrency: int = 100,
+    known_tools: frozenset[str] | None = BUILTIN_TOOLS,
 ) -> Definition:
     """Validate ``raw`` (a decoded JSON/YAML document) and build a :class:`Definition`.
 
-    Raises :class:`DefinitionError` listing every problem found.
+    ``known_tools``: the tools steps may name (the builtins and the tenant's registered tools); None
+    accepts any well-formed name. Raises :class:`DefinitionError` listing every problem found.
     """
-    cx = _Ctx(max_map_items=max_map_items, max_map_concurrency=max_map_concurrency)
+    cx = _Ctx(max_map_items=max_map_items, max_map_concurrency=max_map_concurrency, known_tools=known_tools)
     top = cx.object((), raw, "the definition must be an object")
     if top is None:
         raise DefinitionError(cx.errors)
     cx.reject_unknown((), top, _TOP_FIELDS)
     input_schema = _parse_input_schema(cx, top["input_schema"]) if "input_schema" in top else None
     limits = _parse_limits(cx, top["limits"]) if "limits" in top else {}
+    permissions = _parse_permissions(cx, top["permissions"]) if "permissions" in top else Permissions()
+    shadow = top.get("shadow", False)
+    if not isinstance(shadow, bool):
+        cx.error(("shadow",), "must be a boolean")
+        shadow = False
     drafts = _parse_steps(cx, top, max_steps)
     _check_graph(cx, drafts)
     if cx.errors:
         raise DefinitionError(cx.errors)
     steps = tuple(draft.step for draft in drafts if draft.step is not None)
-    return Definition(steps=steps, input_schema=input_schema, limits=limits)
+    return Definition(
+        steps=steps, input_schema=input_schema, limits=limits, permissions=permissions, shadow=shadow
+    )
 
 
 def _parse_steps(cx: _Ctx, top: dict[str, Any], max_steps: int) -> list[_Draft]:
@@ -221,9 +259,10 @@ def _parse_step(cx: _Ctx, raw: Any, index: int) -> _Draft:
         cx.error((*path, "description"), "must be a string")
     kind = _step_kind(cx, path, obj)
     tool, args, wait, map_spec = _parse_kind(cx, path, obj, kind, draft.refs)
+    approval = _parse_approval(cx, (*path, "approval"), obj["approval"]) if kind == "approval" else None
     if len(cx.errors) == errors_before and kind is not None and draft.id is not None:
         needs = tuple(need for _, need in draft.needs)
-        draft.step = StepDef(draft.id, kind, needs, when, tool, args, timeout_s, retry, wait, map_spec)
+        draft.step = StepDef(draft.id, kind, needs, when, tool, args, timeout_s, retry, wait, map_spec, approval)
     return draft
 
 
@@ -311,7 +350,7 @@ def _step_kind(cx: _Ctx, path: Path, obj: dict[str, Any]) -> StepKind | None:
         return None
     if not kinds:
         if not unsupported:
-            cx.error(path, "a step must have exactly one kind: 'tool', 'wait' or 'map'")
+            cx.error(path, "a step must have exactly one kind: 'tool', 'wait', 'map' or 'approval'")
         return None
     return kinds[0]
 
@@ -334,12 +373,53 @@ def _parse_kind(
     return None, {}, None, None
 
 
+def _parse_approval(cx: _Ctx, path: Path, raw: Any) -> ApprovalSpec | None:
+    obj = cx.object(path, raw, "must be an object")
+    if obj is None:
+        return None
+    cx.reject_unknown(path, obj, _APPROVAL_FIELDS)
+    reason = obj.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 2000:
+        cx.error((*path, "reason"), "must be a string of at most 2000 characters")
+        reason = ""
+    timeout_s = cx.number((*path, "timeout_s"), obj, gt=0, le=30 * 86_400)
+    on_expiry = obj.get("on_expiry")
+    if on_expiry is not None and on_expiry not in ("reject", "flag"):
+        cx.error((*path, "on_expiry"), "must be 'reject' or 'flag'")
+        on_expiry = None
+    return ApprovalSpec(reason, timeout_s, on_expiry)
+
+
+def _parse_permissions(cx: _Ctx, raw: Any) -> Permissions:
+    obj = cx.object(("permissions",), raw, "must be an object")
+    if obj is None:
+        return Permissions()
+    cx.reject_unknown(("permissions",), obj, _PERMISSION_FIELDS)
+    read_only = obj.get("read_only", False)
+    if not isinstance(read_only, bool):
+        cx.error(("permissions", "read_only"), "must be a boolean")
+        read_only = False
+    tools = obj.get("tools")
+    if tools is None:
+        return Permissions(read_only=read_only)
+    if not isinstance(tools, list) or len(tools) > 1000:
+        cx.error(("permissions", "tools"), "must be a list of tool names")
+        return Permissions(read_only=read_only)
+    names = [_tool_name(cx, ("permissions", "tools", i), name) for i, name in enumerate(tools)]
+    return Permissions(read_only=read_only, tools=frozenset(n for n in names if n is not None))
+
+
 def _tool_name(cx: _Ctx, path: Path, raw: Any) -> str | None:
     if not isinstance(raw, str):
         cx.error(path, "must be a string (a tool name)")
         return None
-    if raw not in BUILTIN_TOOLS:
-        cx.error(path, f"unknown tool {raw!r}; available tools: {', '.join(sorted(BUILTIN_TOOLS))}")
+    if cx.known_tools is None:
+        if not _TOOL_NAME.fullmatch(raw):
+            cx.error(path, f"invalid tool name {raw!r}")
+            return None
+        return raw
+    if raw not in cx.known_tools:
+        cx.error(path, f"unknown tool {raw!r}; available tools: {', '.join(sorted(cx.known_tools))}")
         return None
     return raw
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.deps import require_role
-from app.config import Settings
 from app.context import Ctx
 from app.db import get_db
 from app.errors import BadRequest, Invalid
 from app.http import AppSettings, UnsupportedMediaType, problem_responses
+from app.pagination import Cursor, Limit, decode_cursor, decode_int_cursor, encode_cursor, page_size
 from app.workflows import service
 from app.workflows.definition import DefinitionError, load_definition_text
 from app.workflows.models import Workflow, WorkflowVersion
@@ -36,10 +34,6 @@ router = APIRouter(
 Author = Annotated[Ctx, Depends(require_role("author"))]
 Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
 Db = Annotated[AsyncSession, Depends(get_db)]
-Limit = Annotated[
-    int | None, Query(ge=1, description="Page size (default and maximum are set by the server)")
-]
-Cursor = Annotated[str | None, Query(max_length=1024, description="`next_cursor` of the previous page")]
 
 _JSON_TYPES = ("application/json",)
 _YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -81,11 +75,11 @@ async def create_workflow(
 async def list_workflows(
     ctx: Viewer, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
 ) -> WorkflowPage:
-    after = _decode_cursor(cursor) if cursor else None
-    rows, more = await service.list_workflows(db, ctx, limit=_page_size(limit, settings), after=after)
+    after = decode_cursor(cursor) if cursor else None
+    rows, more = await service.list_workflows(db, ctx, limit=page_size(limit, settings), after=after)
     return WorkflowPage(
         items=[_summary(row) for row in rows],
-        next_cursor=_encode_cursor(rows[-1].name) if more and rows else None,
+        next_cursor=encode_cursor(rows[-1].name) if more and rows else None,
     )
 
 
@@ -98,9 +92,9 @@ async def get_workflow(name: str, ctx: Viewer, db: Db) -> WorkflowVersionRead:
 async def list_workflow_versions(
     name: str, ctx: Viewer, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
 ) -> WorkflowVersionPage:
-    before = _decode_version_cursor(cursor) if cursor else None
+    before = decode_int_cursor(cursor) if cursor else None
     rows, more = await service.list_workflow_versions(
-        db, ctx, name, limit=_page_size(limit, settings), before=before
+        db, ctx, name, limit=page_size(limit, settings), before=before
     )
     return WorkflowVersionPage(
         items=[
@@ -113,7 +107,7 @@ async def list_workflow_versions(
             )
             for row in rows
         ],
-        next_cursor=_encode_cursor(str(rows[-1].version)) if more and rows else None,
+        next_cursor=encode_cursor(str(rows[-1].version)) if more and rows else None,
     )
 
 
@@ -169,32 +163,4 @@ def _version_read(name: str, version: WorkflowVersion) -> WorkflowVersionRead:
 def _summary(row: Workflow) -> WorkflowSummary:
     return WorkflowSummary(
         name=row.name, latest_version=row.latest_version, created_at=row.created_at, updated_at=row.updated_at
-    )
-
-
-def _page_size(limit: int | None, settings: Settings) -> int:
-    return min(limit or settings.page_size_default, settings.page_size_max)
-
-
-def _encode_cursor(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-        raise _bad_cursor() from exc
-
-
-def _decode_version_cursor(cursor: str) -> int:
-    value = _decode_cursor(cursor)
-    if not (value.isascii() and value.isdigit() and len(value) <= 10):
-        raise _bad_cursor()
-    return int(value)
-
-
-def _bad_cursor() -> Invalid:
-    return Invalid(
-        "invalid cursor", errors=[{"pointer": "/query/cursor", "message": "not a cursor from this API"}]
     )

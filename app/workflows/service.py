@@ -15,8 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings, get_settings
 from app.context import Ctx
+from app.engine.sql import driver
 from app.errors import Invalid, NotFound
-from app.workflows.definition import Definition, DefinitionError, parse_definition
+from app.tools.service import tool_names
+from app.workflows.definition import BUILTIN_TOOLS, Definition, DefinitionError, parse_definition
 from app.workflows.models import Workflow, WorkflowVersion
 from app.workflows.schemas import NAME_PATTERN
 
@@ -37,7 +39,9 @@ def definition_hash(definition: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def validate_definition(definition: Any, settings: Settings) -> Definition:
+def validate_definition(
+    definition: Any, settings: Settings, known_tools: frozenset[str] = BUILTIN_TOOLS
+) -> Definition:
     """Parse ``definition`` under the configured limits; errors point at ``/definition/...``."""
     try:
         return parse_definition(
@@ -45,6 +49,7 @@ def validate_definition(definition: Any, settings: Settings) -> Definition:
             max_steps=settings.max_steps_per_workflow,
             max_map_items=settings.max_map_items,
             max_map_concurrency=settings.max_map_concurrency,
+            known_tools=known_tools,
         )
     except DefinitionError as exc:
         errors = [
@@ -74,7 +79,8 @@ async def create_workflow(
             f"invalid workflow name {name!r}",
             errors=[{"pointer": "/name", "message": f"must match {NAME_PATTERN}"}],
         )
-    validate_definition(definition, settings or get_settings())
+    known = frozenset(await tool_names(await driver(db), ctx.tenant_id))
+    validate_definition(definition, settings or get_settings(), known)
     digest = definition_hash(definition)
     await db.execute(
         pg_insert(Workflow)

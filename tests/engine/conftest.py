@@ -52,6 +52,7 @@ class WorkerProcess:
             "REDIS_URL": settings.redis_url or "",
             "STEWARD_QUEUE_PREFIX": settings.queue_prefix,
             "STEWARD_HTTP_ALLOW_PRIVATE_NETWORKS": "true",
+            "STEWARD_SECRET_KEYS": settings.secret_keys or "",
         }
         for key, value in {**FAST, **overrides}.items():
             env[f"STEWARD_{key.upper()}"] = str(value)

@@ -204,7 +204,7 @@ def test_too_many_steps() -> None:
 # --- kinds ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["approval", "llm", "agent"])
+@pytest.mark.parametrize("kind", ["llm", "agent"])
 def test_unsupported_kinds(kind: str) -> None:
     assert_error(
         {"steps": [{"id": "a", kind: {}}]},

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from app.config import Settings
+from app.tenants.policy import host_allowed
 
 
 class ToolError(Exception):
@@ -37,6 +38,8 @@ class ToolCall:
     idempotency_key: str
     settings: Settings
     http: httpx.AsyncClient
+    # Hosts the tenant allows although they resolve to private addresses (TenantPolicy.http_allowlist).
+    allowlist: tuple[str, ...] = ()
 
 
 Tool = Callable[[ToolCall], Awaitable[Any]]
@@ -88,12 +91,13 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-async def check_destination(url: str, settings: Settings) -> None:
-    """Refuse loopback, link-local, private and other special addresses unless allowed."""
+async def check_destination(url: str, settings: Settings, allowlist: tuple[str, ...] = ()) -> None:
+    """Refuse loopback, link-local, private and other special addresses unless allowed (no SSRF)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ToolError("bad_args", "url must be an absolute http(s) URL", transient=False)
-    if settings.http_allow_private_networks:
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if settings.http_allow_private_networks or host_allowed(list(allowlist), parts.hostname, port):
         return
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(
@@ -106,7 +110,7 @@ async def check_destination(url: str, settings: Settings) -> None:
         if not ip.is_global:
             raise ToolError(
                 "forbidden_destination",
-                f"{parts.hostname} resolves to a non-public address ({ip})",
+                f"{parts.hostname} resolves to a non-public address ({ip}); a tenant admin can allowlist the host",
                 transient=False,
             )
 
@@ -117,7 +121,7 @@ async def http(call: ToolCall) -> Any:
     url = args.get("url")
     if not isinstance(url, str):
         raise ToolError("bad_args", "url is required", transient=False)
-    await check_destination(url, call.settings)
+    await check_destination(url, call.settings, call.allowlist)
     headers = {str(k): str(v) for k, v in (args.get("headers") or {}).items()}
     headers.setdefault("Idempotency-Key", call.idempotency_key)
     method = str(args.get("method", "GET")).upper()

@@ -1,0 +1,36 @@
+"""Tenant settings: the guardrail policy (shadow mode, four-eyes, allowlisted hosts, alerts, approvals)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.audit.service import record as audit
+from app.auth.deps import require_role
+from app.context import Ctx
+from app.db import get_db
+from app.engine.sql import driver, dumps
+from app.http import problem_responses
+from app.tenants.policy import TenantPolicy, load_policy
+
+router = APIRouter(prefix="/api/v1/settings", tags=["settings"], responses=problem_responses(401, 403, 422))
+
+Admin = Annotated[Ctx, Depends(require_role("admin"))]
+Db = Annotated[AsyncSession, Depends(get_db)]
+
+
+@router.get("", response_model=TenantPolicy, summary="The tenant's guardrail settings")
+async def get_settings(ctx: Admin, db: Db) -> TenantPolicy:
+    return load_policy(await (await driver(db)).fetchval("SELECT policy FROM tenant WHERE id = $1", ctx.tenant_id))
+
+
+@router.put("", response_model=TenantPolicy, summary="Replace the tenant's guardrail settings")
+async def put_settings(body: TenantPolicy, ctx: Admin, db: Db) -> TenantPolicy:
+    conn = await driver(db)
+    stored = body.model_dump(mode="json")
+    await conn.execute("UPDATE tenant SET policy = $2::jsonb WHERE id = $1", ctx.tenant_id, dumps(stored))
+    await audit(conn, ctx.tenant_id, ctx.principal, "settings.update", "settings", data=stored)
+    await db.commit()
+    return body

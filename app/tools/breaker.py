@@ -1,0 +1,277 @@
+"""Circuit breakers whose state every worker process shares through Redis.
+
+The classic three states (as in resilience4j or Polly):
+
+- closed: every call goes through. Failures are kept in a sliding window (a sorted set of failure
+  times, trimmed on write); ``failure_threshold`` failures within ``window_s`` open the breaker.
+  A success while closed writes nothing: it neither resets nor shortens the window, failures simply
+  age out of it.
+- open: calls are refused, with ``retry_in_s``, until ``open_s`` has passed since opening. Outcomes
+  recorded while open (calls that started before it opened) change nothing.
+- half_open (once ``open_s`` has passed): up to ``half_open_probes`` calls at once go through as
+  probes. The first probe outcome recorded decides: success closes the breaker and clears the
+  failure window, failure re-opens it for another ``open_s``. A probe slot is a lease that expires
+  after ``probe_lease_s`` (default ``max(open_s, 30 s)``), so a worker that dies mid-probe does not
+  wedge the breaker.
+
+Each decision and record is one Lua script timed by the Redis server's clock (``TIME``), so workers
+with skewed clocks agree and concurrent callers cannot both take the last probe slot. Every key
+carries a TTL, so idle breakers leave nothing behind; a breaker left idle long after opening expires
+to closed.
+
+Redis is soft state (DESIGN.md): when it cannot be reached, calls are allowed and outcomes dropped,
+with a warning at most once a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+WARN_INTERVAL_S = 60.0
+DEFAULT_MIN_PROBE_LEASE_S = 30.0
+
+# Module-level: prometheus_client's default registry refuses a second metric of the same name.
+BREAKER_OPEN = Gauge(
+    "steward_breaker_open", "1 while the breaker is open or half-open, as this process last saw it", ["key"]
+)
+BREAKER_TRANSITIONS = Counter("steward_breaker_transitions_total", "Breaker state changes made by this process", ["to"])
+
+# KEYS: state hash, failure window (zset), probe leases (zset). Sets now (ms, server time),
+# opened_at (ms or nil) and fmt (numbers go to Redis as fixed-point strings, not %.14g).
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local state_key, failures_key, probes_key = KEYS[1], KEYS[2], KEYS[3]
+local opened_at = redis.call('HGET', state_key, 'opened_at')
+if opened_at then opened_at = tonumber(opened_at) end
+local function fmt(x) return string.format('%.3f', x) end
+"""
+
+# ARGV: open_ms, max probes, lease_ms, state ttl_ms, token.
+# Returns {state, allowed, retry_ms (-1: none), probe, first probe of this half-open period}.
+_BEFORE_CALL = (
+    _PRELUDE
+    + """
+local open_ms, max_probes, lease_ms, ttl_ms, token =
+  tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+if not opened_at then return {'closed', 1, -1, 0, 0} end
+local probe_at = opened_at + open_ms
+if now < probe_at then return {'open', 0, math.ceil(probe_at - now), 0, 0} end
+redis.call('ZREMRANGEBYSCORE', probes_key, '-inf', fmt(now))
+if redis.call('ZCARD', probes_key) >= max_probes then return {'half_open', 0, -1, 0, 0} end
+redis.call('ZADD', probes_key, fmt(now + lease_ms), token)
+redis.call('PEXPIRE', probes_key, math.ceil(lease_ms))
+local first = redis.call('HSETNX', state_key, 'half_open_at', fmt(now))
+redis.call('PEXPIRE', state_key, ttl_ms)
+return {'half_open', 1, -1, 1, first}
+"""
+)
+
+# ARGV: ok, probe, threshold, window_ms, open_ms, state ttl_ms, failures ttl_ms, token.
+# Returns {new state, state transitioned to ('' when none)}.
+_RECORD = (
+    _PRELUDE
+    + """
+local ok, probe, threshold = ARGV[1] == '1', ARGV[2] == '1', tonumber(ARGV[3])
+local window_ms, open_ms, ttl_ms, failures_ttl_ms, token =
+  tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
+local function open()
+  redis.call('HSET', state_key, 'opened_at', fmt(now))
+  redis.call('HDEL', state_key, 'half_open_at')
+  redis.call('PEXPIRE', state_key, ttl_ms)
+  redis.call('DEL', probes_key)
+  return {'open', 'open'}
+end
+if opened_at then
+  if now < opened_at + open_ms then return {'open', ''} end
+  if not probe then return {'half_open', ''} end
+  if ok then
+    redis.call('DEL', state_key, failures_key, probes_key)
+    return {'closed', 'closed'}
+  end
+  return open()
+end
+if ok then return {'closed', ''} end
+redis.call('ZADD', failures_key, fmt(now), fmt(now) .. ':' .. token)
+redis.call('ZREMRANGEBYSCORE', failures_key, '-inf', fmt(now - window_ms))
+redis.call('PEXPIRE', failures_key, failures_ttl_ms)
+if redis.call('ZCARD', failures_key) >= threshold then return open() end
+return {'closed', ''}
+"""
+)
+
+# ARGV: open_ms, window_ms. Read-only. Returns {state, failures in window, opened_at ('' or ms), retry_ms}.
+_STATE = (
+    _PRELUDE
+    + """
+local open_ms, window_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+local failures = redis.call('ZCOUNT', failures_key, '(' .. fmt(now - window_ms), '+inf')
+if not opened_at then return {'closed', failures, '', -1} end
+local probe_at = opened_at + open_ms
+if now < probe_at then return {'open', failures, fmt(opened_at), math.ceil(probe_at - now)} end
+return {'half_open', failures, fmt(opened_at), -1}
+"""
+)
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    failure_threshold: int = 5  # failures within window_s that open the breaker
+    window_s: float = 60.0
+    open_s: float = 30.0  # how long it stays open before letting probes through
+    half_open_probes: int = 1  # calls let through at once while half-open
+    probe_lease_s: float | None = None  # an unrecorded probe frees its slot after this; None: max(open_s, 30 s)
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1 or self.half_open_probes < 1:
+            raise ValueError("failure_threshold and half_open_probes must be at least 1")
+        if self.window_s <= 0 or self.open_s < 0 or (self.probe_lease_s is not None and self.probe_lease_s <= 0):
+            raise ValueError("window_s and probe_lease_s must be positive, open_s not negative")
+
+    @property
+    def lease_s(self) -> float:
+        return self.probe_lease_s if self.probe_lease_s is not None else max(self.open_s, DEFAULT_MIN_PROBE_LEASE_S)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    state: str  # "closed" | "open" | "half_open"
+    retry_in_s: float | None  # when open: seconds until probes are allowed
+    probe: bool  # this call is a half-open probe (its outcome decides closed/open)
+
+
+# Redis unreachable: soft state, so fail open.
+_FAIL_OPEN = Decision(allowed=True, state="closed", retry_in_s=None, probe=False)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _ttl_ms(policy: BreakerPolicy) -> int:
+    # Long enough to outlive an opening and its probes; short enough that idle breakers vanish.
+    return _ms(3 * max(policy.window_s, policy.open_s + policy.lease_s))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _retry_s(retry_ms: Any) -> float | None:
+    return None if int(retry_ms) < 0 else int(retry_ms) / 1000
+
+
+class Breaker:
+    """Circuit breakers keyed by name (e.g. tenant and tool), state in Redis under ``prefix``."""
+
+    def __init__(self, redis: Redis, prefix: str = "steward:breaker") -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._before_call = redis.register_script(_BEFORE_CALL)
+        self._record = redis.register_script(_RECORD)
+        self._state = redis.register_script(_STATE)
+        self._warned_at = -math.inf
+        self._suppressed = 0
+
+    def _keys(self, key: str) -> list[str]:
+        # One hash tag for all three keys: a Lua script may only touch keys of one cluster slot.
+        base = f"{self._prefix}:{{{key}}}"
+        return [f"{base}:state", f"{base}:failures", f"{base}:probes"]
+
+    async def before_call(self, key: str, policy: BreakerPolicy) -> Decision:
+        """Whether a call may go through now; a probe slot taken here is freed by ``record`` or its lease.
+
+        Fails open: with Redis unreachable every call is allowed.
+        """
+        args: list[int | str] = [
+            _ms(policy.open_s),
+            policy.half_open_probes,
+            _ms(policy.lease_s),
+            _ttl_ms(policy),
+            uuid.uuid4().hex,
+        ]
+        try:
+            state, allowed, retry_ms, probe, first_probe = await self._before_call(keys=self._keys(key), args=args)
+        except (RedisError, OSError) as exc:
+            self._warn("before_call", key, exc)
+            return _FAIL_OPEN
+        decision = Decision(allowed=bool(allowed), state=_text(state), retry_in_s=_retry_s(retry_ms), probe=bool(probe))
+        if first_probe:
+            BREAKER_TRANSITIONS.labels("half_open").inc()
+        BREAKER_OPEN.labels(key).set(0 if decision.state == "closed" else 1)
+        return decision
+
+    async def record(self, key: str, policy: BreakerPolicy, ok: bool, *, probe: bool) -> str:
+        """Record a call's outcome; returns the breaker's state after it.
+
+        Only failures while closed and probe outcomes while half-open change anything. With Redis
+        unreachable the outcome is dropped (logged) and "closed" returned.
+        """
+        args: list[int | str] = [
+            int(ok),
+            int(probe),
+            policy.failure_threshold,
+            _ms(policy.window_s),
+            _ms(policy.open_s),
+            _ttl_ms(policy),
+            _ms(2 * policy.window_s),
+            uuid.uuid4().hex,
+        ]
+        try:
+            state, moved_to = await self._record(keys=self._keys(key), args=args)
+        except (RedisError, OSError) as exc:
+            self._warn("record", key, exc)
+            return "closed"
+        new_state = _text(state)
+        if moved_to:
+            BREAKER_TRANSITIONS.labels(_text(moved_to)).inc()
+        BREAKER_OPEN.labels(key).set(0 if new_state == "closed" else 1)
+        return new_state
+
+    async def state(self, key: str, policy: BreakerPolicy) -> dict[str, Any]:
+        """The breaker as seen now, for the API and metrics. Redis errors propagate."""
+        state, failures, opened_at, retry_ms = await self._state(
+            keys=self._keys(key), args=[_ms(policy.open_s), _ms(policy.window_s)]
+        )
+        opened = _text(opened_at)
+        return {
+            "state": _text(state),
+            "failures": int(failures),
+            "opened_at": datetime.fromtimestamp(float(opened) / 1000, UTC) if opened else None,
+            "retry_in_s": _retry_s(retry_ms),
+        }
+
+    async def reset(self, key: str) -> None:
+        """Close the breaker and forget its failures. Redis errors propagate."""
+        await self._redis.delete(*self._keys(key))
+        BREAKER_OPEN.labels(key).set(0)
+
+    def _warn(self, action: str, key: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._warned_at < WARN_INTERVAL_S:
+            self._suppressed += 1
+            log.debug("breaker %s for %r: Redis unreachable (%r)", action, key, exc)
+            return
+        log.warning(
+            "breaker %s for %r: Redis unreachable (%r); allowing calls and dropping outcomes "
+            "(%d similar errors since the last warning)",
+            action,
+            key,
+            exc,
+            self._suppressed,
+        )
+        self._warned_at = now
+        self._suppressed = 0

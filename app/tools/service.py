@@ -1,0 +1,225 @@
+"""The tool registry: versioned tool definitions per tenant, and their lookup by workers.
+
+A version is immutable; registering a changed definition under an existing name adds the next
+version (re-registering the latest definition creates nothing). Every change is audited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from app.audit.service import record as audit
+from app.context import Ctx
+from app.engine.sql import Conn, dumps
+from app.errors import Invalid, NotFound
+from app.tools.spec import BUILTIN_SPECS, ToolSpec
+from app.vault.service import existing as existing_secrets
+from app.workflows.document import pointer
+
+
+@dataclass(frozen=True)
+class ToolRef:
+    """A tool as a call sees it: its name, the version that will run (0 for builtins) and its definition."""
+
+    name: str
+    version: int
+    spec: ToolSpec
+
+    @property
+    def builtin(self) -> bool:
+        return self.version == 0
+
+
+class ToolNotFound(NotFound):
+    pass
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def stored(spec: ToolSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", exclude_none=True)
+
+
+async def register_tool(conn: Conn, ctx: Ctx, spec: ToolSpec) -> tuple[dict[str, Any], bool]:
+    """Store ``spec`` as the next version of its tool; returns ``(version row, created)``."""
+    if spec.name in BUILTIN_SPECS:
+        raise Invalid(f"{spec.name!r} is a builtin tool", errors=[{"pointer": "/name", "message": "reserved name"}])
+    errors = []
+    if spec.fallback is not None and spec.fallback not in BUILTIN_SPECS:
+        found = await conn.fetchval(
+            "SELECT 1 FROM tool WHERE tenant_id = $1 AND name = $2", ctx.tenant_id, spec.fallback
+        )
+        if found is None:
+            errors.append({"pointer": "/fallback", "message": f"no tool named {spec.fallback!r}"})
+    missing = spec.secret_names() - await existing_secrets(conn, ctx.tenant_id, spec.secret_names())
+    for name in sorted(missing):
+        errors.append({"pointer": "/executor/headers", "message": f"no secret named {name!r} (PUT /api/v1/secrets)"})
+    if errors:
+        raise Invalid("the tool definition is invalid", errors=errors)
+    body = stored(spec)
+    digest = spec_hash(body)
+    await conn.execute(
+        "INSERT INTO tool (id, tenant_id, name, latest_version) VALUES ($1, $2, $3, 0) "
+        "ON CONFLICT (tenant_id, name) DO NOTHING",
+        uuid.uuid4(),
+        ctx.tenant_id,
+        spec.name,
+    )
+    # The tool row's lock serialises concurrent registrations of one name: versions 1, 2, 3... no gaps.
+    tool = await conn.fetchrow(
+        "SELECT id, latest_version FROM tool WHERE tenant_id = $1 AND name = $2 FOR UPDATE", ctx.tenant_id, spec.name
+    )
+    if tool["latest_version"] > 0:
+        latest = await conn.fetchrow(
+            _VERSION_ROW + " WHERE v.tool_id = $1 AND v.version = $2", tool["id"], tool["latest_version"]
+        )
+        if latest["spec_hash"] == digest:
+            return dict(latest), False
+    version = tool["latest_version"] + 1
+    await conn.execute(
+        "INSERT INTO tool_version (id, tenant_id, tool_id, version, spec, spec_hash, created_by) "
+        "VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)",
+        uuid.uuid4(),
+        ctx.tenant_id,
+        tool["id"],
+        version,
+        dumps(body),
+        digest,
+        ctx.principal,
+    )
+    await conn.execute("UPDATE tool SET latest_version = $2, updated_at = now() WHERE id = $1", tool["id"], version)
+    await audit(
+        conn,
+        ctx.tenant_id,
+        ctx.principal,
+        "tool.register",
+        f"tool:{spec.name}",
+        data={"version": version, "spec_hash": digest, "effect": spec.effect, "autonomy": spec.autonomy.mode},
+    )
+    row = await conn.fetchrow(_VERSION_ROW + " WHERE v.tool_id = $1 AND v.version = $2", tool["id"], version)
+    return dict(row), True
+
+
+_VERSION_ROW = (
+    "SELECT t.name, v.version, v.spec, v.spec_hash, v.created_at, v.created_by "
+    "FROM tool_version v JOIN tool t ON t.id = v.tool_id"
+)
+
+
+async def get_tool(conn: Conn, ctx: Ctx, name: str, version: int | None) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        _VERSION_ROW + " WHERE t.tenant_id = $1 AND t.name = $2 AND v.version = coalesce($3, t.latest_version)",
+        ctx.tenant_id,
+        name,
+        version,
+    )
+    if row is None:
+        if name in BUILTIN_SPECS and version in (None, 0):
+            return {
+                "name": name,
+                "version": 0,
+                "spec": stored(BUILTIN_SPECS[name]),
+                "spec_hash": None,
+                "created_at": None,
+                "created_by": None,
+            }
+        raise ToolNotFound(f"no tool named {name!r}" + (f" with version {version}" if version else ""))
+    return dict(row)
+
+
+async def list_tools(conn: Conn, ctx: Ctx, *, limit: int, after: str | None) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        _VERSION_ROW + " WHERE t.tenant_id = $1 AND v.version = t.latest_version AND ($2::text IS NULL OR t.name > $2) "
+        "ORDER BY t.name LIMIT $3",
+        ctx.tenant_id,
+        after,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def list_versions(conn: Conn, ctx: Ctx, name: str, *, limit: int, before: int | None) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        _VERSION_ROW + " WHERE t.tenant_id = $1 AND t.name = $2 AND ($3::int IS NULL OR v.version < $3) "
+        "ORDER BY v.version DESC LIMIT $4",
+        ctx.tenant_id,
+        name,
+        before,
+        limit,
+    )
+    if not rows and before is None:
+        raise ToolNotFound(f"no tool named {name!r}")
+    return [dict(r) for r in rows]
+
+
+async def tool_names(conn: Conn, tenant_id: uuid.UUID) -> set[str]:
+    """Every tool a workflow of this tenant may name: registered ones and the builtins."""
+    rows = await conn.fetch("SELECT name FROM tool WHERE tenant_id = $1", tenant_id)
+    return {r["name"] for r in rows} | set(BUILTIN_SPECS)
+
+
+# --- lookups for workers -------------------------------------------------------------------------------
+
+_specs: OrderedDict[tuple[uuid.UUID, str, int], ToolSpec] = OrderedDict()
+
+
+async def resolve(conn: Conn, tenant_id: uuid.UUID, name: str, version: int | None = None) -> ToolRef | None:
+    """The tool ``name`` (its latest version unless ``version``), or None when there is no such tool."""
+    row = await conn.fetchrow(
+        "SELECT v.version, v.spec FROM tool t JOIN tool_version v ON v.tool_id = t.id "
+        "AND v.version = coalesce($3, t.latest_version) WHERE t.tenant_id = $1 AND t.name = $2",
+        tenant_id,
+        name,
+        version,
+    )
+    if row is None:
+        if name in BUILTIN_SPECS and version in (None, 0):
+            return ToolRef(name, 0, BUILTIN_SPECS[name])
+        return None
+    key = (tenant_id, name, row[0])
+    spec = _specs.get(key)
+    if spec is None:
+        # Versions are immutable: parse each once per process.
+        spec = _specs[key] = ToolSpec.model_validate(row[1])
+        if len(_specs) > 1024:
+            _specs.popitem(last=False)
+    return ToolRef(name, row[0], spec)
+
+
+# --- argument and output checks ---------------------------------------------------------------------
+
+_validators: dict[tuple[str, int, str], Draft202012Validator] = {}
+
+
+def _validator(ref: ToolRef, which: str, schema: dict[str, Any]) -> Draft202012Validator:
+    key = (ref.name, ref.version, which)
+    validator = _validators.get(key) if ref.builtin else None
+    if validator is None:
+        validator = Draft202012Validator(schema)
+        if ref.builtin:
+            _validators[key] = validator
+    return validator
+
+
+def validate_args(ref: ToolRef, args: Any) -> list[dict[str, str]]:
+    errors = _validator(ref, "in", ref.spec.input_schema).iter_errors(args)
+    return sorted(({"pointer": pointer(tuple(e.absolute_path)), "message": e.message} for e in errors),
+                  key=lambda e: (e["pointer"], e["message"]))
+
+
+def validate_output(ref: ToolRef, output: Any) -> list[dict[str, str]]:
+    if ref.spec.output_schema is None:
+        return []
+    errors = _validator(ref, "out", ref.spec.output_schema).iter_errors(output)
+    return [{"pointer": pointer(tuple(e.absolute_path)), "message": e.message} for e in errors]
+
+

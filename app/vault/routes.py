@@ -1,0 +1,73 @@
+"""Secret endpoints (admin): write-only values; listing shows names and times, never values."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth.deps import require_role
+from app.context import Ctx
+from app.db import get_db
+from app.engine.runtime import Runtime
+from app.engine.sql import driver
+from app.http import AppSettings, problem_responses
+from app.pagination import Cursor, Limit, decode_cursor, encode_cursor, page_size
+from app.vault import service
+from app.vault.service import MAX_VALUE_CHARS
+
+router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"], responses=problem_responses(401, 403, 404, 422))
+
+Admin = Annotated[Ctx, Depends(require_role("admin"))]
+Db = Annotated[AsyncSession, Depends(get_db)]
+SecretName = Annotated[str, Path(pattern=service.NAME.pattern, description="Letters, digits and _ (max 128)")]
+
+
+class SecretWrite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: str = Field(min_length=1, max_length=MAX_VALUE_CHARS, json_schema_extra={"writeOnly": True})
+
+
+class SecretInfo(BaseModel):
+    name: str
+    created_at: datetime
+    updated_at: datetime
+    updated_by: str | None = None
+
+
+class SecretPage(BaseModel):
+    items: list[SecretInfo]
+    next_cursor: str | None
+
+
+@router.put("/{name}", status_code=204, summary="Create or replace a secret (the value is never returned)")
+async def put_secret(name: SecretName, body: SecretWrite, request: Request, ctx: Admin, db: Db) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    await service.put_secret(await driver(db), runtime.vault, ctx, name, body.value)
+    await db.commit()
+    return Response(status_code=204)
+
+
+@router.get("", response_model=SecretPage, summary="Secret names (values are write-only)")
+async def list_secrets(
+    ctx: Admin, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
+) -> SecretPage:
+    size = page_size(limit, settings)
+    rows = await service.list_secrets(
+        await driver(db), ctx, limit=size + 1, after=decode_cursor(cursor) if cursor else None
+    )
+    more = len(rows) > size
+    rows = rows[:size]
+    return SecretPage(
+        items=[SecretInfo(**r) for r in rows], next_cursor=encode_cursor(rows[-1]["name"]) if more else None
+    )
+
+
+@router.delete("/{name}", status_code=204, summary="Delete a secret")
+async def delete_secret(name: SecretName, ctx: Admin, db: Db) -> Response:
+    await service.delete_secret(await driver(db), ctx, name)
+    await db.commit()
+    return Response(status_code=204)

@@ -1,0 +1,65 @@
+"""Secrets: written and deleted through the API, read in clear only by workers calling tools and models."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from app.audit.service import record as audit
+from app.context import Ctx
+from app.engine.sql import Conn
+from app.errors import NotFound
+from app.vault.crypto import Vault
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+MAX_VALUE_CHARS = 16_384
+
+_UPSERT = (
+    "INSERT INTO secret (tenant_id, name, ciphertext, updated_by) VALUES ($1, $2, $3, $4) "
+    "ON CONFLICT (tenant_id, name) DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = now(), "
+    "updated_by = excluded.updated_by RETURNING (xmax = 0) AS created, created_at, updated_at"
+)
+
+
+async def put_secret(conn: Conn, vault: Vault, ctx: Ctx, name: str, value: str) -> dict[str, Any]:
+    row = await conn.fetchrow(_UPSERT, ctx.tenant_id, name, vault.seal(ctx.tenant_id, name, value), ctx.principal)
+    await audit(conn, ctx.tenant_id, ctx.principal, "secret.put", f"secret:{name}", data={"created": row["created"]})
+    return {"name": name, "created": row["created"], "created_at": row["created_at"], "updated_at": row["updated_at"]}
+
+
+async def list_secrets(conn: Conn, ctx: Ctx, *, limit: int, after: str | None) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT name, created_at, updated_at, updated_by FROM secret WHERE tenant_id = $1 AND ($2::text IS NULL "
+        "OR name > $2) ORDER BY name LIMIT $3",
+        ctx.tenant_id,
+        after,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def delete_secret(conn: Conn, ctx: Ctx, name: str) -> None:
+    gone = await conn.fetchval(
+        "DELETE FROM secret WHERE tenant_id = $1 AND name = $2 RETURNING name", ctx.tenant_id, name
+    )
+    if gone is None:
+        raise NotFound(f"no secret named {name!r}")
+    await audit(conn, ctx.tenant_id, ctx.principal, "secret.delete", f"secret:{name}")
+
+
+async def existing(conn: Conn, tenant_id: uuid.UUID, names: set[str]) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT name FROM secret WHERE tenant_id = $1 AND name = ANY($2::text[])", tenant_id, sorted(names)
+    )
+    return {r["name"] for r in rows}
+
+
+async def open_secrets(conn: Conn, vault: Vault, tenant_id: uuid.UUID, names: set[str]) -> dict[str, str]:
+    """The clear values of ``names`` (those that exist); for workers only, never for a response."""
+    if not names:
+        return {}
+    rows = await conn.fetch(
+        "SELECT name, ciphertext FROM secret WHERE tenant_id = $1 AND name = ANY($2::text[])", tenant_id, sorted(names)
+    )
+    return {r["name"]: vault.open(tenant_id, r["name"], r["ciphertext"]) for r in rows}

@@ -1,0 +1,370 @@
+"""The one path every tool call takes, from a ``tool`` step or from an agent.
+
+In order: resolve the tool (unknown: a structured error listing the available tools) → validate
+the arguments against its schema (every error) → permissions (the workflow's allowlist, read-only
+workflows, the run starter's roles) → autonomy (manual, or conditional and the condition holds:
+the call waits for an approval bound to this exact action) → shadow mode (write tools recorded
+as "would have run") → circuit breaker (open: fail fast, or the fallback tool) → execute under
+the hard timeout. Transient failures are retried by the engine with the tool's retry policy.
+
+Nothing here writes to the database: the decisions come back as a :class:`CallResult` whose events
+and audit notes the caller records in the transaction that records the step's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client import Counter, Histogram
+
+from app.approvals.engine import Gate, action_hash, grant_for
+from app.config import Settings
+from app.engine.attempts import AuditNote
+from app.engine.expressions import ExpressionError, evaluate_condition
+from app.engine.runtime import Runtime
+from app.engine.sql import Conn
+from app.tenants.policy import TenantPolicy, load_policy
+from app.tools import service as tools
+from app.tools.breaker import Breaker, BreakerPolicy
+from app.tools.redact import REDACTED, redact
+from app.tools.service import ToolRef, validate_args, validate_output
+from app.tools.spec import BuiltinExecutor
+from app.vault.service import open_secrets
+from app.workflows.definition import Permissions, RetryPolicy
+from workers.steps.http_tool import call_http_tool
+from workers.steps.tools import TOOLS, ToolCall, ToolError
+
+log = logging.getLogger(__name__)
+
+GUARDRAIL_REJECTIONS = Counter(
+    "steward_guardrail_rejections_total", "Tool calls refused by a guardrail", ["reason"]
+)
+TOOL_CALLS = Counter("steward_tool_calls_total", "Tool calls executed", ["outcome"])
+TOOL_CALL_SECONDS = Histogram("steward_tool_call_seconds", "Time spent in tool calls (execution only)")
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """What every call of one run needs to know: who started it, under which rules."""
+
+    tenant_id: uuid.UUID
+    run_id: uuid.UUID
+    principal: str | None
+    roles: frozenset[str]
+    policy: TenantPolicy
+    permissions: Permissions
+    shadow: bool
+
+    def has_role(self, role: str) -> bool:
+        return "admin" in self.roles or role in self.roles
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where a call is made: the step attempt, and for agents the model's call id."""
+
+    step_run_id: uuid.UUID
+    step_id: str
+    attempt: int
+    idempotency_key: str
+    call_id: str = ""
+    kind: str = "tool"  # "tool" (a tool step) | "agent"
+
+
+@dataclass
+class CallResult:
+    ok: bool
+    output: Any = None
+    error_class: str | None = None
+    message: str | None = None
+    transient: bool = False
+    retry_after: float | None = None
+    errors: list[dict[str, str]] | None = None  # schema errors, for the model to read
+    gate: Gate | None = None
+    tool: str | None = None
+    version: int | None = None
+    retry: RetryPolicy | None = None
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    audits: list[AuditNote] = field(default_factory=list)
+
+    def for_model(self) -> dict[str, Any]:
+        """What an agent's model reads back as the tool call's result."""
+        if self.ok:
+            return {"ok": True, "result": self.output}
+        body: dict[str, Any] = {"ok": False, "error": self.error_class, "message": self.message}
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+
+_RUN_SCOPE = (
+    "SELECT r.created_by, r.principal_roles, t.policy FROM run r JOIN tenant t ON t.id = r.tenant_id WHERE r.id = $1"
+)
+
+
+async def run_scope(conn: Conn, run_id: uuid.UUID, tenant_id: uuid.UUID, permissions: Permissions,
+                    shadow: bool) -> RunScope:
+    row = await conn.fetchrow(_RUN_SCOPE, run_id)
+    return RunScope(tenant_id, run_id, row["created_by"], frozenset(row["principal_roles"] or ()),
+                    load_policy(row["policy"]), permissions, shadow)
+
+
+@dataclass
+class Caller:
+    runtime: Runtime
+    http: httpx.AsyncClient
+    scope: RunScope
+    breaker: Breaker
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    async def call(self, site: CallSite, name: str, args: Any, *, allow_fallback: bool = True) -> CallResult:
+        async with self.runtime.pg.acquire() as conn:
+            ref = await tools.resolve(conn, self.scope.tenant_id, name)
+            if ref is None:
+                available = sorted(await tools.tool_names(conn, self.scope.tenant_id))
+                if self.scope.permissions.tools is not None:
+                    available = sorted(self.scope.permissions.tools)
+                return self._reject(site, name, None, args, "unknown_tool",
+                                    f"unknown tool {name!r}; available tools: {', '.join(available)}",
+                                    guardrail=False)
+            grant = None
+            if _gated(ref, args):
+                grant = await grant_for(conn, site.step_run_id, site.call_id)
+                if grant is not None and grant["status"] == "approved":
+                    # Run exactly what was approved: that version, those arguments (hash-checked below).
+                    pinned = await tools.resolve(conn, self.scope.tenant_id, name, grant["tool_version"])
+                    ref = pinned or ref
+            secrets = await open_secrets(conn, self.runtime.vault, self.scope.tenant_id, ref.spec.secret_names())
+        result = self._check(site, ref, args)
+        if result is not None:
+            return result
+        if _gated(ref, args) or grant is not None:
+            result = self._approval(site, ref, args, grant)
+            if result is not None:
+                return result
+        if ref.spec.effect == "write" and (self.scope.shadow or self.scope.policy.shadow):
+            return self._shadow(site, ref, args)
+        policy = BreakerPolicy(**ref.spec.breaker.model_dump())
+        key = f"{self.scope.tenant_id}:{ref.name}"
+        decision = await self.breaker.before_call(key, policy)
+        if not decision.allowed:
+            if ref.spec.fallback and allow_fallback:
+                fallback = await self.call(site, ref.spec.fallback, args, allow_fallback=False)
+                fallback.events.insert(0, ("fallback_used", {"tool": ref.name, "fallback": ref.spec.fallback,
+                                                             "reason": "circuit_open"}))
+                return fallback
+            return self._failed(site, ref, args, "circuit_open",
+                                f"circuit breaker for {ref.name!r} is {decision.state}; not calling it",
+                                transient=True, retry_after=decision.retry_in_s)
+        return await self._execute(site, ref, args, secrets, key, policy, decision.probe)
+
+    # --- checks --------------------------------------------------------------------------------------
+
+    def _check(self, site: CallSite, ref: ToolRef, args: Any) -> CallResult | None:
+        errors = validate_args(ref, args)
+        if errors:
+            summary = "; ".join(f"{e['pointer'] or '/'}: {e['message']}" for e in errors[:5])
+            result = self._reject(site, ref.name, ref, args, "invalid_args",
+                                  f"arguments do not match the schema of {ref.name!r}: {summary}", guardrail=False)
+            result.errors = errors
+            return result
+        perms = self.scope.permissions
+        if perms.tools is not None and ref.name not in perms.tools:
+            return self._reject(site, ref.name, ref, args, "not_allowed",
+                                f"tool {ref.name!r} is not in this workflow's allowlist "
+                                f"({', '.join(sorted(perms.tools))})")
+        if perms.read_only and ref.spec.effect == "write":
+            return self._reject(site, ref.name, ref, args, "read_only",
+                                f"tool {ref.name!r} writes, and this workflow is read-only")
+        missing = [role for role in ref.spec.required_roles if not self.scope.has_role(role)]
+        if missing:
+            return self._reject(site, ref.name, ref, args, "missing_role",
+                                f"tool {ref.name!r} needs the role(s) {', '.join(missing)}, which "
+                                f"{self.scope.principal or 'the run starter'} does not have")
+        return None
+
+    def _approval(self, site: CallSite, ref: ToolRef, args: Any, grant: Any) -> CallResult | None:
+        if grant is None or grant["status"] == "pending":
+            reason = _gate_reason(ref, args)
+            return CallResult(False, tool=ref.name, version=ref.version, error_class="approval_required",
+                              message=reason, gate=Gate(site.kind, site.call_id, ref.name, ref.version, args, reason))
+        if grant["status"] != "approved":
+            return self._failed(site, ref, args, f"approval_{grant['status']}",
+                                f"the call was {grant['status']}" + (f": {grant['comment']}" if grant["comment"]
+                                                                   else ""))
+        if action_hash(ref.name, ref.version, args) != grant["action_hash"]:
+            return self._reject(site, ref.name, ref, args, "approval_mismatch",
+                                "this call is not the action that was approved (tool, version or arguments "
+                                "differ); refusing to run it under that approval")
+        return None
+
+    # --- outcomes ------------------------------------------------------------------------------------
+
+    def _reject(self, site: CallSite, name: str, ref: ToolRef | None, args: Any, reason: str, message: str,
+                *, guardrail: bool = True) -> CallResult:
+        """A call refused before it ran: ``guardrail`` ones (permissions) are audited, counted and alerted."""
+        recorded = redact(ref.spec.input_schema, args) if ref else None
+        result = CallResult(False, error_class="guardrail_rejected" if guardrail else reason, message=message,
+                            tool=name, version=ref.version if ref else None)
+        data = {"tool": name, "version": result.version, "reason": reason, "message": message,
+                "call_id": site.call_id or None, "args": recorded}
+        result.events.append(("guardrail_rejected", data))
+        GUARDRAIL_REJECTIONS.labels(reason).inc()
+        if guardrail:
+            result.audits.append(AuditNote(self.scope.principal or "system", "guardrail.reject",
+                                           f"run:{self.scope.run_id}", "denied", data))
+            self._alert(data)
+        return result
+
+    def _failed(self, site: CallSite, ref: ToolRef, args: Any, error_class: str, message: str, *,
+                transient: bool = False, retry_after: float | None = None) -> CallResult:
+        result = CallResult(False, error_class=error_class, message=message, transient=transient,
+                            retry_after=retry_after, tool=ref.name, version=ref.version, retry=_retry(ref))
+        result.events.append(("tool_call_failed", {"tool": ref.name, "version": ref.version, "error": error_class,
+                                                   "message": message, "call_id": site.call_id or None}))
+        return result
+
+    def _shadow(self, site: CallSite, ref: ToolRef, args: Any) -> CallResult:
+        recorded = redact(ref.spec.input_schema, args)
+        output = {"shadow": True, "would_have_run": {"tool": ref.name, "version": ref.version, "args": recorded}}
+        result = CallResult(True, output=output, tool=ref.name, version=ref.version)
+        result.events.append(("tool_shadowed", {"tool": ref.name, "version": ref.version, "args": recorded,
+                                                "call_id": site.call_id or None}))
+        result.audits.append(AuditNote(self.scope.principal or "system", "tool.shadow", f"tool:{ref.name}", "ok",
+                                       {"run": str(self.scope.run_id), "step": site.step_id, "version": ref.version}))
+        return result
+
+    async def _execute(self, site: CallSite, ref: ToolRef, args: Any, secrets: dict[str, str], key: str,
+                       policy: BreakerPolicy, probe: bool) -> CallResult:
+        call = ToolCall(args, site.attempt, site.idempotency_key, self.settings, self.http,
+                        tuple(self.scope.policy.http_allowlist))
+        started = time.perf_counter()
+        error: ToolError | None = None
+        try:
+            if ref.builtin:
+                output = await TOOLS[ref.name](call)
+            else:
+                async with asyncio.timeout(ref.spec.timeout_s):
+                    output = await _registered(ref, call, secrets)
+        except TimeoutError:
+            error = ToolError("timeout", f"tool {ref.name!r} did not answer within {ref.spec.timeout_s:g}s",
+                              transient=True)
+        except ToolError as exc:
+            error = exc
+        elapsed = time.perf_counter() - started
+        TOOL_CALL_SECONDS.observe(elapsed)
+        if error is None or not error.transient:
+            await self.breaker.record(key, policy, True, probe=probe)
+        else:
+            await self.breaker.record(key, policy, False, probe=probe)
+        recorded = redact(ref.spec.input_schema, args)
+        data = {"tool": ref.name, "version": ref.version, "args": recorded, "ms": round(elapsed * 1000, 2),
+                "call_id": site.call_id or None}
+        if error is not None:
+            TOOL_CALLS.labels("error").inc()
+            result = CallResult(False, error_class=error.error_class, message=error.message,
+                                transient=error.transient, retry_after=error.retry_after, tool=ref.name,
+                                version=ref.version, retry=_retry(ref))
+            result.events.append(("tool_called", {**data, "ok": False, "error": error.error_class,
+                                                  "message": error.message}))
+            return result
+        if secrets:
+            output = scrub(output, set(secrets.values()))
+        errors = validate_output(ref, output)
+        if errors:
+            TOOL_CALLS.labels("invalid_output").inc()
+            message = f"output of {ref.name!r} does not match its output_schema: {errors[0]['message']}"
+            result = CallResult(False, error_class="output_invalid", message=message, tool=ref.name,
+                                version=ref.version)
+            result.events.append(("tool_called", {**data, "ok": False, "error": "output_invalid"}))
+            return result
+        TOOL_CALLS.labels("ok").inc()
+        result = CallResult(True, output=output, tool=ref.name, version=ref.version)
+        result.events.append(("tool_called", {**data, "ok": True}))
+        return result
+
+    def _alert(self, data: dict[str, Any]) -> None:
+        url = self.scope.policy.alert_webhook
+        if url is None:
+            return
+        body = {"type": "guardrail_rejected", "tenant": str(self.scope.tenant_id), "run": str(self.scope.run_id),
+                **data}
+        task = asyncio.create_task(_post_alert(self.http, str(url), body))
+        _alerts.add(task)
+        task.add_done_callback(_alerts.discard)
+
+
+_alerts: set[asyncio.Task[None]] = set()
+
+
+async def _post_alert(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
+    """Best effort, a few tries: the rejection itself is already in the run's events and the audit log."""
+    for attempt in range(3):
+        try:
+            response = await http.post(url, json=body, timeout=5.0)
+            if response.status_code < 500:
+                return
+        except httpx.HTTPError as exc:
+            log.warning("alert webhook %s failed: %s", url, type(exc).__name__)
+        await asyncio.sleep(0.5 * 2**attempt)
+    log.warning("alert webhook %s gave up after 3 tries", url)
+
+
+async def _registered(ref: ToolRef, call: ToolCall, secrets: dict[str, str]) -> Any:
+    executor = ref.spec.executor
+    if isinstance(executor, BuiltinExecutor):
+        return await TOOLS[executor.name](call)
+    missing = ref.spec.secret_names() - set(secrets)
+    if missing:
+        raise ToolError("secret_missing", f"secret(s) {', '.join(sorted(missing))} no longer exist", transient=False)
+    return await call_http_tool(ref.spec, call, secrets)
+
+
+def _retry(ref: ToolRef) -> RetryPolicy | None:
+    if ref.builtin:
+        return None
+    r = ref.spec.retry
+    return RetryPolicy(r.max_attempts, r.backoff_base_s, r.backoff_max_s, r.jitter)
+
+
+def _gated(ref: ToolRef, args: Any) -> bool:
+    mode = ref.spec.autonomy.mode
+    if mode == "manual":
+        return True
+    if mode == "conditional":
+        condition = ref.spec.autonomy.condition
+        assert condition is not None
+        try:
+            return evaluate_condition(condition, {"args": args})
+        except ExpressionError:
+            return True  # a condition that cannot be decided asks a person
+    return False
+
+
+def _gate_reason(ref: ToolRef, args: Any) -> str:
+    if ref.spec.autonomy.mode == "manual":
+        return f"tool {ref.name!r} needs approval for every call"
+    return f"tool {ref.name!r} needs approval when {ref.spec.autonomy.condition}"
+
+
+def scrub(value: Any, secrets: set[str]) -> Any:
+    """``value`` with every occurrence of a secret's value replaced, in case a service echoes it back."""
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret and secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {key: scrub(item, secrets) for key, item in value.items()}
+    if isinstance(value, list):
+        return [scrub(item, secrets) for item in value]
+    return value

@@ -1,0 +1,103 @@
+"""The ``http`` executor of registered tools: render the request, call it, cut and select the response.
+
+Secrets are rendered into header values only, and only here, just before the request is sent: they
+never reach arguments, events, outputs or logs. Responses longer than the tool's
+``max_response_bytes`` are cut (``truncated: true``, the body is then the text received so far).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from app.engine.expressions import ExpressionError, render, whole_expression
+from app.tools.spec import HttpExecutor, ToolSpec
+from workers.steps.tools import ToolCall, ToolError, check_destination, retry_after_seconds
+
+
+async def call_http_tool(spec: ToolSpec, call: ToolCall, secrets: dict[str, str]) -> Any:
+    executor = spec.executor
+    assert isinstance(executor, HttpExecutor)
+    args = call.args if isinstance(call.args, dict) else {}
+    try:
+        url = render(executor.url, {"args": args})
+        query = render(executor.query, {"args": args}) if executor.query is not None else None
+        body = render(executor.body, {"args": args}) if executor.body is not None else None
+        headers = {name: str(render(value, {"args": args, "secrets": secrets}))
+                   for name, value in executor.headers.items()}
+    except ExpressionError as exc:
+        # Only the template and the reason: never a rendered value (a header may hold a secret).
+        raise ToolError("bad_args", f"cannot build the request: {exc.reason}", transient=False) from exc
+    if not isinstance(url, str):
+        raise ToolError("bad_args", "the url template must render to a string", transient=False)
+    if executor.body is None and executor.method != "GET":
+        body = args
+    headers.setdefault("Idempotency-Key", call.idempotency_key)
+    await check_destination(url, call.settings, call.allowlist)
+    method = executor.method
+    try:
+        async with call.http.stream(
+            method, url, params=_params(query), headers=headers, json=body if method != "GET" else None
+        ) as response:
+            raw, truncated = await _read_capped(response, spec.max_response_bytes)
+    except httpx.TimeoutException as exc:
+        raise ToolError("timeout", f"{method} {_safe(url)} timed out", transient=True) from exc
+    except httpx.TransportError as exc:
+        raise ToolError("connection", f"{method} {_safe(url)}: {type(exc).__name__}", transient=True) from exc
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise ToolError(f"http_{status}", f"{method} {_safe(url)} returned {status}", transient=True,
+                        retry_after=retry_after_seconds(response.headers.get("retry-after")))
+    if status >= 400:
+        text = raw[:500].decode("utf-8", "replace")
+        raise ToolError(f"http_{status}", f"{method} {_safe(url)} returned {status}: {text}", transient=False)
+    result: dict[str, Any] = {"status": status, "headers": {"content-type": response.headers.get("content-type")},
+                              "body": _decode(raw, truncated)}
+    if truncated:
+        result["truncated"] = True
+    if spec.response is not None:
+        return select_response(spec.response, result)
+    return result
+
+
+def select_response(selector: str, result: dict[str, Any]) -> Any:
+    source = whole_expression(selector)
+    assert source is not None  # checked when the tool was registered
+    try:
+        return render(selector, {"status": result["status"], "headers": result["headers"], "body": result["body"]})
+    except ExpressionError as exc:
+        raise ToolError("response_selector", f"the response selector failed: {exc.reason}", transient=False) from exc
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit], True
+    return b"".join(chunks), False
+
+
+def _decode(raw: bytes, truncated: bool) -> Any:
+    text = raw.decode("utf-8", "replace")
+    if truncated or not text:
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _params(query: Any) -> dict[str, str] | None:
+    if query is None:
+        return None
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in dict(query).items()}
+
+
+def _safe(url: str) -> str:
+    """The URL without its query string (which may carry arguments) for error messages."""
+    return url.split("?", 1)[0]
