@@ -24,6 +24,8 @@ import httpx
 from prometheus_client import Counter, Histogram
 
 from app.approvals.engine import Gate, action_hash, grant_for
+from app.budgets import service as budgets
+from app.budgets.service import Hold
 from app.config import Settings
 from app.engine.attempts import AuditNote
 from app.engine.expressions import ExpressionError, evaluate_condition
@@ -87,6 +89,7 @@ class CallResult:
     retry_after: float | None = None
     errors: list[dict[str, str]] | None = None  # schema errors, for the model to read
     gate: Gate | None = None
+    pause_reason: str | None = None
     tool: str | None = None
     version: int | None = None
     retry: RetryPolicy | None = None
@@ -165,7 +168,31 @@ class Caller:
             return self._failed(site, ref, args, "circuit_open",
                                 f"circuit breaker for {ref.name!r} is {decision.state}; not calling it",
                                 transient=True, retry_after=decision.retry_in_s)
-        return await self._execute(site, ref, args, secrets, key, policy, decision.probe)
+        hold = await self._reserve(site, ref)
+        if isinstance(hold, CallResult):
+            return hold
+        try:
+            return await self._execute(site, ref, args, secrets, key, policy, decision.probe)
+        finally:
+            # A fixed price per call: it is charged whether the call worked or not.
+            async with self.runtime.pg.acquire() as conn:
+                await budgets.settle(conn, hold, hold.amount_usd)
+
+    async def _reserve(self, site: CallSite, ref: ToolRef) -> Hold | CallResult:
+        async with self.runtime.pg.acquire() as conn:
+            hold = await budgets.reserve(conn, self.scope.tenant_id, self.scope.run_id, site.step_id, "tool",
+                                         amount_usd=ref.spec.cost_usd)
+        if isinstance(hold, Hold):
+            return hold
+        result = CallResult(False, error_class=budgets.BUDGET_EXHAUSTED, message=hold.message, tool=ref.name,
+                            version=ref.version)
+        if hold.on_exhausted == "pause":
+            result.pause_reason = budgets.BUDGET_EXHAUSTED
+        result.events.append(("budget_exhausted", {"limit": hold.limit, "message": hold.message, "tool": ref.name,
+                                                   "call_id": site.call_id or None, "action": hold.on_exhausted}))
+        result.audits.append(AuditNote("system", "budget.exhausted", f"run:{self.scope.run_id}", "denied",
+                                       {"limit": hold.limit, "tool": ref.name}))
+        return result
 
     # --- checks --------------------------------------------------------------------------------------
 

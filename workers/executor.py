@@ -63,7 +63,8 @@ async def execute(runtime: Runtime, http: httpx.AsyncClient, breaker: Breaker, d
         outcome = _checked(result.output, started, settings)
     else:
         outcome = Outcome(False, started, _now(), error_class=result.error_class, message=result.message,
-                          transient=result.transient, retry_after=result.retry_after, gate=result.gate)
+                          transient=result.transient, retry_after=result.retry_after, gate=result.gate,
+                          pause_reason=result.pause_reason)
     return replace(outcome, events=tuple(result.events), audits=tuple(result.audits), retry=result.retry)
 
 

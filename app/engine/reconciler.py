@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+from app.budgets.service import settle_stale
 from app.engine.attempts import expire_lease, fire_wait_timeout
 from app.engine.runtime import Runtime
 from app.engine.tx import Job, now
@@ -28,6 +29,7 @@ class Report:
     leases_expired: int = 0
     waits_timed_out: int = 0
     jobs_resent: int = 0
+    holds_settled: int = 0
 
 
 async def reconcile_once(runtime: Runtime) -> Report:
@@ -38,6 +40,9 @@ async def reconcile_once(runtime: Runtime) -> Report:
     for step_run_id in await _due(runtime, "wait_deadline", "waiting"):
         report.waits_timed_out += await in_tx(runtime, fire_wait_timeout, settings, step_run_id)
     report.jobs_resent = await resend_stale_outbox(runtime)
+    # Holds of calls whose worker died (a live call settles within its timeout plus a margin).
+    async with runtime.pg.acquire() as conn:
+        report.holds_settled = await settle_stale(conn, settings.step_timeout_s + settings.lease_s * 2)
     if report.leases_expired or report.waits_timed_out:
         log.info("reconciler: %s", report)
     return report

@@ -24,6 +24,18 @@ def json_value(value: Any) -> Any:
     return value
 
 
+class RunLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="Tool calls (default 25)")
+    max_tokens: int | None = Field(default=None, ge=1, le=10**12, description="Model tokens (default 100,000)")
+    max_cost_usd: float | None = Field(default=None, gt=0, le=10**9)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+    def given(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -31,8 +43,12 @@ class RunCreate(BaseModel):
     version: int | None = Field(default=None, ge=1)
     input: Any = Field(default_factory=dict)
     priority: Priority = "normal"
+    limits: RunLimits | None = Field(
+        default=None, description="Tighter or looser limits for this run, within the tenant's maximums"
+    )
 
     _finite = field_validator("input")(json_value)
+
 
 
 class SignalBody(BaseModel):

@@ -15,6 +15,7 @@ from sqlalchemy import insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.budgets.service import create_usage, effective_limits, tenant_budget
 from app.config import Settings
 from app.context import Ctx
 from app.engine.actions import RunNotFound
@@ -88,6 +89,10 @@ async def create_run(
         existing = await _by_idempotency_key(db, ctx, idempotency_key, digest)
         assert existing is not None
         return existing, False
+    conn = await driver(db)
+    limits = effective_limits(await tenant_budget(conn, ctx.tenant_id), definition.limits,
+                              body.limits.given() if body.limits else None)
+    await create_usage(conn, ctx.tenant_id, run_id, body.workflow, limits)
     await db.execute(
         insert(StepRun),
         [

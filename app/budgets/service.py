@@ -1,0 +1,228 @@
+"""Run limits and tenant cost caps, enforced by reserving before every call and settling after it.
+
+Reservation is one short transaction: it locks the run's usage row, then the tenant's hour and day
+windows (always in that order, so concurrent reservations cannot deadlock), checks every limit
+against spent + reserved + this call's estimate, and only then records the hold. Concurrent runs
+therefore can never push spend past a cap: the last one to take the locks sees all the others'
+holds. Settling replaces the estimate by the actual cost; a hold whose worker died is settled at
+its estimate by the reconciler.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from app.engine.sql import Conn, dumps
+from app.errors import Invalid
+
+DEFAULT_LIMITS: dict[str, Any] = {"max_steps": 25, "max_tokens": 100_000}
+LIMIT_KEYS = ("max_steps", "max_tokens", "max_cost_usd", "timeout_s")
+BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A reservation taken; ``id`` is None when nothing needed holding (free call, no caps)."""
+
+    id: uuid.UUID | None
+    amount_usd: Decimal
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    limit: str  # max_steps | max_tokens | max_cost_usd | hourly_usd | daily_usd
+    message: str
+    on_exhausted: str  # pause | fail
+
+
+def effective_limits(budget: Any, workflow: dict[str, Any], requested: dict[str, Any] | None) -> dict[str, Any]:
+    """Tenant defaults, then the workflow's limits, then the run's; each within the tenant's maximums."""
+    limits = {**DEFAULT_LIMITS, **((budget or {}).get("run_defaults") or {}), **workflow, **(requested or {})}
+    maximums = (budget or {}).get("run_maximums") or {}
+    errors = [
+        {"pointer": f"/limits/{key}", "message": f"{limits[key]} is over the tenant's maximum of {maximums[key]}"}
+        for key in LIMIT_KEYS
+        if key in maximums and key in limits and float(limits[key]) > float(maximums[key])
+    ]
+    if errors:
+        raise Invalid("the run's limits exceed the tenant's maximums", errors=errors)
+    for key in LIMIT_KEYS:
+        if key in maximums and key not in limits:
+            limits[key] = maximums[key]
+    return {key: value for key, value in limits.items() if key in LIMIT_KEYS}
+
+
+async def tenant_budget(conn: Conn, tenant_id: uuid.UUID) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT hourly_usd, daily_usd, on_exhausted, run_defaults, run_maximums, updated_at, updated_by "
+        "FROM budget WHERE tenant_id = $1",
+        tenant_id,
+    )
+    return dict(row) if row is not None else None
+
+
+async def create_usage(
+    conn: Conn, tenant_id: uuid.UUID, run_id: uuid.UUID, workflow: str, limits: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "INSERT INTO run_usage (run_id, tenant_id, workflow_name, limits) VALUES ($1, $2, $3, $4::jsonb)",
+        run_id,
+        tenant_id,
+        workflow,
+        dumps(limits),
+    )
+
+
+def windows(at: datetime) -> tuple[datetime, datetime]:
+    hour = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return hour, hour.replace(hour=0)
+
+
+_USAGE = (
+    "SELECT u.limits, u.tool_calls, u.tokens, u.reserved_tokens, u.cost_usd, u.reserved_usd, b.hourly_usd, "
+    "b.daily_usd, coalesce(b.on_exhausted, 'pause') AS on_exhausted FROM run_usage u "
+    "LEFT JOIN budget b ON b.tenant_id = u.tenant_id WHERE u.run_id = $1 FOR UPDATE OF u"
+)
+_WINDOWS = (
+    "INSERT INTO budget_window (tenant_id, period, start) VALUES ($1, 'hour', $2), ($1, 'day', $3) "
+    "ON CONFLICT DO NOTHING"
+)
+_LOCK_WINDOWS = (
+    "SELECT period, spent_usd + reserved_usd AS used FROM budget_window WHERE tenant_id = $1 "
+    "AND ((period = 'hour' AND start = $2) OR (period = 'day' AND start = $3)) ORDER BY period DESC FOR UPDATE"
+)
+
+
+async def reserve(
+    conn: Conn,
+    tenant_id: uuid.UUID,
+    run_id: uuid.UUID,
+    step_id: str,
+    kind: str,
+    *,
+    amount_usd: Decimal,
+    tokens: int = 0,
+    count_call: bool = True,
+) -> Hold | Exhausted:
+    """Check the run's limits and the tenant's caps for one more call, and hold its estimate."""
+    async with conn.transaction():
+        u = await conn.fetchrow(_USAGE, run_id)
+        if u is None:
+            return Hold(None, Decimal(0), 0)  # a run from before budgets existed
+        limits, policy = u["limits"], u["on_exhausted"]
+        if count_call and "max_steps" in limits and u["tool_calls"] + 1 > limits["max_steps"]:
+            return Exhausted("max_steps", f"the run reached its limit of {limits['max_steps']} tool calls", policy)
+        if tokens and "max_tokens" in limits and u["tokens"] + u["reserved_tokens"] + tokens > limits["max_tokens"]:
+            return Exhausted(
+                "max_tokens",
+                f"the call could take the run past its {limits['max_tokens']} tokens "
+                f"(used {u['tokens']}, held {u['reserved_tokens']}, this call up to {tokens})",
+                policy,
+            )
+        if "max_cost_usd" in limits and u["cost_usd"] + u["reserved_usd"] + amount_usd > Decimal(
+            str(limits["max_cost_usd"])
+        ):
+            return Exhausted(
+                "max_cost_usd",
+                f"the call could take the run past its ${limits['max_cost_usd']} "
+                f"(spent ${u['cost_usd']:.6f}, held ${u['reserved_usd']:.6f})",
+                policy,
+            )
+        hour, day = windows(datetime.now(UTC))
+        caps = {"hour": u["hourly_usd"], "day": u["daily_usd"]}
+        if amount_usd > 0:
+            await conn.execute(_WINDOWS, tenant_id, hour, day)
+            locked = await conn.fetch(_LOCK_WINDOWS, tenant_id, hour, day) if any(caps.values()) else []
+            for row in locked:
+                cap = caps[row["period"]]
+                if cap is not None and row["used"] + amount_usd > cap:
+                    name = "hourly_usd" if row["period"] == "hour" else "daily_usd"
+                    return Exhausted(
+                        name,
+                        f"the tenant's {name.split('_')[0]} cap of ${cap:.2f} would be passed "
+                        f"(spent and held: ${row['used']:.6f})",
+                        policy,
+                    )
+            await conn.execute(
+                "UPDATE budget_window SET reserved_usd = reserved_usd + $4 WHERE tenant_id = $1 "
+                "AND ((period = 'hour' AND start = $2) OR (period = 'day' AND start = $3))",
+                tenant_id,
+                hour,
+                day,
+                amount_usd,
+            )
+        await conn.execute(
+            "UPDATE run_usage SET tool_calls = tool_calls + $2, reserved_usd = reserved_usd + $3, "
+            "reserved_tokens = reserved_tokens + $4 WHERE run_id = $1",
+            run_id,
+            int(count_call),
+            amount_usd,
+            tokens,
+        )
+        if amount_usd == 0 and tokens == 0:
+            return Hold(None, Decimal(0), 0)
+        hold_id = uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO budget_reservation (id, tenant_id, run_id, step_id, kind, amount_usd, tokens, hour_start, "
+            "day_start, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'held')",
+            hold_id,
+            tenant_id,
+            run_id,
+            step_id,
+            kind,
+            amount_usd,
+            tokens,
+            hour,
+            day,
+        )
+        return Hold(hold_id, amount_usd, tokens)
+
+
+_SETTLE = (
+    "UPDATE budget_reservation SET status = 'settled', actual_usd = $2, actual_tokens = $3, settled_at = now() "
+    "WHERE id = $1 AND status = 'held' RETURNING tenant_id, run_id, amount_usd, tokens, hour_start, day_start"
+)
+
+
+async def settle(conn: Conn, hold: Hold, actual_usd: Decimal, actual_tokens: int = 0) -> None:
+    """Replace a hold by what the call really cost (a second settle of the same hold does nothing)."""
+    if hold.id is None:
+        return
+    async with conn.transaction():
+        r = await conn.fetchrow(_SETTLE, hold.id, actual_usd, actual_tokens)
+        if r is None:
+            return
+        await conn.execute(
+            "UPDATE run_usage SET reserved_usd = reserved_usd - $2, cost_usd = cost_usd + $3, "
+            "reserved_tokens = reserved_tokens - $4, tokens = tokens + $5 WHERE run_id = $1",
+            r["run_id"],
+            r["amount_usd"],
+            actual_usd,
+            r["tokens"],
+            actual_tokens,
+        )
+        await conn.execute(
+            "UPDATE budget_window SET reserved_usd = greatest(reserved_usd - $4, 0), spent_usd = spent_usd + $5 "
+            "WHERE tenant_id = $1 AND ((period = 'hour' AND start = $2) OR (period = 'day' AND start = $3))",
+            r["tenant_id"],
+            r["hour_start"],
+            r["day_start"],
+            r["amount_usd"],
+            actual_usd,
+        )
+
+
+async def settle_stale(conn: Conn, older_than_s: float) -> int:
+    """Settle holds left by dead workers at their estimate (the call may well have been paid for)."""
+    rows = await conn.fetch(
+        "SELECT id, amount_usd, tokens FROM budget_reservation WHERE status = 'held' AND created_at < $1 LIMIT 500",
+        datetime.now(UTC) - timedelta(seconds=older_than_s),
+    )
+    for row in rows:
+        await settle(conn, Hold(row["id"], row["amount_usd"], row["tokens"]), row["amount_usd"], row["tokens"])
+    return len(rows)

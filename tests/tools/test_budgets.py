@@ -1,0 +1,84 @@
+"""Run limits and tenant cost caps: reserve before a call, settle after, pause (or fail) when exhausted."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from app.config import Settings
+from tests.conftest import TenantKey
+from tests.engine.conftest import create_workflow, name, start_run, step, wait_for, wait_run
+from tests.tools.conftest import register
+
+pytestmark = pytest.mark.xdist_group("engine")
+
+THREE_STEPS = [
+    {"id": "a", "tool": "echo", "args": {"n": 1}},
+    {"id": "b", "needs": ["a"], "tool": "echo", "args": {"n": 2}},
+    {"id": "c", "needs": ["b"], "tool": "echo", "args": {"n": 3}},
+]
+
+
+async def run_events(client: httpx.AsyncClient, headers: dict[str, str], run_id: str) -> list[dict[str, Any]]:
+    return list((await client.get(f"/api/v1/runs/{run_id}/events", headers=headers)).json()["items"])
+
+
+async def test_step_limit_pauses_then_resumes_after_raising_it(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
+) -> None:
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, THREE_STEPS, limits={"max_steps": 2})
+    run = await start_run(client, tenant.headers, workflow)
+    paused = await wait_for(client, tenant.headers, run["id"], lambda r: r["status"] == "paused")
+    assert step(paused, "c")["status"] == "queued" and step(paused, "b")["status"] == "succeeded"
+    trace = await run_events(client, tenant.headers, run["id"])
+    assert any(e["type"] == "budget_exhausted" and e["data"]["limit"] == "max_steps" for e in trace)
+    assert any(e["type"] == "run_paused" and e["data"].get("status_reason") == "budget_exhausted" for e in trace)
+    # Resuming without more room pauses again; raising the limit first lets it finish.
+    r = await client.put(f"/api/v1/runs/{run['id']}/limits", json={"max_steps": 5}, headers=tenant.headers)
+    assert r.status_code == 200 and r.json()["limits"]["max_steps"] == 5
+    assert (await client.post(f"/api/v1/runs/{run['id']}/resume", headers=tenant.headers)).status_code == 200
+    done = await wait_run(client, tenant.headers, run["id"])
+    assert done["status"] == "succeeded", done["steps"]
+    usage = (await client.get("/api/v1/budgets/usage", params={"run": run["id"]}, headers=tenant.headers)).json()
+    assert usage["run"]["tool_calls"] == 3
+
+
+async def test_fail_policy_and_tenant_maximums(client: httpx.AsyncClient, tenant: TenantKey, worker: Settings) -> None:
+    r = await client.put("/api/v1/budgets", json={"on_exhausted": "fail", "run_maximums": {"max_steps": 10}},
+                         headers=tenant.headers)
+    assert r.status_code == 200, r.text
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, THREE_STEPS, limits={"max_steps": 1})
+    done = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, workflow))["id"])
+    assert done["status"] == "failed" and step(done, "b")["error"]["class"] == "budget_exhausted"
+    too_much = await client.post("/api/v1/runs", json={"workflow": workflow, "limits": {"max_steps": 11}},
+                                 headers=tenant.headers)
+    assert too_much.status_code == 422 and too_much.json()["errors"][0]["pointer"] == "/limits/max_steps"
+
+
+async def test_concurrent_runs_never_overspend_the_hourly_cap(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
+) -> None:
+    await client.put("/api/v1/budgets", json={"hourly_usd": "7"}, headers=tenant.headers)
+    await register(client, tenant.headers, name="paid", cost_usd="1.00",
+                   executor={"kind": "builtin", "name": "sleep"})
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "call", "tool": "paid", "args": {"seconds": 0.2}}])
+    runs = await asyncio.gather(*(start_run(client, tenant.headers, workflow) for _ in range(20)))
+
+    def settled(r: dict[str, Any]) -> bool:
+        return r["status"] in ("succeeded", "paused")
+
+    finished = await asyncio.gather(*(wait_for(client, tenant.headers, r["id"], settled, 30) for r in runs))
+    statuses = sorted(r["status"] for r in finished)
+    assert statuses.count("succeeded") == 7 and statuses.count("paused") == 13, statuses
+    usage = (await client.get("/api/v1/budgets/usage", headers=tenant.headers)).json()
+    assert Decimal(usage["hour"]["spent_usd"]) == 7 and Decimal(usage["hour"]["reserved_usd"]) == 0
+    by_workflow = (await client.get("/api/v1/budgets/usage", params={"workflow": workflow},
+                                    headers=tenant.headers)).json()
+    assert Decimal(by_workflow["day"]["spent_usd"]) == 7
