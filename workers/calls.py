@@ -40,7 +40,7 @@ from app.tools.spec import BuiltinExecutor
 from app.vault.service import open_secrets
 from app.workflows.definition import Permissions, RetryPolicy
 from workers.steps.http_tool import call_http_tool
-from workers.steps.tools import TOOLS, ToolCall, ToolError
+from workers.steps.tools import TOOLS, ToolCall, ToolError, check_destination
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +296,8 @@ class Caller:
         recorded = redact(ref.spec.input_schema, args)
         data = {"tool": ref.name, "version": ref.version, "args": recorded, "ms": round(elapsed * 1000, 2),
                 "call_id": site.call_id or None}
+        if error is not None and secrets:
+            error.message = scrub(error.message, set(secrets.values()))
         if error is not None:
             TOOL_CALLS.labels("error").inc()
             result = CallResult(False, error_class=error.error_class, message=error.message,
@@ -325,7 +327,9 @@ class Caller:
             return
         body = {"type": "guardrail_rejected", "tenant": str(self.scope.tenant_id), "run": str(self.scope.run_id),
                 **data}
-        task = asyncio.create_task(_post_alert(self.http, str(url), body))
+        task = asyncio.create_task(
+            _post_alert(self.http, str(url), body, self.settings, tuple(self.scope.policy.http_allowlist))
+        )
         _alerts.add(task)
         task.add_done_callback(_alerts.discard)
 
@@ -333,8 +337,15 @@ class Caller:
 _alerts: set[asyncio.Task[None]] = set()
 
 
-async def _post_alert(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
+async def _post_alert(
+    http: httpx.AsyncClient, url: str, body: dict[str, Any], settings: Settings, allowlist: tuple[str, ...]
+) -> None:
     """Best effort, a few tries: the rejection itself is already in the run's events and the audit log."""
+    try:
+        await check_destination(url, settings, allowlist)
+    except ToolError as exc:
+        log.warning("alert webhook %s refused: %s", url, exc.message)
+        return
     for attempt in range(3):
         try:
             response = await http.post(url, json=body, timeout=5.0)

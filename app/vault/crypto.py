@@ -34,7 +34,7 @@ def _decode(key: str) -> bytes:
     except ValueError as exc:
         raise VaultError("a secret key is not valid base64") from exc
     if len(raw) != 32:
-        raise VaultError("a secret key must be 32 bytes, base64url-encoded (see `steward secret-key`)")
+        raise VaultError("a secret key must be 32 bytes, base64url-encoded: see docs/operations.md, Secrets")
     return raw
 
 
