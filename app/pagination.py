@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
+from collections.abc import Callable, Sequence
+from typing import Annotated, TypeVar
 
 from fastapi import Query
 
@@ -13,6 +14,15 @@ from app.errors import Invalid
 
 Limit = Annotated[int | None, Query(ge=1, description="Page size (default and maximum are set by the server)")]
 Cursor = Annotated[str | None, Query(max_length=1024, description="`next_cursor` of the previous page")]
+
+
+T = TypeVar("T")
+
+
+def page(rows: Sequence[T], size: int, key: Callable[[T], str]) -> tuple[list[T], str | None]:
+    """Split ``rows`` (fetched with ``LIMIT size + 1``) into the page and the cursor of the next one."""
+    items = list(rows[:size])
+    return items, encode_cursor(key(items[-1])) if len(rows) > size and items else None
 
 
 def page_size(limit: int | None, settings: Settings) -> int:

@@ -140,7 +140,8 @@ class Caller:
                                     f"unknown tool {name!r}; available tools: {', '.join(available)}",
                                     guardrail=False)
             grant = None
-            if _gated(ref, args):
+            gated = _gated(ref, args)
+            if gated:
                 grant = await grant_for(conn, site.step_run_id, site.call_id)
                 if grant is not None and grant["status"] == "approved":
                     # Run exactly what was approved: that version, those arguments (hash-checked below).
@@ -150,7 +151,7 @@ class Caller:
         result = self._check(site, ref, args)
         if result is not None:
             return result
-        if _gated(ref, args) or grant is not None:
+        if gated or grant is not None:
             result = self._approval(site, ref, args, grant)
             if result is not None:
                 return result

@@ -277,12 +277,12 @@ async def expire(tx: Tx, settings: Settings, run: RunRow, step: StepRow) -> bool
     )
     tx.event(run.id, "approval_expired", step_id=step.step_id, approval_id=str(row["id"]))
     await audit(tx.conn, run.tenant_id, "system", "approval.expire", f"approval:{row['id']}")
+    advance = Advance(tx, run, await load_definition(tx.conn, run.workflow_version_id), settings)
     if row["kind"] == "agent":
-        definition = await load_definition(tx.conn, run.workflow_version_id)
-        await Advance(tx, run, definition, settings, rows={}).dispatch([(step, None)], wait_deadline=None)
+        await advance.dispatch([(step, None)], wait_deadline=None)
     else:
         await _fail(tx, run, step, "approval_expired", f"no decision before {row['expires_at'].isoformat()}")
-    await Advance(tx, run, await load_definition(tx.conn, run.workflow_version_id), settings).run_plan()
+    await advance.run_plan()
     return True
 
 

@@ -14,7 +14,7 @@ from app.context import Ctx
 from app.db import get_db
 from app.engine.sql import driver
 from app.http import AppSettings, problem_responses
-from app.pagination import Cursor, Limit, decode_cursor, decode_int_cursor, encode_cursor, page_size
+from app.pagination import Cursor, Limit, decode_cursor, decode_int_cursor, page, page_size
 from app.tools import service
 from app.tools.spec import TOOL_NAME, ToolSpec
 
@@ -72,9 +72,8 @@ async def list_tools(
     rows = await service.list_tools(
         await driver(db), ctx, limit=size + 1, after=decode_cursor(cursor) if cursor else None
     )
-    more = len(rows) > size
-    rows = rows[:size]
-    return ToolPage(items=[_read(r) for r in rows], next_cursor=encode_cursor(rows[-1]["name"]) if more else None)
+    items, next_cursor = page(rows, size, lambda r: str(r["name"]))
+    return ToolPage(items=[_read(r) for r in items], next_cursor=next_cursor)
 
 
 @router.get("/{name}", response_model=ToolRead, summary="A tool (latest version unless `version`); builtins too")
@@ -92,8 +91,5 @@ async def list_versions(
     rows = await service.list_versions(
         await driver(db), ctx, name, limit=size + 1, before=decode_int_cursor(cursor) if cursor else None
     )
-    more = len(rows) > size
-    rows = rows[:size]
-    return ToolPage(
-        items=[_read(r) for r in rows], next_cursor=encode_cursor(str(rows[-1]["version"])) if more else None
-    )
+    items, next_cursor = page(rows, size, lambda r: str(r["version"]))
+    return ToolPage(items=[_read(r) for r in items], next_cursor=next_cursor)

@@ -174,6 +174,9 @@ _specs: OrderedDict[tuple[uuid.UUID, str, int], ToolSpec] = OrderedDict()
 
 async def resolve(conn: Conn, tenant_id: uuid.UUID, name: str, version: int | None = None) -> ToolRef | None:
     """The tool ``name`` (its latest version unless ``version``), or None when there is no such tool."""
+    if name in BUILTIN_SPECS:
+        # Builtin names cannot be registered: no query on the hot path of every builtin step.
+        return ToolRef(name, 0, BUILTIN_SPECS[name]) if version in (None, 0) else None
     row = await conn.fetchrow(
         "SELECT v.version, v.spec FROM tool t JOIN tool_version v ON v.tool_id = t.id "
         "AND v.version = coalesce($3, t.latest_version) WHERE t.tenant_id = $1 AND t.name = $2",
@@ -182,8 +185,6 @@ async def resolve(conn: Conn, tenant_id: uuid.UUID, name: str, version: int | No
         version,
     )
     if row is None:
-        if name in BUILTIN_SPECS and version in (None, 0):
-            return ToolRef(name, 0, BUILTIN_SPECS[name])
         return None
     key = (tenant_id, name, row[0])
     spec = _specs.get(key)

@@ -15,7 +15,7 @@ from app.db import get_db
 from app.engine.runtime import Runtime
 from app.engine.sql import driver
 from app.http import AppSettings, problem_responses
-from app.pagination import Cursor, Limit, decode_cursor, encode_cursor, page_size
+from app.pagination import Cursor, Limit, decode_cursor, page, page_size
 from app.vault import service
 from app.vault.service import MAX_VALUE_CHARS
 
@@ -59,11 +59,8 @@ async def list_secrets(
     rows = await service.list_secrets(
         await driver(db), ctx, limit=size + 1, after=decode_cursor(cursor) if cursor else None
     )
-    more = len(rows) > size
-    rows = rows[:size]
-    return SecretPage(
-        items=[SecretInfo(**r) for r in rows], next_cursor=encode_cursor(rows[-1]["name"]) if more else None
-    )
+    items, next_cursor = page(rows, size, lambda r: str(r["name"]))
+    return SecretPage(items=[SecretInfo(**r) for r in items], next_cursor=next_cursor)
 
 
 @router.delete("/{name}", status_code=204, summary="Delete a secret")

@@ -7,7 +7,7 @@ Every endpoint takes any method (tools default to GET, most tests POST):
 
 - ``/echo``: 200 ``{"received": <JSON body>, "headers": {...}}`` (idempotency-key, authorization,
   content-type, user-agent, traceparent and every ``x-*`` header)
-- ``/fail``: 500 always; ``/fail-400``: 400 with a JSON error
+- ``/fail``: 500 always; ``/fail-400``: 400 with a JSON error; ``/echo-400``: 400 quoting the request headers
 - ``/flaky?times=N``: 503 for the first N calls per ``Idempotency-Key`` value, then 200
 - ``/hang?seconds=S``: answers 200 after S seconds (default 30) without blocking other requests
 - ``/ratelimit?times=N&retry_after=R``: 429 with ``Retry-After: R`` for the first N calls per key, then 200
@@ -67,6 +67,7 @@ class ToolServer(BackgroundServer):
             "/echo": self._echo,
             "/fail": lambda request: Reply.json(500, {"error": "internal error (scripted)"}),
             "/fail-400": lambda request: Reply.json(400, {"error": "bad request (scripted)", "field": "q"}),
+            "/echo-400": lambda request: Reply.json(400, {"error": "rejected", "headers": dict(request.headers)}),
             "/flaky": self._flaky,
             "/hang": self._hang,
             "/ratelimit": self._ratelimit,

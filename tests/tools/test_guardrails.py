@@ -59,6 +59,21 @@ async def test_http_tool_with_secret_header(
     assert SECRET not in full and SECRET not in str(trace)
 
 
+async def test_secret_echoed_in_an_error_body_is_scrubbed(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, tool_server: ToolServer
+) -> None:
+    await client.put("/api/v1/secrets/echo_key", json={"value": SECRET}, headers=tenant.headers)
+    await register(client, tenant.headers, name="leaky", executor=http_tool(
+        tool_server.url + "/echo-400", headers={"Authorization": "Bearer ${{ secrets.echo_key }}"}))
+    run = await one_step_run(client, tenant, "leaky", {})
+    assert run["status"] == "failed"
+    error = step(run, "call")["error"]
+    assert error["class"] == "http_400" and "[redacted]" in error["message"]
+    trace = await events(client, tenant.headers, run["id"])
+    full = (await client.get(f"/api/v1/runs/{run['id']}", headers=tenant.headers)).text
+    assert SECRET not in full and SECRET not in str(trace)
+
+
 async def test_invalid_args_fail_with_every_schema_error(
     client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, tool_server: ToolServer
 ) -> None:
