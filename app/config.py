@@ -40,6 +40,10 @@ class Settings(BaseSettings):
 
     # Engine defaults (a step's own `timeout_s` / `retry` override them).
     step_timeout_s: float = 300.0
+    # Model calls: the answer cap (and budget reservation) when a step sets no max_tokens, and the
+    # deadline of one call (the step's own timeout still bounds the whole step).
+    model_max_output_tokens: int = 4096
+    model_timeout_s: float = 120.0
     retry_max_attempts: int = 3
     retry_backoff_base_s: float = 1.0
     retry_backoff_max_s: float = 300.0

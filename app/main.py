@@ -22,6 +22,7 @@ from app.budgets.routes import router as budgets_router
 from app.config import Settings, get_settings
 from app.engine.runtime import Runtime
 from app.http import BodySizeLimitMiddleware, problem_response, problem_responses, register_error_handlers
+from app.providers.routes import router as providers_router
 from app.runs.routes import router as runs_router
 from app.tenants.routes import router as settings_router
 from app.tools.routes import router as tools_router
@@ -163,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(runs_router)
     app.include_router(secrets_router)
     app.include_router(tools_router)
+    app.include_router(providers_router)
     app.include_router(approvals_router)
     app.include_router(settings_router)
     app.include_router(budgets_router)

@@ -49,6 +49,10 @@ GUARDRAIL_REJECTIONS = Counter(
 )
 TOOL_CALLS = Counter("steward_tool_calls_total", "Tool calls executed", ["outcome"])
 TOOL_CALL_SECONDS = Histogram("steward_tool_call_seconds", "Time spent in tool calls (execution only)")
+GUARDRAIL_OVERHEAD_SECONDS = Histogram(
+    "steward_guardrail_overhead_seconds", "Time the guarded call path adds to a tool call's own execution",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class CallResult:
     tool: str | None = None
     version: int | None = None
     retry: RetryPolicy | None = None
+    exec_s: float | None = None  # how long the tool itself took, when it ran
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     audits: list[AuditNote] = field(default_factory=list)
 
@@ -130,6 +135,7 @@ class Caller:
         return self.runtime.settings
 
     async def call(self, site: CallSite, name: str, args: Any, *, allow_fallback: bool = True) -> CallResult:
+        started = time.perf_counter()
         async with self.runtime.pg.acquire() as conn:
             ref = await tools.resolve(conn, self.scope.tenant_id, name)
             if ref is None:
@@ -147,6 +153,8 @@ class Caller:
                     # Run exactly what was approved: that version, those arguments (hash-checked below).
                     pinned = await tools.resolve(conn, self.scope.tenant_id, name, grant["tool_version"])
                     ref = pinned or ref
+                    if grant["approved_args"] is not None:
+                        args = grant["approved_args"]  # the approver edited them (validated when decided)
             secrets = await open_secrets(conn, self.runtime.vault, self.scope.tenant_id, ref.spec.secret_names())
         result = self._check(site, ref, args)
         if result is not None:
@@ -173,11 +181,19 @@ class Caller:
         if isinstance(hold, CallResult):
             return hold
         try:
-            return await self._execute(site, ref, args, secrets, key, policy, decision.probe)
+            result = await self._execute(site, ref, args, secrets, key, policy, decision.probe)
         finally:
             # A fixed price per call: it is charged whether the call worked or not.
             async with self.runtime.pg.acquire() as conn:
                 await budgets.settle(conn, hold, hold.amount_usd)
+        if result.exec_s is not None:
+            # What the guarded path added to the tool's own time: lookups, checks, breaker, budget.
+            overhead = time.perf_counter() - started - result.exec_s
+            GUARDRAIL_OVERHEAD_SECONDS.observe(overhead)
+            for type_, data in result.events:
+                if type_ == "tool_called":
+                    data["overhead_ms"] = round(overhead * 1000, 2)
+        return result
 
     async def _reserve(self, site: CallSite, ref: ToolRef) -> Hold | CallResult:
         async with self.runtime.pg.acquire() as conn:
@@ -306,6 +322,7 @@ class Caller:
                                 version=ref.version, retry=_retry(ref))
             result.events.append(("tool_called", {**data, "ok": False, "error": error.error_class,
                                                   "message": error.message}))
+            result.exec_s = elapsed
             return result
         if secrets:
             output = scrub(output, set(secrets.values()))
@@ -316,9 +333,10 @@ class Caller:
             result = CallResult(False, error_class="output_invalid", message=message, tool=ref.name,
                                 version=ref.version)
             result.events.append(("tool_called", {**data, "ok": False, "error": "output_invalid"}))
+            result.exec_s = elapsed
             return result
         TOOL_CALLS.labels("ok").inc()
-        result = CallResult(True, output=output, tool=ref.name, version=ref.version)
+        result = CallResult(True, output=output, tool=ref.name, version=ref.version, exec_s=elapsed)
         result.events.append(("tool_called", {**data, "ok": True}))
         return result
 

@@ -1,4 +1,4 @@
-"""Runs one claimed step: the tool under a hard timeout, with the lease renewed while it runs."""
+"""Runs one claimed step (a tool call, or a model step) under a hard timeout, renewing the lease meanwhile."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import httpx
 from app.config import Settings
 from app.engine.advance import Claimed, step_timeout
 from app.engine.attempts import Outcome, renew_lease
+from app.engine.checkpoints import Fenced
 from app.engine.runtime import Runtime
 from app.tools.breaker import Breaker
 from app.workflows.definition import Definition, StepDef
+from workers.agent import run_model_step
 from workers.calls import Caller, CallSite, run_scope
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ def tool_name(step: StepDef, claimed: Claimed) -> str:
 
 async def execute(runtime: Runtime, http: httpx.AsyncClient, breaker: Breaker, definition: Definition,
                   claimed: Claimed) -> Outcome:
-    """Run the step's tool call through the guardrails (workers/calls.py) under the step's hard timeout."""
+    """Run the step's tool call through the guardrails (workers/calls.py), or its model step
+    (workers/agent.py), under the step's hard timeout."""
     settings = runtime.settings
     step = definition.step(claimed.step_id)
     timeout = step_timeout(step, settings)
@@ -48,17 +51,28 @@ async def execute(runtime: Runtime, http: httpx.AsyncClient, breaker: Breaker, d
             async with runtime.pg.acquire() as conn:
                 scope = await run_scope(conn, claimed.run_id, claimed.tenant_id, definition.permissions,
                                         definition.shadow)
-            site = CallSite(claimed.step_run_id, claimed.step_id, claimed.attempt_n, claimed.idempotency_key)
-            result = await Caller(runtime, http, scope, breaker).call(site, tool_name(step, claimed), claimed.args)
+            caller = Caller(runtime, http, scope, breaker)
+            if step.model is not None:
+                model_outcome = await run_model_step(runtime, http, caller, step, claimed)
+            else:
+                site = CallSite(claimed.step_run_id, claimed.step_id, claimed.attempt_n, claimed.idempotency_key)
+                result = await caller.call(site, tool_name(step, claimed), claimed.args)
     except TimeoutError:
         return Outcome(False, started, _now(), error_class="timeout", transient=True,
                        message=f"step did not finish within {timeout:g}s")
+    except Fenced as exc:  # the step moved on without us: nothing of this attempt may be recorded
+        log.info("%s", exc)
+        return Outcome(False, started, _now(), error_class="fenced", message=str(exc), transient=True)
     except Exception as exc:  # a bug in a tool must fail the step, not the worker
-        log.exception("tool %s crashed", tool_name(step, claimed))
+        log.exception("step %s crashed", claimed.step_id)
         return Outcome(False, started, _now(), error_class="internal", message=f"{type(exc).__name__}: {exc}")
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
+    if step.model is not None:
+        if not model_outcome.ok:
+            return model_outcome
+        return replace(_checked(model_outcome.output, started, settings), events=model_outcome.events)
     if result.ok:
         outcome = _checked(result.output, started, settings)
     else:

@@ -286,11 +286,22 @@ async def expire(tx: Tx, settings: Settings, run: RunRow, step: StepRow) -> bool
     return True
 
 
+async def supersede(tx: Tx, step_run_ids: list[uuid.UUID]) -> None:
+    """A retried run's steps start over: their earlier approvals no longer apply (pending ones are cancelled)."""
+    await tx.conn.execute(
+        "UPDATE approval SET superseded_at = $2, version = version + 1, "
+        "status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END "
+        "WHERE step_run_id = ANY($1::uuid[]) AND superseded_at IS NULL",
+        step_run_ids,
+        now(),
+    )
+
+
 async def grant_for(conn: Any, step_run_id: uuid.UUID, call_id: str) -> Any:
     """The approval of a gated call (any status), or None."""
     return await conn.fetchrow(
         "SELECT id, status, tool, tool_version, args, approved_args, action_hash, decided_by, comment "
-        "FROM approval WHERE step_run_id = $1 AND call_id = $2",
+        "FROM approval WHERE step_run_id = $1 AND call_id = $2 AND superseded_at IS NULL",
         step_run_id,
         call_id,
     )
@@ -306,4 +317,5 @@ __all__ = [
     "expire",
     "grant_for",
     "request_approval",
+    "supersede",
 ]

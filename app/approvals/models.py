@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func, text
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -22,8 +22,11 @@ class Approval(Base):
 
     __tablename__ = "approval"
     __table_args__ = (
-        # One request per gated call: a re-delivered job finds the existing request.
-        UniqueConstraint("step_run_id", "call_id"),
+        # One current request per gated call: a re-delivered job finds the existing request; a retried
+        # run supersedes the decided ones, so its calls ask again.
+        Index("uq_approval_current_call", "step_run_id", "call_id", unique=True,
+              postgresql_where=text("superseded_at IS NULL")),
+        Index("ix_approval_tenant_run", "tenant_id", "run_id"),
         Index("ix_approval_tenant_status", "tenant_id", "status", text("requested_at DESC"), text("id DESC")),
         Index("ix_approval_expires", "expires_at", postgresql_where=text("status = 'pending'")),
     )
@@ -54,3 +57,5 @@ class Approval(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     # Set when an approver edited the arguments: what was approved (action_hash is then over these).
     approved_args: Mapped[Any | None] = mapped_column(JSONB)
+    # Set when the run was retried after the decision: the decision no longer applies to new calls.
+    superseded_at: Mapped[datetime | None] = mapped_column(TS)

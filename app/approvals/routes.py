@@ -27,7 +27,7 @@ router = APIRouter(prefix="/api/v1/approvals", tags=["approvals"], responses=pro
 Db = Annotated[AsyncSession, Depends(get_db)]
 Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
 Approver = Annotated[Ctx, Depends(require_role("approver"))]
-Status = Literal["pending", "approved", "rejected", "expired"]
+Status = Literal["pending", "approved", "rejected", "expired", "cancelled"]
 
 
 class ApprovalRead(BaseModel):

@@ -6,8 +6,11 @@ An action from the wrong state raises :class:`IllegalTransition` (409) naming th
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
+from app.approvals.engine import supersede
+from app.audit.service import record as audit
 from app.config import Settings
 from app.engine.advance import (
     Advance,
@@ -18,6 +21,7 @@ from app.engine.advance import (
     set_run_status,
     stop_steps,
 )
+from app.engine.checkpoints import restart_conversations
 from app.engine.state_machine import (
     RUN_TERMINAL,
     IllegalTransition,
@@ -30,6 +34,8 @@ from app.engine.tx import Job, Tx, now
 from app.errors import NotFound
 
 S = StepStatus
+# Statuses whose clock runs; a paused run is held by an operator and is not timed out while paused.
+RUN_CLOCK = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
 
 
 class RunNotFound(NotFound):
@@ -98,8 +104,12 @@ async def retry_run(
         await transition_step(
             tx.conn, row.id, status=row.status, version=row.version, to=S.PENDING, error=None, finished_at=None
         )
+    # The retried steps start over: earlier decisions do not approve their new calls, and agents
+    # begin a new conversation (the old one stays in the checkpoints and events).
+    await supersede(tx, [r.id for r in reset])
+    await restart_conversations(tx, [r.id for r in reset if r.kind in ("llm", "agent")])
     tx.event(run.id, "run_retried", actor=actor, steps=sorted({r.step_id for r in reset}))
-    await set_run_status(tx, run, RunStatus.RUNNING, error=None, finished_at=None)
+    await set_run_status(tx, run, RunStatus.RUNNING, error=None, finished_at=None, status_reason=None)
     await Advance(tx, run, await load_definition(tx.conn, run.workflow_version_id), settings).run_plan()
     return run
 
@@ -137,3 +147,37 @@ async def signal_run(
         tx.event(run.id, "signal_received", step_id=row.step_id, signal=name, actor=actor)
     await Advance(tx, run, definition, settings).run_plan()
     return [row.step_id for row in waiting]
+
+
+async def time_out_run(tx: Tx, settings: Settings, run_id: uuid.UUID) -> bool:
+    """Fail a run past its ``timeout_s`` limit: queued and waiting steps are cancelled, running ones aborted.
+
+    Status and deadline are checked again under the run lock, so concurrent reconcilers fail it once;
+    returns whether this call did."""
+    run = await lock(tx, run_id)
+    if run is None or run.status not in RUN_CLOCK:
+        return False
+    limit = await _time_limit(tx, run)
+    if limit is None or limit[1] > now():
+        return False
+    timeout_s, deadline = limit
+    error = {"class": "run_timeout", "message": f"the run exceeded its limit of {timeout_s:g} s"}
+    rows = (await load_steps(tx.conn, run.id)).values()
+    await stop_steps(tx, run, rows, (S.QUEUED, S.RUNNING, S.WAITING), "run timed out")
+    status_was = run.status
+    await set_run_status(tx, run, RunStatus.FAILED, error=error, status_reason="run_timeout")
+    await audit(tx.conn, run.tenant_id, "system", "run.timeout", f"run:{run.id}", outcome="failed",
+                data={"timeout_s": timeout_s, "deadline": deadline.isoformat(), "status_was": status_was})
+    return True
+
+
+async def _time_limit(tx: Tx, run: RunRow) -> tuple[float, datetime] | None:
+    """The run's ``timeout_s`` and the deadline it sets (from its start, or creation if never started)."""
+    row = await tx.conn.fetchrow(
+        "SELECT u.limits -> 'timeout_s', r.created_at FROM run r JOIN run_usage u ON u.run_id = r.id WHERE r.id = $1",
+        run.id,
+    )
+    if row is None or row[0] is None:
+        return None
+    timeout_s = float(row[0])
+    return timeout_s, (run.started_at or row[1]) + timedelta(seconds=timeout_s)

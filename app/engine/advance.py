@@ -462,6 +462,7 @@ async def stop_steps(tx: Tx, run: RunRow, rows: Any, statuses: tuple[StepStatus,
     if not targets:
         return
     t = now()
+    waiting = [r.id for r in targets if r.status == S.WAITING]
     await transition_steps(
         tx.conn, [(r, {"finished_at": t, "lease_owner": None, "lease_expires_at": None}) for r in targets], S.CANCELLED
     )
@@ -478,4 +479,12 @@ async def stop_steps(tx: Tx, run: RunRow, rows: Any, statuses: tuple[StepStatus,
             reason,
         )
         tx.aborts.extend(job for job, worker in running_jobs if worker is not None and job)
+    if waiting:
+        # Nobody should be asked to decide for a step that no longer waits.
+        await tx.conn.execute(
+            "UPDATE approval SET status = 'cancelled', decided_at = $2, version = version + 1 "
+            "WHERE step_run_id = ANY($1::uuid[]) AND status = 'pending'",
+            waiting,
+            t,
+        )
     await tx.conn.execute("DELETE FROM outbox WHERE run_id = $1", run.id)

@@ -15,7 +15,7 @@ from typing import Any
 
 from app.engine.expressions import ExpressionError, evaluate_condition, render
 from app.engine.state_machine import STEP_ACTIVE, STEP_DONE, StepStatus
-from app.workflows.definition import Definition, StepDef
+from app.workflows.definition import RUNNABLE_KINDS, Definition, StepDef
 
 S = StepStatus
 
@@ -86,7 +86,7 @@ def _plan_pending(
             result.skip.append(step.id)
             status[step.id] = S.SKIPPED
             return
-        if step.kind == "tool":
+        if step.kind in RUNNABLE_KINDS:
             result.start.append((step.id, render(step.args, ctx)))
             status[step.id] = S.QUEUED
         elif step.kind in ("wait", "approval"):

@@ -2,6 +2,7 @@
 
 - running steps whose lease expired (their worker died) fail that attempt as transient and retry;
 - waiting steps past their deadline fail (the deferred arq job normally fires first);
+- active runs past their ``timeout_s`` limit fail as ``run_timeout`` (paused runs wait for their operator);
 - outbox rows not claimed in time (Redis flushed or down, a relay process died) are sent again.
 Each pass handles a bounded batch; every row is re-checked under its run's lock before anything is
 written, so reconcilers running in several worker processes never act on a row twice.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from app.budgets.service import settle_stale
+from app.engine.actions import RUN_CLOCK, time_out_run
 from app.engine.attempts import expire_lease, fire_wait_timeout
 from app.engine.runtime import Runtime
 from app.engine.tx import Job, now
@@ -28,6 +30,7 @@ BATCH = 200
 class Report:
     leases_expired: int = 0
     waits_timed_out: int = 0
+    runs_timed_out: int = 0
     jobs_resent: int = 0
     holds_settled: int = 0
 
@@ -39,11 +42,14 @@ async def reconcile_once(runtime: Runtime) -> Report:
         report.leases_expired += await in_tx(runtime, expire_lease, settings, step_run_id)
     for step_run_id in await _due(runtime, "wait_deadline", "waiting"):
         report.waits_timed_out += await in_tx(runtime, fire_wait_timeout, settings, step_run_id)
+    # Before the outbox pass: a run failed here has its outbox rows deleted, nothing to send again.
+    for run_id in await _overdue_runs(runtime):
+        report.runs_timed_out += await in_tx(runtime, time_out_run, settings, run_id)
     report.jobs_resent = await resend_stale_outbox(runtime)
     # Holds of calls whose worker died (a live call settles within its timeout plus a margin).
     async with runtime.pg.acquire() as conn:
         report.holds_settled = await settle_stale(conn, settings.step_timeout_s + settings.lease_s * 2)
-    if report.leases_expired or report.waits_timed_out:
+    if report.leases_expired or report.waits_timed_out or report.runs_timed_out:
         log.info("reconciler: %s", report)
     return report
 
@@ -51,6 +57,22 @@ async def reconcile_once(runtime: Runtime) -> Report:
 async def _due(runtime: Runtime, column: str, status: str) -> list[uuid.UUID]:
     rows = await runtime.pg.fetch(
         f"SELECT id FROM step_run WHERE status = $1 AND {column} < $2 LIMIT {BATCH}", status, now()
+    )
+    return [r["id"] for r in rows]
+
+
+_CLOCK_STATUSES = ", ".join(f"'{s.value}'" for s in RUN_CLOCK)
+
+
+async def _overdue_runs(runtime: Runtime) -> list[uuid.UUID]:
+    """Runs whose clock runs and whose ``timeout_s`` deadline passed (re-checked under their lock)."""
+    rows = await runtime.pg.fetch(
+        # Spelled out (not a parameter) so the planner can use the partial index ix_run_active.
+        f"SELECT r.id FROM run r JOIN run_usage u ON u.run_id = r.id WHERE r.status IN ({_CLOCK_STATUSES}) "
+        "AND (u.limits ->> 'timeout_s') IS NOT NULL "
+        "AND coalesce(r.started_at, r.created_at) + (u.limits ->> 'timeout_s')::float8 * interval '1 second' < $1 "
+        f"LIMIT {BATCH}",
+        now(),
     )
     return [r["id"] for r in rows]
 

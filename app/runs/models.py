@@ -36,6 +36,8 @@ class Run(Base):
     __table_args__ = (
         # Keyset pagination of the run list, newest first, optionally by status or workflow.
         Index("ix_run_tenant_created", "tenant_id", text("created_at DESC"), text("id DESC")),
+        # The reconciler's search for runs past their timeout_s looks at active runs only.
+        Index("ix_run_active", "id", postgresql_where=text("status IN ('queued', 'running', 'waiting')")),
         Index(
             "ix_run_tenant_status_created", "tenant_id", "status", text("created_at DESC"), text("id DESC")
         ),

@@ -109,6 +109,9 @@ class RunSummary(BaseModel):
     workflow: str
     workflow_version: int
     status: str
+    status_reason: str | None = Field(
+        default=None, description="Why the engine paused or failed the run: budget_exhausted, run_timeout"
+    )
     priority: str
     created_at: datetime
     started_at: datetime | None

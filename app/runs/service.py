@@ -144,8 +144,8 @@ def _ts(value: datetime | None) -> str | None:
 
 
 _RUN = (
-    "SELECT id, workflow_name, workflow_version, status, priority, created_at, started_at, finished_at, input, "
-    "output, error, workflow_version_id FROM run WHERE id = $1 AND tenant_id = $2"
+    "SELECT id, workflow_name, workflow_version, status, status_reason, priority, created_at, started_at, "
+    "finished_at, input, output, error, workflow_version_id FROM run WHERE id = $1 AND tenant_id = $2"
 )
 _STEPS = (
     "SELECT id, step_id, map_index, kind, status, input, output, error, started_at, finished_at FROM step_run "
@@ -197,7 +197,8 @@ async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> dict[str, An
     definition = await load_definition(conn, run["workflow_version_id"])
     return {
         "id": str(run["id"]), "workflow": run["workflow_name"], "workflow_version": run["workflow_version"],
-        "status": run["status"], "priority": run["priority"], "created_at": _ts(run["created_at"]),
+        "status": run["status"], "status_reason": run["status_reason"], "priority": run["priority"],
+        "created_at": _ts(run["created_at"]),
         "started_at": _ts(run["started_at"]), "finished_at": _ts(run["finished_at"]), "input": run["input"],
         "output": run["output"], "error": run["error"],
         "steps": [top[sid] for sid in definition.order if sid in top],
@@ -216,6 +217,7 @@ def _summary(run: Run) -> schemas.RunSummary:
         workflow=run.workflow_name,
         workflow_version=run.workflow_version,
         status=run.status,
+        status_reason=run.status_reason,
         priority=run.priority,
         created_at=run.created_at,
         started_at=run.started_at,

@@ -35,6 +35,7 @@ __all__ = [
     "DefinitionError",
     "ApprovalSpec",
     "MapSpec",
+    "ModelStep",
     "Permissions",
     "RetryPolicy",
     "StepDef",
@@ -44,13 +45,19 @@ __all__ = [
     "validate_input",
 ]
 
-StepKind = Literal["tool", "wait", "map", "approval"]
+StepKind = Literal["tool", "wait", "map", "approval", "llm", "agent"]
 
 BUILTIN_TOOLS: frozenset[str] = frozenset({"echo", "sleep", "fail", "http"})
-STEP_KINDS: tuple[StepKind, ...] = ("tool", "wait", "map", "approval")
-# In the product design but not implemented yet; named so the error says "not supported", not "unknown".
-UNSUPPORTED_KINDS = ("llm", "agent")
+STEP_KINDS: tuple[StepKind, ...] = ("tool", "wait", "map", "approval", "llm", "agent")
+# Kinds whose step runs on a worker with rendered args (the others wait or expand).
+RUNNABLE_KINDS = frozenset({"tool", "llm", "agent"})
 MAX_STEP_TIMEOUT_S = 86_400
+# Past about twenty tools, models pick the wrong one noticeably more often.
+MAX_AGENT_TOOLS = 20
+MAX_AGENT_TURNS = 100
+DEFAULT_AGENT_TURNS = 10
+DEFAULT_LOOP_LIMIT = 3
+DEFAULT_RESULT_BYTES = 4000
 DEFAULT_MAP_CONCURRENCY = 10
 # Nesting deeper than this in args is almost certainly a mistake, and rendering recurses over it.
 MAX_NESTING = 64
@@ -62,6 +69,12 @@ _WAIT_FIELDS = frozenset({"signal", "timeout_s"})
 _APPROVAL_FIELDS = frozenset({"reason", "timeout_s", "on_expiry"})
 _PERMISSION_FIELDS = frozenset({"read_only", "tools"})
 _MAP_FIELDS = frozenset({"items", "tool", "args", "concurrency"})
+_LLM_FIELDS = frozenset({"model", "system", "prompt", "output", "output_schema", "max_tokens"})
+_AGENT_FIELDS = frozenset({"model", "instructions", "input", "tools", "max_turns", "loop_limit", "max_result_bytes",
+                           "output", "output_schema", "max_tokens"})
+# The templated fields of each model step kind, rendered into the step's input when it starts.
+_MODEL_TEMPLATES = {"llm": ("system", "prompt"), "agent": ("instructions", "input")}
+_MODEL_REF = re.compile(r"([A-Za-z][A-Za-z0-9_-]{0,63})/([A-Za-z0-9._:@/-]{1,128})")
 _LIMIT_FIELDS = frozenset({"max_steps", "max_tokens", "max_cost_usd", "timeout_s"})
 _STEP_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _SIGNAL = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -110,6 +123,25 @@ class MapSpec:
 
 
 @dataclass(frozen=True)
+class ModelStep:
+    """An ``llm`` step (one call, ``tools`` empty, one turn) or an ``agent`` step (a tool-calling loop)."""
+
+    provider: str
+    model: str
+    output: str  # "text" | "json"
+    output_schema: dict[str, Any] | None = None
+    max_tokens: int | None = None  # cap on each answer's tokens; None: the worker's default
+    tools: tuple[str, ...] = ()
+    max_turns: int = 1
+    loop_limit: int = DEFAULT_LOOP_LIMIT
+    max_result_bytes: int = DEFAULT_RESULT_BYTES
+
+    @cached_property
+    def output_validator(self) -> Draft202012Validator | None:
+        return None if self.output_schema is None else Draft202012Validator(self.output_schema)
+
+
+@dataclass(frozen=True)
 class StepDef:
     """One step. ``tool``/``args`` are set for kind "tool" only; a map step carries its own in ``map``."""
 
@@ -124,6 +156,7 @@ class StepDef:
     wait: WaitSpec | None
     map: MapSpec | None
     approval: ApprovalSpec | None = None
+    model: ModelStep | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +212,8 @@ class _Ctx(Collector):
     max_map_concurrency: int = 100
     # Tool names a step may use; None: any well-formed name (a stored definition, checked when it was made).
     known_tools: frozenset[str] | None = BUILTIN_TOOLS
+    # Provider name -> its model names; None: any well-formed "<provider>/<model>".
+    known_models: dict[str, frozenset[str]] | None = None
 
 
 @dataclass
@@ -199,13 +234,16 @@ def parse_definition(
     max_map_items: int = 10000,
     max_map_concurrency: int = 100,
     known_tools: frozenset[str] | None = BUILTIN_TOOLS,
+    known_models: dict[str, frozenset[str]] | None = None,
 ) -> Definition:
     """Validate ``raw`` (a decoded JSON/YAML document) and build a :class:`Definition`.
 
     ``known_tools``: the tools steps may name (the builtins and the tenant's registered tools); None
-    accepts any well-formed name. Raises :class:`DefinitionError` listing every problem found.
+    accepts any well-formed name. ``known_models``: the tenant's providers and their models; None
+    accepts any well-formed model reference. Raises :class:`DefinitionError` listing every problem found.
     """
-    cx = _Ctx(max_map_items=max_map_items, max_map_concurrency=max_map_concurrency, known_tools=known_tools)
+    cx = _Ctx(max_map_items=max_map_items, max_map_concurrency=max_map_concurrency, known_tools=known_tools,
+              known_models=known_models)
     top = cx.object((), raw, "the definition must be an object")
     if top is None:
         raise DefinitionError(cx.errors)
@@ -249,7 +287,7 @@ def _parse_step(cx: _Ctx, raw: Any, index: int) -> _Draft:
     if obj is None:
         return draft
     errors_before = len(cx.errors)
-    cx.reject_unknown(path, obj, _STEP_FIELDS | set(UNSUPPORTED_KINDS))
+    cx.reject_unknown(path, obj, _STEP_FIELDS)
     draft.id = _parse_id(cx, path, obj)
     draft.needs = _parse_needs(cx, path, obj, draft.id)
     when = _parse_when(cx, path, obj, draft.refs)
@@ -260,9 +298,13 @@ def _parse_step(cx: _Ctx, raw: Any, index: int) -> _Draft:
     kind = _step_kind(cx, path, obj)
     tool, args, wait, map_spec = _parse_kind(cx, path, obj, kind, draft.refs)
     approval = _parse_approval(cx, (*path, "approval"), obj["approval"]) if kind == "approval" else None
+    model = None
+    if kind in ("llm", "agent"):
+        model, args = _parse_model_step(cx, (*path, kind), obj[kind], kind, draft.refs)
     if len(cx.errors) == errors_before and kind is not None and draft.id is not None:
         needs = tuple(need for _, need in draft.needs)
-        draft.step = StepDef(draft.id, kind, needs, when, tool, args, timeout_s, retry, wait, map_spec, approval)
+        draft.step = StepDef(draft.id, kind, needs, when, tool, args, timeout_s, retry, wait, map_spec, approval,
+                             model)
     return draft
 
 
@@ -341,16 +383,12 @@ def _parse_retry(cx: _Ctx, path: Path, raw: Any) -> RetryPolicy | None:
 
 
 def _step_kind(cx: _Ctx, path: Path, obj: dict[str, Any]) -> StepKind | None:
-    unsupported = [name for name in UNSUPPORTED_KINDS if name in obj]
-    for name in unsupported:
-        cx.error((*path, name), f"step kind '{name}' is not supported by this version")
     kinds = [kind for kind in STEP_KINDS if kind in obj]
     if len(kinds) > 1:
         cx.error(path, f"a step must have exactly one kind, got {', '.join(map(repr, kinds))}")
         return None
     if not kinds:
-        if not unsupported:
-            cx.error(path, "a step must have exactly one kind: 'tool', 'wait', 'map' or 'approval'")
+        cx.error(path, "a step must have exactly one kind: 'tool', 'wait', 'map', 'approval', 'llm' or 'agent'")
         return None
     return kinds[0]
 
@@ -388,6 +426,103 @@ def _parse_approval(cx: _Ctx, path: Path, raw: Any) -> ApprovalSpec | None:
         cx.error((*path, "on_expiry"), "must be 'reject' or 'flag'")
         on_expiry = None
     return ApprovalSpec(reason, timeout_s, on_expiry)
+
+
+def _parse_model_step(
+    cx: _Ctx, path: Path, raw: Any, kind: str, refs: list[tuple[Path, str]]
+) -> tuple[ModelStep | None, dict[str, Any]]:
+    """An ``llm`` or ``agent`` section: the model settings, and the templated fields as the step's args."""
+    obj = cx.object(path, raw, "must be an object")
+    if obj is None:
+        return None, {}
+    cx.reject_unknown(path, obj, _LLM_FIELDS if kind == "llm" else _AGENT_FIELDS)
+    ref = _model_ref(cx, (*path, "model"), obj)
+    required = "prompt" if kind == "llm" else "input"
+    if required not in obj:
+        cx.error(path, f"missing required field '{required}'")
+    templates = {}
+    for key in _MODEL_TEMPLATES[kind]:
+        if key not in obj:
+            continue
+        value = obj[key]
+        if key != "input" and not isinstance(value, str):
+            cx.error((*path, key), "must be a string")
+            continue
+        templates[key] = value
+    args = _parse_args(cx, path, templates, refs)
+    schema = _parse_schema(cx, (*path, "output_schema"), obj["output_schema"]) if "output_schema" in obj else None
+    output = obj.get("output", "json" if schema is not None else "text")
+    if output not in ("text", "json"):
+        cx.error((*path, "output"), "must be 'text' or 'json'")
+    elif output == "text" and schema is not None:
+        cx.error((*path, "output"), "an output_schema needs output 'json'")
+    max_tokens = cx.integer((*path, "max_tokens"), obj, minimum=1, maximum=1_000_000)
+    extra: dict[str, Any] = {}
+    if kind == "agent":
+        extra["tools"] = _agent_tools(cx, (*path, "tools"), obj.get("tools", []))
+        turns = cx.integer((*path, "max_turns"), obj, minimum=1, maximum=MAX_AGENT_TURNS)
+        extra["max_turns"] = DEFAULT_AGENT_TURNS if turns is None else turns
+        loop = cx.integer((*path, "loop_limit"), obj, minimum=2, maximum=100)
+        extra["loop_limit"] = DEFAULT_LOOP_LIMIT if loop is None else loop
+        size = cx.integer((*path, "max_result_bytes"), obj, minimum=256, maximum=1_000_000)
+        extra["max_result_bytes"] = DEFAULT_RESULT_BYTES if size is None else size
+    if ref is None:
+        return None, args
+    return ModelStep(ref[0], ref[1], output, schema, max_tokens, **extra), args
+
+
+def _model_ref(cx: _Ctx, path: Path, obj: dict[str, Any]) -> tuple[str, str] | None:
+    if "model" not in obj:
+        cx.error(path[:-1], "missing required field 'model'")
+        return None
+    raw = obj["model"]
+    match = _MODEL_REF.fullmatch(raw) if isinstance(raw, str) else None
+    if match is None:
+        cx.error(path, "must be '<provider>/<model>', naming a provider registered with /api/v1/providers")
+        return None
+    provider, model = match.groups()
+    if cx.known_models is not None:
+        if provider not in cx.known_models:
+            known = ", ".join(sorted(cx.known_models)) or "none"
+            cx.error(path, f"unknown provider {provider!r}; providers: {known}")
+            return None
+        if model not in cx.known_models[provider]:
+            known = ", ".join(sorted(cx.known_models[provider])) or "none"
+            cx.error(path, f"provider {provider!r} has no model {model!r}; its models: {known}")
+            return None
+    return provider, model
+
+
+def _agent_tools(cx: _Ctx, path: Path, raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        cx.error(path, "must be a list of tool names")
+        return ()
+    if len(raw) > MAX_AGENT_TOOLS:
+        cx.error(path, f"an agent may use at most {MAX_AGENT_TOOLS} tools (got {len(raw)}): past that, models "
+                       "choose the wrong tool more often; split the work across agents")
+        return ()
+    names: list[str] = []
+    for i, item in enumerate(raw):
+        name = _tool_name(cx, (*path, i), item)
+        if name is not None and name in names:
+            cx.error((*path, i), f"duplicate tool {name!r}")
+        elif name is not None:
+            names.append(name)
+    return tuple(names)
+
+
+def _parse_schema(cx: _Ctx, path: Path, raw: Any) -> dict[str, Any] | None:
+    """A JSON Schema (2020-12), with every problem reported."""
+    schema = cx.object(path, raw, "must be an object (a JSON Schema)")
+    if schema is None:
+        return None
+    meta = Draft202012Validator(
+        Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+    errors_before = len(cx.errors)
+    for error in sorted(meta.iter_errors(schema), key=lambda e: pointer(tuple(e.absolute_path))):
+        cx.error((*path, *error.absolute_path), f"invalid JSON Schema: {error.message}")
+    return copy.deepcopy(schema) if len(cx.errors) == errors_before else None
 
 
 def _parse_permissions(cx: _Ctx, raw: Any) -> Permissions:
@@ -580,17 +715,8 @@ def _check_references(cx: _Ctx, draft: _Draft, positions: dict[str, int], upstre
 
 
 def _parse_input_schema(cx: _Ctx, raw: Any) -> dict[str, Any] | None:
-    schema = cx.object(("input_schema",), raw, "must be an object (a JSON Schema)")
-    if schema is None:
-        return None
     # What Draft202012Validator.check_schema does, but keeping every error instead of raising the first.
-    meta = Draft202012Validator(
-        Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
-    )
-    errors_before = len(cx.errors)
-    for error in sorted(meta.iter_errors(schema), key=lambda e: pointer(tuple(e.absolute_path))):
-        cx.error(("input_schema", *error.absolute_path), f"invalid JSON Schema: {error.message}")
-    return copy.deepcopy(schema) if len(cx.errors) == errors_before else None
+    return _parse_schema(cx, ("input_schema",), raw)
 
 
 def _parse_limits(cx: _Ctx, raw: Any) -> dict[str, Any]:

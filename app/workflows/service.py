@@ -17,6 +17,7 @@ from app.config import Settings, get_settings
 from app.context import Ctx
 from app.engine.sql import driver
 from app.errors import Invalid, NotFound
+from app.providers.service import model_names
 from app.tools.service import tool_names
 from app.workflows.definition import BUILTIN_TOOLS, Definition, DefinitionError, parse_definition
 from app.workflows.models import Workflow, WorkflowVersion
@@ -40,7 +41,10 @@ def definition_hash(definition: Any) -> str:
 
 
 def validate_definition(
-    definition: Any, settings: Settings, known_tools: frozenset[str] = BUILTIN_TOOLS
+    definition: Any,
+    settings: Settings,
+    known_tools: frozenset[str] = BUILTIN_TOOLS,
+    known_models: dict[str, frozenset[str]] | None = None,
 ) -> Definition:
     """Parse ``definition`` under the configured limits; errors point at ``/definition/...``."""
     try:
@@ -50,6 +54,7 @@ def validate_definition(
             max_map_items=settings.max_map_items,
             max_map_concurrency=settings.max_map_concurrency,
             known_tools=known_tools,
+            known_models=known_models,
         )
     except DefinitionError as exc:
         errors = [
@@ -79,8 +84,9 @@ async def create_workflow(
             f"invalid workflow name {name!r}",
             errors=[{"pointer": "/name", "message": f"must match {NAME_PATTERN}"}],
         )
-    known = frozenset(await tool_names(await driver(db), ctx.tenant_id))
-    validate_definition(definition, settings or get_settings(), known)
+    conn = await driver(db)
+    known = frozenset(await tool_names(conn, ctx.tenant_id))
+    validate_definition(definition, settings or get_settings(), known, await model_names(conn, ctx.tenant_id))
     digest = definition_hash(definition)
     await db.execute(
         pg_insert(Workflow)

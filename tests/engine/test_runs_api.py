@@ -300,7 +300,7 @@ INVALID_DEFINITIONS = [
     ({"steps": [{"id": "a", "needs": ["ghost"], "tool": "echo"}]}, "/definition/steps/0/needs/0", "ghost"),
     ({"steps": [{"id": "a", "tool": "echo"}, {"id": "a", "tool": "echo"}]}, "/definition/steps/1/id", "duplicate"),
     ({"steps": [{"id": "a", "teleport": {}}]}, "/definition/steps/0", ""),
-    ({"steps": [{"id": "a", "llm": {"model": "x"}}]}, "/definition/steps/0/llm", "not supported"),
+    ({"steps": [{"id": "a", "llm": {"model": "x/y"}}]}, "/definition/steps/0/llm", "missing required field 'prompt'"),
     ({"steps": [{"id": "a", "tool": "nope"}]}, "/definition/steps/0/tool", "echo"),
     ({"steps": [{"id": "a", "tool": "echo", "args": {"x": "${{ input.( }}"}}]}, "/definition/steps/0/args/x", ""),
     ({"steps": [{"id": "a", "when": "${{ 1 + }}", "tool": "echo"}]}, "/definition/steps/0/when", ""),

@@ -109,6 +109,16 @@ async def test_reject_fails_the_step(
     assert done["status"] == "failed"
     assert step(done, "refund")["error"]["class"] == "approval_rejected"
     assert "not this one" in step(done, "refund")["error"]["message"]
+    # Retrying the run asks again: the rejection does not carry over, nor could an approval.
+    r = await client.post(f"/api/v1/runs/{run['id']}/retry", headers=admin.headers)
+    assert r.status_code == 200, r.text
+    again = await pending(client, approver.headers, run["id"])
+    assert again["id"] != approval["id"]
+    r = await client.get(f"/api/v1/approvals/{approval['id']}", headers=approver.headers)
+    assert r.json()["status"] == "rejected"
+    await decide(client, approver.headers, again["id"], decision="approve")
+    done = await wait_run(client, admin.headers, run["id"])
+    assert done["status"] == "succeeded", done
 
 
 async def test_concurrent_decisions_exactly_one_wins(
@@ -177,3 +187,16 @@ async def test_approval_step_approve_and_expiry_policies(
     assert step(current, "gate")["status"] == "waiting"
     await decide(client, approver.headers, item["items"][0]["id"], decision="approve")
     assert (await wait_run(client, admin.headers, run["id"]))["status"] == "succeeded"
+
+
+async def test_cancelling_the_run_cancels_its_pending_approvals(
+    client: httpx.AsyncClient, people: tuple[TenantKey, TenantKey], worker: Settings, tool_server: ToolServer
+) -> None:
+    admin, approver = people
+    run, _ = await gated_run(client, admin, admin, tool_server, {"order": "o-9", "amount": 5})
+    approval = await pending(client, approver.headers, run["id"])
+    assert (await client.post(f"/api/v1/runs/{run['id']}/cancel", headers=admin.headers)).status_code == 200
+    r = await client.get(f"/api/v1/approvals/{approval['id']}", headers=approver.headers)
+    assert r.json()["status"] == "cancelled"
+    late = await decide(client, approver.headers, approval["id"], decision="approve")
+    assert late.status_code == 409 and late.json()["status_now"] == "cancelled"

@@ -204,13 +204,50 @@ def test_too_many_steps() -> None:
 # --- kinds ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["llm", "agent"])
-def test_unsupported_kinds(kind: str) -> None:
-    assert_error(
-        {"steps": [{"id": "a", kind: {}}]},
-        f"/steps/0/{kind}",
-        f"step kind '{kind}' is not supported by this version",
-    )
+def test_llm_and_agent_steps_keep_their_templates_as_args() -> None:
+    definition = parse_definition({"steps": [
+        {"id": "a", "tool": "echo"},
+        {"id": "s", "needs": ["a"], "llm": {"model": "local/gpt-x", "system": "terse",
+                                            "prompt": "sum up ${{ steps.a.output }}", "max_tokens": 100}},
+        {"id": "g", "needs": ["s"], "agent": {"model": "local/meta/llama-3", "instructions": "help",
+                                              "input": {"text": "${{ steps.s.output }}"}, "tools": ["echo"],
+                                              "output_schema": {"type": "object"}}},
+    ]})
+    llm, agent = definition.step("s"), definition.step("g")
+    assert llm.kind == "llm" and llm.args == {"system": "terse", "prompt": "sum up ${{ steps.a.output }}"}
+    assert llm.model is not None and (llm.model.provider, llm.model.model, llm.model.output) == (
+        "local", "gpt-x", "text")
+    assert llm.model.max_tokens == 100 and llm.model.max_turns == 1 and llm.model.tools == ()
+    assert agent.model is not None and agent.model.model == "meta/llama-3" and agent.model.output == "json"
+    assert agent.model.tools == ("echo",) and agent.model.max_turns == 10 and agent.model.loop_limit == 3
+    assert agent.args == {"instructions": "help", "input": {"text": "${{ steps.s.output }}"}}
+
+
+def test_model_step_errors_point_at_each_field() -> None:
+    with pytest.raises(DefinitionError) as info:
+        parse_definition({"steps": [
+            {"id": "a", "agent": {"model": "local", "input": "${{ steps.b.output }}", "tools": ["echo", "echo"],
+                                  "max_turns": 0, "loop_limit": 1, "output": "yaml", "extra": 1}},
+            {"id": "b", "llm": {"model": "p/m", "prompt": 3, "output_schema": {"type": "nope"}}},
+            {"id": "c", "agent": {"model": "p/m", "input": "x", "tools": [f"t{i}" for i in range(21)]}},
+        ]}, known_tools=None)
+    errors = {e["pointer"]: e["message"] for e in info.value.errors}
+    assert "'<provider>/<model>'" in errors["/steps/0/agent/model"]
+    assert "duplicate tool 'echo'" in errors["/steps/0/agent/tools/1"]
+    assert "/steps/0/agent/max_turns" in errors and "/steps/0/agent/loop_limit" in errors
+    assert errors["/steps/0/agent/output"] == "must be 'text' or 'json'"
+    assert "extra" in errors["/steps/0/agent/extra"]
+    assert "does not (transitively) need 'b'" in errors["/steps/0/agent/input"]
+    assert errors["/steps/1/llm/prompt"] == "must be a string"
+    assert "invalid JSON Schema" in errors["/steps/1/llm/output_schema/type"]
+    assert "at most 20 tools" in errors["/steps/2/agent/tools"]
+
+
+def test_model_references_are_checked_against_known_providers() -> None:
+    known = {"local": frozenset({"small"})}
+    parse_definition({"steps": [{"id": "a", "llm": {"model": "local/small", "prompt": "hi"}}]}, known_models=known)
+    assert_error({"steps": [{"id": "a", "llm": {"model": "local/big", "prompt": "hi"}}]}, "/steps/0/llm/model",
+                 "provider 'local' has no model 'big'; its models: small", known_models=known)
 
 
 def test_missing_kind() -> None:

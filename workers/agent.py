@@ -1,0 +1,384 @@
+"""Model steps: ``llm`` (one model call) and ``agent`` (a tool-calling loop), durable through checkpoints.
+
+An agent step is a conversation: the instructions and the input, then model turns and tool results.
+Every model turn and every tool call is checkpointed as it completes (app/engine/checkpoints.py), in
+one transaction with its run events; a worker resuming the step (after a crash, a retry, an approval
+or a budget pause) rebuilds the conversation from the checkpoints and carries on from there, so a
+paid model call or a completed tool call is never made twice.
+
+Tool calls take the one guarded path (workers/calls.py). What the guardrails refuse and what tools
+fail with goes back to the model as the call's result, so it can correct itself; the same failing
+call made ``loop_limit`` times ends the step as a loop. Before each model call its worst case (the
+prompt's upper-bound token count plus the answer cap) is reserved against the run's token and cost
+limits and the tenant's caps, and settled to the reported usage afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from app.budgets import service as budgets
+from app.budgets.service import Hold
+from app.engine import checkpoints
+from app.engine.advance import Claimed
+from app.engine.attempts import AuditNote, Outcome
+from app.engine.checkpoints import Checkpoint
+from app.engine.runtime import Runtime
+from app.engine.sql import Conn
+from app.engine.tx import Tx
+from app.engine.unit import in_tx
+from app.llm.client import ChatResult, ModelError, chat, cost_usd, estimate_input_tokens, tool_spec
+from app.providers.service import ModelRef, resolve_model
+from app.tools import service as tools
+from app.workflows.definition import ModelStep, Permissions, StepDef
+from workers.calls import Caller, CallResult, CallSite, RunScope
+from workers.steps.tools import ToolError, check_destination
+
+log = logging.getLogger(__name__)
+
+# Inline retries of a transient tool failure inside an agent wait at most this long each.
+MAX_TOOL_RETRY_DELAY_S = 10.0
+PREVIEW_CHARS = 1000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _digest(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    id: str
+    name: str
+    args: Any
+    error: str | None  # the arguments were not JSON
+
+
+@dataclass
+class Conversation:
+    """The conversation as rebuilt from the checkpoints of the current epoch."""
+
+    messages: list[dict[str, Any]]
+    seq: int = 0  # the next checkpoint's number
+    epoch: int = 0  # how many times the step was started afresh (a retried run)
+    turns: int = 0
+    pending: list[PendingCall] = field(default_factory=list)
+    answer: str | None = None  # the last model turn's text, when it called no tools
+    failures: Counter[str] = field(default_factory=Counter)
+
+    def apply(self, cp: Checkpoint) -> None:
+        self.seq = cp.seq + 1
+        if cp.kind == "model":
+            message = cp.data["message"]
+            self.messages.append(message)
+            self.turns += 1
+            self.pending = _pending(message)
+            self.answer = None if self.pending else (message.get("content") or "")
+        elif cp.kind == "tool":
+            self.messages.append({"role": "tool", "tool_call_id": cp.call_id, "content": cp.data["content"]})
+            self.pending = [call for call in self.pending if call.id != cp.call_id]
+            if not cp.data["ok"]:
+                self.failures[cp.data["signature"]] += 1
+        elif cp.kind == "note":
+            self.messages.append({"role": "user", "content": cp.data["content"]})
+            self.answer = None
+
+
+def replay(base: list[dict[str, Any]], saved: list[Checkpoint]) -> Conversation:
+    """The conversation after the checkpoints that follow the last ``reset`` (a retried run starts over)."""
+    conversation = Conversation(list(base))
+    resets = [i for i, cp in enumerate(saved) if cp.kind == "reset"]
+    start = resets[-1] + 1 if resets else 0
+    conversation.epoch = len(resets)
+    for cp in saved[start:]:
+        conversation.apply(cp)
+    if saved:
+        conversation.seq = saved[-1].seq + 1
+    return conversation
+
+
+def _pending(message: dict[str, Any]) -> list[PendingCall]:
+    calls = []
+    for call in message.get("tool_calls") or []:
+        function = call["function"]
+        raw = function.get("arguments")
+        args: Any = {}
+        error = None
+        if isinstance(raw, str) and raw.strip():
+            try:
+                args = json.loads(raw)
+            except ValueError as exc:
+                args, error = raw, f"arguments are not valid JSON: {exc}"
+        calls.append(PendingCall(call["id"], function["name"], args, error))
+    return calls
+
+
+def base_messages(step: StepDef, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """The conversation's opening: the system text and the (rendered) prompt or input."""
+    system = args.get("system") if step.kind == "llm" else args.get("instructions")
+    user = args.get("prompt") if step.kind == "llm" else args.get("input")
+    messages: list[dict[str, Any]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    text = user if isinstance(user, str) else json.dumps(user, ensure_ascii=False)
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+def trim(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes, saying so: tool results must not swamp the context."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    kept = raw[:limit].decode(errors="ignore")
+    return f"{kept}… [cut: {len(raw)} bytes, only the first {limit} shown]"
+
+
+def parse_answer(text: str) -> Any:
+    """The JSON value of a final answer, allowing the code fence models like to wrap it in."""
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.split("\n", 1)[1] if "\n" in stripped else ""
+        stripped = stripped.rsplit("```", 1)[0]
+    return json.loads(stripped)
+
+
+@dataclass
+class ModelStepRun:
+    """One attempt at an ``llm`` or ``agent`` step."""
+
+    runtime: Runtime
+    http: httpx.AsyncClient
+    caller: Caller
+    claimed: Claimed
+    spec: ModelStep
+    model: ModelRef
+    tools: list[dict[str, Any]]
+    conversation: Conversation
+    started: datetime = field(default_factory=_now)
+
+    async def run(self) -> Outcome:
+        c = self.conversation
+        while True:
+            if c.pending:
+                outcome = await self._call_tools()
+            elif c.answer is not None:
+                outcome = await self._answer(c.answer)
+            elif c.turns >= self.spec.max_turns:
+                outcome = self._fail("max_turns", f"no final answer within {self.spec.max_turns} model turns")
+            else:
+                outcome = await self._model_turn()
+            if outcome is not None:
+                return outcome
+
+    # --- model turns ---------------------------------------------------------------------------------
+
+    async def _model_turn(self) -> Outcome | None:
+        c, spec, settings = self.conversation, self.spec, self.runtime.settings
+        answer_cap = spec.max_tokens or settings.model_max_output_tokens
+        prompt_tokens = estimate_input_tokens(c.messages, self.tools)
+        estimate = cost_usd(self.model.price, prompt_tokens, answer_cap)
+        async with self.runtime.pg.acquire() as conn:
+            hold = await budgets.reserve(conn, self.claimed.tenant_id, self.claimed.run_id, self.claimed.step_id,
+                                         "model", amount_usd=estimate, tokens=prompt_tokens + answer_cap,
+                                         count_call=False)
+        if isinstance(hold, budgets.Exhausted):
+            return self._exhausted(hold)
+        try:
+            result = await chat(
+                self.http, base_url=self.model.base_url, api_key=self.model.api_key, model=self.model.model,
+                messages=c.messages, tools=self.tools or None, max_tokens=answer_cap,
+                response_format={"type": "json_object"} if spec.output == "json" and not self.tools else None,
+                timeout_s=settings.model_timeout_s,
+            )
+        except ModelError as exc:
+            # A call that timed out may still have been billed: keep its estimate. Refusals cost nothing.
+            charged = (hold.amount_usd, hold.tokens) if exc.error_class == "timeout" else (Decimal(0), 0)
+            async with self.runtime.pg.acquire() as conn:
+                await budgets.settle(conn, hold, *charged)
+            event = ("model_call_failed", {"turn": c.turns + 1, "model": self._model_name(), "error": exc.error_class,
+                                           "message": exc.message, "transient": exc.transient})
+            return Outcome(False, self.started, _now(), error_class=f"model_{exc.error_class}", message=exc.message,
+                           transient=exc.transient, retry_after=exc.retry_after, events=(event,))
+        cost = cost_usd(self.model.price, result.input_tokens, result.output_tokens)
+        data = {"message": result.message, "input_tokens": result.input_tokens,
+                "output_tokens": result.output_tokens, "cost_usd": str(cost), "ms": round(result.latency_s * 1000, 2)}
+        cp = Checkpoint(c.seq, "model", None, data)
+        await in_tx(self.runtime, self._save_turn, cp, [("model_called", self._turn_event(result, cost))], hold, cost,
+                    result.input_tokens + result.output_tokens)
+        c.apply(cp)
+        return None
+
+    async def _save_turn(self, tx: Tx, cp: Checkpoint, events: list[tuple[str, dict[str, Any]]], hold: Hold,
+                         cost: Decimal, tokens: int) -> None:
+        """The turn's checkpoint and the settlement of its hold: both or neither."""
+        await checkpoints.save(tx, self.claimed, cp, events, [])
+        await budgets.settle(tx.conn, hold, cost, tokens)
+
+    def _turn_event(self, result: ChatResult, cost: Decimal) -> dict[str, Any]:
+        content = result.content or ""
+        return {
+            "turn": self.conversation.turns + 1,
+            "model": self._model_name(),
+            "input_tokens": result.input_tokens,
+            "output_tokens": result.output_tokens,
+            "tokens_estimated": not result.usage_reported,
+            "cost_usd": str(cost),
+            "ms": round(result.latency_s * 1000, 2),
+            "finish_reason": result.finish_reason,
+            "tool_calls": [{"id": call.id, "name": call.name} for call in result.tool_calls],
+            "content": content[:PREVIEW_CHARS],
+            "content_sha256": _digest(content),
+            "request_sha256": _digest(self.conversation.messages),
+        }
+
+    def _model_name(self) -> str:
+        return f"{self.model.provider}/{self.model.model}"
+
+    async def _answer(self, text: str) -> Outcome | None:
+        if self.spec.output == "text":
+            return Outcome(True, self.started, _now(), output=text)
+        try:
+            value = parse_answer(text)
+        except ValueError as exc:
+            problems = [f"the answer is not JSON: {exc}"]
+        else:
+            validator = self.spec.output_validator
+            problems = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+                        for e in (validator.iter_errors(value) if validator else [])]
+            if not problems:
+                return Outcome(True, self.started, _now(), output=value)
+        if self.conversation.turns >= self.spec.max_turns:
+            return self._fail("output_invalid", "the final answer does not match the step's output: "
+                              + "; ".join(problems[:5]))
+        note = ("Your final answer must be only a JSON value" + (" matching this JSON Schema: "
+                + json.dumps(self.spec.output_schema) if self.spec.output_schema else "") + ". Problems: "
+                + "; ".join(problems[:5]))
+        cp = Checkpoint(self.conversation.seq, "note", None, {"content": note})
+        await in_tx(self.runtime, checkpoints.save, self.claimed, cp,
+                    [("agent_output_rejected", {"turn": self.conversation.turns, "problems": problems[:5]})], [])
+        self.conversation.apply(cp)
+        return None
+
+    # --- tool calls ----------------------------------------------------------------------------------
+
+    async def _call_tools(self) -> Outcome | None:
+        c = self.conversation
+        call = c.pending[0]
+        if call.error is not None:
+            result = CallResult(False, error_class="invalid_args", message=call.error, tool=call.name)
+            result.events.append(("tool_call_failed", {"tool": call.name, "error": "invalid_args",
+                                                       "message": call.error, "call_id": call.id}))
+        else:
+            result = await self._call(call)
+        if result.gate is not None or result.pause_reason is not None or (
+            result.error_class == budgets.BUDGET_EXHAUSTED
+        ):
+            # The step stops here: it waits for a decision or a budget, or fails; it resumes at this call.
+            return Outcome(False, self.started, _now(), error_class=result.error_class, message=result.message,
+                           gate=result.gate, pause_reason=result.pause_reason, events=tuple(result.events),
+                           audits=tuple(result.audits))
+        content = trim(json.dumps(result.for_model(), ensure_ascii=False, default=str), self.spec.max_result_bytes)
+        signature = _digest({"tool": call.name, "args": call.args})
+        cp = Checkpoint(c.seq, "tool", call.id, {"tool": call.name, "ok": result.ok, "content": content,
+                                                 "signature": signature})
+        await in_tx(self.runtime, checkpoints.save, self.claimed, cp, result.events, result.audits)
+        c.apply(cp)
+        if not result.ok and c.failures[signature] >= self.spec.loop_limit:
+            return self._fail("agent_loop", f"the model made the same failing call to {call.name!r} "
+                              f"{c.failures[signature]} times ({result.error_class}: {result.message})")
+        return None
+
+    async def _call(self, call: PendingCall) -> CallResult:
+        """The call through the guardrails, with the tool's retry policy applied here for transient failures."""
+        key = f"{self.claimed.idempotency_key}:{self.conversation.epoch}:{call.id}"
+        site = CallSite(self.claimed.step_run_id, self.claimed.step_id, self.claimed.attempt_n, key, call.id, "agent")
+        events: list[tuple[str, dict[str, Any]]] = []
+        audits: list[AuditNote] = []
+        attempt = 1
+        while True:
+            result = await self.caller.call(site, call.name, call.args)
+            events += result.events
+            audits += result.audits
+            retry = result.retry
+            if result.ok or not result.transient or result.error_class == "circuit_open" or retry is None \
+                    or attempt >= retry.max_attempts:
+                result.events, result.audits = events, audits
+                return result
+            delay = min(retry.backoff_base_s * 2 ** (attempt - 1), retry.backoff_max_s, MAX_TOOL_RETRY_DELAY_S)
+            if result.retry_after is not None:
+                delay = max(delay, min(result.retry_after, MAX_TOOL_RETRY_DELAY_S))
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    # --- endings -------------------------------------------------------------------------------------
+
+    def _fail(self, error_class: str, message: str) -> Outcome:
+        event = ("agent_stopped", {"reason": error_class, "message": message, "turns": self.conversation.turns})
+        return Outcome(False, self.started, _now(), error_class=error_class, message=message, events=(event,))
+
+    def _exhausted(self, hold: budgets.Exhausted) -> Outcome:
+        run = self.claimed.run_id
+        event = ("budget_exhausted", {"limit": hold.limit, "message": hold.message, "model": self._model_name(),
+                                      "action": hold.on_exhausted})
+        note = AuditNote("system", "budget.exhausted", f"run:{run}", "denied",
+                         {"limit": hold.limit, "model": self._model_name()})
+        return Outcome(False, self.started, _now(), error_class=budgets.BUDGET_EXHAUSTED, message=hold.message,
+                       pause_reason=budgets.BUDGET_EXHAUSTED if hold.on_exhausted == "pause" else None,
+                       events=(event,), audits=(note,))
+
+
+async def run_model_step(runtime: Runtime, http: httpx.AsyncClient, caller: Caller, step: StepDef,
+                         claimed: Claimed) -> Outcome:
+    """Run (or resume) an ``llm`` or ``agent`` step attempt."""
+    spec = step.model
+    assert spec is not None
+    started = _now()
+    scope = caller.scope
+    async with runtime.pg.acquire() as conn:
+        model = await resolve_model(conn, runtime.vault, scope.tenant_id, f"{spec.provider}/{spec.model}")
+        tool_specs = await _tool_specs(conn, scope, spec.tools)
+        saved = await checkpoints.load(conn, claimed.step_run_id)
+    if isinstance(model, str):
+        return Outcome(False, started, _now(), error_class="model_not_found", message=model)
+    try:
+        await check_destination(model.base_url, runtime.settings, tuple(scope.policy.http_allowlist))
+    except ToolError as exc:
+        return Outcome(False, started, _now(), error_class=exc.error_class, message=exc.message,
+                       transient=exc.transient)
+    # The agent's tools are its allowlist, within the workflow's.
+    allowed = frozenset(spec.tools)
+    if scope.permissions.tools is not None:
+        allowed &= scope.permissions.tools
+    agent_caller = replace(caller, scope=replace(scope, permissions=Permissions(scope.permissions.read_only,
+                                                                                 allowed)))
+    conversation = replay(base_messages(step, claimed.args or {}), saved)
+    return await ModelStepRun(runtime, http, agent_caller, claimed, spec, model, tool_specs, conversation,
+                              started).run()
+
+
+async def _tool_specs(conn: Conn, scope: RunScope, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The agent's tools as the model sees them (a tool deleted since is left out; calling it says so)."""
+    specs = []
+    for name in names:
+        ref = await tools.resolve(conn, scope.tenant_id, name)
+        if ref is not None:
+            specs.append(tool_spec(ref.name, ref.spec.description, ref.spec.input_schema))
+    return specs
+
+
+__all__ = ["ModelStepRun", "base_messages", "parse_answer", "replay", "run_model_step", "trim"]
