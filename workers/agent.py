@@ -292,11 +292,16 @@ class ModelStepRun:
             return Outcome(False, self.started, _now(), error_class=result.error_class, message=result.message,
                            gate=result.gate, pause_reason=result.pause_reason, events=tuple(result.events),
                            audits=tuple(result.audits))
-        content = trim(json.dumps(result.for_model(), ensure_ascii=False, default=str), self.spec.max_result_bytes)
+        full = json.dumps(result.for_model(), ensure_ascii=False, default=str)
+        content = trim(full, self.spec.max_result_bytes)
         signature = _digest({"tool": call.name, "args": call.args})
         cp = Checkpoint(c.seq, "tool", call.id, {"tool": call.name, "ok": result.ok, "content": content,
                                                  "signature": signature})
-        await in_tx(self.runtime, checkpoints.save, self.claimed, cp, result.events, result.audits)
+        # What the model reads back, next to what the call did.
+        heard = ("agent_tool_result", {"call_id": call.id, "tool": call.name, "ok": result.ok,
+                                       "content": content[:PREVIEW_CHARS], "content_sha256": _digest(content),
+                                       "bytes": len(full.encode()), "trimmed": content != full})
+        await in_tx(self.runtime, checkpoints.save, self.claimed, cp, [*result.events, heard], result.audits)
         c.apply(cp)
         if not result.ok and c.failures[signature] >= self.spec.loop_limit:
             return self._fail("agent_loop", f"the model made the same failing call to {call.name!r} "

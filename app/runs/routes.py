@@ -145,6 +145,22 @@ async def list_events(
     return await runs_service.list_events(db, ctx, run_id, after=cursor, limit=size)
 
 
+@router.get("/{run_id}/steps/{step_id}/conversation", response_model=schemas.ConversationPage)
+async def step_conversation(
+    request: Request,
+    run_id: uuid.UUID,
+    step_id: str,
+    db: Db,
+    ctx: Viewer,
+    cursor: Annotated[int | None, Query(ge=0, description="entries after this seq")] = None,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+) -> schemas.ConversationPage:
+    """The full conversation of an ``llm`` or ``agent`` step: model turns and tool results, as checkpointed."""
+    settings: Settings = request.app.state.settings
+    size = min(limit or settings.page_size_default, settings.page_size_max)
+    return await runs_service.list_conversation(db, ctx, run_id, step_id, after=cursor, limit=size)
+
+
 Action = Callable[[Tx, Settings, uuid.UUID, uuid.UUID, str], Awaitable[RunRow]]
 
 

@@ -135,3 +135,17 @@ class RunPage(BaseModel):
 class EventPage(BaseModel):
     items: list[EventRead]
     next_cursor: int | None
+
+
+class ConversationEntry(BaseModel):
+    seq: int
+    kind: str = Field(description="model (a model turn), tool (a tool result), note (a correction the agent "
+                                  "sent), reset (a retried run started the conversation afresh)")
+    call_id: str | None
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class ConversationPage(BaseModel):
+    items: list[ConversationEntry]
+    next_cursor: int | None

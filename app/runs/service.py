@@ -23,7 +23,7 @@ from app.engine.advance import Advance, load_definition, lock
 from app.engine.sql import driver
 from app.engine.state_machine import RunStatus
 from app.engine.tx import Tx
-from app.errors import BadRequest, Invalid
+from app.errors import BadRequest, Invalid, NotFound
 from app.runs import schemas
 from app.runs.models import Run, RunEvent, StepRun
 from app.workflows import service as workflows_service
@@ -301,3 +301,28 @@ async def list_events(
     return schemas.EventPage(
         items=[_event(e) for e in rows[:limit]], next_cursor=rows[limit - 1].id if len(rows) > limit else None
     )
+
+
+class StepNotFound(NotFound):
+    type = "step-not-found"
+
+
+async def list_conversation(
+    db: Any, ctx: Ctx, run_id: uuid.UUID, step_id: str, *, after: int | None, limit: int
+) -> schemas.ConversationPage:
+    """An ``llm``/``agent`` step's checkpoints: every model turn and tool result, in order."""
+    await run_status(db, ctx, run_id)
+    conn = await driver(db)
+    step_run_id = await conn.fetchval(
+        "SELECT id FROM step_run WHERE run_id = $1 AND tenant_id = $2 AND step_id = $3 AND map_index IS NULL",
+        run_id, ctx.tenant_id, step_id,
+    )
+    if step_run_id is None:
+        raise StepNotFound(f"run {run_id} has no step {step_id!r}")
+    rows = await conn.fetch(
+        "SELECT seq, kind, call_id, data, created_at FROM agent_checkpoint WHERE step_run_id = $1 AND seq > $2 "
+        "ORDER BY seq LIMIT $3",
+        step_run_id, -1 if after is None else after, limit + 1,
+    )
+    items = [schemas.ConversationEntry(**dict(r)) for r in rows[:limit]]
+    return schemas.ConversationPage(items=items, next_cursor=rows[limit - 1]["seq"] if len(rows) > limit else None)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.engine.conftest import worker, worker_process  # noqa: F401  (fixtures)
 from tests.fakes.model_server import ModelServer
-from tests.tools.conftest import tool_server  # noqa: F401  (fixture)
+from tests.tools.conftest import strict_worker, tool_server  # noqa: F401  (fixtures)
 
 PRICE = {"input_per_mtok": "2.00", "output_per_mtok": "8.00"}
 

@@ -90,6 +90,10 @@ async def test_the_model_corrects_itself_after_each_structured_error(
         ("model_called", None), ("guardrail_rejected", "invalid_args"),
         ("model_called", None), ("guardrail_rejected", "read_only"),
         ("model_called", None), ("tool_called", None), ("model_called", None)]
+    heard = [e["data"] for e in await run_events(client, tenant.headers, run["id"])
+             if e["type"] == "agent_tool_result"]
+    assert [(h["tool"], h["ok"]) for h in heard] == [
+        ("search_web", False), ("lookup", False), ("send_email", False), ("lookup", True)]
     turn = trace[0]["data"]
     assert turn["tool_calls"] == [{"id": "call_0_0", "name": "search_web"}] and turn["cost_usd"]
     audit = (await db.execute(text(
@@ -363,3 +367,14 @@ async def test_a_retried_run_starts_the_agent_conversation_afresh(
     # Two failing turns, then the retry's conversation from its first turn: no old failure carried over.
     assert [c.turn for c in model_server.calls(model)] == [0, 1, 0, 1]
     assert len(model_server.calls(model)[2].messages) == 2
+    r = await client.get(f"/api/v1/runs/{run['id']}/steps/agent/conversation", headers=tenant.headers)
+    assert r.status_code == 200, r.text
+    kinds = [(e["seq"], e["kind"]) for e in r.json()["items"]]
+    assert kinds == [(0, "model"), (1, "tool"), (2, "model"), (3, "tool"), (4, "reset"), (5, "model"),
+                     (6, "tool"), (7, "model")]
+    assert r.json()["items"][-1]["data"]["message"]["content"] == "fixed"
+    page = (await client.get(f"/api/v1/runs/{run['id']}/steps/agent/conversation", params={"limit": 3},
+                             headers=tenant.headers)).json()
+    assert len(page["items"]) == 3 and page["next_cursor"] == 2
+    missing = await client.get(f"/api/v1/runs/{run['id']}/steps/nope/conversation", headers=tenant.headers)
+    assert missing.status_code == 404 and missing.json()["type"].endswith("step-not-found")

@@ -90,3 +90,20 @@ async def test_model_steps_are_checked_when_the_workflow_is_created(
     assert "<provider>/<model>" in errors["/definition/steps/4/llm/model"]
     assert "missing required field 'prompt'" in errors["/definition/steps/4/llm"]
     assert "needs output 'json'" in errors["/definition/steps/4/llm/output"]
+
+
+async def test_a_model_server_on_a_private_address_needs_the_tenant_allowlist(
+    client: httpx.AsyncClient, tenant: TenantKey, strict_worker: Settings, model_server: ModelServer
+) -> None:
+    model = model_name()
+    model_server.script(model, [Turn.final("hello")])
+    await add_provider(client, tenant.headers, model_server, model)
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [
+        {"id": "ask", "llm": {"model": f"local/{model}", "prompt": "hi"}}])
+    run = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, workflow))["id"])
+    assert run["status"] == "failed" and step(run, "ask")["error"]["class"] == "forbidden_destination", run
+    assert model_server.calls(model) == []
+    await client.put("/api/v1/settings", json={"http_allowlist": ["127.0.0.1"]}, headers=tenant.headers)
+    run = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, workflow))["id"])
+    assert run["status"] == "succeeded" and step(run, "ask")["output"] == "hello", run

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
-from tests.engine.conftest import worker, worker_process  # noqa: F401  (fixtures)
+from app.config import Settings
+from tests.engine.conftest import FAST, worker, worker_process  # noqa: F401  (fixtures)
 from tests.fakes.tool_server import ToolServer
+from workers.main import run_worker
 
 
 @pytest.fixture(scope="module")
@@ -27,3 +31,14 @@ async def register(client: httpx.AsyncClient, headers: dict[str, str], **spec: A
 
 def http_tool(url: str, **extra: Any) -> dict[str, Any]:
     return {"kind": "http", "method": "POST", "url": url, **extra}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def strict_worker(settings: Settings) -> AsyncIterator[Settings]:
+    """A worker that refuses private addresses unless the tenant allowlists them (the production default)."""
+    strict = settings.model_copy(update={**FAST, "http_allow_private_networks": False})
+    task = asyncio.create_task(run_worker(strict, concurrency=5))
+    await asyncio.sleep(0.05)
+    yield strict
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

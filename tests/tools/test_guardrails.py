@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from tests.conftest import MakeTenant, TenantKey
-from tests.engine.conftest import FAST, WorkerProcess, create_workflow, name, start_run, step, wait_run
+from tests.engine.conftest import WorkerProcess, create_workflow, name, start_run, step, wait_run
 from tests.fakes.tool_server import ToolServer
 from tests.tools.conftest import http_tool, register
-from workers.main import run_worker
 
 pytestmark = pytest.mark.xdist_group("engine")
 
@@ -200,17 +198,6 @@ async def test_hanging_tool_hits_its_hard_timeout(
     assert run["status"] == "failed"
     attempts = step(run, "call")["attempts"]
     assert [a["error"]["class"] for a in attempts] == ["timeout", "timeout"]
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def strict_worker(settings: Settings) -> AsyncIterator[Settings]:
-    """A worker that refuses private addresses unless the tenant allowlists them (the production default)."""
-    strict = settings.model_copy(update={**FAST, "http_allow_private_networks": False})
-    task = asyncio.create_task(run_worker(strict, concurrency=5))
-    await asyncio.sleep(0.05)
-    yield strict
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_ssrf_refused_unless_allowlisted(
