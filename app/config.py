@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     worker_poll_delay_s: float = 0.5
     worker_shutdown_grace_s: float = 10.0
     reconcile_interval_s: float = 5.0
+    # Serve the worker's Prometheus metrics (tool calls, guardrails, breakers) on this port; None: off.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     outbox_stale_s: float = 5.0
     relay_retry_s: float = 1.0
     # Steps keep a lease while they run; a worker renews it every lease_s / 3. A lease that runs out

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 from arq import cron, func
+from prometheus_client import start_http_server
 
 import app.models  # noqa: F401  (every table, so foreign keys resolve in a worker-only process)
 from app.config import Settings
@@ -82,6 +83,10 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
     """Run the workers until cancelled; then let running steps finish for a grace period."""
     runtime = await Runtime.start(settings, role="worker")
     worker_id = new_worker_id()
+    metrics = None
+    if settings.worker_metrics_port is not None:
+        metrics, _ = start_http_server(settings.worker_metrics_port, addr=settings.host)
+        log.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
     async with httpx.AsyncClient(follow_redirects=False) as http:
         workers = build_workers(
             runtime, concurrency=concurrency or settings.worker_concurrency, worker_id=worker_id, http=http
@@ -95,6 +100,9 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
         finally:
             await _shutdown(workers, tasks, settings.worker_shutdown_grace_s)
             await runtime.stop()
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
 
 
 async def _shutdown(workers: list[WakeableWorker], tasks: list[asyncio.Task[None]], grace_s: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -244,3 +245,19 @@ async def test_breaker_opens_across_two_worker_processes_and_fallback_is_used(
     assert workers[0] == workers[1] != workers[2]
     trace = await events(client, tenant.headers, later[0]["id"])
     assert any(e["type"] == "fallback_used" and e["data"]["fallback"] == "backup" for e in trace)
+
+
+async def test_worker_serves_its_tool_metrics(
+    client: httpx.AsyncClient, tenant: TenantKey, worker_process: Callable[..., WorkerProcess],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker_process(worker_metrics_port=port)
+    run = await one_step_run(client, tenant, "echo", {"hello": 1})
+    assert run["status"] == "succeeded", run
+    async with httpx.AsyncClient() as scraper:
+        body = (await scraper.get(f"http://127.0.0.1:{port}/metrics")).text
+    calls = [line for line in body.splitlines() if line.startswith('steward_tool_calls_total{outcome="ok"}')]
+    assert calls and float(calls[0].split()[-1]) >= 1, body[:2000]
+    assert "steward_guardrail_overhead_seconds_count" in body
