@@ -198,21 +198,25 @@ async def resolve(conn: Conn, tenant_id: uuid.UUID, name: str, version: int | No
 
 # --- argument and output checks ---------------------------------------------------------------------
 
-_validators: dict[tuple[str, int, str], Draft202012Validator] = {}
+# Keyed by the schema object's identity (parsed specs are cached and immutable), holding the schema
+# itself so that an id is never reused by another object while its entry lives.
+_validators: OrderedDict[int, tuple[dict[str, Any], Draft202012Validator]] = OrderedDict()
 
 
-def _validator(ref: ToolRef, which: str, schema: dict[str, Any]) -> Draft202012Validator:
-    key = (ref.name, ref.version, which)
-    validator = _validators.get(key) if ref.builtin else None
-    if validator is None:
-        validator = Draft202012Validator(schema)
-        if ref.builtin:
-            _validators[key] = validator
+def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+    entry = _validators.get(id(schema))
+    if entry is not None and entry[0] is schema:
+        _validators.move_to_end(id(schema))
+        return entry[1]
+    validator = Draft202012Validator(schema)
+    _validators[id(schema)] = (schema, validator)
+    if len(_validators) > 2048:
+        _validators.popitem(last=False)
     return validator
 
 
 def validate_args(ref: ToolRef, args: Any) -> list[dict[str, str]]:
-    errors = _validator(ref, "in", ref.spec.input_schema).iter_errors(args)
+    errors = _validator(ref.spec.input_schema).iter_errors(args)
     return sorted(({"pointer": pointer(tuple(e.absolute_path)), "message": e.message} for e in errors),
                   key=lambda e: (e["pointer"], e["message"]))
 
@@ -220,7 +224,7 @@ def validate_args(ref: ToolRef, args: Any) -> list[dict[str, str]]:
 def validate_output(ref: ToolRef, output: Any) -> list[dict[str, str]]:
     if ref.spec.output_schema is None:
         return []
-    errors = _validator(ref, "out", ref.spec.output_schema).iter_errors(output)
+    errors = _validator(ref.spec.output_schema).iter_errors(output)
     return [{"pointer": pointer(tuple(e.absolute_path)), "message": e.message} for e in errors]
 
 
