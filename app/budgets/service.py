@@ -83,6 +83,12 @@ def windows(at: datetime) -> tuple[datetime, datetime]:
     return hour, hour.replace(hour=0)
 
 
+_FREE_CALL = (
+    "UPDATE run_usage SET tool_calls = tool_calls + $2 WHERE run_id = $1 "
+    "AND (NOT limits ? 'max_steps' OR tool_calls + $2 <= (limits ->> 'max_steps')::int) "
+    "AND (NOT limits ? 'max_cost_usd' OR cost_usd + reserved_usd <= (limits ->> 'max_cost_usd')::numeric) "
+    "RETURNING 1"
+)
 _USAGE = (
     "SELECT u.limits, u.tool_calls, u.tokens, u.reserved_tokens, u.cost_usd, u.reserved_usd, b.hourly_usd, "
     "b.daily_usd, coalesce(b.on_exhausted, 'pause') AS on_exhausted FROM run_usage u "
@@ -110,6 +116,12 @@ async def reserve(
     count_call: bool = True,
 ) -> Hold | Exhausted:
     """Check the run's limits and the tenant's caps for one more call, and hold its estimate."""
+    if amount_usd == 0 and tokens == 0:
+        # A free call only counts against max_steps: one statement (Postgres re-checks the WHERE on
+        # the row it locks, so concurrent calls cannot overshoot). No row: refused, or no usage row;
+        # the full check below tells which, and why.
+        if await conn.fetchval(_FREE_CALL, run_id, int(count_call)) is not None:
+            return Hold(None, Decimal(0), 0)
     async with conn.transaction():
         u = await conn.fetchrow(_USAGE, run_id)
         if u is None:
