@@ -41,7 +41,7 @@ from app.llm.client import ChatResult, ModelError, chat, cost_usd, estimate_inpu
 from app.providers.service import ModelRef, resolve_model
 from app.tools import service as tools
 from app.workflows.definition import ModelStep, Permissions, StepDef
-from workers.calls import Caller, CallResult, CallSite, RunScope
+from workers.calls import Caller, CallResult, CallSite
 from workers.steps.tools import ToolError, check_destination
 
 log = logging.getLogger(__name__)
@@ -356,7 +356,7 @@ async def run_model_step(runtime: Runtime, http: httpx.AsyncClient, caller: Call
     scope = caller.scope
     async with runtime.pg.acquire() as conn:
         model = await resolve_model(conn, runtime.vault, scope.tenant_id, f"{spec.provider}/{spec.model}")
-        tool_specs = await _tool_specs(conn, scope, spec.tools)
+        tool_specs = await _tool_specs(conn, caller, spec.tools)
         saved = await checkpoints.load(conn, claimed.step_run_id)
     if isinstance(model, str):
         return Outcome(False, started, _now(), error_class="model_not_found", message=model)
@@ -376,12 +376,15 @@ async def run_model_step(runtime: Runtime, http: httpx.AsyncClient, caller: Call
                               started).run()
 
 
-async def _tool_specs(conn: Conn, scope: RunScope, names: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The agent's tools as the model sees them (a tool deleted since is left out; calling it says so)."""
+async def _tool_specs(conn: Conn, caller: Caller, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The agent's tools as the model sees them (a tool deleted since is left out; calling it says so).
+
+    The caller keeps them, so the agent's calls use these versions without looking them up again."""
     specs = []
     for name in names:
-        ref = await tools.resolve(conn, scope.tenant_id, name)
+        ref = await tools.resolve(conn, caller.scope.tenant_id, name)
         if ref is not None:
+            caller.refs[name] = ref
             specs.append(tool_spec(ref.name, ref.spec.description, ref.spec.input_schema))
     return specs
 

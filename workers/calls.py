@@ -129,6 +129,8 @@ class Caller:
     http: httpx.AsyncClient
     scope: RunScope
     breaker: Breaker
+    # Tools as first resolved in this step attempt: an agent's calls do not look them up again.
+    refs: dict[str, ToolRef] = field(default_factory=dict)
 
     @property
     def settings(self) -> Settings:
@@ -137,7 +139,9 @@ class Caller:
     async def call(self, site: CallSite, name: str, args: Any, *, allow_fallback: bool = True) -> CallResult:
         started = time.perf_counter()
         async with self.runtime.pg.acquire() as conn:
-            ref = await tools.resolve(conn, self.scope.tenant_id, name)
+            ref = self.refs.get(name) or await tools.resolve(conn, self.scope.tenant_id, name)
+            if ref is not None:
+                self.refs[name] = ref
             if ref is None:
                 available = sorted(await tools.tool_names(conn, self.scope.tenant_id))
                 if self.scope.permissions.tools is not None:
@@ -306,10 +310,10 @@ class Caller:
             error = exc
         elapsed = time.perf_counter() - started
         TOOL_CALL_SECONDS.observe(elapsed)
-        if error is None or not error.transient:
-            await self.breaker.record(key, policy, True, probe=probe)
-        else:
-            await self.breaker.record(key, policy, False, probe=probe)
+        failed = error is not None and error.transient
+        if failed or probe:
+            # A success outside a probe changes nothing in the breaker: no round trip for it.
+            await self.breaker.record(key, policy, not failed, probe=probe)
         recorded = redact(ref.spec.input_schema, args)
         data = {"tool": ref.name, "version": ref.version, "args": recorded, "ms": round(elapsed * 1000, 2),
                 "call_id": site.call_id or None}

@@ -10,11 +10,14 @@ its estimate by the reconciler.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+
+import asyncpg
 
 from app.engine.sql import Conn, dumps
 from app.errors import Invalid
@@ -115,7 +118,32 @@ async def reserve(
     tokens: int = 0,
     count_call: bool = True,
 ) -> Hold | Exhausted:
-    """Check the run's limits and the tenant's caps for one more call, and hold its estimate."""
+    """Check the run's limits and the tenant's caps for one more call, and hold its estimate.
+
+    Rows are locked in a fixed order, so deadlocks should not happen; should Postgres still pick
+    this transaction as a deadlock victim (it rolled back), it is simply tried again."""
+    for attempt in range(1, 4):
+        try:
+            return await _reserve(conn, tenant_id, run_id, step_id, kind, amount_usd=amount_usd, tokens=tokens,
+                                  count_call=count_call)
+        except asyncpg.DeadlockDetectedError:
+            if attempt == 3:
+                raise
+            await asyncio.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")
+
+
+async def _reserve(
+    conn: Conn,
+    tenant_id: uuid.UUID,
+    run_id: uuid.UUID,
+    step_id: str,
+    kind: str,
+    *,
+    amount_usd: Decimal,
+    tokens: int = 0,
+    count_call: bool = True,
+) -> Hold | Exhausted:
     if amount_usd == 0 and tokens == 0:
         # A free call only counts against max_steps: one statement (Postgres re-checks the WHERE on
         # the row it locks, so concurrent calls cannot overshoot). No row: refused, or no usage row;
@@ -149,7 +177,8 @@ async def reserve(
         caps = {"hour": u["hourly_usd"], "day": u["daily_usd"]}
         if amount_usd > 0:
             await conn.execute(_WINDOWS, tenant_id, hour, day)
-            locked = await conn.fetch(_LOCK_WINDOWS, tenant_id, hour, day) if any(caps.values()) else []
+            # Always locked, hour then day, before they are written: settle() takes them in the same order.
+            locked = await conn.fetch(_LOCK_WINDOWS, tenant_id, hour, day)
             for row in locked:
                 cap = caps[row["period"]]
                 if cap is not None and row["used"] + amount_usd > cap:
@@ -218,6 +247,7 @@ async def settle(conn: Conn, hold: Hold, actual_usd: Decimal, actual_tokens: int
             r["tokens"],
             actual_tokens,
         )
+        await conn.execute(_LOCK_WINDOWS, r["tenant_id"], r["hour_start"], r["day_start"])
         await conn.execute(
             "UPDATE budget_window SET reserved_usd = greatest(reserved_usd - $4, 0), spent_usd = spent_usd + $5 "
             "WHERE tenant_id = $1 AND ((period = 'hour' AND start = $2) OR (period = 'day' AND start = $3))",
