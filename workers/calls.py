@@ -188,8 +188,9 @@ class Caller:
             result = await self._execute(site, ref, args, secrets, key, policy, decision.probe)
         finally:
             # A fixed price per call: it is charged whether the call worked or not.
-            async with self.runtime.pg.acquire() as conn:
-                await budgets.settle(conn, hold, hold.amount_usd)
+            if hold.id is not None:
+                async with self.runtime.pg.acquire() as conn:
+                    await budgets.settle(conn, hold, hold.amount_usd)
         if result.exec_s is not None:
             # What the guarded path added to the tool's own time: lookups, checks, breaker, budget.
             overhead = time.perf_counter() - started - result.exec_s
