@@ -23,7 +23,7 @@ router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"], responses=problem
 
 Admin = Annotated[Ctx, Depends(require_role("admin"))]
 Db = Annotated[AsyncSession, Depends(get_db)]
-SecretName = Annotated[str, Path(pattern=service.NAME.pattern, description="Letters, digits and _ (max 128)")]
+SecretName = Annotated[str, Path(pattern=f"^{service.NAME.pattern}$", description="Letters, digits and _ (max 128)")]
 
 
 class SecretWrite(BaseModel):

@@ -102,6 +102,9 @@ async def test_secrets_are_write_only_and_encrypted(
     assert (await client.delete("/api/v1/secrets/api_key", headers=other_tenant.headers)).status_code == 404
     assert (await client.delete("/api/v1/secrets/api_key", headers=tenant.headers)).status_code == 204
     assert (await client.delete("/api/v1/secrets/api_key", headers=tenant.headers)).status_code == 404
+    # Names are checked whole, not just for a valid part.
+    bad = await client.put("/api/v1/secrets/api_key!", json={"value": SECRET}, headers=tenant.headers)
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
 
 
 async def test_secret_ciphertext_is_bound_to_tenant_and_name() -> None:
