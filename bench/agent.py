@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -75,6 +74,7 @@ from bench.engine import (
     print_header,
     run_scenario,
     ts,
+    watched,
 )
 from tests.fakes.model_server import ModelServer, Turn
 from tests.fakes.tool_server import ToolServer
@@ -521,25 +521,7 @@ async def with_watchdog(
     args: argparse.Namespace, target: Target, product: Product, model_server: ModelServer, tool_server: ToolServer
 ) -> tuple[dict[str, Any], int]:
     """Run the benchmark; fail fast if one of the product's processes dies."""
-    main_task = asyncio.ensure_future(bench(args, target, product, model_server, tool_server))
-
-    async def watch() -> None:
-        while True:
-            product.check_alive()
-            await asyncio.sleep(0.5)
-
-    watcher = asyncio.ensure_future(watch())
-    done, _ = await asyncio.wait({main_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if main_task in done:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        return main_task.result()
-    main_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await main_task
-    watcher.result()  # raises the BenchError
-    raise AssertionError("unreachable")
+    return await watched(bench(args, target, product, model_server, tool_server), product)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

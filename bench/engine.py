@@ -54,10 +54,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -1115,9 +1116,14 @@ async def bench_with_watchdog(
     args: argparse.Namespace, target: Target, product: Product | None
 ) -> tuple[dict[str, Any], int]:
     """Run the benchmark; when we started the product, fail fast if one of its processes dies."""
-    main = asyncio.ensure_future(bench(args, target, product))
     if product is None:
-        return await main
+        return await bench(args, target, product)
+    return await watched(bench(args, target, product), product)
+
+
+async def watched(work: Awaitable[T], product: Product) -> T:
+    """Await ``work``, failing fast (BenchError) if one of the product's processes dies meanwhile."""
+    main = asyncio.ensure_future(work)
 
     async def watch() -> None:
         while True:
