@@ -282,7 +282,7 @@ class ModelStepRun:
         if call.error is not None:
             result = CallResult(False, error_class="invalid_args", message=call.error, tool=call.name)
             result.events.append(("tool_call_failed", {"tool": call.name, "error": "invalid_args",
-                                                       "message": call.error, "call_id": call.id}))
+                                                       "message": call.error, "call_id": self._call_key(call)}))
         else:
             result = await self._call(call)
         if result.gate is not None or result.pause_reason is not None or (
@@ -298,7 +298,7 @@ class ModelStepRun:
         cp = Checkpoint(c.seq, "tool", call.id, {"tool": call.name, "ok": result.ok, "content": content,
                                                  "signature": signature})
         # What the model reads back, next to what the call did.
-        heard = ("agent_tool_result", {"call_id": call.id, "tool": call.name, "ok": result.ok,
+        heard = ("agent_tool_result", {"call_id": self._call_key(call), "tool": call.name, "ok": result.ok,
                                        "content": content[:PREVIEW_CHARS], "content_sha256": _digest(content),
                                        "bytes": len(full.encode()), "trimmed": content != full})
         await in_tx(self.runtime, checkpoints.save, self.claimed, cp, [*result.events, heard], result.audits)
@@ -308,10 +308,17 @@ class ModelStepRun:
                               f"{c.failures[signature]} times ({result.error_class}: {result.message})")
         return None
 
+    def _call_key(self, call: PendingCall) -> str:
+        return f"{self.conversation.turns}:{call.id}"[:128]
+
     async def _call(self, call: PendingCall) -> CallResult:
         """The call through the guardrails, with the tool's retry policy applied here for transient failures."""
-        key = f"{self.claimed.idempotency_key}:{self.conversation.epoch}:{call.id}"
-        site = CallSite(self.claimed.step_run_id, self.claimed.step_id, self.claimed.attempt_n, key, call.id, "agent")
+        # Model call ids are only unique within a turn for some servers (or derived from the call's content
+        # when a server sends none): the turn number makes them unique in the conversation, so a repeated
+        # identical call gets an approval and an idempotency key of its own.
+        call_id = self._call_key(call)
+        key = f"{self.claimed.idempotency_key}:{self.conversation.epoch}:{call_id}"
+        site = CallSite(self.claimed.step_run_id, self.claimed.step_id, self.claimed.attempt_n, key, call_id, "agent")
         events: list[tuple[str, dict[str, Any]]] = []
         audits: list[AuditNote] = []
         attempt = 1

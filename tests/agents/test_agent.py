@@ -378,3 +378,40 @@ async def test_a_retried_run_starts_the_agent_conversation_afresh(
     assert len(page["items"]) == 3 and page["next_cursor"] == 2
     missing = await client.get(f"/api/v1/runs/{run['id']}/steps/nope/conversation", headers=tenant.headers)
     assert missing.status_code == 404 and missing.json()["type"].endswith("step-not-found")
+
+
+def same_id_call(name: str, args: dict[str, Any]) -> Turn:
+    """A turn from a server that reuses tool-call ids across turns (or derives them from the call)."""
+    call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+    return Turn.raw({"id": "x", "object": "chat.completion", "model": "m", "choices": [{
+        "index": 0, "finish_reason": "tool_calls",
+        "message": {"role": "assistant", "content": None, "tool_calls": [call]}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+
+
+async def test_a_repeated_identical_gated_call_asks_again(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, model_server: ModelServer,
+    tool_server: ToolServer, make_tenant: MakeTenant,
+) -> None:
+    approver = await make_tenant(name=tenant.name, roles=("approver", "viewer"))
+    model = model_name()
+    email = {"to": "team@example.com"}
+    model_server.script(model, [same_id_call("send_email", email), same_id_call("send_email", email),
+                                Turn.final("sent twice")])
+    await add_provider(client, tenant.headers, model_server, model)
+    await tools(client, tenant, tool_server, autonomy={"mode": "manual"})
+    started = await agent_run(client, tenant, model, tool_names=["send_email"])
+    decided = []
+    for _ in range(2):
+        await wait_for(client, tenant.headers, started["id"], lambda r: r["status"] == "waiting")
+        (approval,) = (await client.get("/api/v1/approvals", params={"status": "pending", "run": started["id"]},
+                                        headers=tenant.headers)).json()["items"]
+        decided.append(approval["call_id"])
+        r = await client.post(f"/api/v1/approvals/{approval['id']}/decision", json={"decision": "approve"},
+                              headers=approver.headers)
+        assert r.status_code == 200, r.text
+    run = await wait_run(client, tenant.headers, started["id"])
+    assert run["status"] == "succeeded", run
+    assert decided == ["1:call_0", "2:call_0"]
+    writes = [w for w in tool_server.writes if w.idempotency_key and w.idempotency_key.startswith(run["id"])]
+    assert len(writes) == 2 and len({w.idempotency_key for w in writes}) == 2
