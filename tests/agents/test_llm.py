@@ -107,3 +107,25 @@ async def test_a_model_server_on_a_private_address_needs_the_tenant_allowlist(
     await client.put("/api/v1/settings", json={"http_allowlist": ["127.0.0.1"]}, headers=tenant.headers)
     run = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, workflow))["id"])
     assert run["status"] == "succeeded" and step(run, "ask")["output"] == "hello", run
+
+
+async def test_a_hanging_model_hits_the_step_timeout_and_a_garbled_answer_fails_the_step(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, model_server: ModelServer
+) -> None:
+    slow, garbled = model_name(), model_name()
+    model_server.script(slow, [Turn.hang(30)])
+    model_server.script(garbled, [Turn.raw("<html>502 Bad Gateway</html>")])
+    await add_provider(client, tenant.headers, model_server, slow, garbled)
+    runs = {}
+    for model in (slow, garbled):
+        workflow = name()
+        await create_workflow(client, tenant.headers, workflow, [
+            {"id": "ask", "timeout_s": 0.5, "retry": {"max_attempts": 2, "backoff_base_s": 0.05},
+             "llm": {"model": f"local/{model}", "prompt": "hi"}}])
+        runs[model] = await start_run(client, tenant.headers, workflow)
+    hung = step(await wait_run(client, tenant.headers, runs[slow]["id"]), "ask")
+    assert hung["status"] == "failed" and [a["error"]["class"] for a in hung["attempts"]] == ["timeout", "timeout"]
+    assert len(model_server.calls(slow)) == 2
+    bad = step(await wait_run(client, tenant.headers, runs[garbled]["id"]), "ask")
+    assert bad["error"]["class"] == "model_bad_response" and len(bad["attempts"]) == 1, bad
+    assert "not JSON" in bad["error"]["message"]
