@@ -41,7 +41,7 @@ from app.llm.client import ChatResult, ModelError, chat, cost_usd, estimate_inpu
 from app.providers.service import ModelRef, resolve_model
 from app.tools import service as tools
 from app.workflows.definition import ModelStep, Permissions, StepDef
-from workers.calls import Caller, CallResult, CallSite
+from workers.calls import Caller, CallResult, CallSite, exhausted_notes
 from workers.steps.tools import ToolError, check_destination
 
 log = logging.getLogger(__name__)
@@ -344,11 +344,7 @@ class ModelStepRun:
         return Outcome(False, self.started, _now(), error_class=error_class, message=message, events=(event,))
 
     def _exhausted(self, hold: budgets.Exhausted) -> Outcome:
-        run = self.claimed.run_id
-        event = ("budget_exhausted", {"limit": hold.limit, "message": hold.message, "model": self._model_name(),
-                                      "action": hold.on_exhausted})
-        note = AuditNote("system", "budget.exhausted", f"run:{run}", "denied",
-                         {"limit": hold.limit, "model": self._model_name()})
+        event, note = exhausted_notes(self.claimed.run_id, hold, model=self._model_name())
         return Outcome(False, self.started, _now(), error_class=budgets.BUDGET_EXHAUSTED, message=hold.message,
                        pause_reason=budgets.BUDGET_EXHAUSTED if hold.on_exhausted == "pause" else None,
                        events=(event,), audits=(note,))

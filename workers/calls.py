@@ -206,15 +206,9 @@ class Caller:
                                          amount_usd=ref.spec.cost_usd)
         if isinstance(hold, Hold):
             return hold
-        result = CallResult(False, error_class=budgets.BUDGET_EXHAUSTED, message=hold.message, tool=ref.name,
-                            version=ref.version)
-        if hold.on_exhausted == "pause":
-            result.pause_reason = budgets.BUDGET_EXHAUSTED
-        result.events.append(("budget_exhausted", {"limit": hold.limit, "message": hold.message, "tool": ref.name,
-                                                   "call_id": site.call_id or None, "action": hold.on_exhausted}))
-        result.audits.append(AuditNote("system", "budget.exhausted", f"run:{self.scope.run_id}", "denied",
-                                       {"limit": hold.limit, "tool": ref.name}))
-        return result
+        event, note = exhausted_notes(self.scope.run_id, hold, tool=ref.name, call_id=site.call_id or None)
+        return CallResult(False, error_class=budgets.BUDGET_EXHAUSTED, message=hold.message, tool=ref.name,
+                          version=ref.version, pause_reason=_pause_reason(hold), events=[event], audits=[note])
 
     # --- checks --------------------------------------------------------------------------------------
 
@@ -389,6 +383,20 @@ async def _registered(ref: ToolRef, call: ToolCall, secrets: dict[str, str]) -> 
     if missing:
         raise ToolError("secret_missing", f"secret(s) {', '.join(sorted(missing))} no longer exist", transient=False)
     return await call_http_tool(ref.spec, call, secrets)
+
+
+def exhausted_notes(run_id: uuid.UUID, hold: budgets.Exhausted, **subject: Any
+                    ) -> tuple[tuple[str, dict[str, Any]], AuditNote]:
+    """The run event and audit note of a call refused by a budget; ``subject`` names the tool or model."""
+    event = ("budget_exhausted", {"limit": hold.limit, "message": hold.message, **subject,
+                                  "action": hold.on_exhausted})
+    note = AuditNote("system", "budget.exhausted", f"run:{run_id}", "denied",
+                     {"limit": hold.limit, **{k: v for k, v in subject.items() if k != "call_id"}})
+    return event, note
+
+
+def _pause_reason(hold: budgets.Exhausted) -> str | None:
+    return budgets.BUDGET_EXHAUSTED if hold.on_exhausted == "pause" else None
 
 
 def _retry(ref: ToolRef) -> RetryPolicy | None:

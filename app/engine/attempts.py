@@ -154,7 +154,7 @@ async def record_outcomes(
     definition = await load_definition(tx.conn, run.workflow_version_id)
     finished: list[tuple[Claimed, Outcome, dict[str, Any]]] = []
     for claimed, outcome in results:
-        await _notes(tx, run, claimed, outcome)
+        await record_notes(tx, claimed, outcome.events, outcome.audits)
         attempt = {"attempt_id": claimed.attempt_id, "status": "succeeded" if outcome.ok else "failed",
                    "started_at": outcome.started_at, "finished_at": outcome.finished_at,
                    "error_class": outcome.error_class, "error_message": outcome.message}
@@ -207,11 +207,13 @@ async def _finish(
     return steps
 
 
-async def _notes(tx: Tx, run: RunRow, claimed: Claimed, outcome: Outcome) -> None:
-    for type_, data in outcome.events:
-        tx.event(run.id, type_, step_id=claimed.step_id, map_index=claimed.map_index, **data)
-    for note in outcome.audits:
-        await audit(tx.conn, run.tenant_id, note.actor, note.action, note.target, outcome=note.outcome, data=note.data)
+async def record_notes(tx: Tx, claimed: Claimed, events: Any, audits: Any) -> None:
+    """Write a step attempt's run events ``(type, data)`` and :class:`AuditNote` s in this transaction."""
+    for type_, data in events:
+        tx.event(claimed.run_id, type_, step_id=claimed.step_id, map_index=claimed.map_index, **data)
+    for note in audits:
+        await audit(tx.conn, claimed.tenant_id, note.actor, note.action, note.target, outcome=note.outcome,
+                    data=note.data)
 
 
 def _step_row(claimed: Claimed) -> StepRow:

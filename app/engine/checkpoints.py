@@ -14,9 +14,8 @@ from typing import Any
 
 import asyncpg
 
-from app.audit.service import record as audit
 from app.engine.advance import Claimed
-from app.engine.attempts import AuditNote
+from app.engine.attempts import AuditNote, record_notes
 from app.engine.sql import Conn, dumps
 from app.engine.tx import Tx
 
@@ -24,7 +23,9 @@ from app.engine.tx import Tx
 @dataclass(frozen=True)
 class Checkpoint:
     seq: int
-    kind: str  # "model" | "tool" | "note" (a message the agent added, e.g. an output correction)
+    # "model" | "tool" | "note" (a message the agent added, e.g. an output correction) | "reset" (a retry
+    # started the conversation afresh)
+    kind: str
     call_id: str | None
     data: dict[str, Any]
 
@@ -66,11 +67,7 @@ async def save(
         raise Fenced(f"checkpoint {checkpoint.seq} of step run {claimed.step_run_id} was written by another worker") \
             from exc
     tx.tenant_id = claimed.tenant_id
-    for type_, data in events:
-        tx.event(claimed.run_id, type_, step_id=claimed.step_id, map_index=claimed.map_index, **data)
-    for note in audits:
-        await audit(tx.conn, claimed.tenant_id, note.actor, note.action, note.target, outcome=note.outcome,
-                    data=note.data)
+    await record_notes(tx, claimed, events, audits)
 
 
 async def restart_conversations(tx: Tx, step_run_ids: list[uuid.UUID]) -> None:
