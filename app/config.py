@@ -75,6 +75,35 @@ class Settings(BaseSettings):
     # The builtin `http` tool refuses loopback, link-local and private addresses unless this is set.
     http_allow_private_networks: bool = False
 
+    # --- identity and security (docs/security.md) ---
+    # API requests run as this database role (SET ROLE at connect), which row-level security applies
+    # to; the migrating user (the tables' owner) keeps running workers and the reconciler. Empty: off.
+    db_app_role: str = "steward_app"
+    # OpenID Connect provider for dashboard sign-on and bearer JWTs. Unset: local sign-in on loopback.
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = Field(default=None, repr=False)
+    oidc_scopes: str = "openid profile email groups"
+    # The claim holding the groups/roles that tenants map to roles (tenant settings `role_mapping`).
+    oidc_groups_claim: str = "groups"
+    # Bearer JWTs must carry this audience (the API's resource identifier); unset: bearer JWTs refused.
+    oidc_audience: str | None = None
+    # Signing algorithms accepted on ID tokens and bearer JWTs (never `none`, never HMAC).
+    oidc_algorithms: str = "RS256,ES256,PS256,EdDSA"
+    # The address people reach Steward at (for the OIDC redirect URI); unset: taken from each request.
+    public_url: str | None = None
+    # Dashboard sessions end after this long without a request, and this long after sign-in at most.
+    session_idle_s: float = Field(default=8 * 3600, gt=0)
+    session_absolute_s: float = Field(default=7 * 86400, gt=0)
+    # Token-bucket rate limits (requests per second, burst) per API key/user and per tenant; 0: off.
+    rate_limit_principal_rps: float = Field(default=50.0, ge=0)
+    rate_limit_principal_burst: int = Field(default=100, ge=1)
+    rate_limit_tenant_rps: float = Field(default=200.0, ge=0)
+    rate_limit_tenant_burst: int = Field(default=400, ge=1)
+    # Audit events older than this many days are deleted by the reconciler (the chain then starts at
+    # the oldest row kept); None: kept for ever.
+    audit_retention_days: int | None = Field(default=None, ge=1)
+
 
 @lru_cache
 def get_settings() -> Settings:

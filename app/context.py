@@ -9,8 +9,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Ctx:
     tenant_id: uuid.UUID
+    # "key:<api key id>", "user:<user id>" (signed in or OIDC bearer token) or "system".
     principal: str
     roles: frozenset[str]
+    # Where the request came from, for the audit log.
+    ip: str | None = None
+    user_agent: str | None = None
 
     def has(self, role: str) -> bool:
         return "admin" in self.roles or role in self.roles

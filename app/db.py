@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData
+from sqlalchemy import Connection, MetaData, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction
 from starlette.requests import Request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,14 @@ def async_url(url: str) -> str:
     raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")
 
 
-def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10, **kw: Any) -> AsyncEngine:
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 10, role: str | None = None, **kw: Any
+) -> AsyncEngine:
+    """An engine whose connections run as ``role`` when given (``SET ROLE`` in the startup packet:
+    ``RESET ROLE`` and ``RESET ALL`` return to it, not to the login user)."""
+    server_settings = {"application_name": "steward"}
+    if role:
+        server_settings["role"] = role
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
@@ -42,13 +50,31 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10, **kw: 
         # No pre-ping: it costs a round trip per checkout on the hot path. A connection that died is
         # invalidated by SQLAlchemy on the error, and the engine's callers retry what failed.
         pool_recycle=3600,
-        connect_args={"server_settings": {"application_name": "steward"}},
+        connect_args={"server_settings": server_settings},
         **kw,
     )
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+_SET_TENANT = text("SELECT set_config('steward.tenant_id', :tenant, true)")
+
+
+async def bind_tenant(db: AsyncSession, tenant_id: uuid.UUID) -> None:
+    """Scope ``db`` to a tenant for row-level security: now, and again in every later transaction."""
+    db.sync_session.info["tenant_id"] = tenant_id
+    await db.execute(_SET_TENANT, {"tenant": str(tenant_id)})
+
+
+@event.listens_for(Session, "after_begin")
+def _rebind_tenant(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    # ``steward.tenant_id`` is transaction-local (SET LOCAL): a request that commits and reads on
+    # sets it again for the next transaction.
+    tenant_id = session.info.get("tenant_id")
+    if tenant_id is not None:
+        connection.execute(_SET_TENANT, {"tenant": str(tenant_id)})
 
 
 async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
@@ -58,12 +84,19 @@ async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def run_migrations(database_url: str) -> None:
-    """``alembic upgrade head`` against ``database_url`` (synchronous; call it from a thread in async code)."""
+def run_migrations(database_url: str, app_role: str | None = None) -> None:
+    """``alembic upgrade head`` against ``database_url`` (synchronous; call it from a thread in async code).
+
+    ``app_role``: the database role API requests run as (default: the ``db_app_role`` setting)."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "migrations"))
     cfg.attributes["database_url"] = database_url
+    if app_role is None:
+        from app.config import get_settings
+
+        app_role = get_settings().db_app_role
+    cfg.attributes["app_role"] = app_role
     command.upgrade(cfg, "head")

@@ -24,6 +24,7 @@ from app.engine.runtime import Runtime
 from app.http import BodySizeLimitMiddleware, problem_response, problem_responses, register_error_handlers
 from app.providers.routes import router as providers_router
 from app.runs.routes import router as runs_router
+from app.tenants.access import router as access_router
 from app.tenants.routes import router as settings_router
 from app.tools.routes import router as tools_router
 from app.vault.routes import router as secrets_router
@@ -168,4 +169,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(approvals_router)
     app.include_router(settings_router)
     app.include_router(budgets_router)
+    app.include_router(access_router)
     return app

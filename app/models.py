@@ -1,7 +1,8 @@
 """Every table, imported in one place for Alembic and the tests."""
 
 from app.approvals.models import Approval
-from app.audit.models import AuditEvent
+from app.audit.models import AuditEvent, AuditHead
+from app.auth.models import Membership, User, WebSession
 from app.budgets.models import Budget, BudgetWindow, Reservation, RunUsage
 from app.db import Base
 from app.engine.models import Outbox
@@ -17,9 +18,11 @@ __all__ = [
     "ApiKey",
     "Approval",
     "AuditEvent",
+    "AuditHead",
     "Base",
     "Budget",
     "BudgetWindow",
+    "Membership",
     "Outbox",
     "Provider",
     "Reservation",
@@ -32,6 +35,8 @@ __all__ = [
     "Tenant",
     "Tool",
     "ToolVersion",
+    "User",
+    "WebSession",
     "Workflow",
     "WorkflowVersion",
 ]

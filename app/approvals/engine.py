@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from app.audit.service import record as audit
+from app.audit.service import entry
 from app.config import Settings
+from app.context import Ctx
 from app.engine.advance import Advance, RunRow, StepRow, load_definition, load_steps, lock, queue_name
 from app.engine.sql import dumps
 from app.engine.state_machine import IllegalTransition, RunStatus, StepStatus, transition_step
@@ -111,14 +112,9 @@ async def request_approval(tx: Tx, settings: Settings, run: RunRow, step: StepRo
         reason=gate.reason,
         expires_at=expires.isoformat(),
     )
-    await audit(
-        tx.conn,
-        run.tenant_id,
-        "system",
-        "approval.request",
-        f"approval:{approval_id}",
-        data={"run": str(run.id), "step": step.step_id, "tool": gate.tool, "reason": gate.reason},
-    )
+    tx.audit(run.tenant_id, entry("system", "approval.request", f"approval:{approval_id}",
+                                  data={"run": str(run.id), "step": step.step_id, "tool": gate.tool,
+                                        "reason": gate.reason}))
     tx.enqueue(run.id, Job("wait_timeout", f"wt:{step.id}:{step.version}", queue_name(settings, run.priority), expires))
     return approval_id
 
@@ -138,8 +134,10 @@ async def decide(
     args: Any = None,
     comment: str | None = None,
     validate: Any = None,
+    actor: Ctx | None = None,
 ) -> dict[str, Any]:
-    """Apply a decision; exactly one of concurrent decisions wins (the others get 409).
+    """Apply a decision; exactly one of concurrent decisions wins (the others get 409). ``actor``: the
+    request deciding, for the audit log.
 
     ``validate(args)`` re-checks edited arguments against the tool's schema (raises on invalid ones).
     """
@@ -180,14 +178,9 @@ async def decide(
         comment=comment,
         edited=edited,
     )
-    await audit(
-        tx.conn,
-        tenant_id,
-        principal,
-        f"approval.{'approve' if approve else 'reject'}",
-        f"approval:{approval_id}",
-        data={"run": str(run.id), "step": row["step_id"], "edited": edited, "comment": comment},
-    )
+    tx.audit(tenant_id, entry(actor or principal, f"approval.{'approve' if approve else 'reject'}",
+                              f"approval:{approval_id}",
+                              data={"run": str(run.id), "step": row["step_id"], "edited": edited, "comment": comment}))
     await _resolve_step(tx, settings, run, row, approve=approve, args=final_args, principal=principal, comment=comment)
     return {**dict(row), "status": status}
 
@@ -270,13 +263,13 @@ async def expire(tx: Tx, settings: Settings, run: RunRow, step: StepRow) -> bool
             tx.conn, step.id, status=step.status, version=step.version, to=S.WAITING, wait_deadline=None
         )
         tx.event(run.id, "approval_flagged", step_id=step.step_id, approval_id=str(row["id"]))
-        await audit(tx.conn, run.tenant_id, "system", "approval.flag", f"approval:{row['id']}")
+        tx.audit(run.tenant_id, entry("system", "approval.flag", f"approval:{row['id']}"))
         return True
     await tx.conn.execute(
         "UPDATE approval SET status = 'expired', version = version + 1, decided_at = $2 WHERE id = $1", row["id"], now()
     )
     tx.event(run.id, "approval_expired", step_id=step.step_id, approval_id=str(row["id"]))
-    await audit(tx.conn, run.tenant_id, "system", "approval.expire", f"approval:{row['id']}")
+    tx.audit(run.tenant_id, entry("system", "approval.expire", f"approval:{row['id']}"))
     advance = Advance(tx, run, await load_definition(tx.conn, run.workflow_version_id), settings)
     if row["kind"] == "agent":
         await advance.dispatch([(step, None)], wait_deadline=None)

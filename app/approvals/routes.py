@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.approvals import engine
-from app.auth.deps import require_role
+from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.engine.runtime import Runtime
@@ -25,8 +25,8 @@ from app.tools import service as tools
 router = APIRouter(prefix="/api/v1/approvals", tags=["approvals"], responses=problem_responses(401, 403, 404, 422))
 
 Db = Annotated[AsyncSession, Depends(get_db)]
-Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
-Approver = Annotated[Ctx, Depends(require_role("approver"))]
+Viewer = Annotated[Ctx, Depends(require("approvals:read"))]
+Approver = Annotated[Ctx, Depends(require("approvals:decide"))]
 Status = Literal["pending", "approved", "rejected", "expired", "cancelled"]
 
 
@@ -164,6 +164,7 @@ async def decide(
         args=body.args,
         comment=body.comment,
         validate=check_args,
+        actor=ctx,
     )
     await tx.flush()
     await db.commit()

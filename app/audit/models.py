@@ -12,10 +12,14 @@ from app.db import Base
 
 
 class AuditEvent(Base):
-    """Append-only record of who did what (the hash chain and export come with the audit log issue)."""
+    """Append-only, hash-chained record of who did what (see app/audit/chain.py and the migration's trigger)."""
 
     __tablename__ = "audit_event"
-    __table_args__ = (Index("ix_audit_event_tenant_id_id", "tenant_id", "id"),)
+    __table_args__ = (
+        Index("ix_audit_event_tenant_id_id", "tenant_id", "id"),
+        Index("uq_audit_event_tenant_seq", "tenant_id", "seq", unique=True),
+        Index("ix_audit_event_tenant_at", "tenant_id", "at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
@@ -25,3 +29,19 @@ class AuditEvent(Base):
     target: Mapped[str | None] = mapped_column(String(255))
     outcome: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(512))
+    # Position in the tenant's chain, the previous row's hash and this row's (SHA-256, hex).
+    seq: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The last row of each tenant's chain; appenders lock it."""
+
+    __tablename__ = "audit_head"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))

@@ -1,26 +1,37 @@
-"""Writing audit events: one row per action, in the transaction of the action it records."""
+"""Writing audit events: one row per action, chained, in the transaction of the action it records.
+
+Engine code collects its events on the :class:`~app.engine.tx.Tx` (``tx.audit``), which appends them
+just before commit; services outside the engine call :func:`record` on their connection.
+"""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-from app.engine.sql import Conn, dumps
+from app.audit.chain import Entry, append
+from app.context import Ctx
+from app.engine.sql import Conn
 
-_INSERT = (
-    "INSERT INTO audit_event (tenant_id, actor, action, target, outcome, data) VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
-)
+
+def entry(actor: str | Ctx, action: str, target: str | None, *, outcome: str = "ok",
+          data: dict[str, Any] | None = None) -> Entry:
+    """An :class:`Entry` by ``actor``: a principal string, or a request's Ctx (adds its IP and user agent)."""
+    if isinstance(actor, Ctx):
+        return Entry(actor.principal, action, target, outcome, data or {}, actor.ip, actor.user_agent)
+    return Entry(actor, action, target, outcome, data or {})
 
 
 async def record(
     conn: Conn,
     tenant_id: uuid.UUID,
-    actor: str,
+    actor: str | Ctx,
     action: str,
     target: str | None,
     *,
     outcome: str = "ok",
     data: dict[str, Any] | None = None,
 ) -> None:
-    """Append an audit event. ``data`` must already be redacted: no secret values, no writeOnly fields."""
-    await conn.execute(_INSERT, tenant_id, actor, action, target, outcome, dumps(data or {}))
+    """Append an audit event. ``data`` should already be free of secrets; keys that look secret are
+    redacted anyway."""
+    await append(conn, tenant_id, [entry(actor, action, target, outcome=outcome, data=data)])

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.service import record as audit
-from app.auth.deps import require_role
+from app.auth.deps import require
 from app.budgets.service import DEFAULT_LIMITS, effective_limits, tenant_budget, windows
 from app.context import Ctx
 from app.db import get_db
@@ -24,8 +24,8 @@ from app.runs.schemas import RunLimits
 router = APIRouter(prefix="/api/v1", tags=["budgets"], responses=problem_responses(401, 403, 404, 422))
 
 Db = Annotated[AsyncSession, Depends(get_db)]
-Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
-Admin = Annotated[Ctx, Depends(require_role("admin"))]
+Viewer = Annotated[Ctx, Depends(require("budgets:read"))]
+Admin = Annotated[Ctx, Depends(require("budgets:write"))]
 
 
 class BudgetSettings(BaseModel):
@@ -79,7 +79,7 @@ async def put_budget(body: BudgetSettings, ctx: Admin, db: Db) -> BudgetSettings
         dumps(body.run_maximums.given()),
         ctx.principal,
     )
-    await audit(conn, ctx.tenant_id, ctx.principal, "budget.update", "budget", data=body.model_dump(mode="json"))
+    await audit(conn, ctx.tenant_id, ctx, "budget.update", "budget", data=body.model_dump(mode="json"))
     await db.commit()
     return body
 
@@ -140,6 +140,6 @@ async def put_run_limits(run_id: uuid.UUID, body: RunLimits, ctx: Admin, db: Db)
         raise NotFound(f"run {run_id} not found")
     limits = effective_limits(await tenant_budget(conn, ctx.tenant_id), current, body.given())
     await conn.execute("UPDATE run_usage SET limits = $2::jsonb WHERE run_id = $1", run_id, dumps(limits))
-    await audit(conn, ctx.tenant_id, ctx.principal, "run.limits", f"run:{run_id}", data={"from": current, "to": limits})
+    await audit(conn, ctx.tenant_id, ctx, "run.limits", f"run:{run_id}", data={"from": current, "to": limits})
     await db.commit()
     return {"run_id": str(run_id), "limits": limits}

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from app.approvals.engine import supersede
-from app.audit.service import record as audit
+from app.audit.service import entry
 from app.config import Settings
 from app.engine.advance import (
     Advance,
@@ -166,8 +166,8 @@ async def time_out_run(tx: Tx, settings: Settings, run_id: uuid.UUID) -> bool:
     await stop_steps(tx, run, rows, (S.QUEUED, S.RUNNING, S.WAITING), "run timed out")
     status_was = run.status
     await set_run_status(tx, run, RunStatus.FAILED, error=error, status_reason="run_timeout")
-    await audit(tx.conn, run.tenant_id, "system", "run.timeout", f"run:{run.id}", outcome="failed",
-                data={"timeout_s": timeout_s, "deadline": deadline.isoformat(), "status_was": status_was})
+    tx.audit(run.tenant_id, entry("system", "run.timeout", f"run:{run.id}", outcome="failed",
+                data={"timeout_s": timeout_s, "deadline": deadline.isoformat(), "status_was": status_was}))
     return True
 
 

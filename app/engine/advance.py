@@ -218,7 +218,7 @@ class Advance:
         while passes < MAX_PASSES:
             passes += 1
             if passes > 1 or not self.rows:
-                await self.tx.flush()  # deferred writes first: the reload must see them
+                await self.tx.flush(audit=False)  # deferred writes first: the reload must see them
                 self.rows = await load_steps(self.conn, self.run.id)
             try:
                 p = plan(

@@ -15,7 +15,7 @@ from typing import Any
 
 from app.approvals.engine import Gate, request_approval
 from app.approvals.engine import expire as expire_approval
-from app.audit.service import record as audit
+from app.audit.service import entry as audit_entry
 from app.config import Settings
 from app.engine.advance import (
     Advance,
@@ -212,8 +212,8 @@ async def record_notes(tx: Tx, claimed: Claimed, events: Any, audits: Any) -> No
     for type_, data in events:
         tx.event(claimed.run_id, type_, step_id=claimed.step_id, map_index=claimed.map_index, **data)
     for note in audits:
-        await audit(tx.conn, claimed.tenant_id, note.actor, note.action, note.target, outcome=note.outcome,
-                    data=note.data)
+        tx.audit(claimed.tenant_id,
+                 audit_entry(note.actor, note.action, note.target, outcome=note.outcome, data=note.data))
 
 
 def _step_row(claimed: Claimed) -> StepRow:

@@ -52,8 +52,11 @@ class Runtime:
         """Connect to Postgres and Redis; ``role="api"`` also listens for finished runs."""
         if not settings.database_url or not settings.redis_url:
             raise RuntimeError("DATABASE_URL and REDIS_URL must be set")
+        # API requests run as the application role, which row-level security applies to; the engine's
+        # own pool (workers, reconciler, relay) runs as the login user, the tables' owner.
         engine = make_engine(
-            settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+            settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+            role=settings.db_app_role if role == "api" else None,
         )
         pg = await asyncpg.create_pool(
             asyncpg_dsn(settings.database_url), min_size=1, max_size=settings.db_pool_size + settings.db_max_overflow,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from app.audit.chain import Entry, append
 from app.engine.sql import Conn, dumps
 from app.engine.state_machine import StaleTransition, bulk_moves_sql
 
@@ -72,6 +73,9 @@ class Tx:
     finished_runs: list[uuid.UUID] = field(default_factory=list)
     # Step moves checked already, written by flush (see state_machine.defer_step_move).
     deferred: list[tuple[Any, str, dict[str, Any]]] = field(default_factory=list)
+    # Audit events by tenant, chained by the last flush (the chain head's lock is held until commit:
+    # taking it last keeps that short).
+    audits: dict[uuid.UUID, list[Entry]] = field(default_factory=dict)
 
     def event(
         self, run_id: uuid.UUID, type_: str, *, step_id: str | None = None, map_index: int | None = None, **data: Any
@@ -81,6 +85,9 @@ class Tx:
         self.events.append(row)
         return row
 
+    def audit(self, tenant_id: uuid.UUID, entry: Entry) -> None:
+        self.audits.setdefault(tenant_id, []).append(entry)
+
     def add_attempt(self, **values: Any) -> None:
         self.attempts.append({"worker": None, "not_before": None, "started_at": None, "queued_at": now(), **values})
 
@@ -89,8 +96,16 @@ class Tx:
                             "queue": job.queue, "not_before": job.not_before, "created_at": now()})
         self.jobs.append(job)
 
-    async def flush(self) -> None:
-        """Write what was collected; call before commit and before reading steps back."""
+    async def flush(self, *, audit: bool = True) -> None:
+        """Write what was collected; call before commit and before reading steps back (``audit=False``
+        there: audit events are chained by the flush before commit)."""
+        await self._flush_engine()
+        if audit and self.audits:
+            audits, self.audits = self.audits, {}
+            for tenant_id in sorted(audits):  # one order for every writer: no deadlock between heads
+                await append(self.conn, tenant_id, audits[tenant_id])
+
+    async def _flush_engine(self) -> None:
         moves = self.deferred
         if not (self.attempts or self.events or self.outbox or self.finished_runs or moves):
             return

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.deps import require_role
+from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.engine.sql import driver
@@ -20,8 +20,8 @@ from app.providers.service import ProviderWrite
 
 router = APIRouter(prefix="/api/v1/providers", tags=["providers"], responses=problem_responses(401, 403, 404, 422))
 
-Admin = Annotated[Ctx, Depends(require_role("admin"))]
-Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
+Admin = Annotated[Ctx, Depends(require("providers:write"))]
+Viewer = Annotated[Ctx, Depends(require("providers:read"))]
 Db = Annotated[AsyncSession, Depends(get_db)]
 Name = Annotated[str, Path(pattern=f"^{service.NAME.pattern}$", description="Letters, digits, _ and - (max 64)")]
 

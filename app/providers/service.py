@@ -152,7 +152,7 @@ async def put_provider(conn: Conn, ctx: Ctx, name: str, body: ProviderWrite) -> 
     await audit(
         conn,
         ctx.tenant_id,
-        ctx.principal,
+        ctx,
         "provider.create" if created else "provider.update",
         f"provider:{name}",
         data={"base_url": body.base_url, "api_key_secret": secret, "models": models},
@@ -186,7 +186,7 @@ async def delete_provider(conn: Conn, ctx: Ctx, name: str) -> None:
     )
     if gone is None:
         raise ProviderNotFound(f"no provider named {name!r}")
-    await audit(conn, ctx.tenant_id, ctx.principal, "provider.delete", f"provider:{name}")
+    await audit(conn, ctx.tenant_id, ctx, "provider.delete", f"provider:{name}")
 
 
 def _provider(row: Any) -> dict[str, Any]:

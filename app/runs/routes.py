@@ -13,7 +13,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.deps import require_role
+from app.audit.service import entry as audit_entry
+from app.auth.deps import require
 from app.config import Settings
 from app.context import Ctx
 from app.db import get_db
@@ -30,8 +31,9 @@ from app.runs import service as runs_service
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
 Db = Annotated[AsyncSession, Depends(get_db)]
-Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
-Operator = Annotated[Ctx, Depends(require_role("operator"))]
+Viewer = Annotated[Ctx, Depends(require("runs:read"))]
+Starter = Annotated[Ctx, Depends(require("runs:start"))]
+Operator = Annotated[Ctx, Depends(require("runs:operate"))]
 RunStatusParam = Annotated[RunStatus | None, Query(description="only runs in this status")]
 
 
@@ -56,13 +58,16 @@ async def start_run(
     request: Request,
     body: schemas.RunCreate,
     db: Db,
-    ctx: Operator,
+    ctx: Starter,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Response:
     """Start a run. The same `Idempotency-Key` with the same body returns the same run (200)."""
     tx = Tx(await driver(db), ctx.tenant_id)
     settings: Settings = request.app.state.settings
     run_id, created = await runs_service.create_run(db, tx, ctx, settings, body, idempotency_key)
+    if created:
+        tx.audit(ctx.tenant_id, audit_entry(ctx, "run.start", f"run:{run_id}", data={
+            "workflow": body.workflow, "version": body.version, "idempotency_key": idempotency_key}))
     await _commit(request, db, tx)
     run = await runs_service.get_run(db, ctx, run_id)
     return _run_response(run, 201 if created else 200, {"Location": f"/api/v1/runs/{run_id}"})
@@ -169,6 +174,7 @@ async def _act(
 ) -> Response:
     tx = Tx(await driver(db), ctx.tenant_id)
     await action(tx, request.app.state.settings, run_id, ctx.tenant_id, ctx.principal)
+    tx.audit(ctx.tenant_id, audit_entry(ctx, f"run.{action.__name__.removesuffix('_run')}", f"run:{run_id}"))
     await _commit(request, db, tx)
     return _run_response(await runs_service.get_run(db, ctx, run_id))
 
@@ -202,7 +208,7 @@ async def signal_run(
     run_id: uuid.UUID,
     name: str,
     db: Db,
-    ctx: Operator,
+    ctx: Starter,
     body: schemas.SignalBody | None = None,
 ) -> Response:
     """Deliver a signal: the steps waiting for `name` succeed with `payload` as their output."""
@@ -215,5 +221,6 @@ async def signal_run(
     await actions.signal_run(
         tx, request.app.state.settings, run_id, ctx.tenant_id, name, payload, ctx.principal
     )
+    tx.audit(ctx.tenant_id, audit_entry(ctx, "run.signal", f"run:{run_id}", data={"signal": name}))
     await _commit(request, db, tx)
     return _run_response(await runs_service.get_run(db, ctx, run_id))

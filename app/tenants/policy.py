@@ -31,6 +31,22 @@ class TenantPolicy(BaseModel):
     approval_on_expiry: Literal["reject", "flag"] = Field(
         default="reject", description="reject: the gated action is rejected; flag: it stays pending, flagged"
     )
+    role_mapping: dict[str, list[Role]] = Field(
+        default_factory=dict,
+        max_length=100,
+        description="Identity-provider groups (the `oidc_groups_claim` claim) and the roles they give in this "
+        "tenant, e.g. {\"payments-oncall\": [\"operator\", \"approver\"]}; on top of members' own roles",
+    )
+
+    @field_validator("role_mapping")
+    @classmethod
+    def _groups(cls, mapping: dict[str, list[str]]) -> dict[str, list[str]]:
+        for group, roles in mapping.items():
+            if not 1 <= len(group) <= 255:
+                raise ValueError("group names have 1 to 255 characters")
+            if len(roles) > len(ROLES):
+                raise ValueError(f"group {group!r}: at most {len(ROLES)} roles")
+        return {group: sorted(set(roles)) for group, roles in mapping.items()}
 
     @field_validator("http_allowlist")
     @classmethod

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.service import record as audit
-from app.auth.deps import require_role
+from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.engine.sql import driver, dumps
@@ -17,12 +17,13 @@ from app.tenants.policy import TenantPolicy, load_policy
 
 router = APIRouter(prefix="/api/v1/settings", tags=["settings"], responses=problem_responses(401, 403, 422))
 
-Admin = Annotated[Ctx, Depends(require_role("admin"))]
+Reader = Annotated[Ctx, Depends(require("settings:read"))]
+Admin = Annotated[Ctx, Depends(require("settings:write"))]
 Db = Annotated[AsyncSession, Depends(get_db)]
 
 
 @router.get("", response_model=TenantPolicy, summary="The tenant's guardrail settings")
-async def get_settings(ctx: Admin, db: Db) -> TenantPolicy:
+async def get_settings(ctx: Reader, db: Db) -> TenantPolicy:
     return load_policy(await (await driver(db)).fetchval("SELECT policy FROM tenant WHERE id = $1", ctx.tenant_id))
 
 
@@ -31,6 +32,6 @@ async def put_settings(body: TenantPolicy, ctx: Admin, db: Db) -> TenantPolicy:
     conn = await driver(db)
     stored = body.model_dump(mode="json")
     await conn.execute("UPDATE tenant SET policy = $2::jsonb WHERE id = $1", ctx.tenant_id, dumps(stored))
-    await audit(conn, ctx.tenant_id, ctx.principal, "settings.update", "settings", data=stored)
+    await audit(conn, ctx.tenant_id, ctx, "settings.update", "settings", data=stored)
     await db.commit()
     return body

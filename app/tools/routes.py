@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.deps import require_role
+from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.engine.sql import driver
@@ -20,8 +20,8 @@ from app.tools.spec import TOOL_NAME, ToolSpec
 
 router = APIRouter(prefix="/api/v1/tools", tags=["tools"], responses=problem_responses(401, 403, 404, 422))
 
-Author = Annotated[Ctx, Depends(require_role("author"))]
-Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
+Author = Annotated[Ctx, Depends(require("tools:write"))]
+Viewer = Annotated[Ctx, Depends(require("tools:read"))]
 Db = Annotated[AsyncSession, Depends(get_db)]
 Name = Annotated[str, Path(pattern=TOOL_NAME)]
 

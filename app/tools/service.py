@@ -100,7 +100,7 @@ async def register_tool(conn: Conn, ctx: Ctx, spec: ToolSpec) -> tuple[dict[str,
     await audit(
         conn,
         ctx.tenant_id,
-        ctx.principal,
+        ctx,
         "tool.register",
         f"tool:{spec.name}",
         data={"version": version, "spec_hash": digest, "effect": spec.effect, "autonomy": spec.autonomy.mode},

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.deps import require_role
+from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.engine.runtime import Runtime
@@ -21,7 +21,8 @@ from app.vault.service import MAX_VALUE_CHARS
 
 router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"], responses=problem_responses(401, 403, 404, 422))
 
-Admin = Annotated[Ctx, Depends(require_role("admin"))]
+Admin = Annotated[Ctx, Depends(require("secrets:write"))]
+Reader = Annotated[Ctx, Depends(require("secrets:read"))]
 Db = Annotated[AsyncSession, Depends(get_db)]
 SecretName = Annotated[str, Path(pattern=f"^{service.NAME.pattern}$", description="Letters, digits and _ (max 128)")]
 
@@ -53,7 +54,7 @@ async def put_secret(name: SecretName, body: SecretWrite, request: Request, ctx:
 
 @router.get("", response_model=SecretPage, summary="Secret names (values are write-only)")
 async def list_secrets(
-    ctx: Admin, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
+    ctx: Reader, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
 ) -> SecretPage:
     size = page_size(limit, settings)
     rows = await service.list_secrets(

@@ -24,7 +24,7 @@ _UPSERT = (
 
 async def put_secret(conn: Conn, vault: Vault, ctx: Ctx, name: str, value: str) -> dict[str, Any]:
     row = await conn.fetchrow(_UPSERT, ctx.tenant_id, name, vault.seal(ctx.tenant_id, name, value), ctx.principal)
-    await audit(conn, ctx.tenant_id, ctx.principal, "secret.put", f"secret:{name}", data={"created": row["created"]})
+    await audit(conn, ctx.tenant_id, ctx, "secret.put", f"secret:{name}", data={"created": row["created"]})
     return {"name": name, "created": row["created"], "created_at": row["created_at"], "updated_at": row["updated_at"]}
 
 
@@ -45,7 +45,7 @@ async def delete_secret(conn: Conn, ctx: Ctx, name: str) -> None:
     )
     if gone is None:
         raise NotFound(f"no secret named {name!r}")
-    await audit(conn, ctx.tenant_id, ctx.principal, "secret.delete", f"secret:{name}")
+    await audit(conn, ctx.tenant_id, ctx, "secret.delete", f"secret:{name}")
 
 
 async def existing(conn: Conn, tenant_id: uuid.UUID, names: set[str]) -> set[str]:

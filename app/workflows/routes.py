@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.deps import require_role
+from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.errors import BadRequest, Invalid
@@ -31,8 +31,8 @@ router = APIRouter(
     prefix="/api/v1/workflows", tags=["workflows"], responses=problem_responses(401, 403, 404, 422)
 )
 
-Author = Annotated[Ctx, Depends(require_role("author"))]
-Viewer = Annotated[Ctx, Depends(require_role("viewer"))]
+Author = Annotated[Ctx, Depends(require("workflows:write"))]
+Viewer = Annotated[Ctx, Depends(require("workflows:read"))]
 Db = Annotated[AsyncSession, Depends(get_db)]
 
 _JSON_TYPES = ("application/json",)

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.audit.service import record as audit
 from app.config import Settings, get_settings
 from app.context import Ctx
 from app.engine.sql import driver
@@ -126,6 +127,8 @@ async def create_workflow(
     workflow.latest_version = version.version
     workflow.updated_at = func.now()
     await db.flush()
+    await audit(conn, ctx.tenant_id, ctx, "workflow.create", f"workflow:{name}",
+                data={"version": version.version, "definition_hash": digest})
     return version, True
 
 

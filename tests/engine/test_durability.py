@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.engine.advance import Claimer
@@ -118,13 +119,14 @@ async def test_terminated_worker_hands_back_its_step_at_once(
 
 
 async def test_two_workers_racing_for_one_step_only_one_runs_it(
-    client: httpx.AsyncClient, tenant: TenantKey, app: FastAPI, settings: Settings
+    client: httpx.AsyncClient, tenant: TenantKey, app: FastAPI, settings: Settings,
+    sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
     wf = name()
     await create_workflow(client, tenant.headers, wf, [{"id": "a", "tool": "echo"}])
     run = await start_run(client, tenant.headers, wf)
     runtime: Runtime = app.state.runtime
-    async with runtime.sessionmaker() as db:
+    async with sessionmaker() as db:
         attempt_id = (
             await db.execute(
                 select(StepAttempt.id)
@@ -140,7 +142,7 @@ async def test_two_workers_racing_for_one_step_only_one_runs_it(
     results = await asyncio.gather(*(claim(f"racer-{i}") for i in range(8)))
     winners = [r[0] for r in results if r]
     assert len(winners) == 1
-    async with runtime.sessionmaker() as db:
+    async with sessionmaker() as db:
         attempt = (await db.execute(select(StepAttempt).where(StepAttempt.id == attempt_id))).scalar_one()
         count = (
             await db.execute(
@@ -154,7 +156,8 @@ async def test_two_workers_racing_for_one_step_only_one_runs_it(
 
 
 async def test_duplicate_job_delivery_runs_the_step_once(
-    client: httpx.AsyncClient, tenant: TenantKey, app: FastAPI, worker: Settings
+    client: httpx.AsyncClient, tenant: TenantKey, app: FastAPI, worker: Settings,
+    sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
     """arq may deliver a job twice (re-sent by the reconciler, or after a worker restart)."""
     from app.engine.outbox import enqueue_many
@@ -167,7 +170,7 @@ async def test_duplicate_job_delivery_runs_the_step_once(
     run = await start_run(client, tenant.headers, wf)
     attempt = step(run, "a")
     runtime: Runtime = app.state.runtime
-    async with runtime.sessionmaker() as db:
+    async with sessionmaker() as db:
         attempt_id = (
             await db.execute(select(StepRun.current_attempt_id).where(StepRun.run_id == uuid.UUID(run["id"])))
         ).scalar_one()
@@ -268,7 +271,8 @@ async def test_api_restart_mid_run(tenant: TenantKey, settings: Settings, worker
 
 
 async def test_a_failure_recorded_with_a_success_starts_nothing_new(
-    client: httpx.AsyncClient, tenant: TenantKey, app: FastAPI, settings: Settings
+    client: httpx.AsyncClient, tenant: TenantKey, app: FastAPI, settings: Settings,
+    sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
     """Two roots finish in one batch: one succeeds (its dependent is now ready), one fails for good.
     The run fails, and the dependent must not start."""
@@ -283,7 +287,7 @@ async def test_a_failure_recorded_with_a_success_starts_nothing_new(
     ])
     run = await start_run(client, tenant.headers, wf)
     runtime: Runtime = app.state.runtime
-    async with runtime.sessionmaker() as db:
+    async with sessionmaker() as db:
         attempt_id = (await db.execute(
             select(StepRun.current_attempt_id).where(StepRun.run_id == uuid.UUID(run["id"]), StepRun.step_id == "ok")
         )).scalar_one()

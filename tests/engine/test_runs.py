@@ -341,18 +341,12 @@ async def test_cancel_aborts_the_running_step(
 
 
 async def _job_of(app: Any, run_id: str, step_id: str) -> str:
-    from sqlalchemy import select
-
-    from app.runs.models import StepAttempt, StepRun
-
-    async with app.state.sessionmaker() as db:
-        job = (
-            await db.execute(
-                select(StepAttempt.job_id)
-                .join(StepRun, StepRun.id == StepAttempt.step_run_id)
-                .where(StepRun.run_id == uuid.UUID(run_id), StepRun.step_id == step_id)
-            )
-        ).scalar_one()
+    # The engine's own pool: the app's request sessions see nothing without a tenant (row-level security).
+    job = await app.state.runtime.pg.fetchval(
+        "SELECT a.job_id FROM step_attempt a JOIN step_run s ON s.id = a.step_run_id "
+        "WHERE s.run_id = $1 AND s.step_id = $2",
+        uuid.UUID(run_id), step_id,
+    )
     return str(job)
 
 

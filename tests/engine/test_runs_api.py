@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import MakeTenant, TenantKey
+from tests.conftest import MakeApiKey, MakeTenant, TenantKey
 from tests.engine.conftest import create_workflow, name, start_run
 
 pytestmark = pytest.mark.xdist_group("engine")
@@ -230,24 +230,19 @@ async def test_long_poll_wakes_when_the_run_ends(client: httpx.AsyncClient, tena
     assert loop.time() - t0 < 2
 
 
-async def test_viewer_cannot_start_or_act(client: httpx.AsyncClient, tenant: TenantKey) -> None:
+async def test_viewer_cannot_start_or_act(
+    client: httpx.AsyncClient, tenant: TenantKey, make_api_key: MakeApiKey
+) -> None:
     wf = name()
     await create_workflow(client, tenant.headers, wf, [{"id": "w", "wait": {"signal": "go"}}])
     run = await start_run(client, tenant.headers, wf)
-    viewer_key = await _viewer_key(client, tenant)
+    viewer_key = await make_api_key(tenant.tenant_id, roles=("viewer",))
     headers = {"Authorization": f"Bearer {viewer_key}"}
     assert (await client.get(f"/api/v1/runs/{run['id']}", headers=headers)).status_code == 200
     assert (await client.post("/api/v1/runs", json={"workflow": wf}, headers=headers)).status_code == 403
     for action in ("pause", "cancel", "retry", "resume"):
         assert (await client.post(f"/api/v1/runs/{run['id']}/{action}", headers=headers)).status_code == 403
 
-
-async def _viewer_key(client: httpx.AsyncClient, tenant: TenantKey) -> str:
-    from app.tenants import service as tenants_service
-
-    sessionmaker = client._transport.app.state.sessionmaker  # type: ignore[attr-defined]
-    async with sessionmaker() as db, db.begin():
-        return await tenants_service.create_api_key(db, tenant.tenant_id, name="viewer", roles=("viewer",))
 
 
 async def test_another_tenants_run_is_404_on_every_endpoint(
