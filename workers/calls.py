@@ -254,7 +254,7 @@ class Caller:
 
     def _reject(self, site: CallSite, name: str, ref: ToolRef | None, args: Any, reason: str, message: str,
                 *, guardrail: bool = True) -> CallResult:
-        """A call refused before it ran: ``guardrail`` ones (permissions) are audited, counted and alerted."""
+        """A call refused before it ran: audited and counted; ``guardrail`` ones (permissions) also alerted."""
         recorded = redact(ref.spec.input_schema, args) if ref else None
         result = CallResult(False, error_class="guardrail_rejected" if guardrail else reason, message=message,
                             tool=name, version=ref.version if ref else None)
@@ -262,9 +262,9 @@ class Caller:
                 "call_id": site.call_id or None, "args": recorded}
         result.events.append(("guardrail_rejected", data))
         GUARDRAIL_REJECTIONS.labels(reason).inc()
+        result.audits.append(AuditNote(self.scope.principal or "system", "guardrail.reject",
+                                       f"run:{self.scope.run_id}", "denied", {**data, "step": site.step_id}))
         if guardrail:
-            result.audits.append(AuditNote(self.scope.principal or "system", "guardrail.reject",
-                                           f"run:{self.scope.run_id}", "denied", data))
             self._alert(data)
         return result
 
@@ -272,8 +272,12 @@ class Caller:
                 transient: bool = False, retry_after: float | None = None) -> CallResult:
         result = CallResult(False, error_class=error_class, message=message, transient=transient,
                             retry_after=retry_after, tool=ref.name, version=ref.version, retry=_retry(ref))
-        result.events.append(("tool_call_failed", {"tool": ref.name, "version": ref.version, "error": error_class,
-                                                   "message": message, "call_id": site.call_id or None}))
+        data = {"tool": ref.name, "version": ref.version, "error": error_class, "message": message,
+                "call_id": site.call_id or None}
+        result.events.append(("tool_call_failed", data))
+        # Refused by the breaker or by an approver's decision: guardrail decisions, so audited.
+        result.audits.append(AuditNote(self.scope.principal or "system", "guardrail.reject",
+                                       f"run:{self.scope.run_id}", "denied", {**data, "step": site.step_id}))
         return result
 
     def _shadow(self, site: CallSite, ref: ToolRef, args: Any) -> CallResult:
@@ -312,6 +316,8 @@ class Caller:
         recorded = redact(ref.spec.input_schema, args)
         data = {"tool": ref.name, "version": ref.version, "args": recorded, "ms": round(elapsed * 1000, 2),
                 "call_id": site.call_id or None}
+        audit = {"run": str(self.scope.run_id), "step": site.step_id, "tool": ref.name, "version": ref.version,
+                 "call_id": site.call_id or None, "ms": data["ms"]}
         if error is not None and secrets:
             error.message = scrub(error.message, set(secrets.values()))
         if error is not None:
@@ -321,6 +327,7 @@ class Caller:
                                 version=ref.version, retry=_retry(ref))
             result.events.append(("tool_called", {**data, "ok": False, "error": error.error_class,
                                                   "message": error.message}))
+            result.audits.append(self._call_note(ref, "error", {**audit, "error": error.error_class}))
             result.exec_s = elapsed
             return result
         if secrets:
@@ -332,12 +339,18 @@ class Caller:
             result = CallResult(False, error_class="output_invalid", message=message, tool=ref.name,
                                 version=ref.version)
             result.events.append(("tool_called", {**data, "ok": False, "error": "output_invalid"}))
+            result.audits.append(self._call_note(ref, "error", {**audit, "error": "output_invalid"}))
             result.exec_s = elapsed
             return result
         TOOL_CALLS.labels("ok").inc()
         result = CallResult(True, output=output, tool=ref.name, version=ref.version, exec_s=elapsed)
         result.events.append(("tool_called", {**data, "ok": True}))
+        result.audits.append(self._call_note(ref, "ok", audit))
         return result
+
+    def _call_note(self, ref: ToolRef, outcome: str, data: dict[str, Any]) -> AuditNote:
+        """Every call that ran is audited (its arguments and result are in the run's events)."""
+        return AuditNote(self.scope.principal or "system", "tool.call", f"tool:{ref.name}", outcome, data)
 
     def _alert(self, data: dict[str, Any]) -> None:
         url = self.scope.policy.alert_webhook
