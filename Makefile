@@ -38,7 +38,17 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/steward up
 
-test: $(VENV)/.installed-dev
+# tests/auth needs a real OpenID provider (node, from the committed lock file) and a headless Chromium.
+OIDC_MODULES := tests/oidc/node_modules/.installed
+
+$(OIDC_MODULES): tests/oidc/package-lock.json
+	cd tests/oidc && npm ci --no-audit --no-fund
+	@touch $@
+
+/usr/bin/chromium:
+	apt-get install -y chromium
+
+test: $(VENV)/.installed-dev $(OIDC_MODULES) /usr/bin/chromium
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.approvals.routes import router as approvals_router
+from app.auth.web import router as auth_router
 from app.budgets.routes import router as budgets_router
 from app.config import Settings, get_settings
 from app.engine.runtime import Runtime
@@ -170,4 +171,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(settings_router)
     app.include_router(budgets_router)
     app.include_router(access_router)
+    app.include_router(auth_router)
     return app
