@@ -25,6 +25,7 @@ from app.engine.runtime import Runtime
 from app.http import BodySizeLimitMiddleware, problem_response, problem_responses, register_error_handlers
 from app.providers.routes import router as providers_router
 from app.runs.routes import router as runs_router
+from app.security_headers import SecurityHeadersMiddleware
 from app.tenants.access import router as access_router
 from app.tenants.routes import router as settings_router
 from app.tools.routes import router as tools_router
@@ -161,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Last added runs first: metrics see every response, 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(health_router)
     app.include_router(workflows_router)
     app.include_router(runs_router)
