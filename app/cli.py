@@ -1,4 +1,4 @@
-"""The ``steward`` command: ``up``, ``api``, ``worker``, ``migrate``, ``bootstrap``.
+"""The ``steward`` command: ``up``, ``api``, ``worker``, ``migrate``, ``bootstrap``, ``audit``.
 
 ``steward up`` is the one-command local run: embedded servers when ``DATABASE_URL`` / ``REDIS_URL`` are
 unset, migrations, a ``demo`` tenant with the example workflows, then the API and one worker as child
@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -99,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     bootstrap.add_argument("--tenant", default=DEMO_TENANT, help=f"tenant name (default: {DEMO_TENANT})")
     bootstrap.set_defaults(handler=cmd_bootstrap)
+
+    from app.audit.cli import add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 
@@ -231,13 +236,25 @@ def _migrate(database_url: str) -> None:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     database_url, _ = _require_urls(_settings(), redis=False)
     check_database(database_url)
-    created, key = asyncio.run(_bootstrap(database_url, args.tenant))
+    created, key, password = asyncio.run(_bootstrap(database_url, args.tenant))
     print(f"Tenant '{args.tenant}' {'created' if created else 'exists'}.")
     print(f"New admin API key (shown once, store it now): {key}")
+    if password:
+        print(f"Local sign-in (loopback only, no identity provider configured): admin / {password} (shown once)")
     return 0
 
 
-async def _bootstrap(database_url: str, tenant: str) -> tuple[bool, str]:
+async def _local_admin(db: AsyncSession, tenant_id: uuid.UUID) -> str | None:
+    """Without an identity provider, the bootstrap admin signs in locally: its new password, if any."""
+    if _settings().oidc_issuer:
+        return None
+    from app.auth.local import ensure_local_admin
+    from app.engine.sql import driver
+
+    return await ensure_local_admin(await driver(db), tenant_id)
+
+
+async def _bootstrap(database_url: str, tenant: str) -> tuple[bool, str, str | None]:
     from app.tenants.service import bootstrap_tenant
 
     async with _session(database_url) as db:
@@ -246,14 +263,16 @@ async def _bootstrap(database_url: str, tenant: str) -> tuple[bool, str]:
         except Exception as exc:
             _raise_if_not_migrated(exc)
             raise
+        password = await _local_admin(db, result.tenant_id)
         await db.commit()
-    return result.tenant_created, result.api_key
+    return result.tenant_created, result.api_key, password
 
 
 @dataclass(frozen=True)
 class DemoTenant:
     api_key: str | None  # set only on the run that created the tenant
     workflows_loaded: list[str]
+    local_password: str | None = None  # the local admin's, set only when first made
 
 
 async def _bootstrap_demo(database_url: str, tenant: str) -> DemoTenant:
@@ -274,9 +293,10 @@ async def _bootstrap_demo(database_url: str, tenant: str) -> DemoTenant:
         if tenant_id is None:
             result = await bootstrap_tenant(db, tenant)
             tenant_id, key = result.tenant_id, result.api_key
+        password = await _local_admin(db, tenant_id)
         loaded = await ensure_example_workflows(db, tenant_id)
         await db.commit()
-    return DemoTenant(api_key=key, workflows_loaded=list(loaded))
+    return DemoTenant(api_key=key, workflows_loaded=list(loaded), local_password=password)
 
 
 @contextlib.asynccontextmanager
@@ -463,6 +483,11 @@ def _print_banner(
             "  Admin API key: shown on the first start only. To mint a new one while this runs:",
             f"    {prefix}steward bootstrap --tenant {DEMO_TENANT}",
         ]
+    if demo.local_password is not None:
+        lines.append(f"  Sign in:    {base}/auth/login as admin / {demo.local_password} (shown once; "
+                     "loopback only)")
+    elif not settings.oidc_issuer:
+        lines.append(f"  Sign in:    {base}/auth/login as admin (password shown on the first start only)")
     if demo.workflows_loaded:
         lines.append(f"  Example workflows loaded: {', '.join(demo.workflows_loaded)}")
     if data_dir is not None:

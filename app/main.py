@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.approvals.routes import router as approvals_router
+from app.audit.routes import router as audit_router
 from app.auth.web import router as auth_router
 from app.budgets.routes import router as budgets_router
 from app.config import Settings, get_settings
@@ -172,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(approvals_router)
     app.include_router(settings_router)
     app.include_router(budgets_router)
-    app.include_router(access_router)
     app.include_router(auth_router)
+    app.include_router(audit_router)
+    app.include_router(access_router)
     return app

@@ -10,7 +10,7 @@ cdn.jsdelivr.net, its favicon from fastapi.tiangolo.com, and boots from an inlin
 HTML pages get a relaxed policy allowing those hosts and, instead of ``'unsafe-inline'`` for scripts,
 the SHA-256 hash of each inline script read from the page itself (so it follows FastAPI's template and
 the app's title and OpenAPI URL). Swagger UI sets inline styles, hence ``'unsafe-inline'`` for styles
-on those pages only. docs/_drafts/rate-limits-and-headers.md says why each header is there.
+on those pages only. docs/security.md ("Security headers") says why each header is there.
 """
 
 from __future__ import annotations

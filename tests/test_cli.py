@@ -330,6 +330,18 @@ def test_steward_up_end_to_end(data_dir: Path) -> None:
         assert run.status_code == 201, run.text
         done = httpx.get(f"{base}/api/v1/runs/{run.json()['id']}?wait=30", headers=headers, timeout=40)
         assert done.json()["status"] == "succeeded", done.text
+        # No identity provider: the printed local password signs the admin in, on loopback.
+        password = re.search(r"Sign in: +\S+/auth/login as admin / (\S+) \(shown once", up.output)
+        assert password, up.output
+        with httpx.Client(base_url=base, timeout=10) as browser:
+            page = browser.get("/auth/login")
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+            assert csrf, page.text
+            signed_in = browser.post("/auth/local", data={"csrf_token": csrf.group(1), "username": "admin",
+                                                          "password": password.group(1)})
+            assert signed_in.status_code == 303, signed_in.text
+            me = browser.get("/auth/me").json()
+            assert "admin" in me["roles"], me
     finally:
         up.stop()
     assert _server_pids(data_dir) == [], "embedded servers should be stopped"
@@ -340,6 +352,7 @@ def test_steward_up_end_to_end(data_dir: Path) -> None:
         up.wait_ready()
         assert "shown once" not in up.output
         assert "shown on the first start only" in up.output
+        assert "as admin (password shown on the first start only)" in up.output
         assert "steward bootstrap --tenant demo" in up.output
     finally:
         up.stop()

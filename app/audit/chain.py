@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from app.engine.sql import Conn, dumps
@@ -99,8 +101,25 @@ def redact(value: Any) -> Any:
     return value
 
 
+def as_jsonb(value: Any) -> Any:
+    """``value`` as it reads back from a JSONB column: JSONB keeps numbers as ``numeric``, which has no
+    exponent notation and no negative zero (``1e+20`` comes back as ``100000000000000000000``)."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)  # not JSON at all; JSONB would refuse it
+        if value == 0:
+            return 0.0
+        text = repr(value)
+        return int(Decimal(text)) if "e+" in text else value
+    if isinstance(value, dict):
+        return {k: as_jsonb(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_jsonb(v) for v in value]
+    return value
+
+
 def _secret_key(key: Any) -> bool:
-    lowered = str(key).lower()
+    lowered = str(key).lower().replace("-", "_")
     # "max_tokens" and friends are counts, "api_key_secret" the *name* of a secret: not credentials.
     if "tokens" in lowered or lowered.endswith(("_secret_name", "api_key_secret")):
         return False
@@ -137,9 +156,9 @@ async def append(conn: Conn, tenant_id: uuid.UUID, entries: Sequence[Entry]) -> 
     rows = []
     for entry in entries:
         seq += 1
-        data = redact(entry.data)
-        # The stored JSONB must read back as what was hashed: round-trip the data through JSON first.
-        data = json.loads(dumps(data))
+        # The stored JSONB must read back as what was hashed: round-trip the data through JSON, then
+        # write numbers as PostgreSQL will give them back.
+        data = as_jsonb(json.loads(dumps(redact(entry.data))))
         row = ChainRow(tenant_id, seq, entry.at, entry.actor, entry.ip, entry.user_agent, entry.action,
                        entry.target, entry.outcome, data, prev)
         prev = row_hash(row)

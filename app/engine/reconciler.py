@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+from app.audit import retention as audit_retention
 from app.budgets.service import settle_stale
 from app.engine.actions import RUN_CLOCK, time_out_run
 from app.engine.attempts import expire_lease, fire_wait_timeout
@@ -49,6 +50,8 @@ async def reconcile_once(runtime: Runtime) -> Report:
     # Holds of calls whose worker died (a live call settles within its timeout plus a margin).
     async with runtime.pg.acquire() as conn:
         report.holds_settled = await settle_stale(conn, settings.step_timeout_s + settings.lease_s * 2)
+    # Audit events past settings.audit_retention_days: at most once an hour across all workers.
+    await audit_retention.retention_pass(runtime)
     if report.leases_expired or report.waits_timed_out or report.runs_timed_out:
         log.info("reconciler: %s", report)
     return report

@@ -83,7 +83,7 @@ async def test_every_route_answers_404_for_another_tenants_ids(
            if re.search(r"\{\w+\}", path) for method in item]
     # Upserts last: they create the caller's own namesakes, which later calls would then find.
     for method, path, operation in sorted(ops, key=lambda op: (op[0], op[1]) in UPSERTS):
-        url = re.sub(r"\{(\w+)\}", lambda m: _value(path, m.group(1), theirs), path)
+        url = re.sub(r"\{(\w+)\}", lambda m, path=path: _value(path, m.group(1), theirs), path)
         if (method, path) in UPSERTS:
             await _ok(await client.request(method, url, json=UPSERT_BODIES[path], headers=tenant.headers),
                       200, 201, 204)

@@ -174,10 +174,12 @@ async def test_ensure_local_admin_sets_a_password_once(settings: Settings, make_
     finally:
         await conn.close()
     async with sessionmaker() as db:
-        stored = (await db.execute(text("SELECT password_hash FROM app_user WHERE issuer = 'local'"))).scalar_one()
+        stored = (await db.execute(text(
+            "SELECT password_hash FROM app_user WHERE issuer = 'local' AND subject = 'admin'"))).scalar_one()
         roles = (await db.execute(
             text("SELECT m.roles FROM membership m JOIN app_user u ON u.id = m.user_id "
-                 "WHERE u.issuer = 'local' AND m.tenant_id = :t"), {"t": other.tenant_id})).scalar_one()
+                 "WHERE u.issuer = 'local' AND u.subject = 'admin' AND m.tenant_id = :t"),
+            {"t": other.tenant_id})).scalar_one()
     assert roles == ["admin"]
     assert stored.startswith("scrypt$") and local_admin.password not in stored
     assert verify_password(local_admin.password, stored)
