@@ -985,6 +985,9 @@ class Product:
             "REDIS_URL": self.args.redis,
             "STEWARD_QUEUE_PREFIX": self.queue_prefix,
             "PYTHONUNBUFFERED": "1",
+            # The client's polling is not what is measured: no request rate limits (--env overrides).
+            "STEWARD_RATE_LIMIT_PRINCIPAL_RPS": "0",
+            "STEWARD_RATE_LIMIT_TENANT_RPS": "0",
         }
         for item in self.args.env:
             name, _, value = item.partition("=")

@@ -133,26 +133,68 @@ ON CONFLICT (tenant_id) DO UPDATE SET seq = audit_head.seq
 RETURNING seq, hash
 """
 
-_APPEND = """
-WITH rows AS (
-    INSERT INTO audit_event (tenant_id, seq, at, actor, ip, user_agent, action, target, outcome, data,
-                             prev_hash, hash)
-    SELECT $1, x.seq, x.at, x.actor, x.ip, x.user_agent, x.action, x.target, x.outcome, x.data, x.prev_hash, x.hash
-    FROM jsonb_to_recordset($2::jsonb) AS x(seq bigint, at timestamptz, actor text, ip text, user_agent text,
-                                            action text, target text, outcome text, data jsonb, prev_hash text,
-                                            hash text)
-)
+_INSERT_ROWS = """
+INSERT INTO audit_event (tenant_id, seq, at, actor, ip, user_agent, action, target, outcome, data, prev_hash, hash)
+SELECT $1, x.seq, x.at, x.actor, x.ip, x.user_agent, x.action, x.target, x.outcome, x.data, x.prev_hash, x.hash
+FROM jsonb_to_recordset($2::jsonb) AS x(seq bigint, at timestamptz, actor text, ip text, user_agent text,
+                                        action text, target text, outcome text, data jsonb, prev_hash text, hash text)
+"""
+
+# After _LOCK_HEAD: append and move the head.
+_APPEND = f"""
+WITH rows AS ({_INSERT_ROWS})
 UPDATE audit_head SET seq = $3, hash = $4 WHERE tenant_id = $1
 """
+
+# One round trip when this process guessed the head right: the head moves to the new rows and they
+# are inserted. Guessed wrong (another writer came first; the UPDATE waits for its commit): the head is
+# left as it is, but locked, and returned, so the rows are chained after it by one more statement.
+_APPEND_IF_HEAD = f"""
+WITH head AS (
+    UPDATE audit_head SET seq = CASE WHEN seq = $5 AND hash = $6 THEN $3 ELSE seq END,
+                          hash = CASE WHEN seq = $5 AND hash = $6 THEN $4 ELSE hash END
+    WHERE tenant_id = $1 RETURNING seq, hash
+), rows AS ({_INSERT_ROWS.rstrip()} WHERE EXISTS (SELECT FROM head WHERE seq = $3 AND hash = $4))
+SELECT seq, hash FROM head
+"""
+
+# The head each tenant's chain had when this process last wrote it (a guess: checked by _APPEND_IF_HEAD).
+_heads: dict[uuid.UUID, tuple[int, str]] = {}
+_MAX_HEADS = 10_000
 
 
 async def append(conn: Conn, tenant_id: uuid.UUID, entries: Sequence[Entry]) -> None:
     """Chain ``entries`` onto the tenant's log, in order, inside the caller's transaction."""
     if not entries:
         return
-    head = await conn.fetchrow(_LOCK_HEAD, tenant_id, GENESIS)
-    assert head is not None
-    seq, prev = int(head["seq"]), str(head["hash"])
+    known = _heads.get(tenant_id)
+    head = None
+    if known is not None:
+        rows, seq, digest = _chain(tenant_id, entries, *known)
+        head = await conn.fetchrow(_APPEND_IF_HEAD, tenant_id, dumps(rows), seq, digest, *known)
+        if head is not None and (head["seq"], head["hash"]) == (seq, digest):
+            _remember(tenant_id, seq, digest)
+            return
+    if head is None:  # no guess, or the tenant has no chain yet
+        head = await conn.fetchrow(_LOCK_HEAD, tenant_id, GENESIS)
+        assert head is not None
+    rows, seq, digest = _chain(tenant_id, entries, int(head["seq"]), str(head["hash"]))
+    await conn.execute(_APPEND, tenant_id, dumps(rows), seq, digest)
+    _remember(tenant_id, seq, digest)
+
+
+def _remember(tenant_id: uuid.UUID, seq: int, digest: str) -> None:
+    # Remembered before commit: a rollback leaves the guess ahead of the table, which the next append
+    # finds out (and corrects) with one wasted statement.
+    if len(_heads) >= _MAX_HEADS:
+        _heads.clear()
+    _heads[tenant_id] = (seq, digest)
+
+
+def _chain(
+    tenant_id: uuid.UUID, entries: Sequence[Entry], seq: int, prev: str
+) -> tuple[list[dict[str, Any]], int, str]:
+    """The rows of ``entries`` chained after (``seq``, ``prev``), and the new head."""
     rows = []
     for entry in entries:
         seq += 1
@@ -165,4 +207,4 @@ async def append(conn: Conn, tenant_id: uuid.UUID, entries: Sequence[Entry]) -> 
         rows.append({"seq": seq, "at": format_at(entry.at), "actor": entry.actor, "ip": entry.ip,
                      "user_agent": entry.user_agent, "action": entry.action, "target": entry.target,
                      "outcome": entry.outcome, "data": data, "prev_hash": row.prev_hash, "hash": prev})
-    await conn.execute(_APPEND, tenant_id, dumps(rows), seq, prev)
+    return rows, seq, prev

@@ -16,7 +16,6 @@ class AuditEvent(Base):
 
     __tablename__ = "audit_event"
     __table_args__ = (
-        Index("ix_audit_event_tenant_id_id", "tenant_id", "id"),
         Index("uq_audit_event_tenant_seq", "tenant_id", "seq", unique=True),
         Index("ix_audit_event_tenant_at", "tenant_id", "at"),
     )
