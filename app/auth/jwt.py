@@ -37,15 +37,8 @@ from joserfc.jwk import KeySet
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.deps import InvalidCredentials, client_ip, user_agent
-from app.auth.oidc import (
-    IdentityProviderUnavailable,
-    TenantAccess,
-    allowed_algorithms,
-    discovery_url,
-    find_or_create_user,
-    groups_from_claims,
-    tenants_of,
-)
+from app.auth.oidc import IdentityProviderUnavailable, allowed_algorithms, discovery_url
+from app.auth.users import TenantAccess, find_or_create_user, groups_from_claims, tenants_of
 from app.config import Settings
 from app.context import Ctx
 from app.db import bind_tenant

@@ -14,7 +14,7 @@ import hmac
 import secrets
 import uuid
 
-from app.auth.oidc import LOCAL_ISSUER
+from app.auth.users import LOCAL_ISSUER
 from app.engine.sql import Conn
 
 LOCAL_ADMIN = "admin"

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from app.auth.deps import client_ip, user_agent
-from app.auth.oidc import User, tenant_access
+from app.auth.users import User, tenant_access
 from app.config import Settings
 from app.context import Ctx
 from app.db import bind_tenant

@@ -30,20 +30,7 @@ from starlette.responses import RedirectResponse, Response
 from app.audit.service import record
 from app.auth.deps import client_ip, user_agent
 from app.auth.local import LOCAL_ADMIN, verify_password_async
-from app.auth.oidc import (
-    LOCAL_ISSUER,
-    IdentityProviderUnavailable,
-    TenantAccess,
-    User,
-    get_user,
-    groups_from_claims,
-    oidc_client,
-    oidc_configured,
-    provider_metadata,
-    sign_in_user,
-    tenant_access,
-    tenants_of,
-)
+from app.auth.oidc import IdentityProviderUnavailable, oidc_client, oidc_configured, provider_metadata
 from app.auth.sessions import (
     CSRF_FIELD,
     WebSession,
@@ -58,6 +45,16 @@ from app.auth.sessions import (
     is_loopback_request,
     set_active_tenant,
     set_session_cookie,
+)
+from app.auth.users import (
+    LOCAL_ISSUER,
+    TenantAccess,
+    User,
+    get_user,
+    groups_from_claims,
+    sign_in_user,
+    tenant_access,
+    tenants_of,
 )
 from app.config import Settings
 from app.context import Ctx
