@@ -3,6 +3,8 @@
 - The Authlib client reads the provider's discovery document once per process; it runs authorization
   code + PKCE (S256) and checks state, nonce and the ID token (signature against the provider's JWKS,
   issuer, audience, expiry), accepting only the ``oidc_algorithms`` the provider also advertises.
+  Issuer and audience are checked only because we ask (:func:`id_token_claims_options`): Authlib alone
+  checks ``aud`` through ``azp`` only.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
+import httpx
+import httpx2
 from authlib.integrations.starlette_client import OAuth
 from fastapi import FastAPI
 
@@ -25,6 +29,10 @@ CLIENT_NAME = "steward"
 ASYMMETRIC_ALGORITHMS = frozenset({
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519", "Ed448",
 })
+
+# Authlib's client talks httpx2 (installed with Steward), whose errors are not httpx's.
+HTTP_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, httpx2.HTTPError)
+
 
 class IdentityProviderUnavailable(AppError):
     status = 503
@@ -70,6 +78,18 @@ def oidc_client(app: FastAPI) -> Any:
         )
         app.state.oidc_client = client
     return client
+
+
+def id_token_claims_options(settings: Settings) -> dict[str, Any]:
+    """The ID token must name our issuer and list our client id among its audiences (OIDC Core 3.1.3.7).
+
+    Authlib, left to itself, checks ``iss`` but not ``aud``: a token for another client carrying
+    ``azp`` = our client id would sign in. A fresh dict per call: Authlib pops keys from it.
+    """
+    return {
+        "iss": {"essential": True, "values": [settings.oidc_issuer]},
+        "aud": {"essential": True, "values": [settings.oidc_client_id]},
+    }
 
 
 async def provider_metadata(app: FastAPI) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-import httpx
 from authlib.common.errors import AuthlibBaseError
 from fastapi import APIRouter, Request
 from fastapi.templating import Jinja2Templates
@@ -30,7 +29,14 @@ from starlette.responses import RedirectResponse, Response
 from app.audit.service import record
 from app.auth.deps import client_ip, user_agent
 from app.auth.local import LOCAL_ADMIN, verify_password_async
-from app.auth.oidc import IdentityProviderUnavailable, oidc_client, oidc_configured, provider_metadata
+from app.auth.oidc import (
+    HTTP_ERRORS,
+    IdentityProviderUnavailable,
+    id_token_claims_options,
+    oidc_client,
+    oidc_configured,
+    provider_metadata,
+)
 from app.auth.sessions import (
     CSRF_FIELD,
     WebSession,
@@ -176,7 +182,7 @@ async def oidc_start(request: Request, next: str = "/") -> Response:
     try:
         response: Response = await oidc_client(request.app).authorize_redirect(
             request, external_url(request, "/auth/callback"))
-    except (AuthlibBaseError, httpx.HTTPError) as exc:
+    except (AuthlibBaseError, *HTTP_ERRORS) as exc:
         log.warning("starting OIDC sign-in failed: %r", exc)
         raise IdentityProviderUnavailable("the identity provider cannot be reached; try again shortly") from None
     token = secrets.token_urlsafe(32)
@@ -200,8 +206,9 @@ async def oidc_callback(request: Request) -> Response:
     request.scope["session"] = flow["session"]
     await provider_metadata(request.app)
     try:
-        result = await oidc_client(request.app).authorize_access_token(request)
-    except (AuthlibBaseError, JoseError, httpx.HTTPError) as exc:
+        result = await oidc_client(request.app).authorize_access_token(
+            request, claims_options=id_token_claims_options(_settings(request)))
+    except (AuthlibBaseError, JoseError, *HTTP_ERRORS) as exc:
         # No tenant is known yet: the log is the only record.
         log.warning("OIDC sign-in failed: %s", getattr(exc, "error", None) or type(exc).__name__)
         return _render_login(request, next_=flow["next"], status=401,
