@@ -19,6 +19,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.audit.service import record
 from app.auth.keys import KEY_PREFIX, hash_api_key
 from app.auth.permissions import PERMISSIONS, allowed
 from app.context import Ctx
@@ -121,13 +122,20 @@ async def get_ctx(
 CurrentCtx = Annotated[Ctx, Depends(get_ctx)]
 
 
-def require(permission: str) -> Callable[[Ctx], Awaitable[Ctx]]:
-    """A dependency returning the caller's Ctx, or raising 403 unless a role of theirs holds ``permission``."""
+def require(permission: str) -> Callable[[Request, Ctx], Awaitable[Ctx]]:
+    """A dependency returning the caller's Ctx, or raising 403 unless a role of theirs holds ``permission``.
+
+    A refusal is audited (``access.denied``) in a transaction of its own: the request's is rolled back.
+    """
     if permission not in PERMISSIONS:
         raise ValueError(f"unknown permission {permission!r}")
 
-    async def check_permission(ctx: CurrentCtx) -> Ctx:
+    async def check_permission(request: Request, ctx: CurrentCtx) -> Ctx:
         if not allowed(ctx.roles, permission):
+            route = getattr(request.scope.get("route"), "path", request.url.path)
+            async with request.app.state.runtime.pg.acquire() as conn, conn.transaction():
+                await record(conn, ctx.tenant_id, ctx, "access.denied", f"{request.method} {route}",
+                             outcome="denied", data={"permission": permission, "roles": sorted(ctx.roles)})
             holders = ", ".join(sorted(PERMISSIONS[permission][1] | {"admin"}))
             raise Forbidden(f"this action needs the '{permission}' permission (roles: {holders})",
                             permission=permission)
@@ -136,4 +144,3 @@ def require(permission: str) -> Callable[[Ctx], Awaitable[Ctx]]:
     check_permission.__name__ = f"require_{permission.replace(':', '_')}"
     check_permission.permission = permission  # type: ignore[attr-defined]  # read by the route-walk test
     return check_permission
-

@@ -45,7 +45,11 @@ class Membership(Base):
 
 class WebSession(Base):
     __tablename__ = "web_session"
-    __table_args__ = (Index("ix_web_session_user_id", "user_id"), Index("ix_web_session_expires_at", "expires_at"))
+    __table_args__ = (
+        Index("ix_web_session_user_id", "user_id"),
+        Index("ix_web_session_expires_at", "expires_at"),
+        Index("ix_web_session_last_seen_at", "last_seen_at"),
+    )
 
     id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("app_user.id", ondelete="CASCADE"))

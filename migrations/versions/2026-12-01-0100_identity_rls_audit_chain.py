@@ -91,6 +91,8 @@ def upgrade() -> None:
     )
     op.create_index("ix_web_session_user_id", "web_session", ["user_id"])
     op.create_index("ix_web_session_expires_at", "web_session", ["expires_at"])
+    # Sign-in purges sessions past either timeout: both columns indexed, so it never scans the table.
+    op.create_index("ix_web_session_last_seen_at", "web_session", ["last_seen_at"])
 
     op.add_column("api_key", sa.Column("last_used_at", ts))
     op.add_column("api_key", sa.Column("created_by", sa.String(255)))

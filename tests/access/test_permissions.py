@@ -11,6 +11,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth.permissions import PERMISSIONS, allowed
 from app.tenants.policy import ROLES
@@ -63,10 +65,12 @@ async def test_every_api_route_requires_one_permission_from_the_table(app: FastA
 
 @pytest.mark.parametrize("role", ROLES)
 async def test_every_route_allows_or_denies_each_role_as_the_table_says(
-    app: FastAPI, client: httpx.AsyncClient, tenant: TenantKey, make_api_key: MakeApiKey, role: str
+    app: FastAPI, client: httpx.AsyncClient, tenant: TenantKey, make_api_key: MakeApiKey, role: str,
+    sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
     headers = {"Authorization": f"Bearer {await make_api_key(tenant.tenant_id, roles=(role,))}"}
     checked = 0
+    denied: list[str] = []
     for method, path, route in operations(app):
         permission = route_permission(route)
         if permission is None:
@@ -81,8 +85,16 @@ async def test_every_route_allows_or_denies_each_role_as_the_table_says(
             assert response.headers["content-type"] == "application/problem+json"
             body: dict[str, Any] = response.json()
             assert body["type"].endswith("/forbidden") and body["permission"] == permission
+            denied.append(f"{method} {path}")
         checked += 1
     assert checked >= 40
+    # Every refusal is on the tenant's audit record, by that key.
+    async with sessionmaker() as db:
+        rows = (await db.execute(text(
+            "SELECT actor, target, outcome, data->>'permission' FROM audit_event "
+            "WHERE tenant_id = :t AND action = 'access.denied' ORDER BY seq"), {"t": tenant.tenant_id})).all()
+    assert [r[1] for r in rows] == denied
+    assert {(r[0].startswith("key:"), r[2]) for r in rows} <= {(True, "denied")}
 
 
 async def test_the_documented_table_is_the_table_in_code() -> None:
