@@ -444,11 +444,14 @@ async def test_retention_deletes_in_bounded_batches(
         owner.remove_query_logger(logged.append)
 
     # At most 7 rows in this call, at most 3 per transaction, each DELETE after the retention switch.
-    deletes = [i for i, q in enumerate(logged)
-               if "DELETE FROM audit_event" in q.query and q.args[0] == tenant.tenant_id]
-    assert [logged[i].args[2] for i in deletes] == [3, 3, 1]
+    # Rows of other tenants that aged past the cutoff since the first call may take part of the 7.
+    deletes = [i for i, q in enumerate(logged) if "DELETE FROM audit_event" in q.query]
+    assert all(logged[i].args[2] <= 3 for i in deletes)
     assert all(logged[i - 1].query == "SET LOCAL steward.audit_retention = 'on'" for i in deletes)
-    assert [r["seq"] for r in await rows(owner, tenant.tenant_id)][:7] == list(range(8, 15))
+    ours = [logged[i].args[2] for i in deletes if logged[i].args[0] == tenant.tenant_id]
+    assert ours in ([3, 3, 1], [3, 3], [3, 2]), ours
+    kept = [r["seq"] for r in await rows(owner, tenant.tenant_id)]
+    assert kept[:2] == [sum(ours) + 1, sum(ours) + 2]
     await retention.apply_retention(owner, 30)
     result = await verify_chain(owner, tenant.tenant_id)
     assert result.ok and result.anchored_at_seq == 13, result.as_dict()
