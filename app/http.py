@@ -208,6 +208,38 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     )
 
 
+class InternalErrorMiddleware:
+    """Turns an exception no handler took into the 500 problem, inside the other middleware.
+
+    Starlette answers those from its outermost layer, past every middleware added to the app, so the
+    answer would miss the security headers (and the metrics); caught here, it goes out through them.
+    An exception after the response started can only end the connection: it is re-raised.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:
+                raise
+            response = await unhandled_error_handler(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, app_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

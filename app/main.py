@@ -23,7 +23,13 @@ from app.auth.web import router as auth_router
 from app.budgets.routes import router as budgets_router
 from app.config import Settings, get_settings
 from app.engine.runtime import Runtime
-from app.http import BodySizeLimitMiddleware, problem_response, problem_responses, register_error_handlers
+from app.http import (
+    BodySizeLimitMiddleware,
+    InternalErrorMiddleware,
+    problem_response,
+    problem_responses,
+    register_error_handlers,
+)
 from app.providers.routes import router as providers_router
 from app.runs.routes import router as runs_router
 from app.security_headers import SecurityHeadersMiddleware
@@ -160,7 +166,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     register_error_handlers(app)
-    # Last added runs first: metrics see every response, 413s included.
+    # Last added runs first: metrics and security headers see every response, 413s and 500s included.
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)

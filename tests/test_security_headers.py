@@ -30,7 +30,8 @@ ALWAYS = {
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def secured(settings: Settings) -> AsyncIterator[FastAPI]:
-    """The app as app/main.py builds it, with the middleware outermost, plus routes setting their own headers."""
+    """The app as app/main.py builds it (the middleware outermost), plus routes setting their own headers
+    and one that fails."""
     application = create_app(settings)
 
     @application.get("/api/v1/_own-headers")
@@ -48,7 +49,10 @@ async def secured(settings: Settings) -> AsyncIterator[FastAPI]:
     async def auth_probe() -> dict[str, bool]:
         return {"ok": True}
 
-    application.add_middleware(SecurityHeadersMiddleware)
+    @application.get("/api/v1/_boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
     async with application.router.lifespan_context(application):
         yield application
 
@@ -116,6 +120,16 @@ async def test_responses_of_inner_middleware_get_the_headers(secured: FastAPI, t
     async with client_for(secured) as client:
         response = await client.post("/api/v1/workflows", headers=tenant.headers, content=b"x" * (limit + 1))
     assert response.status_code == 413
+    assert_always(response)
+    assert response.headers["cache-control"] == "no-store"
+
+
+async def test_an_unexpected_error_is_a_500_problem_with_the_headers(secured: FastAPI) -> None:
+    async with client_for(secured) as client:
+        response = await client.get("/api/v1/_boom")
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"].endswith("/internal") and "a bug" not in response.text
     assert_always(response)
     assert response.headers["cache-control"] == "no-store"
 
