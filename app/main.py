@@ -15,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.approvals.routes import router as approvals_router
@@ -22,6 +23,7 @@ from app.audit.routes import router as audit_router
 from app.auth.web import router as auth_router
 from app.budgets.routes import router as budgets_router
 from app.config import Settings, get_settings
+from app.db import ROOT
 from app.engine.runtime import Runtime
 from app.http import (
     BodySizeLimitMiddleware,
@@ -181,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(settings_router)
     app.include_router(budgets_router)
     app.include_router(auth_router)
+    app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.include_router(audit_router)
     app.include_router(access_router)
     return app

@@ -87,6 +87,9 @@ async def test_sign_in_with_chromium(settings: Settings, make_tenant: MakeTenant
                 await context.route("https://**", lambda route: route.abort())
                 page = await context.new_page()
                 await page.goto(f"{app_url}/auth/login?next=/auth/me")
+                # The page's stylesheet is Steward's own file: the strict CSP lets it in.
+                radius = await page.evaluate("getComputedStyle(document.querySelector('main')).borderTopLeftRadius")
+                assert radius == "10px"
                 if SCREENSHOT:
                     await page.screenshot(path=SCREENSHOT)
                 await page.click("#oidc-sign-in")
