@@ -16,5 +16,3 @@ class Ctx:
     ip: str | None = None
     user_agent: str | None = None
 
-    def has(self, role: str) -> bool:
-        return "admin" in self.roles or role in self.roles
