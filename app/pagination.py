@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Annotated, TypeVar
 
@@ -45,6 +46,13 @@ def decode_int_cursor(cursor: str) -> int:
     if not (value.isascii() and value.isdigit() and len(value) <= 10):
         raise bad_cursor()
     return int(value)
+
+
+def decode_uuid_cursor(cursor: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(decode_cursor(cursor))
+    except ValueError as exc:
+        raise bad_cursor() from exc
 
 
 def bad_cursor() -> Invalid:

@@ -17,13 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.audit.service import record as audit
 from app.auth.deps import require
 from app.auth.keys import hash_api_key, new_api_key
+from app.auth.users import find_or_create_user
 from app.context import Ctx
 from app.db import get_db
 from app.engine.runtime import Runtime
 from app.engine.sql import driver
 from app.errors import Conflict, Invalid, NotFound
 from app.http import AppSettings, problem_responses
-from app.pagination import Cursor, Limit, bad_cursor, decode_cursor, page, page_size
+from app.pagination import Cursor, Limit, decode_uuid_cursor, page, page_size
 from app.tenants.policy import Role
 
 router = APIRouter(prefix="/api/v1", tags=["access"], responses=problem_responses(401, 403, 404, 422))
@@ -76,14 +77,6 @@ _MEMBER_COLUMNS = (
     "m.user_id, u.issuer, u.subject, u.email, u.name, m.roles, m.created_by, m.created_at, m.updated_at, "
     "u.last_login_at FROM membership m JOIN app_user u ON u.id = m.user_id"
 )
-# Users are global (one person, several tenants) and invisible to a tenant until they are members:
-# the upsert runs on the engine's pool, outside row-level security, and touches nothing but app_user.
-_UPSERT_USER = """
-INSERT INTO app_user (id, issuer, subject, email, name) VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (issuer, subject) DO UPDATE
-    SET email = COALESCE(EXCLUDED.email, app_user.email), name = COALESCE(EXCLUDED.name, app_user.name)
-RETURNING id
-"""
 
 
 @router.get("/members", response_model=MemberPage, summary="The tenant's members, by user id")
@@ -91,7 +84,7 @@ async def list_members(
     ctx: Reader, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
 ) -> MemberPage:
     size = page_size(limit, settings)
-    after = _uuid_cursor(cursor)
+    after = decode_uuid_cursor(cursor) if cursor else None
     rows = await (await driver(db)).fetch(
         f"SELECT {_MEMBER_COLUMNS} WHERE m.tenant_id = $1 AND ($2::uuid IS NULL OR m.user_id > $2) "
         "ORDER BY m.user_id LIMIT $3",
@@ -105,7 +98,10 @@ async def list_members(
 async def add_member(body: MemberAdd, request: Request, ctx: Admin, db: Db, settings: AppSettings) -> MemberRead:
     runtime: Runtime = request.app.state.runtime
     issuer = body.issuer or settings.oidc_issuer or "local"
-    user_id = await runtime.pg.fetchval(_UPSERT_USER, uuid.uuid4(), issuer, body.subject, body.email, body.name)
+    # Users are global (one person, several tenants) and invisible to a tenant until they are members:
+    # found or created on the engine's pool, outside row-level security.
+    user = await find_or_create_user(runtime.pg, issuer, body.subject, email=body.email, name=body.name)
+    user_id = user.id
     conn = await driver(db)
     added = await conn.fetchval(
         "INSERT INTO membership (tenant_id, user_id, roles, created_by) VALUES ($1, $2, $3, $4) "
@@ -164,7 +160,12 @@ async def delete_member(user_id: uuid.UUID, ctx: Admin, db: Db) -> Response:
 
 
 async def _keep_an_admin(conn: Any, ctx: Ctx, *, user: uuid.UUID | None = None, key: uuid.UUID | None = None) -> None:
-    """Refuse to take admin from the last admin standing (members and live keys both count)."""
+    """Refuse to take admin from the last admin standing (members and live keys both count).
+
+    The tenant row is locked first: two admins demoting or revoking each other at once take turns, and
+    the second sees the first's change.
+    """
+    await conn.execute("SELECT 1 FROM tenant WHERE id = $1 FOR UPDATE", ctx.tenant_id)
     others = await conn.fetchval(
         "SELECT (SELECT count(*) FROM membership WHERE tenant_id = $1 AND user_id IS DISTINCT FROM $2"
         "        AND 'admin' = ANY(roles))"
@@ -237,7 +238,7 @@ async def list_api_keys(
     rows = await (await driver(db)).fetch(
         f"SELECT {_KEY_COLUMNS} FROM api_key WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) "
         "ORDER BY id LIMIT $3",
-        ctx.tenant_id, _uuid_cursor(cursor), size + 1,
+        ctx.tenant_id, decode_uuid_cursor(cursor) if cursor else None, size + 1,
     )
     items, next_cursor = page(rows, size, lambda r: str(r["id"]))
     return ApiKeyPage(items=[ApiKeyRead(**dict(r)) for r in items], next_cursor=next_cursor)
@@ -286,11 +287,3 @@ async def revoke_api_key(key_id: Annotated[uuid.UUID, Path()], ctx: Admin, db: D
         await db.commit()
     return Response(status_code=204)
 
-
-def _uuid_cursor(cursor: str | None) -> uuid.UUID | None:
-    if cursor is None:
-        return None
-    try:
-        return uuid.UUID(decode_cursor(cursor))
-    except ValueError as exc:
-        raise bad_cursor() from exc

@@ -125,3 +125,21 @@ async def test_the_last_admin_stays(client: httpx.AsyncClient, make_tenant: Make
     second = (await client.post(KEYS, json={"name": "b", "roles": ["admin"]}, headers=lone.headers)).json()
     assert (await client.delete(f"{KEYS}/{keys[0]['id']}", headers=lone.headers)).status_code == 204
     assert (await client.get(KEYS, headers=bearer(second["key"]))).status_code == 200
+
+
+async def test_two_admins_revoking_each_other_at_once_leave_one(
+    client: httpx.AsyncClient, make_tenant: MakeTenant
+) -> None:
+    async def pair() -> list[int]:
+        first = await make_tenant()
+        second = (await client.post(KEYS, json={"name": "b", "roles": ["admin"]}, headers=first.headers)).json()
+        keys = {k["name"]: k["id"] for k in (await client.get(KEYS, headers=first.headers)).json()["items"]}
+        # Each revokes the other: without a turn-taking lock both could see the other as the admin left.
+        answers = await asyncio.gather(
+            client.delete(f"{KEYS}/{keys['b']}", headers=first.headers),
+            client.delete(f"{KEYS}/{keys['test']}", headers=bearer(second["key"])),
+        )
+        return sorted(r.status_code for r in answers)
+
+    # Several tenants at once, so the two revocations of a pair really overlap in the database.
+    assert await asyncio.gather(*(pair() for _ in range(10))) == [[204, 409]] * 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -384,3 +385,14 @@ async def test_id_tokens_must_use_an_allowed_algorithm(make_oidc_app: MakeOidcAp
     assert response.status_code == 503
     assert response.json()["type"].endswith("/identity-provider-unavailable")
     assert "no algorithm Steward accepts" in response.json()["detail"]
+
+
+async def test_an_unreachable_provider_is_a_503_not_a_crash(make_oidc_app: MakeOidcApp) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    async with make_oidc_app(oidc_issuer=closed) as application, app_client(application) as http:
+        response = await http.get("/auth/oidc/start")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"].endswith("/identity-provider-unavailable")
