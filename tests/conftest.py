@@ -42,6 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Redis has 16 databases by default; database 0 is left to people running Steward by hand.
 REDIS_DATABASES = 15
+# Two test sessions on one machine (say, two checkouts) pick different databases with this offset:
+# each session flushes the databases it uses when it starts.
+REDIS_DB_OFFSET = int(os.environ.get("TEST_REDIS_DB_OFFSET", "0"))
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def servers() -> Iterator[Servers]:
     worker_id = _worker_id()
     admin_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
     redis_url = os.environ.get(
-        "TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + _worker_index(worker_id) % REDIS_DATABASES}"
+        "TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + (REDIS_DB_OFFSET + _worker_index(worker_id)) % REDIS_DATABASES}"
     )
     pg_up = _answers(admin_url, 5432)
     redis_up = _answers(redis_url, 6379)
