@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import asyncpg
-from pydantic import ValidationError
 
 from app.engine.sql import Conn
 from app.tenants.policy import ROLES, load_policy
@@ -70,19 +69,7 @@ def groups_from_claims(claims: Mapping[str, Any], claim: str) -> list[str]:
 
 def role_mapping(policy: dict[str, Any] | None) -> dict[str, list[str]]:
     """A tenant's group -> roles mapping (tenant settings ``role_mapping``)."""
-    try:
-        return {group: list(roles) for group, roles in load_policy(policy).role_mapping.items()}
-    except ValidationError:
-        # A policy written before a settings change must not lock everyone out: read the mapping alone.
-        log.warning("tenant settings do not validate; reading role_mapping on its own")
-    raw = (policy or {}).get("role_mapping") or {}
-    if not isinstance(raw, Mapping):
-        return {}
-    return {
-        str(group): [role for role in roles if role in ROLES]
-        for group, roles in raw.items()
-        if isinstance(roles, list)
-    }
+    return {group: list(roles) for group, roles in load_policy(policy).role_mapping.items()}
 
 
 def roles_in(policy: dict[str, Any] | None, granted: Iterable[str] | None, groups: Iterable[str]) -> frozenset[str]:
