@@ -34,7 +34,7 @@ from app.engine.sql import Conn
 from app.tenants.policy import TenantPolicy, load_policy
 from app.tools import service as tools
 from app.tools.breaker import Breaker, BreakerPolicy
-from app.tools.redact import REDACTED, redact
+from app.tools.redact import redact, scrub
 from app.tools.service import ToolRef, validate_args, validate_output
 from app.tools.spec import BuiltinExecutor
 from app.vault.service import open_secrets
@@ -437,17 +437,3 @@ def _gate_reason(ref: ToolRef, args: Any) -> str:
     if ref.spec.autonomy.mode == "manual":
         return f"tool {ref.name!r} needs approval for every call"
     return f"tool {ref.name!r} needs approval when {ref.spec.autonomy.condition}"
-
-
-def scrub(value: Any, secrets: set[str]) -> Any:
-    """``value`` with every occurrence of a secret's value replaced, in case a service echoes it back."""
-    if isinstance(value, str):
-        for secret in secrets:
-            if secret and secret in value:
-                value = value.replace(secret, REDACTED)
-        return value
-    if isinstance(value, dict):
-        return {key: scrub(item, secrets) for key, item in value.items()}
-    if isinstance(value, list):
-        return [scrub(item, secrets) for item in value]
-    return value

@@ -1,7 +1,10 @@
-"""Redaction of values a JSON Schema marks ``writeOnly`` (passwords, card numbers...) before they are recorded."""
+"""Redaction before anything is recorded: values a JSON Schema marks ``writeOnly`` (passwords, card numbers...)
+and secret values that a tool echoes back."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 REDACTED = "[redacted]"
@@ -33,3 +36,54 @@ def redact(schema: Any, value: Any, depth: int = 0) -> Any:
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         return [redact(schema["items"], item, depth + 1) for item in value]
     return value
+
+
+# --- secret values echoed back by a tool ---------------------------------------------------------------
+
+
+def scrub(value: Any, secrets: Collection[str]) -> Any:
+    """``value`` with every occurrence of a secret's value replaced, in keys as in values (a service may
+    echo a credential back anywhere)."""
+    if isinstance(value, str):
+        # Longest first: a secret that contains another is replaced whole, not around the shorter one.
+        for secret in sorted(secrets, key=len, reverse=True):
+            if secret and secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {scrub(key, secrets): scrub(item, secrets) for key, item in value.items()}
+    if isinstance(value, list):
+        return [scrub(item, secrets) for item in value]
+    return value
+
+
+def secret_forms(secrets: Iterable[str]) -> list[bytes]:
+    """The byte strings a secret may appear as in a response body: as is, and escaped inside a JSON string."""
+    forms = {
+        form.encode()
+        for secret in secrets
+        if secret
+        for form in (secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1])
+    }
+    return sorted(forms, key=len, reverse=True)
+
+
+def cut_scrubbed(raw: bytes, limit: int, forms: Sequence[bytes]) -> tuple[bytes, bool]:
+    """``raw`` with every secret form replaced, then cut to ``limit`` bytes; True when it was cut.
+
+    Replacing before cutting matters: a cut through a secret would keep its prefix. The caller reads at
+    least the longest form's length past ``limit`` so a secret that starts before the cut is whole; a
+    body that stops in the middle of one (or a cut that lands in a replaced span) leaves a prefix of a
+    secret at the very end, which is dropped.
+    """
+    for form in forms:
+        raw = raw.replace(form, _REDACTED_BYTES)
+    if len(raw) <= limit:
+        return raw, False
+    cut = raw[:limit]
+    partial = max((k for form in forms for k in range(1, min(len(form), len(cut) + 1)) if cut.endswith(form[:k])),
+                  default=0)
+    return cut[: len(cut) - partial], True
+
+
+_REDACTED_BYTES = REDACTED.encode()

@@ -13,6 +13,8 @@ Every endpoint takes any method (tools default to GET, most tests POST):
 - ``/ratelimit?times=N&retry_after=R``: 429 with ``Retry-After: R`` for the first N calls per key, then 200
 - ``/huge?bytes=B``: 200 with ``{"data": "xxx..."}`` of about B bytes, streamed in chunks
 - ``/write``: records the call in ``writes`` and answers ``{"ok": true, "n": <calls with that key>}``
+- ``/echo-as-key``: 200 ``{"by_header": {<Authorization header>: true}}`` (a credential as a JSON key)
+- ``/pad?before=N``: 200, a text body of N bytes of ``x``, the Authorization header, then 4 KiB of ``y``
 
 ``down = True`` turns every endpoint into a 503 (to trip circuit breakers) until set back to False.
 Every request lands in ``calls``; ``reset()`` forgets calls, writes, counters and ``down``.
@@ -73,6 +75,10 @@ class ToolServer(BackgroundServer):
             "/ratelimit": self._ratelimit,
             "/huge": self._huge,
             "/write": self._write,
+            "/echo-as-key": lambda request: Reply.json(
+                200, {"by_header": {request.headers.get("authorization", ""): True}}
+            ),
+            "/pad": self._pad,
         }
 
     @property
@@ -159,6 +165,11 @@ class ToolServer(BackgroundServer):
     def _huge(self, request: Request) -> Reply:
         size = max(0, int(request.query.get("bytes", str(1024 * 1024))) - len('{"data": ""}'))
         return Reply(200, _huge_body(size), _JSON)
+
+    def _pad(self, request: Request) -> Reply:
+        before = b"x" * int(request.query.get("before", "0"))
+        body = before + request.headers.get("authorization", "").encode() + b"y" * 4096
+        return Reply(200, body, {"Content-Type": "text/plain"})
 
     def _write(self, request: Request) -> Reply:
         key = request.headers.get("idempotency-key")

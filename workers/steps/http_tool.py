@@ -1,8 +1,9 @@
 """The ``http`` executor of registered tools: render the request, call it, cut and select the response.
 
 Secrets are rendered into header values only, and only here, just before the request is sent: they
-never reach arguments, events, outputs or logs. Responses longer than the tool's
-``max_response_bytes`` are cut (``truncated: true``, the body is then the text received so far).
+never reach arguments, events, outputs or logs. A response that echoes one has it replaced before it is
+cut or parsed. Responses longer than the tool's ``max_response_bytes`` are cut (``truncated: true``, the
+body is then the text received so far).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 
 from app.engine.expressions import ExpressionError, render, whole_expression
+from app.tools.redact import cut_scrubbed, secret_forms
 from app.tools.spec import HttpExecutor, ToolSpec
 from workers.steps.tools import ToolCall, ToolError, check_destination, retry_after_seconds
 
@@ -37,11 +39,12 @@ async def call_http_tool(spec: ToolSpec, call: ToolCall, secrets: dict[str, str]
     headers.setdefault("Idempotency-Key", call.idempotency_key)
     await check_destination(url, call.settings, call.allowlist)
     method = executor.method
+    forms = secret_forms(secrets.values())
     try:
         async with call.http.stream(
             method, url, params=_params(query), headers=headers, json=body if method != "GET" else None
         ) as response:
-            raw, truncated = await _read_capped(response, spec.max_response_bytes)
+            raw, truncated = await _read_capped(response, spec.max_response_bytes, forms)
     except httpx.TimeoutException as exc:
         raise ToolError("timeout", f"{method} {_safe(url)} timed out", transient=True) from exc
     except httpx.TransportError as exc:
@@ -51,7 +54,7 @@ async def call_http_tool(spec: ToolSpec, call: ToolCall, secrets: dict[str, str]
         raise ToolError(f"http_{status}", f"{method} {_safe(url)} returned {status}", transient=True,
                         retry_after=retry_after_seconds(response.headers.get("retry-after")))
     if status >= 400:
-        text = raw[:500].decode("utf-8", "replace")
+        text = cut_scrubbed(raw, 500, forms)[0].decode("utf-8", "replace")
         raise ToolError(f"http_{status}", f"{method} {_safe(url)} returned {status}: {text}", transient=False)
     result: dict[str, Any] = {"status": status, "headers": {"content-type": response.headers.get("content-type")},
                               "body": _decode(raw, truncated)}
@@ -71,15 +74,18 @@ def select_response(selector: str, result: dict[str, Any]) -> Any:
         raise ToolError("response_selector", f"the response selector failed: {exc.reason}", transient=False) from exc
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+async def _read_capped(response: httpx.Response, limit: int, forms: list[bytes]) -> tuple[bytes, bool]:
+    """The body, secrets replaced, cut to ``limit`` bytes; read a secret's length further, so a secret
+    that starts before the cut is replaced whole rather than cut in two."""
+    margin = len(forms[0]) if forms else 0
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.aiter_bytes():
         chunks.append(chunk)
         size += len(chunk)
-        if size > limit:
-            return b"".join(chunks)[:limit], True
-    return b"".join(chunks), False
+        if size > limit + margin:
+            break
+    return cut_scrubbed(b"".join(chunks), limit, forms)
 
 
 def _decode(raw: bytes, truncated: bool) -> Any:
