@@ -20,6 +20,11 @@ Notes on the ``cel`` package (common-expression-language 0.10) that shape this m
 * The parser and the value converter recurse on the native stack and segfault (no exception) on deep
   input: ~20 nested brackets or ~200 chained operators on a 128-256 KB thread stack, ~10k on the 8 MB
   main thread. Expression size/nesting and context depth are capped below those levels.
+* ``Program.execute`` holds the GIL and cannot be interrupted: nested comprehensions can run for
+  minutes, and a thread does not keep an event loop responsive meanwhile. The functions here evaluate
+  in the calling thread; :mod:`app.engine.evaluation` decides, from the static :class:`Cost` of each
+  expression and the size of its data, whether that is safe or the killable sandbox
+  (:mod:`app.engine.sandbox`) must do it. Stored expressions are held to :meth:`Cost.problem`.
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ from typing import Any, TypeAlias
 
 import cel
 
+from app.engine.expression_cost import Cost, analyse
+
 __all__ = [
     "CompiledExpr",
     "ExpressionError",
+    "ExpressionLimit",
+    "check_expression",
     "compile_expression",
     "condition_source",
     "evaluate_condition",
@@ -66,6 +75,13 @@ class ExpressionError(Exception):
         self.reason = message
 
 
+class ExpressionLimit(ExpressionError):
+    """An evaluation went past a limit (its time budget, the size of its data, the sandbox's memory).
+
+    Unlike other evaluation errors, where a caller may have a fallback (a tool's condition that cannot be
+    decided asks a person), this one always fails the step with error class ``expression``."""
+
+
 @dataclass(frozen=True, eq=False)
 class CompiledExpr:
     """A parsed CEL program, reusable across evaluations."""
@@ -77,14 +93,11 @@ class CompiledExpr:
     # The step ids named literally (steps.x / steps['x']), or None when `steps` is also used as a whole
     # (size(steps), steps[expr], ...) and so must be passed complete.
     step_ids: frozenset[str] | None
+    cost: Cost
 
     def evaluate(self, context: Mapping[str, Any]) -> Any:
-        """Run the program against ``context`` and return a plain JSON value."""
-        scoped = {name: context[name] for name in self.variables if name in context}
-        steps = scoped.get("steps")
-        if self.step_ids is not None and isinstance(steps, Mapping):
-            # Missing ids stay missing, so a lookup fails (or has() answers) exactly as with the full map.
-            scoped["steps"] = {step: steps[step] for step in self.step_ids if step in steps}
+        """Run the program against ``context`` and return a plain JSON value (in this thread: see above)."""
+        scoped = scope(context, self.variables, self.step_ids)
         if _too_deep(scoped.values(), MAX_VALUE_DEPTH):
             raise ExpressionError(self.source, f"data is nested too deeply (over {MAX_VALUE_DEPTH} levels)")
         try:
@@ -92,6 +105,27 @@ class CompiledExpr:
         except Exception as exc:  # cel raises a zoo of builtin exceptions; see the module docstring.
             raise ExpressionError(self.source, _describe_runtime_error(exc)) from exc
         return _to_json(result, self.source)
+
+
+def scope(
+    context: Mapping[str, Any], variables: frozenset[str], step_ids: frozenset[str] | None
+) -> dict[str, Any]:
+    """The part of ``context`` an expression can read: its variables and, when named, only those steps."""
+    scoped = {name: context[name] for name in variables if name in context}
+    steps = scoped.get("steps")
+    if step_ids is not None and isinstance(steps, Mapping):
+        # Missing ids stay missing, so a lookup fails (or has() answers) exactly as with the full map.
+        scoped["steps"] = {step: steps[step] for step in step_ids if step in steps}
+    return scoped
+
+
+def check_expression(text: str) -> CompiledExpr:
+    """:func:`compile_expression`, also refusing what may not be stored: see :meth:`Cost.problem`."""
+    compiled = compile_expression(text)
+    problem = compiled.cost.problem()
+    if problem is not None:
+        raise ExpressionError(compiled.source, f"too costly: {problem}")
+    return compiled
 
 
 @lru_cache(maxsize=4096)
@@ -112,6 +146,7 @@ def compile_expression(text: str) -> CompiledExpr:
         program=program,
         variables=frozenset(program.variables()),
         step_ids=frozenset(names) if static else None,
+        cost=analyse(tokens),
     )
 
 
