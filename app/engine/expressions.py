@@ -41,7 +41,7 @@ from typing import Any, TypeAlias
 
 import cel
 
-from app.engine.expression_cost import Cost, analyse
+from app.engine.expression_cost import MACROS, Cost, analyse
 
 __all__ = [
     "CompiledExpr",
@@ -94,6 +94,8 @@ class CompiledExpr:
     # (size(steps), steps[expr], ...) and so must be passed complete.
     step_ids: frozenset[str] | None
     cost: Cost
+    # Names bound by comprehensions (`x` in `list.all(x, ...)`): ``variables`` lists them too.
+    bound: frozenset[str] = frozenset()
 
     def evaluate(self, context: Mapping[str, Any]) -> Any:
         """Run the program against ``context`` and return a plain JSON value (in this thread: see above)."""
@@ -147,6 +149,7 @@ def compile_expression(text: str) -> CompiledExpr:
         variables=frozenset(program.variables()),
         step_ids=frozenset(names) if static else None,
         cost=analyse(tokens),
+        bound=frozenset(_bound_names(tokens)),
     )
 
 
@@ -425,6 +428,14 @@ def _step_uses(tokens: list[_Token]) -> tuple[set[str], bool]:
         else:
             found.add(step)
     return found, static
+
+
+def _bound_names(tokens: list[_Token]) -> Iterator[str]:
+    for i in range(1, len(tokens) - 3):
+        if (tokens[i].kind == "ident" and tokens[i].text in MACROS and tokens[i - 1] == _Token("punct", ".")
+                and tokens[i + 1] == _Token("punct", "(") and tokens[i + 2].kind == "ident"
+                and tokens[i + 3] == _Token("punct", ",")):
+            yield tokens[i + 2].text
 
 
 def _step_after(tokens: list[_Token], i: int) -> str | None:

@@ -44,6 +44,7 @@ class Sandbox:
         self.memory_mb = memory_mb
         self._idle: list[_Child] = []
         self._lock = threading.Lock()
+        self.busy = 0  # requests being evaluated right now
         self._executor = ThreadPoolExecutor(self.processes, thread_name_prefix="cel-sandbox")
 
     async def evaluate(
@@ -64,6 +65,8 @@ class Sandbox:
         payload = json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode()
         child = self._take(source)
         started = time.monotonic()
+        with self._lock:
+            self.busy += 1
         try:
             reply = child.ask(payload, timeout)
         except TimeoutError:
@@ -74,6 +77,9 @@ class Sandbox:
             raise ExpressionLimit(
                 source, f"the evaluation failed: it ran out of memory (limit {self.memory_mb} MB) or crashed"
             ) from None
+        finally:
+            with self._lock:
+                self.busy -= 1
         elapsed = time.monotonic() - started
         with self._lock:
             self._idle.append(child)

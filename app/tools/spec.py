@@ -245,7 +245,7 @@ def _check_templates(value: str, *, allow_secrets: bool, info: ValidationInfo) -
         except ExpressionError as exc:
             raise ValueError(str(exc)) from exc
         allowed = {"args", "secrets"} if allow_secrets else {"args"}
-        unknown = compiled.variables - allowed
+        unknown = compiled.variables - compiled.bound - allowed
         if unknown:
             where = "args and secrets" if allow_secrets else "args (secrets only in header values)"
             raise ValueError(f"`{source}` uses {', '.join(sorted(unknown))}; only {where} can be used here")
