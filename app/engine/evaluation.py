@@ -120,7 +120,11 @@ async def _remote(request: dict[str, Any], budget: Budget, source: str) -> Any:
         if deep:
             raise ExpressionLimit(source, f"data is nested too deeply (over {MAX_VALUE_DEPTH} levels)")
 
-    result, elapsed = await sandbox().evaluate(request, left, source, check)
+    try:
+        result, elapsed = await sandbox().evaluate(request, left, source, check)
+    except ExpressionLimit:
+        budget.spent = max(budget.spent, budget.seconds)  # a step that overran gets nothing more
+        raise
     budget.charge(elapsed, source)
     return result
 

@@ -23,8 +23,8 @@ MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
 MAX_COMPREHENSION_NESTING = 3
 MAX_LITERAL_ITERATIONS = 10_000
 # In-process evaluation must stay in the sub-millisecond to few-millisecond range: see inline_ok.
-INLINE_MAX_VALUES = 2_000
-INLINE_MAX_WORK = 2_000_000
+INLINE_MAX_VALUES = 500
+INLINE_MAX_WORK = 250_000
 
 _OPEN = {"(": ")", "[": "]", "{": "}"}
 # A `[` or `{` after one of these starts a literal; after anything else (a name, `)`, `]`) it indexes.
