@@ -86,7 +86,7 @@ async def render(value: Any, context: Mapping[str, Any], budget: Budget) -> Any:
     label = compiled[0].source if len(compiled) == 1 else str(value)[:200]
     if _inline(compiled, scoped):
         started = time.perf_counter()
-        result = expressions.render(value, scoped)
+        result = expressions.render(value, scoped, checked=True)
         budget.charge(time.perf_counter() - started, label)
         return result
     return await _remote({"op": "render", "value": value, "context": scoped, "source": label}, budget, label)
@@ -98,7 +98,7 @@ async def condition(text: str, context: Mapping[str, Any], budget: Budget) -> bo
     scoped = _scoped(context, [compiled])
     if _inline([compiled], scoped):
         started = time.perf_counter()
-        result = expressions.evaluate_condition(text, scoped)
+        result = expressions.evaluate_condition(text, scoped, checked=True)
         budget.charge(time.perf_counter() - started, compiled.source)
         return result
     request = {"op": "condition", "text": text, "context": scoped, "source": compiled.source}
@@ -159,23 +159,31 @@ def _inline(compiled: list[CompiledExpr], scoped: dict[str, Any]) -> bool:
 
 
 def _measure(roots: Any, max_values: int, max_chars: int) -> tuple[int, int, bool]:
-    """(values, characters in strings and keys, nested past MAX_VALUE_DEPTH), stopping past a maximum."""
-    todo = [(root, 1) for root in roots]
-    values, chars = len(todo), 0
-    while todo and values <= max_values and chars <= max_chars:
-        node, depth = todo.pop()
-        if isinstance(node, str):
-            chars += len(node)
-        elif isinstance(node, dict | list | tuple):
-            if depth > MAX_VALUE_DEPTH:
-                return values, chars, True
-            # Counted before being queued, so one huge list stops the walk without being walked.
-            values += len(node)
-            if values > max_values:
-                break
-            if isinstance(node, dict):
+    """(values, characters in strings and keys, nested past MAX_VALUE_DEPTH), stopping past a maximum.
+
+    Level by level, so no per-value bookkeeping: this runs for every evaluation on the hot path."""
+    level = list(roots)
+    values, chars, depth = len(level), 0, 1
+    while level:
+        deeper: list[Any] = []
+        for node in level:
+            if isinstance(node, str):
+                chars += len(node)
+            elif isinstance(node, dict):
+                values += len(node)
+                if values > max_values:
+                    return values, chars, False
                 chars += sum(len(key) for key in node if isinstance(key, str))
-                todo.extend((item, depth + 1) for item in node.values())
-            else:
-                todo.extend((item, depth + 1) for item in node)
+                deeper.extend(node.values())
+            elif isinstance(node, list | tuple):
+                values += len(node)
+                if values > max_values:
+                    return values, chars, False
+                deeper.extend(node)
+        if chars > max_chars:
+            break
+        depth += 1
+        if deeper and depth > MAX_VALUE_DEPTH + 1:
+            return values, chars, True
+        level = deeper
     return values, chars, False

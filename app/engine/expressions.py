@@ -97,10 +97,12 @@ class CompiledExpr:
     # Names bound by comprehensions (`x` in `list.all(x, ...)`): ``variables`` lists them too.
     bound: frozenset[str] = frozenset()
 
-    def evaluate(self, context: Mapping[str, Any]) -> Any:
-        """Run the program against ``context`` and return a plain JSON value (in this thread: see above)."""
+    def evaluate(self, context: Mapping[str, Any], *, checked: bool = False) -> Any:
+        """Run the program against ``context`` and return a plain JSON value (in this thread: see above).
+
+        ``checked``: the caller has already made sure the context is not nested too deeply."""
         scoped = scope(context, self.variables, self.step_ids)
-        if _too_deep(scoped.values(), MAX_VALUE_DEPTH):
+        if not checked and _too_deep(scoped.values(), MAX_VALUE_DEPTH):
             raise ExpressionError(self.source, f"data is nested too deeply (over {MAX_VALUE_DEPTH} levels)")
         try:
             result = self.program.execute(scoped)
@@ -290,7 +292,7 @@ def _has_raw_prefix(text: str, quote_at: int) -> bool:
 # --- rendering -----------------------------------------------------------------------------------------
 
 
-def render(value: Any, context: Mapping[str, Any]) -> Any:
+def render(value: Any, context: Mapping[str, Any], *, checked: bool = False) -> Any:
     """Substitute every ``${{ }}`` in ``value``, walking dicts and lists.
 
     A string that is exactly one expression becomes the expression's value with its own type; a string
@@ -298,33 +300,33 @@ def render(value: Any, context: Mapping[str, Any]) -> Any:
     and non-string scalars pass through untouched.
     """
     if isinstance(value, str):
-        return _render_string(value, context) if is_template(value) else value
+        return _render_string(value, context, checked) if is_template(value) else value
     if isinstance(value, dict):
-        return {key: render(item, context) for key, item in value.items()}
+        return {key: render(item, context, checked=checked) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [render(item, context) for item in value]
+        return [render(item, context, checked=checked) for item in value]
     return value
 
 
-def _render_string(value: str, context: Mapping[str, Any]) -> Any:
+def _render_string(value: str, context: Mapping[str, Any], checked: bool) -> Any:
     parts = _parse_template(value)
     source = _whole(parts)
     if source is not None:
-        return compile_expression(source).evaluate(context)
+        return compile_expression(source).evaluate(context, checked=checked)
     chunks: list[str] = []
     for part in parts:
         if isinstance(part, str):
             chunks.append(part)
             continue
-        result = compile_expression(part.source).evaluate(context)
+        result = compile_expression(part.source).evaluate(context, checked=checked)
         chunks.append(result if isinstance(result, str) else _compact_json(result))
     return "".join(chunks)
 
 
-def evaluate_condition(text: str, context: Mapping[str, Any]) -> bool:
+def evaluate_condition(text: str, context: Mapping[str, Any], *, checked: bool = False) -> bool:
     """Evaluate a ``when``-style condition (``${{ expr }}`` or bare CEL); the result must be a bool."""
     source = condition_source(text)
-    result = compile_expression(source).evaluate(context)
+    result = compile_expression(source).evaluate(context, checked=checked)
     if not isinstance(result, bool):
         raise ExpressionError(source, f"condition must evaluate to a bool, got {_type_name(result)}")
     return result
