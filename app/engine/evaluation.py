@@ -83,7 +83,8 @@ async def render(value: Any, context: Mapping[str, Any], budget: Budget) -> Any:
     if not compiled:
         return expressions.render(value, context)
     scoped = _scoped(context, compiled)
-    label = compiled[0].source if len(compiled) == 1 else str(value)[:200]
+    # Names the expressions in limit errors: their sources, never the data (a header may hold a secret).
+    label = compiled[0].source if len(compiled) == 1 else "; ".join(c.source for c in compiled)[:300]
     if _inline(compiled, scoped):
         started = time.perf_counter()
         result = expressions.render(value, scoped, checked=True)

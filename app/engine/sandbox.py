@@ -109,7 +109,9 @@ class Sandbox:
 
 class _Child:
     def __init__(self, memory_mb: int) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+        # Only what Python needs: the parent's environment holds database URLs and secret keys.
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])),
+               "PATH": os.environ.get("PATH", ""), "LANG": os.environ.get("LANG", "C.UTF-8")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.engine.sandbox", str(memory_mb)],
             stdin=subprocess.PIPE,
