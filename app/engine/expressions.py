@@ -226,8 +226,18 @@ def _whole(parts: tuple[_Part, ...]) -> str | None:
     return None
 
 
-@lru_cache(maxsize=4096)
 def _parse_template(value: str) -> tuple[_Part, ...]:
+    # Templates are parsed on every render; only short ones are cached, or a few thousand megabyte-long
+    # strings (one request body each) would stay in memory for good.
+    return _parse_short(value) if len(value) <= 4096 else _parse(value)
+
+
+@lru_cache(maxsize=4096)
+def _parse_short(value: str) -> tuple[_Part, ...]:
+    return _parse(value)
+
+
+def _parse(value: str) -> tuple[_Part, ...]:
     parts: list[_Part] = []
     pos = 0
     while (start := value.find(OPEN, pos)) != -1:
