@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     max_map_items: int = 10_000
     max_map_concurrency: int = 100
     max_output_bytes: int = 262_144
+    # CEL expressions (docs/workflows.md, "Cost limits"): the evaluation time one step's expressions may
+    # use together; the evaluator processes each API and worker process keeps for costly ones, and
+    # the memory each may use.
+    expression_timeout_s: float = Field(default=2.0, gt=0, le=300)
+    expression_processes: int = Field(default=2, ge=1, le=64)
+    expression_memory_mb: int = Field(default=512, ge=128)
     max_long_poll_s: float = 60.0
     page_size_default: int = 50
     page_size_max: int = 500

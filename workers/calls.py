@@ -27,8 +27,10 @@ from app.approvals.engine import Gate, action_hash, grant_for
 from app.budgets import service as budgets
 from app.budgets.service import Hold
 from app.config import Settings
+from app.engine import evaluation
 from app.engine.attempts import AuditNote
-from app.engine.expressions import ExpressionError, evaluate_condition
+from app.engine.evaluation import Budget
+from app.engine.expressions import ExpressionError, ExpressionLimit
 from app.engine.runtime import Runtime
 from app.engine.sql import Conn
 from app.tenants.policy import TenantPolicy, load_policy
@@ -150,7 +152,11 @@ class Caller:
                                     f"unknown tool {name!r}; available tools: {', '.join(available)}",
                                     guardrail=False)
             grant = None
-            gated = _gated(ref, args)
+            try:
+                gated = await _gated(ref, args, self.settings.expression_timeout_s)
+            except ExpressionLimit as exc:
+                return self._failed(site, ref, args, "expression",
+                                    f"the autonomy condition of {ref.name!r} could not be evaluated: {exc.reason}")
             if gated:
                 grant = await grant_for(conn, site.step_run_id, site.call_id)
                 if grant is not None and grant["status"] == "approved":
@@ -419,7 +425,8 @@ def _retry(ref: ToolRef) -> RetryPolicy | None:
     return RetryPolicy(r.max_attempts, r.backoff_base_s, r.backoff_max_s, r.jitter)
 
 
-def _gated(ref: ToolRef, args: Any) -> bool:
+async def _gated(ref: ToolRef, args: Any, budget_s: float) -> bool:
+    """Whether the call needs a person's approval; raises ExpressionLimit when the condition overran."""
     mode = ref.spec.autonomy.mode
     if mode == "manual":
         return True
@@ -427,7 +434,9 @@ def _gated(ref: ToolRef, args: Any) -> bool:
         condition = ref.spec.autonomy.condition
         assert condition is not None
         try:
-            return evaluate_condition(condition, {"args": args})
+            return await evaluation.condition(condition, {"args": args}, Budget(budget_s))
+        except ExpressionLimit:
+            raise
         except ExpressionError:
             return True  # a condition that cannot be decided asks a person
     return False

@@ -134,7 +134,7 @@ async def load_definition(conn: Conn, workflow_version_id: uuid.UUID) -> Definit
     raw = await conn.fetchval("SELECT definition FROM workflow_version WHERE id = $1", workflow_version_id)
     # Stored definitions passed validation under whatever limits applied then; don't re-apply limits.
     definition = parse_definition(
-        raw, max_steps=1_000_000, max_map_items=10**9, max_map_concurrency=10**6, known_tools=None
+        raw, max_steps=1_000_000, max_map_items=10**9, max_map_concurrency=10**6, known_tools=None, stored=True
     )
     _definitions[workflow_version_id] = definition
     if len(_definitions) > 512:
@@ -221,11 +221,12 @@ class Advance:
                 await self.tx.flush(audit=False)  # deferred writes first: the reload must see them
                 self.rows = await load_steps(self.conn, self.run.id)
             try:
-                p = plan(
+                p = await plan(
                     self.definition,
                     self.run.input,
                     views(self.definition, self.rows),
                     max_map_items=self.settings.max_map_items,
+                    expression_budget_s=self.settings.expression_timeout_s,
                 )
                 await self._apply(p)
             except StaleTransition:

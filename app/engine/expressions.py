@@ -20,6 +20,11 @@ Notes on the ``cel`` package (common-expression-language 0.10) that shape this m
 * The parser and the value converter recurse on the native stack and segfault (no exception) on deep
   input: ~20 nested brackets or ~200 chained operators on a 128-256 KB thread stack, ~10k on the 8 MB
   main thread. Expression size/nesting and context depth are capped below those levels.
+* ``Program.execute`` holds the GIL and cannot be interrupted: nested comprehensions can run for
+  minutes, and a thread does not keep an event loop responsive meanwhile. The functions here evaluate
+  in the calling thread; :mod:`app.engine.evaluation` decides, from the static :class:`Cost` of each
+  expression and the size of its data, whether that is safe or the killable sandbox
+  (:mod:`app.engine.sandbox`) must do it. Stored expressions are held to :meth:`Cost.problem`.
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ from typing import Any, TypeAlias
 
 import cel
 
+from app.engine.expression_cost import MACROS, Cost, analyse
+
 __all__ = [
     "CompiledExpr",
     "ExpressionError",
+    "ExpressionLimit",
+    "check_expression",
     "compile_expression",
     "condition_source",
     "evaluate_condition",
@@ -66,6 +75,13 @@ class ExpressionError(Exception):
         self.reason = message
 
 
+class ExpressionLimit(ExpressionError):
+    """An evaluation went past a limit (its time budget, the size of its data, the sandbox's memory).
+
+    Unlike other evaluation errors, where a caller may have a fallback (a tool's condition that cannot be
+    decided asks a person), this one always fails the step with error class ``expression``."""
+
+
 @dataclass(frozen=True, eq=False)
 class CompiledExpr:
     """A parsed CEL program, reusable across evaluations."""
@@ -77,21 +93,43 @@ class CompiledExpr:
     # The step ids named literally (steps.x / steps['x']), or None when `steps` is also used as a whole
     # (size(steps), steps[expr], ...) and so must be passed complete.
     step_ids: frozenset[str] | None
+    cost: Cost
+    # Names bound by comprehensions (`x` in `list.all(x, ...)`): ``variables`` lists them too.
+    bound: frozenset[str] = frozenset()
 
-    def evaluate(self, context: Mapping[str, Any]) -> Any:
-        """Run the program against ``context`` and return a plain JSON value."""
-        scoped = {name: context[name] for name in self.variables if name in context}
-        steps = scoped.get("steps")
-        if self.step_ids is not None and isinstance(steps, Mapping):
-            # Missing ids stay missing, so a lookup fails (or has() answers) exactly as with the full map.
-            scoped["steps"] = {step: steps[step] for step in self.step_ids if step in steps}
-        if _too_deep(scoped.values(), MAX_VALUE_DEPTH):
+    def evaluate(self, context: Mapping[str, Any], *, checked: bool = False) -> Any:
+        """Run the program against ``context`` and return a plain JSON value (in this thread: see above).
+
+        ``checked``: the caller has already made sure the context is not nested too deeply."""
+        scoped = scope(context, self.variables, self.step_ids)
+        if not checked and _too_deep(scoped.values(), MAX_VALUE_DEPTH):
             raise ExpressionError(self.source, f"data is nested too deeply (over {MAX_VALUE_DEPTH} levels)")
         try:
             result = self.program.execute(scoped)
         except Exception as exc:  # cel raises a zoo of builtin exceptions; see the module docstring.
             raise ExpressionError(self.source, _describe_runtime_error(exc)) from exc
         return _to_json(result, self.source)
+
+
+def scope(
+    context: Mapping[str, Any], variables: frozenset[str], step_ids: frozenset[str] | None
+) -> dict[str, Any]:
+    """The part of ``context`` an expression can read: its variables and, when named, only those steps."""
+    scoped = {name: context[name] for name in variables if name in context}
+    steps = scoped.get("steps")
+    if step_ids is not None and isinstance(steps, Mapping):
+        # Missing ids stay missing, so a lookup fails (or has() answers) exactly as with the full map.
+        scoped["steps"] = {step: steps[step] for step in step_ids if step in steps}
+    return scoped
+
+
+def check_expression(text: str) -> CompiledExpr:
+    """:func:`compile_expression`, also refusing what may not be stored: see :meth:`Cost.problem`."""
+    compiled = compile_expression(text)
+    problem = compiled.cost.problem()
+    if problem is not None:
+        raise ExpressionError(compiled.source, f"too costly: {problem}")
+    return compiled
 
 
 @lru_cache(maxsize=4096)
@@ -112,6 +150,8 @@ def compile_expression(text: str) -> CompiledExpr:
         program=program,
         variables=frozenset(program.variables()),
         step_ids=frozenset(names) if static else None,
+        cost=analyse(tokens),
+        bound=frozenset(_bound_names(tokens)),
     )
 
 
@@ -186,8 +226,18 @@ def _whole(parts: tuple[_Part, ...]) -> str | None:
     return None
 
 
-@lru_cache(maxsize=4096)
 def _parse_template(value: str) -> tuple[_Part, ...]:
+    # Templates are parsed on every render; only short ones are cached, or a few thousand megabyte-long
+    # strings (one request body each) would stay in memory for good.
+    return _parse_short(value) if len(value) <= 4096 else _parse(value)
+
+
+@lru_cache(maxsize=4096)
+def _parse_short(value: str) -> tuple[_Part, ...]:
+    return _parse(value)
+
+
+def _parse(value: str) -> tuple[_Part, ...]:
     parts: list[_Part] = []
     pos = 0
     while (start := value.find(OPEN, pos)) != -1:
@@ -252,7 +302,7 @@ def _has_raw_prefix(text: str, quote_at: int) -> bool:
 # --- rendering -----------------------------------------------------------------------------------------
 
 
-def render(value: Any, context: Mapping[str, Any]) -> Any:
+def render(value: Any, context: Mapping[str, Any], *, checked: bool = False) -> Any:
     """Substitute every ``${{ }}`` in ``value``, walking dicts and lists.
 
     A string that is exactly one expression becomes the expression's value with its own type; a string
@@ -260,33 +310,33 @@ def render(value: Any, context: Mapping[str, Any]) -> Any:
     and non-string scalars pass through untouched.
     """
     if isinstance(value, str):
-        return _render_string(value, context) if is_template(value) else value
+        return _render_string(value, context, checked) if is_template(value) else value
     if isinstance(value, dict):
-        return {key: render(item, context) for key, item in value.items()}
+        return {key: render(item, context, checked=checked) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [render(item, context) for item in value]
+        return [render(item, context, checked=checked) for item in value]
     return value
 
 
-def _render_string(value: str, context: Mapping[str, Any]) -> Any:
+def _render_string(value: str, context: Mapping[str, Any], checked: bool) -> Any:
     parts = _parse_template(value)
     source = _whole(parts)
     if source is not None:
-        return compile_expression(source).evaluate(context)
+        return compile_expression(source).evaluate(context, checked=checked)
     chunks: list[str] = []
     for part in parts:
         if isinstance(part, str):
             chunks.append(part)
             continue
-        result = compile_expression(part.source).evaluate(context)
+        result = compile_expression(part.source).evaluate(context, checked=checked)
         chunks.append(result if isinstance(result, str) else _compact_json(result))
     return "".join(chunks)
 
 
-def evaluate_condition(text: str, context: Mapping[str, Any]) -> bool:
+def evaluate_condition(text: str, context: Mapping[str, Any], *, checked: bool = False) -> bool:
     """Evaluate a ``when``-style condition (``${{ expr }}`` or bare CEL); the result must be a bool."""
     source = condition_source(text)
-    result = compile_expression(source).evaluate(context)
+    result = compile_expression(source).evaluate(context, checked=checked)
     if not isinstance(result, bool):
         raise ExpressionError(source, f"condition must evaluate to a bool, got {_type_name(result)}")
     return result
@@ -390,6 +440,14 @@ def _step_uses(tokens: list[_Token]) -> tuple[set[str], bool]:
         else:
             found.add(step)
     return found, static
+
+
+def _bound_names(tokens: list[_Token]) -> Iterator[str]:
+    for i in range(1, len(tokens) - 3):
+        if (tokens[i].kind == "ident" and tokens[i].text in MACROS and tokens[i - 1] == _Token("punct", ".")
+                and tokens[i + 1] == _Token("punct", "(") and tokens[i + 2].kind == "ident"
+                and tokens[i + 3] == _Token("punct", ",")):
+            yield tokens[i + 2].text
 
 
 def _step_after(tokens: list[_Token], i: int) -> str | None:

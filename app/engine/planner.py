@@ -1,7 +1,8 @@
-"""The scheduler, as a pure function: definition + step states in, the next moves out.
+"""The scheduler: definition + step states in, the next moves out.
 
-No database and no I/O: ``advance()`` feeds it what it loaded and applies the answer through the
-state machine. Rules:
+No database: ``advance()`` feeds it what it loaded and applies the answer through the state machine.
+It is async only because expressions that may be costly are evaluated in the sandbox
+(:mod:`app.engine.evaluation`), each step's within its own budget. Rules:
 - a step is ready when every step it needs has succeeded or been skipped;
 - a step whose need was skipped, or whose ``when`` is false, is skipped;
 - a ``map`` step expands into items once ready and keeps at most ``concurrency`` of them active;
@@ -10,10 +11,13 @@ state machine. Rules:
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine.expressions import ExpressionError, evaluate_condition, render
+from app.engine import evaluation
+from app.engine.evaluation import Budget
+from app.engine.expressions import ExpressionError
 from app.engine.state_machine import STEP_ACTIVE, STEP_DONE, StepStatus
 from app.workflows.definition import RUNNABLE_KINDS, Definition, StepDef
 
@@ -54,8 +58,22 @@ def context_for(run_input: Any, steps: dict[str, StepView]) -> dict[str, Any]:
     }
 
 
-def plan(definition: Definition, run_input: Any, steps: dict[str, StepView], *, max_map_items: int = 10_000) -> Plan:
-    """Decide the next moves; ``steps`` holds every step of the definition by id."""
+# Map items are rendered in one go; yield to the event loop between chunks of them.
+_YIELD_EVERY = 200
+
+
+async def plan(
+    definition: Definition,
+    run_input: Any,
+    steps: dict[str, StepView],
+    *,
+    max_map_items: int = 10_000,
+    expression_budget_s: float = 2.0,
+) -> Plan:
+    """Decide the next moves; ``steps`` holds every step of the definition by id.
+
+    Each step's expressions (``when``, args, map items and item args) share one budget of
+    ``expression_budget_s`` seconds of evaluation; a step that overruns it fails (class ``expression``)."""
     result = Plan()
     # Statuses as they will be once this plan is applied, so a skip cascades within one pass.
     status = {sid: v.status for sid, v in steps.items()}
@@ -64,15 +82,22 @@ def plan(definition: Definition, run_input: Any, steps: dict[str, StepView], *, 
         step = definition.step(sid)
         view = steps[sid]
         if view.status == S.PENDING:
-            _plan_pending(step, view, status, ctx, result, max_map_items)
+            budget = Budget(expression_budget_s)
+            await _plan_pending(step, view, status, ctx, result, max_map_items, budget)
         elif view.status == S.RUNNING and step.kind == "map" and view.items is not None:
             _plan_map_items(step, view.items, result, status)
     result.run_status = _run_status(status, result)
     return result
 
 
-def _plan_pending(
-    step: StepDef, view: StepView, status: dict[str, str], ctx: dict[str, Any], result: Plan, max_map_items: int
+async def _plan_pending(
+    step: StepDef,
+    view: StepView,
+    status: dict[str, str],
+    ctx: dict[str, Any],
+    result: Plan,
+    max_map_items: int,
+    budget: Budget,
 ) -> None:
     needs = [status[n] for n in step.needs]
     if any(s == S.SKIPPED for s in needs):
@@ -82,12 +107,12 @@ def _plan_pending(
     if not all(s == S.SUCCEEDED for s in needs):
         return
     try:
-        if step.when is not None and not evaluate_condition(step.when, ctx):
+        if step.when is not None and not await evaluation.condition(step.when, ctx, budget):
             result.skip.append(step.id)
             status[step.id] = S.SKIPPED
             return
         if step.kind in RUNNABLE_KINDS:
-            result.start.append((step.id, render(step.args, ctx)))
+            result.start.append((step.id, await evaluation.render(step.args, ctx, budget)))
             status[step.id] = S.QUEUED
         elif step.kind in ("wait", "approval"):
             result.wait.append(step.id)
@@ -98,7 +123,7 @@ def _plan_pending(
             _plan_map_items(step, view.items, result, status)
         else:
             assert step.map is not None
-            items = render(step.map.items, ctx)
+            items = await evaluation.render(step.map.items, ctx, budget)
             if not isinstance(items, list):
                 raise ExpressionError(str(step.map.items), f"map items must be a list, got {type(items).__name__}")
             if len(items) > max_map_items:
@@ -109,7 +134,11 @@ def _plan_pending(
                 result.fail.append((step.id, error))
                 status[step.id] = S.FAILED
                 return
-            args = [render(step.map.args, {**ctx, "item": it, "index": i}) for i, it in enumerate(items)]
+            args = []
+            for i, it in enumerate(items):
+                args.append(await evaluation.render(step.map.args, {**ctx, "item": it, "index": i}, budget))
+                if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                    await asyncio.sleep(0)
             result.expand.append((step.id, args))
             status[step.id] = S.RUNNING
             _plan_map_items(step, tuple(S.PENDING for _ in args), result, status)

@@ -19,7 +19,7 @@ from app.audit.service import record as audit
 from app.context import Ctx
 from app.engine.sql import Conn, dumps
 from app.errors import Invalid, NotFound
-from app.tools.spec import BUILTIN_SPECS, ToolSpec
+from app.tools.spec import BUILTIN_SPECS, STORED, ToolSpec
 from app.vault.service import existing as existing_secrets
 from app.workflows.document import pointer
 
@@ -190,7 +190,7 @@ async def resolve(conn: Conn, tenant_id: uuid.UUID, name: str, version: int | No
     spec = _specs.get(key)
     if spec is None:
         # Versions are immutable: parse each once per process.
-        spec = _specs[key] = ToolSpec.model_validate(row[1])
+        spec = _specs[key] = ToolSpec.model_validate(row[1], context=STORED)
         if len(_specs) > 1024:
             _specs.popitem(last=False)
     return ToolRef(name, row[0], spec)

@@ -13,10 +13,20 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from jsonschema import Draft202012Validator
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from app.engine.expressions import (
+    CompiledExpr,
     ExpressionError,
+    check_expression,
     compile_expression,
     condition_source,
     extract_expressions,
@@ -29,6 +39,9 @@ ToolName = Annotated[str, StringConstraints(pattern=TOOL_NAME)]
 SECRET_REF = re.compile(r"\bsecrets\.([A-Za-z_][A-Za-z0-9_]*)")
 MAX_TIMEOUT_S = 3600
 MAX_SCHEMA_CHARS = 65_536
+# Validation context of a spec loaded back from the database: it passed the checks of its day and must
+# keep loading, so its expressions are not held again to the cost limits.
+STORED = {"stored": True}
 
 
 class _Strict(BaseModel):
@@ -48,25 +61,25 @@ class HttpExecutor(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, url: str) -> str:
+    def _url(cls, url: str, info: ValidationInfo) -> str:
         if not url.startswith(("http://", "https://")):
             raise ValueError("must be an absolute http:// or https:// URL")
-        _check_templates(url, allow_secrets=False)
+        _check_templates(url, allow_secrets=False, info=info)
         return url
 
     @field_validator("headers")
     @classmethod
-    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
+    def _headers(cls, headers: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         for name, value in headers.items():
             if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}", name):
                 raise ValueError(f"invalid header name {name!r}")
-            _check_templates(value, allow_secrets=True)
+            _check_templates(value, allow_secrets=True, info=info)
         return headers
 
     @model_validator(mode="after")
-    def _templates(self) -> HttpExecutor:
+    def _templates(self, info: ValidationInfo) -> HttpExecutor:
         for value in _strings(self.query) + _strings(self.body):
-            _check_templates(value, allow_secrets=False)
+            _check_templates(value, allow_secrets=False, info=info)
         return self
 
     def secret_names(self) -> set[str]:
@@ -97,12 +110,12 @@ class Autonomy(_Strict):
     condition: str | None = Field(default=None, max_length=2000, description="CEL over `args` (conditional)")
 
     @model_validator(mode="after")
-    def _condition(self) -> Autonomy:
+    def _condition(self, info: ValidationInfo) -> Autonomy:
         if self.mode == "conditional":
             if not self.condition:
                 raise ValueError("mode 'conditional' needs a condition (CEL over args, e.g. args.amount > 1000)")
             try:
-                compile_expression(condition_source(self.condition))
+                _compile(condition_source(self.condition), info)
             except ExpressionError as exc:
                 raise ValueError(str(exc)) from exc
         elif self.condition is not None:
@@ -164,12 +177,13 @@ class ToolSpec(_Strict):
     def _schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is None:
             return None
+        # Size first: checking against the meta-schema costs ~0.1 ms per value.
+        if len(str(schema)) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"schema too large (over {MAX_SCHEMA_CHARS} characters)")
         errors = sorted(Draft202012Validator(Draft202012Validator.META_SCHEMA).iter_errors(schema), key=str)
         if errors:
             where = "/".join(map(str, errors[0].absolute_path))
             raise ValueError(f"invalid JSON Schema{' at ' + where if where else ''}: {errors[0].message}")
-        if len(str(schema)) > MAX_SCHEMA_CHARS:
-            raise ValueError(f"schema too large (over {MAX_SCHEMA_CHARS} characters)")
         return schema
 
     @field_validator("input_schema")
@@ -181,14 +195,14 @@ class ToolSpec(_Strict):
 
     @field_validator("response")
     @classmethod
-    def _response(cls, response: str | None) -> str | None:
+    def _response(cls, response: str | None, info: ValidationInfo) -> str | None:
         if response is None:
             return None
         source = whole_expression(response)
         if source is None:
             raise ValueError("must be a single ${{ }} expression over status, headers and body")
         try:
-            compile_expression(source)
+            _compile(source, info)
         except ExpressionError as exc:
             raise ValueError(str(exc)) from exc
         return response
@@ -213,18 +227,25 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def _check_templates(value: str, *, allow_secrets: bool) -> None:
+def _compile(source: str, info: ValidationInfo) -> CompiledExpr:
+    """Compile, and when the spec is being registered (not loaded back), hold it to the cost limits."""
+    if info.context is not None and info.context.get("stored"):
+        return compile_expression(source)
+    return check_expression(source)
+
+
+def _check_templates(value: str, *, allow_secrets: bool, info: ValidationInfo) -> None:
     try:
         sources = extract_expressions(value)
     except ExpressionError as exc:
         raise ValueError(str(exc)) from exc
     for source in sources:
         try:
-            compiled = compile_expression(source)
+            compiled = _compile(source, info)
         except ExpressionError as exc:
             raise ValueError(str(exc)) from exc
         allowed = {"args", "secrets"} if allow_secrets else {"args"}
-        unknown = compiled.variables - allowed
+        unknown = compiled.variables - compiled.bound - allowed
         if unknown:
             where = "args and secrets" if allow_secrets else "args (secrets only in header values)"
             raise ValueError(f"`{source}` uses {', '.join(sorted(unknown))}; only {where} can be used here")

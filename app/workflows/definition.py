@@ -19,6 +19,7 @@ from referencing.exceptions import Unresolvable
 
 from app.engine.expressions import (
     ExpressionError,
+    check_expression,
     compile_expression,
     condition_source,
     extract_expressions,
@@ -27,7 +28,8 @@ from app.engine.expressions import (
     whole_expression,
 )
 from app.workflows import dag
-from app.workflows.document import Collector, DefinitionError, Path, load_document, pointer
+from app.workflows.decode import load_document
+from app.workflows.document import Collector, DefinitionError, Path, pointer
 
 __all__ = [
     "BUILTIN_TOOLS",
@@ -61,6 +63,10 @@ DEFAULT_RESULT_BYTES = 4000
 DEFAULT_MAP_CONCURRENCY = 10
 # Nesting deeper than this in args is almost certainly a mistake, and rendering recurses over it.
 MAX_NESTING = 64
+# Each expression costs up to ~0.3 ms to check (tokenize, compile, cost); no sensible workflow nears this.
+MAX_EXPRESSIONS = 1000
+# Checking a JSON Schema against the 2020-12 meta-schema costs ~0.1 ms per value: cap what a schema holds.
+MAX_SCHEMA_VALUES = 2000
 
 _TOP_FIELDS = frozenset({"input_schema", "limits", "steps", "permissions", "shadow"})
 _STEP_FIELDS = frozenset({"id", "needs", "when", "timeout_s", "retry", "description", "args", *STEP_KINDS})
@@ -214,6 +220,9 @@ class _Ctx(Collector):
     known_tools: frozenset[str] | None = BUILTIN_TOOLS
     # Provider name -> its model names; None: any well-formed "<provider>/<model>".
     known_models: dict[str, frozenset[str]] | None = None
+    # False for a stored definition: it passed the checks of its day, and must keep loading.
+    check_cost: bool = True
+    expressions: int = 0
 
 
 @dataclass
@@ -235,15 +244,18 @@ def parse_definition(
     max_map_concurrency: int = 100,
     known_tools: frozenset[str] | None = BUILTIN_TOOLS,
     known_models: dict[str, frozenset[str]] | None = None,
+    stored: bool = False,
 ) -> Definition:
     """Validate ``raw`` (a decoded JSON/YAML document) and build a :class:`Definition`.
 
     ``known_tools``: the tools steps may name (the builtins and the tenant's registered tools); None
     accepts any well-formed name. ``known_models``: the tenant's providers and their models; None
-    accepts any well-formed model reference. Raises :class:`DefinitionError` listing every problem found.
+    accepts any well-formed model reference. ``stored``: a definition loaded back from the database,
+    whose expressions are not held again to the cost limits. Raises :class:`DefinitionError` listing
+    every problem found. Every walk here is linear in the size of ``raw``.
     """
     cx = _Ctx(max_map_items=max_map_items, max_map_concurrency=max_map_concurrency, known_tools=known_tools,
-              known_models=known_models)
+              known_models=known_models, check_cost=not stored)
     top = cx.object((), raw, "the definition must be an object")
     if top is None:
         raise DefinitionError(cx.errors)
@@ -516,6 +528,9 @@ def _parse_schema(cx: _Ctx, path: Path, raw: Any) -> dict[str, Any] | None:
     schema = cx.object(path, raw, "must be an object (a JSON Schema)")
     if schema is None:
         return None
+    if _more_values_than(schema, MAX_SCHEMA_VALUES):
+        cx.error(path, f"schema too large (over {MAX_SCHEMA_VALUES} values)")
+        return None
     meta = Draft202012Validator(
         Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
     )
@@ -636,22 +651,49 @@ def _check_templates(cx: _Ctx, path: Path, value: Any, refs: list[tuple[Path, st
 
 def _template_strings(cx: _Ctx, path: Path, value: Any) -> Iterator[tuple[Path, str]]:
     # Iterative, with a depth cap: submitted documents can nest deeper than Python's recursion limit.
-    todo: list[tuple[Path, Any, int]] = [(path, value, 0)]
+    # Paths are (parent, key) links, made into tuples only for the strings found: O(1) per value.
+    todo: list[tuple[Any, Any, int]] = [(value, None, 0)]
     while todo:
-        here, node, depth = todo.pop()
+        node, link, depth = todo.pop()
         if isinstance(node, str) and is_template(node):
-            yield here, node
+            yield (*path, *_unlink(link)), node
         elif isinstance(node, dict | list) and depth >= MAX_NESTING:
-            cx.error(here, f"nested too deeply (at most {MAX_NESTING} levels)")
+            cx.error((*path, *_unlink(link)), f"nested too deeply (at most {MAX_NESTING} levels)")
         elif isinstance(node, dict):
-            todo.extend(((*here, key), item, depth + 1) for key, item in reversed(node.items()))
+            todo.extend((item, (link, key), depth + 1) for key, item in reversed(node.items()))
         elif isinstance(node, list):
-            todo.extend(((*here, i), item, depth + 1) for i, item in reversed(list(enumerate(node))))
+            todo.extend((node[i], (link, i), depth + 1) for i in range(len(node) - 1, -1, -1))
+
+
+def _unlink(link: Any) -> Path:
+    parts: list[str | int] = []
+    while link is not None:
+        link, part = link
+        parts.append(part)
+    return tuple(reversed(parts))
+
+
+def _more_values_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` holds more than ``limit`` values, walking at most ``limit`` of them."""
+    todo, count = [value], 1
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict | list):
+            count += len(node)
+            if count > limit:
+                return True
+            todo.extend(node.values() if isinstance(node, dict) else node)
+    return False
 
 
 def _check_expression(cx: _Ctx, path: Path, source: str, refs: list[tuple[Path, str]]) -> None:
+    cx.expressions += 1
+    if cx.expressions > MAX_EXPRESSIONS:
+        if cx.expressions == MAX_EXPRESSIONS + 1:
+            cx.error(path, f"too many expressions (at most {MAX_EXPRESSIONS} in a definition)")
+        return
     try:
-        compile_expression(source)
+        check_expression(source) if cx.check_cost else compile_expression(source)
     except ExpressionError as exc:
         cx.error(path, str(exc))
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -134,7 +135,8 @@ async def _read_create_body(request: Request) -> WorkflowCreate:
     except UnicodeDecodeError as exc:
         raise BadRequest("request body is not valid UTF-8") from exc
     try:
-        data: Any = load_definition_text(text, content_type)
+        # Off the event loop: decoding a large YAML body takes a while (parsing is capped, not free).
+        data: Any = await asyncio.to_thread(load_definition_text, text, content_type)
     except DefinitionError as exc:
         if all(err["pointer"] == "" for err in exc.errors):
             raise BadRequest(f"malformed request body: {exc.errors[0]['message']}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
@@ -64,6 +65,15 @@ def validate_definition(
         raise InvalidDefinition("the workflow definition is invalid", errors=errors) from exc
 
 
+def _checked(
+    definition: Any, settings: Settings, known: frozenset[str], models: dict[str, frozenset[str]]
+) -> tuple[str, Any]:
+    """The definition's hash and a private copy to store, once it is valid (InvalidDefinition if not)."""
+    validate_definition(definition, settings, known, models)
+    # A private copy: the caller's dict (or a module constant) must not alias a stored version.
+    return definition_hash(definition), copy.deepcopy(definition)
+
+
 async def create_workflow(
     db: AsyncSession,
     ctx: Ctx,
@@ -87,8 +97,9 @@ async def create_workflow(
         )
     conn = await driver(db)
     known = frozenset(await tool_names(conn, ctx.tenant_id))
-    validate_definition(definition, settings or get_settings(), known, await model_names(conn, ctx.tenant_id))
-    digest = definition_hash(definition)
+    models = await model_names(conn, ctx.tenant_id)
+    # Linear in the definition's (capped) size, but up to ~100 ms for the largest: not on the event loop.
+    digest, stored = await asyncio.to_thread(_checked, definition, settings or get_settings(), known, models)
     await db.execute(
         pg_insert(Workflow)
         .values(id=uuid.uuid4(), tenant_id=ctx.tenant_id, name=name, latest_version=0)
@@ -118,8 +129,7 @@ async def create_workflow(
         tenant_id=ctx.tenant_id,
         workflow_id=workflow.id,
         version=workflow.latest_version + 1,
-        # A private copy: the caller's dict (or a module constant) must not alias a stored version.
-        definition=copy.deepcopy(definition),
+        definition=stored,
         definition_hash=digest,
         description=description,
     )

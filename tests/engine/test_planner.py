@@ -1,14 +1,20 @@
-"""The planner is pure: these tests run without a database."""
+"""The planner needs no database: these tests run without one (and without an event loop of their own)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.engine.planner import StepView, plan
+from app.engine.planner import Plan, StepView
+from app.engine.planner import plan as plan_async
 from app.workflows.definition import Definition, parse_definition
+
+
+def plan(*args: Any, **kwargs: Any) -> Plan:
+    return asyncio.run(plan_async(*args, **kwargs))
 
 
 def definition(*steps: dict[str, Any]) -> Definition:

@@ -13,7 +13,8 @@ from typing import Any
 
 import httpx
 
-from app.engine.expressions import ExpressionError, render, whole_expression
+from app.engine.evaluation import Budget, render
+from app.engine.expressions import ExpressionError, ExpressionLimit, whole_expression
 from app.tools.redact import cut_scrubbed, secret_forms
 from app.tools.spec import HttpExecutor, ToolSpec
 from workers.steps.tools import ToolCall, ToolError, check_destination, retry_after_seconds
@@ -23,12 +24,16 @@ async def call_http_tool(spec: ToolSpec, call: ToolCall, secrets: dict[str, str]
     executor = spec.executor
     assert isinstance(executor, HttpExecutor)
     args = call.args if isinstance(call.args, dict) else {}
+    # The request's templates share one budget; the response selector gets its own.
+    budget = Budget(call.settings.expression_timeout_s)
     try:
-        url = render(executor.url, {"args": args})
-        query = render(executor.query, {"args": args}) if executor.query is not None else None
-        body = render(executor.body, {"args": args}) if executor.body is not None else None
-        headers = {name: str(render(value, {"args": args, "secrets": secrets}))
+        url = await render(executor.url, {"args": args}, budget)
+        query = await render(executor.query, {"args": args}, budget) if executor.query is not None else None
+        body = await render(executor.body, {"args": args}, budget) if executor.body is not None else None
+        headers = {name: str(await render(value, {"args": args, "secrets": secrets}, budget))
                    for name, value in executor.headers.items()}
+    except ExpressionLimit as exc:
+        raise ToolError("expression", f"cannot build the request: {exc.reason}", transient=False) from exc
     except ExpressionError as exc:
         # Only the template and the reason: never a rendered value (a header may hold a secret).
         raise ToolError("bad_args", f"cannot build the request: {exc.reason}", transient=False) from exc
@@ -61,15 +66,18 @@ async def call_http_tool(spec: ToolSpec, call: ToolCall, secrets: dict[str, str]
     if truncated:
         result["truncated"] = True
     if spec.response is not None:
-        return select_response(spec.response, result)
+        return await select_response(spec.response, result, Budget(call.settings.expression_timeout_s))
     return result
 
 
-def select_response(selector: str, result: dict[str, Any]) -> Any:
+async def select_response(selector: str, result: dict[str, Any], budget: Budget) -> Any:
     source = whole_expression(selector)
     assert source is not None  # checked when the tool was registered
+    context = {"status": result["status"], "headers": result["headers"], "body": result["body"]}
     try:
-        return render(selector, {"status": result["status"], "headers": result["headers"], "body": result["body"]})
+        return await render(selector, context, budget)
+    except ExpressionLimit as exc:
+        raise ToolError("expression", f"the response selector failed: {exc.reason}", transient=False) from exc
     except ExpressionError as exc:
         raise ToolError("response_selector", f"the response selector failed: {exc.reason}", transient=False) from exc
 
