@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.routing import Match
+from fastapi import routing as fastapi_routing
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.http import PARSED_JSON, json_pointer, problem_response
@@ -200,16 +201,28 @@ def request_line_errors(scope: Scope) -> list[dict[str, str]]:
 
 
 def _path_pointers(scope: Scope) -> list[str]:
-    """``/path/<parameter>`` for each bad path parameter of the route the path matches; else ``/path``."""
-    app = scope.get("app")
-    for route in getattr(getattr(app, "router", None), "routes", ()):
-        match, child = route.matches(scope)
-        if match == Match.FULL:
-            params = child.get("path_params", {})
-            bad = [name for name, value in params.items() if isinstance(value, str) and char_problem(value)]
-            if bad:
-                return [json_pointer(("path", name)) for name in bad]
+    """``/path/<parameter>`` for each bad parameter of the first route template the path fits; else ``/path``.
+
+    Only reached for a refused path, so the templates are compiled on the spot.
+    """
+    path: str = scope.get("path", "")
+    for route in _flat_routes(getattr(scope.get("app"), "routes", ())):
+        template = getattr(route, "path", None)
+        if not isinstance(template, str) or "{" not in template:
+            continue
+        match = compile_path(template)[0].match(path)
+        if match is None:
+            continue
+        bad = [name for name, value in match.groupdict().items() if char_problem(value)]
+        if bad:
+            return [json_pointer(("path", name)) for name in bad]
     return ["/path"]
+
+
+def _flat_routes(routes: Sequence[Any]) -> Iterator[Any]:
+    # FastAPI 0.16x keeps included routers as such; iter_route_contexts gives their routes with full paths.
+    flatten = getattr(fastapi_routing, "iter_route_contexts", None)
+    yield from flatten(routes) if flatten is not None else routes
 
 
 def _media_type(scope: Scope) -> str:

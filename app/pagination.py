@@ -13,7 +13,10 @@ from fastapi import Query
 from app.config import Settings
 from app.errors import Invalid
 
-Limit = Annotated[int | None, Query(ge=1, description="Page size (default and maximum are set by the server)")]
+# Bounded like any integer the API takes, though larger sizes are cut to the server's maximum anyway.
+Limit = Annotated[
+    int | None, Query(ge=1, le=2**31 - 1, description="Page size (default and maximum are set by the server)")
+]
 Cursor = Annotated[str | None, Query(max_length=1024, description="`next_cursor` of the previous page")]
 
 

@@ -26,6 +26,7 @@ from app.engine.state_machine import RUN_TERMINAL, RunStatus
 from app.engine.tx import Tx
 from app.errors import Invalid
 from app.http import JsonRoute, api_responses, problem_responses
+from app.pagination import Limit
 from app.runs import schemas
 from app.runs import service as runs_service
 
@@ -84,7 +85,7 @@ async def list_runs(
     created_after: datetime | None = None,
     created_before: datetime | None = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-    limit: Annotated[int | None, Query(ge=1)] = None,
+    limit: Limit = None,
 ) -> schemas.RunPage:
     settings: Settings = request.app.state.settings
     size = min(limit or settings.page_size_default, settings.page_size_max)
@@ -107,7 +108,8 @@ async def get_run(
     db: Db,
     ctx: Viewer,
     wait: Annotated[
-        float | None, Query(ge=0, description="hold up to this many seconds until the run ends")
+        float | None,
+        Query(ge=0, le=86_400, allow_inf_nan=False, description="hold up to this many seconds until the run ends"),
     ] = None,
 ) -> Response:
     """The run with its steps, attempts and events; `?wait=S` long-polls until it is terminal."""
@@ -144,7 +146,7 @@ async def list_events(
     db: Db,
     ctx: Viewer,
     cursor: Annotated[int | None, Query(ge=0, le=schemas.INT64_MAX, description="events after this id")] = None,
-    limit: Annotated[int | None, Query(ge=1)] = None,
+    limit: Limit = None,
 ) -> schemas.EventPage:
     settings: Settings = request.app.state.settings
     size = min(limit or settings.page_size_default, settings.page_size_max)
@@ -159,7 +161,7 @@ async def step_conversation(
     db: Db,
     ctx: Viewer,
     cursor: Annotated[int | None, Query(ge=0, le=schemas.INT32_MAX, description="entries after this seq")] = None,
-    limit: Annotated[int | None, Query(ge=1)] = None,
+    limit: Limit = None,
 ) -> schemas.ConversationPage:
     """The full conversation of an ``llm`` or ``agent`` step: model turns and tool results, as checkpointed."""
     settings: Settings = request.app.state.settings
