@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 ROLES = ("viewer", "operator", "approver", "author", "auditor", "admin")
 Role = Literal["viewer", "operator", "approver", "author", "auditor", "admin"]
+_MAX_URL_CHARS = 2083  # pydantic's HttpUrl limit, which it applies before normalising
 _HOST = re.compile(r"(\*\.)?[A-Za-z0-9.-]{1,253}(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
@@ -47,6 +48,14 @@ class TenantPolicy(BaseModel):
             if len(roles) > len(ROLES):
                 raise ValueError(f"group {group!r}: at most {len(ROLES)} roles")
         return {group: sorted(set(roles)) for group, roles in mapping.items()}
+
+    @field_validator("alert_webhook")
+    @classmethod
+    def _webhook(cls, url: HttpUrl | None) -> HttpUrl | None:
+        # Normalising (a trailing "/", punycode) can lengthen a URL past the limit it was checked against.
+        if url is not None and len(str(url)) > _MAX_URL_CHARS:
+            raise ValueError(f"URL too long (over {_MAX_URL_CHARS} characters once normalised)")
+        return url
 
     @field_validator("http_allowlist")
     @classmethod
