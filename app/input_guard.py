@@ -33,9 +33,8 @@ MAX_ERRORS = 20
 MAX_FORM_FIELDS = 1000
 
 _BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
-# Text a JSON document must contain for a string or key in it to hold NUL or a surrogate: the escapes,
-# or raw surrogates (json decodes bytes with "surrogatepass"). Without a match no string needs a look.
-_SUSPECT_TEXT = re.compile(r"\\u0000|\\u[dD][89a-fA-F]|[\x00\ud800-\udfff]")
+# The escapes a JSON document must contain for a string or key in it to hold NUL or a surrogate.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 _FORM_TYPES = ("application/x-www-form-urlencoded",)
 
 
@@ -103,6 +102,19 @@ def _walk(value: Any, base: tuple[str | int, ...]) -> Iterator[tuple[tuple[str |
             stack.extend((child, (*path, index)) for index, child in enumerate(item))
 
 
+def _needs_walk(text: str) -> bool:
+    """Whether a string in the document may hold NUL or a surrogate; cheap, as most bodies are not."""
+    if "\\u" in text and _SUSPECT_ESCAPE.search(text) is not None:
+        return True
+    if text.isascii():
+        return False
+    try:  # raw surrogates (json decodes bytes with "surrogatepass") do not encode; a raw NUL is no JSON
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class _StrictDecoder:
     """json.loads with hooks that mark what it must refuse; ``suspect`` says a walk is needed."""
 
@@ -110,7 +122,7 @@ class _StrictDecoder:
         self.suspect = False
 
     def loads(self, text: str) -> Any:
-        self.suspect = _SUSPECT_TEXT.search(text) is not None
+        self.suspect = _needs_walk(text)
         return json.loads(
             text,
             object_pairs_hook=self._object,
@@ -133,6 +145,8 @@ class _StrictDecoder:
         return duplicated
 
     def _int(self, text: str) -> int | _Refused:
+        if len(text) <= 18:  # any 18 digits fit
+            return int(text)
         # Checked by length first: int() of a huge digit string is slow (and refused past 4300 digits).
         if len(text) <= 20:
             number = int(text)

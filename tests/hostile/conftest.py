@@ -111,8 +111,9 @@ class ApiProcess:
         self.start()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def api_process(settings: Settings) -> Iterator[ApiProcess]:
+    """For one module only: like a second API replica, it relays the outbox while it runs."""
     process = ApiProcess(settings)
     process.start()
     try:

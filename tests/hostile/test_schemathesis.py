@@ -4,10 +4,12 @@ the suite."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from fastapi import FastAPI
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, seed, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
 from app.config import Settings
@@ -15,6 +17,9 @@ from app.main import create_app
 from tests.conftest import MakeTenant, TenantKey
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
+# A longer hunt by hand: FUZZ_EXAMPLES=200 FUZZ_SEED=<n> pytest tests/hostile/test_schemathesis.py
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
+SEED = os.environ.get("FUZZ_SEED")
 
 # The document only: loaded at collection, before any fixture (the app it describes needs a database).
 schema = schemathesis.openapi.from_dict(create_app(Settings()).openapi())
@@ -32,7 +37,8 @@ async def fuzz_admin(make_tenant: MakeTenant) -> TenantKey:
 
 
 @schema.parametrize()
-@settings(max_examples=8, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@(seed(int(SEED)) if SEED is not None else (lambda test: test))
+@settings(max_examples=EXAMPLES, derandomize=SEED is None, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms(case: schemathesis.Case, fuzzed_app: FastAPI, fuzz_admin: TenantKey) -> None:
     case.call_and_validate(
         app=fuzzed_app, base_url="http://testserver", headers=fuzz_admin.headers, checks=CHECKS
