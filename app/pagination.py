@@ -38,10 +38,14 @@ def encode_cursor(value: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
+    """The value inside a cursor; one holding NUL (base64 hides it from the input guard) is no cursor of ours."""
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise bad_cursor() from exc
+    if "\x00" in value:
+        raise bad_cursor()
+    return value
 
 
 def decode_int_cursor(cursor: str) -> int:

@@ -122,6 +122,19 @@ async def test_query_path_and_header_values_are_refused(client: httpx.AsyncClien
     assert pointers(response) == ["/header/idempotency-key"]
 
 
+@pytest.mark.parametrize("listing", ["workflows", "tools", "secrets", "providers", "approvals", "members",
+                                     "api-keys", "audit/events", "runs", "workflows/w/versions",
+                                     "tools/echo/versions"])
+async def test_a_cursor_hiding_a_nul_is_refused(client: httpx.AsyncClient, tenant: TenantKey, listing: str) -> None:
+    # "AA" is base64 for a NUL byte: past the guard, inside the cursor.
+    for cursor in ("AA", "YQBi"):
+        response = await client.get(f"/api/v1/{listing}", params={"cursor": cursor}, headers=tenant.headers)
+        # GET /runs has its own cursors, refused with 400 (the others: 422); a 500 is what must not happen.
+        status = 400 if listing == "runs" else 422
+        assert response.status_code == status and response.headers["content-type"] == PROBLEM, response.text
+        assert [err["pointer"] for err in response.json()["errors"]] == ["/query/cursor"]
+
+
 async def test_form_fields_of_the_sign_in_page_are_refused(app: FastAPI) -> None:
     async with app_client(app) as browser:
         response = await browser.post("/auth/local", data={"username": "admin\x00", "password": "x"})

@@ -18,7 +18,7 @@ from tests.conftest import MakeTenant, TenantKey
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 # A longer hunt by hand: FUZZ_EXAMPLES=200 FUZZ_SEED=<n> pytest tests/hostile/test_schemathesis.py
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "6"))
 SEED = os.environ.get("FUZZ_SEED")
 
 # The document only: loaded at collection, before any fixture (the app it describes needs a database).
