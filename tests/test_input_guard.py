@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute, iter_route_contexts
 
 from app.http import PARSED_JSON, BodySizeLimitMiddleware, JsonRoute, register_error_handlers
 from app.input_guard import InputGuardMiddleware, value_errors
@@ -176,6 +177,14 @@ async def test_the_body_is_parsed_once_and_still_delivered(monkeypatch: pytest.M
         response = await http.post("/echo", content=b"[" + b"1," * 600 + b"1]",
                                    headers={"Content-Type": "application/json"})
         assert response.status_code == 413 and response.headers["content-type"] == PROBLEM
+
+
+def test_every_api_route_takes_the_guards_parse(app: FastAPI) -> None:
+    """A router made without route_class=JsonRoute would still be guarded, but parse its bodies twice."""
+    routes = [getattr(ctx, "original_route", ctx) for ctx in iter_route_contexts(app.routes)]
+    api_routes = [route for route in routes if isinstance(route, APIRoute)]
+    assert len(api_routes) > 40
+    assert [route.path for route in api_routes if not isinstance(route, JsonRoute)] == []
 
 
 def test_value_errors_walks_decoded_yaml_and_json_alike() -> None:
