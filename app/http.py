@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by every route: problem+json error handlers and the request body size limit.
+"""HTTP plumbing shared by every route: problem+json error handlers, the request body size limit, the
+statuses every API route documents, and the route class that takes the JSON body app.input_guard parsed.
 
 Every error leaves the API as ``application/problem+json`` (RFC 9457) with a stable ``type``; validation
 errors carry ``errors: [{"pointer", "message"}]`` with JSON pointers into the request (``/body/...``,
@@ -8,12 +9,14 @@ errors carry ``errors: [{"pointer", "message"}]`` with JSON pointers into the re
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,6 +29,9 @@ from app.errors import PROBLEM_BASE, AppError
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+# Scope key under which app.input_guard leaves a JSON body it parsed (and found acceptable).
+PARSED_JSON = "steward.parsed_json"
+_UNPRINTABLE = re.compile("[\x00\ud800-\udfff]")
 
 # Stable problem types for statuses that Starlette raises itself (unknown route, wrong method, ...).
 _STATUS_TYPES = {
@@ -70,6 +76,35 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+def api_responses(*extra: int) -> dict[int | str, dict[str, Any]]:
+    """``responses`` for an authenticated API route: what any of them may answer, plus ``extra``.
+
+    400 a malformed body or Content-Length, 401 no or bad credentials, 403 a missing permission, 413 a
+    body over the limit, 422 a value the input guard or the schema refuses, 429 the rate limit, 503 the
+    database or Redis unreachable.
+    """
+    return problem_responses(*sorted({400, 401, 403, 413, 422, 429, 503, *extra}))
+
+
+class JsonRoute(APIRoute):
+    """An APIRoute whose request hands FastAPI the body the input guard already parsed (no second parse)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def parsed_once(request: Request) -> Response:
+            return await handler(_ParsedJsonRequest(request.scope, request.receive))
+
+        return parsed_once
+
+
+class _ParsedJsonRequest(Request):
+    async def json(self) -> Any:
+        if PARSED_JSON in self.scope:
+            return self.scope[PARSED_JSON]
+        return await super().json()
+
+
 class UnsupportedMediaType(AppError):
     status = 415
     type = "unsupported-media-type"
@@ -107,8 +142,12 @@ def problem_response(
 
 
 def json_pointer(parts: Sequence[str | int]) -> str:
-    """RFC 6901 pointer for a location such as pydantic's ``loc`` (``("body", "steps", 0)``)."""
-    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
+    """RFC 6901 pointer for a location such as pydantic's ``loc`` (``("body", "steps", 0)``).
+
+    NUL and lone surrogates in keys become U+FFFD: the pointer is echoed in a response, which must encode.
+    """
+    text = "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
+    return _UNPRINTABLE.sub("\ufffd", text)
 
 
 def validation_errors(errors: Sequence[Any]) -> list[dict[str, str]]:

@@ -28,10 +28,12 @@ from app.engine.runtime import Runtime
 from app.http import (
     BodySizeLimitMiddleware,
     InternalErrorMiddleware,
+    JsonRoute,
     problem_response,
     problem_responses,
     register_error_handlers,
 )
+from app.input_guard import InputGuardMiddleware
 from app.providers.routes import router as providers_router
 from app.runs.routes import router as runs_router
 from app.security_headers import SecurityHeadersMiddleware
@@ -88,7 +90,9 @@ class MetricsMiddleware:
             HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
 
 
-health_router = APIRouter(tags=["health"])
+# Unauthenticated, without a body of their own: still a bad Content-Length (400), an oversized body (413)
+# or a NUL in the query or a header (422).
+health_router = APIRouter(tags=["health"], responses=problem_responses(400, 413, 422), route_class=JsonRoute)
 
 
 @health_router.get("/healthz", summary="The process is alive")
@@ -169,7 +173,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     register_error_handlers(app)
     # Last added runs first: metrics and security headers see every response, 413s and 500s included.
+    # The input guard reads bodies inside the size limit, and its refusals are no internal errors.
     app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(InputGuardMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)

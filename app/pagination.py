@@ -13,7 +13,10 @@ from fastapi import Query
 from app.config import Settings
 from app.errors import Invalid
 
-Limit = Annotated[int | None, Query(ge=1, description="Page size (default and maximum are set by the server)")]
+# Bounded like any integer the API takes, though larger sizes are cut to the server's maximum anyway.
+Limit = Annotated[
+    int | None, Query(ge=1, le=2**31 - 1, description="Page size (default and maximum are set by the server)")
+]
 Cursor = Annotated[str | None, Query(max_length=1024, description="`next_cursor` of the previous page")]
 
 
@@ -35,10 +38,14 @@ def encode_cursor(value: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
+    """The value inside a cursor; one holding NUL (base64 hides it from the input guard) is no cursor of ours."""
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise bad_cursor() from exc
+    if "\x00" in value:
+        raise bad_cursor()
+    return value
 
 
 def decode_int_cursor(cursor: str) -> int:

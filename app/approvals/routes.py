@@ -18,11 +18,13 @@ from app.engine.runtime import Runtime
 from app.engine.sql import driver
 from app.engine.tx import Tx
 from app.errors import Invalid
-from app.http import AppSettings, problem_responses
+from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, decode_cursor, encode_cursor, page_size
 from app.tools import service as tools
 
-router = APIRouter(prefix="/api/v1/approvals", tags=["approvals"], responses=problem_responses(401, 403, 404, 422))
+router = APIRouter(
+    prefix="/api/v1/approvals", tags=["approvals"], responses=api_responses(404), route_class=JsonRoute
+)
 
 Db = Annotated[AsyncSession, Depends(get_db)]
 Viewer = Annotated[Ctx, Depends(require("approvals:read"))]

@@ -42,12 +42,12 @@ from app.db import get_db
 from app.engine.notify import asyncpg_dsn
 from app.engine.sql import Conn, driver, setup_connection
 from app.errors import AppError, Invalid
-from app.http import AppSettings, problem_responses
+from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, decode_int_cursor, page, page_size
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api/v1/audit", tags=["audit"], responses=problem_responses(401, 403, 422))
+router = APIRouter(prefix="/api/v1/audit", tags=["audit"], responses=api_responses(), route_class=JsonRoute)
 
 Auditor = Annotated[Ctx, Depends(require("audit:read"))]
 Db = Annotated[AsyncSession, Depends(get_db)]

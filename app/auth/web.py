@@ -66,11 +66,11 @@ from app.config import Settings
 from app.context import Ctx
 from app.db import ROOT
 from app.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from app.http import problem_responses
+from app.http import JsonRoute, problem_responses
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/auth")
+router = APIRouter(prefix="/auth", route_class=JsonRoute)
 templates = Jinja2Templates(directory=str(ROOT / "templates"))
 
 FLOW_COOKIE = "steward_oidc_flow"
@@ -373,7 +373,7 @@ def _tenant(access: TenantAccess) -> MeTenant:
 
 
 @router.get("/me", response_model=Me, tags=["auth"], summary="The signed-in user and their tenants",
-            responses=problem_responses(401))
+            responses=problem_responses(400, 401, 413, 422, 503))
 async def me(request: Request) -> Me:
     """The dashboard session's user, active tenant, roles, switchable tenants and CSRF token."""
     session = await current_session(request)

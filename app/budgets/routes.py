@@ -8,31 +8,47 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.service import record as audit
 from app.auth.deps import require
-from app.budgets.service import DEFAULT_LIMITS, effective_limits, tenant_budget, windows
+from app.budgets.service import (
+    DEFAULT_LIMITS,
+    USD_DIGITS,
+    USD_PLACES,
+    effective_limits,
+    tenant_budget,
+    usd_text,
+    windows,
+)
 from app.context import Ctx
 from app.db import get_db
 from app.engine.sql import driver, dumps
 from app.errors import NotFound
-from app.http import problem_responses
+from app.http import JsonRoute, api_responses, problem_responses
 from app.runs.schemas import RunLimits
 
-router = APIRouter(prefix="/api/v1", tags=["budgets"], responses=problem_responses(401, 403, 404, 422))
+router = APIRouter(prefix="/api/v1", tags=["budgets"], responses=api_responses(404), route_class=JsonRoute)
 
 Db = Annotated[AsyncSession, Depends(get_db)]
 Viewer = Annotated[Ctx, Depends(require("budgets:read"))]
 Admin = Annotated[Ctx, Depends(require("budgets:write"))]
 
 
+# What the column holds (refused past it, never rounded), read back as written.
+Usd = Annotated[
+    Decimal,
+    Field(ge=0, max_digits=USD_DIGITS, decimal_places=USD_PLACES),
+    PlainSerializer(usd_text, return_type=str, when_used="json"),
+]
+
+
 class BudgetSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hourly_usd: Decimal | None = Field(default=None, ge=0, description="Cap on the tenant's spend per clock hour (UTC)")
-    daily_usd: Decimal | None = Field(default=None, ge=0, description="Cap on the tenant's spend per day (UTC)")
+    hourly_usd: Usd | None = Field(default=None, description="Cap on the tenant's spend per clock hour (UTC)")
+    daily_usd: Usd | None = Field(default=None, description="Cap on the tenant's spend per day (UTC)")
     on_exhausted: Literal["pause", "fail"] = Field(
         default="pause", description="What a run does when a limit or cap is hit: pause (resume later) or fail"
     )
@@ -62,7 +78,12 @@ async def get_budget(ctx: Viewer, db: Db) -> BudgetSettings:
     )
 
 
-@router.put("/budgets", response_model=BudgetSettings, summary="Set the tenant's caps and run limits")
+@router.put(
+    "/budgets",
+    response_model=BudgetSettings,
+    summary="Set the tenant's caps and run limits",
+    responses=problem_responses(409),
+)
 async def put_budget(body: BudgetSettings, ctx: Admin, db: Db) -> BudgetSettings:
     conn = await driver(db)
     await conn.execute(
@@ -114,8 +135,8 @@ async def get_usage(
             )
         result[period] = {
             "start": start,
-            "spent_usd": str(row["spent_usd"]) if row else "0",
-            "reserved_usd": str(row["reserved_usd"]) if row else "0",
+            "spent_usd": usd_text(row["spent_usd"]) if row else "0",
+            "reserved_usd": usd_text(row["reserved_usd"]) if row else "0",
         }
     if run is not None:
         row = await conn.fetchrow(
@@ -126,11 +147,17 @@ async def get_usage(
         )
         if row is None:
             raise NotFound(f"run {run} not found")
-        result["run"] = {**dict(row), "cost_usd": str(row["cost_usd"]), "reserved_usd": str(row["reserved_usd"])}
+        result["run"] = {
+            **dict(row), "cost_usd": usd_text(row["cost_usd"]), "reserved_usd": usd_text(row["reserved_usd"])
+        }
     return Usage(**result)
 
 
-@router.put("/runs/{run_id}/limits", summary="Change one run's limits (then resume it if it was paused)")
+@router.put(
+    "/runs/{run_id}/limits",
+    summary="Change one run's limits (then resume it if it was paused)",
+    responses=problem_responses(409),
+)
 async def put_run_limits(run_id: uuid.UUID, body: RunLimits, ctx: Admin, db: Db) -> dict[str, Any]:
     conn = await driver(db)
     current = await conn.fetchval(

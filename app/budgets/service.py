@@ -23,6 +23,8 @@ from app.engine.sql import Conn, dumps
 from app.errors import Invalid
 
 DEFAULT_LIMITS: dict[str, Any] = {"max_steps": 25, "max_tokens": 100_000}
+# Money columns are numeric(18, 8): ten digits before the point, eight after.
+USD_DIGITS, USD_PLACES = 18, 8
 LIMIT_KEYS = ("max_steps", "max_tokens", "max_cost_usd", "timeout_s")
 BUDGET_EXHAUSTED = "budget_exhausted"
 
@@ -41,6 +43,13 @@ class Exhausted:
     limit: str  # max_steps | max_tokens | max_cost_usd | hourly_usd | daily_usd
     message: str
     on_exhausted: str  # pause | fail
+
+
+def usd_text(value: Decimal) -> str:
+    """An amount as written: no exponent, no trailing zeros, no sign on zero ("0E-8" -> "0", "1.50" -> "1.5")."""
+    if value == 0:
+        return "0"
+    return format(value.normalize(), "f")
 
 
 def effective_limits(budget: Any, workflow: dict[str, Any], requested: dict[str, Any] | None) -> dict[str, Any]:

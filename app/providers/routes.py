@@ -13,12 +13,12 @@ from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.engine.sql import driver
-from app.http import AppSettings, problem_responses
+from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, decode_cursor, page, page_size
 from app.providers import service
 from app.providers.service import ProviderWrite
 
-router = APIRouter(prefix="/api/v1/providers", tags=["providers"], responses=problem_responses(401, 403, 404, 422))
+router = APIRouter(prefix="/api/v1/providers", tags=["providers"], responses=api_responses(404), route_class=JsonRoute)
 
 Admin = Annotated[Ctx, Depends(require("providers:write"))]
 Viewer = Annotated[Ctx, Depends(require("providers:read"))]
@@ -54,7 +54,7 @@ def _read(row: dict[str, Any]) -> ProviderRead:
     status_code=201,
     response_model=ProviderRead,
     summary="Create or replace a model provider",
-    responses={200: {"model": ProviderRead, "description": "Replaced an existing provider"}},
+    responses={200: {"model": ProviderRead, "description": "Replaced an existing provider"}, **problem_responses(409)},
 )
 async def put_provider(name: Name, body: ProviderWrite, response: Response, ctx: Admin, db: Db) -> ProviderRead:
     row, created = await service.put_provider(await driver(db), ctx, name, body)
@@ -81,7 +81,7 @@ async def get_provider(name: Name, ctx: Viewer, db: Db) -> ProviderRead:
     return _read(await service.get_provider(await driver(db), ctx, name))
 
 
-@router.delete("/{name}", status_code=204, summary="Delete a model provider")
+@router.delete("/{name}", status_code=204, summary="Delete a model provider", responses=problem_responses(409))
 async def delete_provider(name: Name, ctx: Admin, db: Db) -> Response:
     await service.delete_provider(await driver(db), ctx, name)
     await db.commit()

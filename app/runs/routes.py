@@ -25,10 +25,12 @@ from app.engine.sql import driver
 from app.engine.state_machine import RUN_TERMINAL, RunStatus
 from app.engine.tx import Tx
 from app.errors import Invalid
+from app.http import JsonRoute, api_responses, problem_responses
+from app.pagination import Limit
 from app.runs import schemas
 from app.runs import service as runs_service
 
-router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
+router = APIRouter(prefix="/api/v1/runs", tags=["runs"], responses=api_responses(404), route_class=JsonRoute)
 
 Db = Annotated[AsyncSession, Depends(get_db)]
 Viewer = Annotated[Ctx, Depends(require("runs:read"))]
@@ -53,7 +55,7 @@ def _run_response(run: dict[str, Any], status_code: int = 200, headers: dict[str
     return Response(json.dumps(run, separators=(",", ":")), status_code, headers, media_type="application/json")
 
 
-@router.post("", status_code=201, response_model=schemas.RunRead)
+@router.post("", status_code=201, response_model=schemas.RunRead, responses=problem_responses(409))
 async def start_run(
     request: Request,
     body: schemas.RunCreate,
@@ -83,7 +85,7 @@ async def list_runs(
     created_after: datetime | None = None,
     created_before: datetime | None = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-    limit: Annotated[int | None, Query(ge=1)] = None,
+    limit: Limit = None,
 ) -> schemas.RunPage:
     settings: Settings = request.app.state.settings
     size = min(limit or settings.page_size_default, settings.page_size_max)
@@ -106,7 +108,8 @@ async def get_run(
     db: Db,
     ctx: Viewer,
     wait: Annotated[
-        float | None, Query(ge=0, description="hold up to this many seconds until the run ends")
+        float | None,
+        Query(ge=0, le=86_400, allow_inf_nan=False, description="hold up to this many seconds until the run ends"),
     ] = None,
 ) -> Response:
     """The run with its steps, attempts and events; `?wait=S` long-polls until it is terminal."""
@@ -142,8 +145,8 @@ async def list_events(
     run_id: uuid.UUID,
     db: Db,
     ctx: Viewer,
-    cursor: Annotated[int | None, Query(ge=0, description="events after this id")] = None,
-    limit: Annotated[int | None, Query(ge=1)] = None,
+    cursor: Annotated[int | None, Query(ge=0, le=schemas.INT64_MAX, description="events after this id")] = None,
+    limit: Limit = None,
 ) -> schemas.EventPage:
     settings: Settings = request.app.state.settings
     size = min(limit or settings.page_size_default, settings.page_size_max)
@@ -157,8 +160,8 @@ async def step_conversation(
     step_id: str,
     db: Db,
     ctx: Viewer,
-    cursor: Annotated[int | None, Query(ge=0, description="entries after this seq")] = None,
-    limit: Annotated[int | None, Query(ge=1)] = None,
+    cursor: Annotated[int | None, Query(ge=0, le=schemas.INT32_MAX, description="entries after this seq")] = None,
+    limit: Limit = None,
 ) -> schemas.ConversationPage:
     """The full conversation of an ``llm`` or ``agent`` step: model turns and tool results, as checkpointed."""
     settings: Settings = request.app.state.settings
@@ -179,30 +182,30 @@ async def _act(
     return _run_response(await runs_service.get_run(db, ctx, run_id))
 
 
-@router.post("/{run_id}/pause", response_model=schemas.RunRead)
+@router.post("/{run_id}/pause", response_model=schemas.RunRead, responses=problem_responses(409))
 async def pause_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> Response:
     """Stop dispatching new steps; steps already running finish and are recorded."""
     return await _act(request, db, ctx, run_id, actions.pause_run)
 
 
-@router.post("/{run_id}/resume", response_model=schemas.RunRead)
+@router.post("/{run_id}/resume", response_model=schemas.RunRead, responses=problem_responses(409))
 async def resume_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> Response:
     return await _act(request, db, ctx, run_id, actions.resume_run)
 
 
-@router.post("/{run_id}/cancel", response_model=schemas.RunRead)
+@router.post("/{run_id}/cancel", response_model=schemas.RunRead, responses=problem_responses(409))
 async def cancel_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> Response:
     """Cancel queued steps and abort running ones."""
     return await _act(request, db, ctx, run_id, actions.cancel_run)
 
 
-@router.post("/{run_id}/retry", response_model=schemas.RunRead)
+@router.post("/{run_id}/retry", response_model=schemas.RunRead, responses=problem_responses(409))
 async def retry_run(request: Request, run_id: uuid.UUID, db: Db, ctx: Operator) -> Response:
     """Run a failed run again from its failed steps; completed steps are not re-run."""
     return await _act(request, db, ctx, run_id, actions.retry_run)
 
 
-@router.post("/{run_id}/signals/{name}", response_model=schemas.RunRead)
+@router.post("/{run_id}/signals/{name}", response_model=schemas.RunRead, responses=problem_responses(409))
 async def signal_run(
     request: Request,
     run_id: uuid.UUID,

@@ -8,6 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Priority = Literal["high", "normal", "low"]
+# Column bounds: `integer` (workflow versions, conversation seqs) and `bigint` (event ids).
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 def json_value(value: Any) -> Any:
@@ -30,7 +33,8 @@ class RunLimits(BaseModel):
     max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="Tool calls (default 25)")
     max_tokens: int | None = Field(default=None, ge=1, le=10**12, description="Model tokens (default 100,000)")
     max_cost_usd: float | None = Field(default=None, gt=0, le=10**9)
-    timeout_s: float | None = Field(default=None, gt=0)
+    # Bounded so a deadline (started_at + timeout_s) stays a date Python and PostgreSQL can hold.
+    timeout_s: float | None = Field(default=None, gt=0, le=10**9, description="Seconds (at most about 31 years)")
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -40,7 +44,7 @@ class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     workflow: str = Field(min_length=1, max_length=128)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=INT32_MAX, description="Default: the latest")
     input: Any = Field(default_factory=dict)
     priority: Priority = "normal"
     limits: RunLimits | None = Field(

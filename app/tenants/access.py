@@ -23,11 +23,11 @@ from app.db import get_db
 from app.engine.runtime import Runtime
 from app.engine.sql import driver
 from app.errors import Conflict, Invalid, NotFound
-from app.http import AppSettings, problem_responses
+from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, decode_uuid_cursor, page, page_size
 from app.tenants.policy import Role
 
-router = APIRouter(prefix="/api/v1", tags=["access"], responses=problem_responses(401, 403, 404, 422))
+router = APIRouter(prefix="/api/v1", tags=["access"], responses=api_responses(404), route_class=JsonRoute)
 
 Reader = Annotated[Ctx, Depends(require("members:read"))]
 Admin = Annotated[Ctx, Depends(require("members:write"))]
@@ -94,7 +94,13 @@ async def list_members(
     return MemberPage(items=[MemberRead(**dict(r)) for r in items], next_cursor=next_cursor)
 
 
-@router.post("/members", status_code=201, response_model=MemberRead, summary="Add a member (by identity)")
+@router.post(
+    "/members",
+    status_code=201,
+    response_model=MemberRead,
+    summary="Add a member (by identity)",
+    responses=problem_responses(409),
+)
 async def add_member(body: MemberAdd, request: Request, ctx: Admin, db: Db, settings: AppSettings) -> MemberRead:
     runtime: Runtime = request.app.state.runtime
     issuer = body.issuer or settings.oidc_issuer or "local"
@@ -122,7 +128,12 @@ async def get_member(user_id: uuid.UUID, ctx: Reader, db: Db) -> MemberRead:
     return await _member(await driver(db), ctx, user_id)
 
 
-@router.put("/members/{user_id}", response_model=MemberRead, summary="Replace a member's roles")
+@router.put(
+    "/members/{user_id}",
+    response_model=MemberRead,
+    summary="Replace a member's roles",
+    responses=problem_responses(409),
+)
 async def put_member(user_id: uuid.UUID, body: MemberWrite, ctx: Admin, db: Db) -> MemberRead:
     conn = await driver(db)
     before = await conn.fetchval(
@@ -143,7 +154,7 @@ async def put_member(user_id: uuid.UUID, body: MemberWrite, ctx: Admin, db: Db) 
     return member
 
 
-@router.delete("/members/{user_id}", status_code=204, summary="Remove a member")
+@router.delete("/members/{user_id}", status_code=204, summary="Remove a member", responses=problem_responses(409))
 async def delete_member(user_id: uuid.UUID, ctx: Admin, db: Db) -> Response:
     conn = await driver(db)
     before = await conn.fetchval(
@@ -244,7 +255,13 @@ async def list_api_keys(
     return ApiKeyPage(items=[ApiKeyRead(**dict(r)) for r in items], next_cursor=next_cursor)
 
 
-@router.post("/api-keys", status_code=201, response_model=ApiKeyCreated, summary="Create an API key")
+@router.post(
+    "/api-keys",
+    status_code=201,
+    response_model=ApiKeyCreated,
+    summary="Create an API key",
+    responses=problem_responses(409),
+)
 async def create_api_key(body: ApiKeyCreate, ctx: Admin, db: Db, settings: AppSettings) -> ApiKeyCreated:
     expires_at = body.expires_at
     if body.expires_in_days is not None:
@@ -271,7 +288,12 @@ async def create_api_key(body: ApiKeyCreate, ctx: Admin, db: Db, settings: AppSe
     return ApiKeyCreated(**dict(row), key=key)
 
 
-@router.delete("/api-keys/{key_id}", status_code=204, summary="Revoke an API key (it stops working at once)")
+@router.delete(
+    "/api-keys/{key_id}",
+    status_code=204,
+    summary="Revoke an API key (it stops working at once)",
+    responses=problem_responses(409),
+)
 async def revoke_api_key(key_id: Annotated[uuid.UUID, Path()], ctx: Admin, db: Db) -> Response:
     conn = await driver(db)
     row = await conn.fetchrow(

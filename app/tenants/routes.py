@@ -12,10 +12,10 @@ from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.engine.sql import driver, dumps
-from app.http import problem_responses
+from app.http import JsonRoute, api_responses
 from app.tenants.policy import TenantPolicy, load_policy
 
-router = APIRouter(prefix="/api/v1/settings", tags=["settings"], responses=problem_responses(401, 403, 422))
+router = APIRouter(prefix="/api/v1/settings", tags=["settings"], responses=api_responses(), route_class=JsonRoute)
 
 Reader = Annotated[Ctx, Depends(require("settings:read"))]
 Admin = Annotated[Ctx, Depends(require("settings:write"))]

@@ -13,12 +13,12 @@ from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.engine.sql import driver
-from app.http import AppSettings, problem_responses
+from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, decode_cursor, decode_int_cursor, page, page_size
 from app.tools import service
 from app.tools.spec import TOOL_NAME, ToolSpec
 
-router = APIRouter(prefix="/api/v1/tools", tags=["tools"], responses=problem_responses(401, 403, 404, 422))
+router = APIRouter(prefix="/api/v1/tools", tags=["tools"], responses=api_responses(404), route_class=JsonRoute)
 
 Author = Annotated[Ctx, Depends(require("tools:write"))]
 Viewer = Annotated[Ctx, Depends(require("tools:read"))]
@@ -54,7 +54,10 @@ def _read(row: dict[str, Any]) -> ToolRead:
     status_code=201,
     response_model=ToolRead,
     summary="Register a tool, or a new version of one",
-    responses={200: {"model": ToolRead, "description": "Same definition as the latest version"}},
+    responses={
+        200: {"model": ToolRead, "description": "Same definition as the latest version"},
+        **problem_responses(409),
+    },
 )
 async def register_tool(spec: ToolSpec, response: Response, ctx: Author, db: Db) -> ToolRead:
     row, created = await service.register_tool(await driver(db), ctx, spec)

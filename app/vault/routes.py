@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.deps import require
@@ -14,12 +14,12 @@ from app.context import Ctx
 from app.db import get_db
 from app.engine.runtime import Runtime
 from app.engine.sql import driver
-from app.http import AppSettings, problem_responses
+from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, decode_cursor, page, page_size
 from app.vault import service
 from app.vault.service import MAX_VALUE_CHARS
 
-router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"], responses=problem_responses(401, 403, 404, 422))
+router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"], responses=api_responses(404), route_class=JsonRoute)
 
 Admin = Annotated[Ctx, Depends(require("secrets:write"))]
 Reader = Annotated[Ctx, Depends(require("secrets:read"))]
@@ -29,7 +29,20 @@ SecretName = Annotated[str, Path(pattern=f"^{service.NAME.pattern}$", descriptio
 
 class SecretWrite(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    value: str = Field(min_length=1, max_length=MAX_VALUE_CHARS, json_schema_extra={"writeOnly": True})
+    value: str = Field(
+        min_length=1,
+        max_length=MAX_VALUE_CHARS,
+        description="Sent in HTTP headers, so no control characters but tab (no CR, LF or NUL)",
+        json_schema_extra={"writeOnly": True},
+    )
+
+    @field_validator("value")
+    @classmethod
+    def _header_safe(cls, value: str) -> str:
+        problem = service.value_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class SecretInfo(BaseModel):
@@ -44,7 +57,12 @@ class SecretPage(BaseModel):
     next_cursor: str | None
 
 
-@router.put("/{name}", status_code=204, summary="Create or replace a secret (the value is never returned)")
+@router.put(
+    "/{name}",
+    status_code=204,
+    summary="Create or replace a secret (the value is never returned)",
+    responses=problem_responses(409),
+)
 async def put_secret(name: SecretName, body: SecretWrite, request: Request, ctx: Admin, db: Db) -> Response:
     runtime: Runtime = request.app.state.runtime
     await service.put_secret(await driver(db), runtime.vault, ctx, name, body.value)
@@ -64,7 +82,7 @@ async def list_secrets(
     return SecretPage(items=[SecretInfo(**r) for r in items], next_cursor=next_cursor)
 
 
-@router.delete("/{name}", status_code=204, summary="Delete a secret")
+@router.delete("/{name}", status_code=204, summary="Delete a secret", responses=problem_responses(409))
 async def delete_secret(name: SecretName, ctx: Admin, db: Db) -> Response:
     await service.delete_secret(await driver(db), ctx, name)
     await db.commit()

@@ -14,6 +14,21 @@ from app.vault.crypto import Vault
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_VALUE_CHARS = 16_384
+# Secrets are sent as HTTP header values (tool headers, model API keys), where RFC 9110 allows no control
+# character but tab: a value with CR, LF or NUL would be stored, then break every call that uses it.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a secret (it must fit in an HTTP header value), or None."""
+    found = _CONTROL.search(value)
+    if found is None:
+        return None
+    names = {"\x00": "NUL", "\r": "CR", "\n": "LF"}
+    char = found.group()
+    name = names.get(char, f"U+{ord(char):04X}")
+    return f"must not contain control characters ({name}): secrets go into HTTP headers"
+
 
 _UPSERT = (
     "INSERT INTO secret (tenant_id, name, ciphertext, updated_by) VALUES ($1, $2, $3, $4) "

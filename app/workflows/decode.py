@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from app.input_guard import DUPLICATE_KEY
 from app.workflows.document import DefinitionError, ErrorList, Path, pointer
 
 __all__ = ["MAX_DOCUMENT_DEPTH", "MAX_DOCUMENT_VALUES", "load_document", "load_json", "load_yaml"]
@@ -105,7 +106,7 @@ def load_json(text: str) -> Any:
     except RecursionError:
         message = "invalid JSON: nested too deeply"
     else:
-        _check_json(data)
+        check_json(data)
         return data
     raise DefinitionError([{"pointer": "", "message": message}])
 
@@ -114,7 +115,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON number")
 
 
-def _check_json(data: Any) -> None:
+def check_json(data: Any) -> None:
     """Size, depth and repeated keys of decoded JSON, in one pass with O(1) work per value."""
     errors: ErrorList = []
     todo: list[tuple[Any, _Link, int]] = [(data, None, 0)]
@@ -131,7 +132,7 @@ def _check_json(data: Any) -> None:
             raise _too_deep(link)
         if isinstance(node, _Repeated):
             errors += [
-                {"pointer": pointer((*_path(link), key)), "message": f"repeated key {key!r}: keys must be unique"}
+                {"pointer": pointer((*_path(link), key)), "message": DUPLICATE_KEY}
                 for key in node.repeated
             ]
         items = node.items() if isinstance(node, dict) else enumerate(node)
@@ -356,7 +357,7 @@ class _Builder:
                 if name is None:
                     continue
                 if name in own:
-                    self._error((link, name), f"repeated key {name!r}: keys must be unique")
+                    self._error((link, name), DUPLICATE_KEY)
                 own.add(name)
                 if name not in seen:
                     seen.add(name)

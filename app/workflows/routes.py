@@ -14,9 +14,11 @@ from app.auth.deps import require
 from app.context import Ctx
 from app.db import get_db
 from app.errors import BadRequest, Invalid
-from app.http import AppSettings, UnsupportedMediaType, problem_responses
+from app.http import PARSED_JSON, AppSettings, JsonRoute, UnsupportedMediaType, api_responses, problem_responses
+from app.input_guard import value_errors
 from app.pagination import Cursor, Limit, decode_cursor, decode_int_cursor, encode_cursor, page_size
 from app.workflows import service
+from app.workflows.decode import check_json
 from app.workflows.definition import DefinitionError, load_definition_text
 from app.workflows.models import Workflow, WorkflowVersion
 from app.workflows.schemas import (
@@ -29,7 +31,7 @@ from app.workflows.schemas import (
 )
 
 router = APIRouter(
-    prefix="/api/v1/workflows", tags=["workflows"], responses=problem_responses(401, 403, 404, 422)
+    prefix="/api/v1/workflows", tags=["workflows"], responses=api_responses(404), route_class=JsonRoute
 )
 
 Author = Annotated[Ctx, Depends(require("workflows:write"))]
@@ -49,7 +51,7 @@ _CREATE_SCHEMA = WorkflowCreate.model_json_schema(ref_template="#/components/sch
     summary="Create a workflow, or a new version of one",
     responses={
         200: {"model": WorkflowVersionRead, "description": "Same definition as the latest version"},
-        **problem_responses(400, 413, 415),
+        **problem_responses(409, 415),
     },
     openapi_extra={
         "requestBody": {
@@ -131,12 +133,12 @@ async def _read_create_body(request: Request) -> WorkflowCreate:
             f"unsupported Content-Type {media!r}: send application/json or application/yaml"
         )
     try:
-        text = (await request.body()).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadRequest("request body is not valid UTF-8") from exc
-    try:
-        # Off the event loop: decoding a large YAML body takes a while (parsing is capped, not free).
-        data: Any = await asyncio.to_thread(load_definition_text, text, content_type)
+        if PARSED_JSON in request.scope:
+            # JSON the input guard parsed and checked already; the definition's own size caps still apply.
+            data: Any = request.scope[PARSED_JSON]
+            check_json(data)
+        else:
+            data = await _decode_body(request, content_type)
     except DefinitionError as exc:
         if all(err["pointer"] == "" for err in exc.errors):
             raise BadRequest(f"malformed request body: {exc.errors[0]['message']}") from exc
@@ -149,6 +151,20 @@ async def _read_create_body(request: Request) -> WorkflowCreate:
         raise RequestValidationError(
             [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
         ) from exc
+
+
+async def _decode_body(request: Request, content_type: str | None) -> Any:
+    """YAML (or JSON the guard left alone), held to the guard's rules for values: no NUL, no surrogates."""
+    try:
+        text = (await request.body()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest("request body is not valid UTF-8") from exc
+    # Off the event loop: decoding a large YAML body takes a while (parsing is capped, not free).
+    data = await asyncio.to_thread(load_definition_text, text, content_type)
+    errors = value_errors(data)
+    if errors:
+        raise Invalid("the request holds values that cannot be accepted (see errors)", errors=errors)
+    return data
 
 
 def _version_read(name: str, version: WorkflowVersion) -> WorkflowVersionRead:

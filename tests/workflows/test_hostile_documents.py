@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.input_guard import DUPLICATE_KEY
 from app.workflows.decode import MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, load_document
 from app.workflows.definition import MAX_EXPRESSIONS, MAX_SCHEMA_VALUES
 from app.workflows.document import DefinitionError
@@ -136,7 +137,7 @@ def test_aliases_expand_into_independent_copies() -> None:
 async def test_repeated_yaml_key_is_422_with_a_pointer(client: httpx.AsyncClient, tenant: TenantKey) -> None:
     body = yaml_body("  steps:\n    - id: a\n      tool: echo\n      args: {v: 1, v: 2}\n")
     errors = problem(await client.post(URL, content=body, headers={**tenant.headers, **YAML}), 422)["errors"]
-    message = "repeated key 'v': keys must be unique"
+    message = DUPLICATE_KEY
     assert errors == [{"pointer": "/body/definition/steps/0/args/v", "message": message}]
 
 
@@ -146,7 +147,7 @@ async def test_repeated_json_key_in_a_definition_is_422_with_a_pointer(
     text = '{"name": "dup", "definition": {"steps": [{"id": "a", "tool": "echo", "id": "b"}]}}'
     r = await client.post(URL, content=text, headers={**tenant.headers, "Content-Type": "application/json"})
     errors = problem(r, 422)["errors"]
-    assert errors == [{"pointer": "/body/definition/steps/0/id", "message": "repeated key 'id': keys must be unique"}]
+    assert errors == [{"pointer": "/body/definition/steps/0/id", "message": DUPLICATE_KEY}]
 
 
 @pytest.mark.parametrize(
