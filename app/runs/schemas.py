@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.workflows.definition import MAX_LIMITS
+
 Priority = Literal["high", "normal", "low"]
 # Column bounds: `integer` (workflow versions, conversation seqs) and `bigint` (event ids).
 INT32_MAX = 2**31 - 1
@@ -30,11 +32,16 @@ def json_value(value: Any) -> Any:
 class RunLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="Tool calls (default 25)")
-    max_tokens: int | None = Field(default=None, ge=1, le=10**12, description="Model tokens (default 100,000)")
-    max_cost_usd: float | None = Field(default=None, gt=0, le=10**9)
-    # Bounded so a deadline (started_at + timeout_s) stays a date Python and PostgreSQL can hold.
-    timeout_s: float | None = Field(default=None, gt=0, le=10**9, description="Seconds (at most about 31 years)")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=MAX_LIMITS["max_steps"], description="Tool calls (default 25)"
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_LIMITS["max_tokens"], description="Model tokens (default 100,000)"
+    )
+    max_cost_usd: float | None = Field(default=None, gt=0, le=MAX_LIMITS["max_cost_usd"])
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=MAX_LIMITS["timeout_s"], description="Seconds (at most about 31 years)"
+    )
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

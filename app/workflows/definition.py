@@ -54,6 +54,11 @@ STEP_KINDS: tuple[StepKind, ...] = ("tool", "wait", "map", "approval", "llm", "a
 # Kinds whose step runs on a worker with rendered args (the others wait or expand).
 RUNNABLE_KINDS = frozenset({"tool", "llm", "agent"})
 MAX_STEP_TIMEOUT_S = 86_400
+# Upper bounds of run limits, wherever they are set (definition, run request, tenant defaults). A deadline
+# (start + timeout_s) must stay a time Python and PostgreSQL can hold: one past them breaks every query
+# that computes it, the reconciler's included.
+MAX_LIMITS: dict[str, int] = {"max_steps": 1_000_000, "max_tokens": 10**12, "max_cost_usd": 10**9, "timeout_s": 10**9}
+MAX_WAIT_TIMEOUT_S = 10**9
 # Past about twenty tools, models pick the wrong one noticeably more often.
 MAX_AGENT_TOOLS = 20
 MAX_AGENT_TURNS = 100
@@ -593,7 +598,7 @@ def _parse_wait(cx: _Ctx, path: Path, raw: Any) -> WaitSpec | None:
         cx.error(path, "missing required field 'signal'")
     elif not isinstance(signal, str) or not _SIGNAL.fullmatch(signal):
         cx.error((*path, "signal"), "must be a string matching ^[A-Za-z0-9_.:-]{1,128}$")
-    timeout_s = cx.number((*path, "timeout_s"), obj, gt=0)
+    timeout_s = cx.number((*path, "timeout_s"), obj, gt=0, le=MAX_WAIT_TIMEOUT_S)
     return WaitSpec(signal, timeout_s) if isinstance(signal, str) else None
 
 
@@ -768,9 +773,9 @@ def _parse_limits(cx: _Ctx, raw: Any) -> dict[str, Any]:
     cx.reject_unknown(("limits",), obj, _LIMIT_FIELDS)
     limits: dict[str, Any] = {}
     for key in ("max_steps", "max_tokens"):
-        limits[key] = cx.integer(("limits", key), obj, minimum=1)
+        limits[key] = cx.integer(("limits", key), obj, minimum=1, maximum=MAX_LIMITS[key])
     for key in ("max_cost_usd", "timeout_s"):
-        limits[key] = cx.number(("limits", key), obj, gt=0)
+        limits[key] = cx.number(("limits", key), obj, gt=0, le=MAX_LIMITS[key])
     return {key: value for key, value in limits.items() if value is not None}
 
 

@@ -306,6 +306,7 @@ def test_tool_step_field_errors(body: dict[str, Any], ptr: str, fragment: str) -
         ({"signal": "x" * 129}, "/steps/0/wait/signal", "must be a string matching"),
         ({"signal": 5}, "/steps/0/wait/signal", "must be a string matching"),
         ({"signal": "ok", "timeout_s": 0}, "/steps/0/wait/timeout_s", "greater than 0"),
+        ({"signal": "ok", "timeout_s": 1e300}, "/steps/0/wait/timeout_s", "at most 1e+09"),
         ({"signal": "ok", "extra": 1}, "/steps/0/wait/extra", "unknown field"),
     ],
 )
@@ -493,7 +494,12 @@ def test_definition_error_message_summarises() -> None:
     ("limits", "ptr", "fragment"),
     [
         ([], "/limits", "must be an object"),
-        ({"max_steps": 0}, "/limits/max_steps", "at least 1"),
+        ({"max_steps": 0}, "/limits/max_steps", "between 1 and 1000000"),
+        ({"max_steps": 1_000_001}, "/limits/max_steps", "between 1 and 1000000"),
+        ({"max_tokens": 10**12 + 1}, "/limits/max_tokens", "between 1 and"),
+        ({"max_cost_usd": 1e300}, "/limits/max_cost_usd", "at most 1e+09"),
+        # A deadline past what a timestamp holds broke every query computing it, the reconciler's too.
+        ({"timeout_s": 1e300}, "/limits/timeout_s", "at most 1e+09"),
         ({"max_steps": 1.5}, "/limits/max_steps", "must be an integer"),
         ({"max_tokens": True}, "/limits/max_tokens", "must be an integer"),
         ({"max_cost_usd": 0}, "/limits/max_cost_usd", "greater than 0"),
