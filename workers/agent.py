@@ -37,6 +37,7 @@ from app.engine.runtime import Runtime
 from app.engine.sql import Conn
 from app.engine.tx import Tx
 from app.engine.unit import in_tx
+from app.json_schema import schema_errors
 from app.llm.client import ChatResult, ModelError, chat, cost_usd, estimate_input_tokens, tool_spec
 from app.providers.service import ModelRef, resolve_model
 from app.tools import service as tools
@@ -259,7 +260,7 @@ class ModelStepRun:
         else:
             validator = self.spec.output_validator
             problems = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-                        for e in (validator.iter_errors(value) if validator else [])]
+                        for e in (schema_errors(validator, value) if validator else [])]
             if not problems:
                 return Outcome(True, self.started, _now(), output=value)
         if self.conversation.turns >= self.spec.max_turns:

@@ -19,6 +19,7 @@ from app.audit.service import record as audit
 from app.context import Ctx
 from app.engine.sql import Conn, dumps
 from app.errors import Invalid, NotFound
+from app.json_schema import schema_errors
 from app.tools.spec import BUILTIN_SPECS, STORED, ToolSpec
 from app.vault.service import existing as existing_secrets
 from app.workflows.document import pointer
@@ -216,7 +217,7 @@ def _validator(schema: dict[str, Any]) -> Draft202012Validator:
 
 
 def validate_args(ref: ToolRef, args: Any) -> list[dict[str, str]]:
-    errors = _validator(ref.spec.input_schema).iter_errors(args)
+    errors = schema_errors(_validator(ref.spec.input_schema), args)
     return sorted(({"pointer": pointer(tuple(e.absolute_path)), "message": e.message} for e in errors),
                   key=lambda e: (e["pointer"], e["message"]))
 
@@ -224,7 +225,7 @@ def validate_args(ref: ToolRef, args: Any) -> list[dict[str, str]]:
 def validate_output(ref: ToolRef, output: Any) -> list[dict[str, str]]:
     if ref.spec.output_schema is None:
         return []
-    errors = _validator(ref.spec.output_schema).iter_errors(output)
+    errors = schema_errors(_validator(ref.spec.output_schema), output)
     return [{"pointer": pointer(tuple(e.absolute_path)), "message": e.message} for e in errors]
 
 

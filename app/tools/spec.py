@@ -32,6 +32,7 @@ from app.engine.expressions import (
     extract_expressions,
     whole_expression,
 )
+from app.json_schema import schema_errors
 from app.tenants.policy import Role
 
 TOOL_NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
@@ -180,7 +181,7 @@ class ToolSpec(_Strict):
         # Size first: checking against the meta-schema costs ~0.1 ms per value.
         if len(str(schema)) > MAX_SCHEMA_CHARS:
             raise ValueError(f"schema too large (over {MAX_SCHEMA_CHARS} characters)")
-        errors = sorted(Draft202012Validator(Draft202012Validator.META_SCHEMA).iter_errors(schema), key=str)
+        errors = sorted(schema_errors(Draft202012Validator(Draft202012Validator.META_SCHEMA), schema), key=str)
         if errors:
             where = "/".join(map(str, errors[0].absolute_path))
             raise ValueError(f"invalid JSON Schema{' at ' + where if where else ''}: {errors[0].message}")

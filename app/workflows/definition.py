@@ -27,6 +27,7 @@ from app.engine.expressions import (
     referenced_steps,
     whole_expression,
 )
+from app.json_schema import schema_errors
 from app.workflows import dag
 from app.workflows.decode import load_document
 from app.workflows.document import Collector, DefinitionError, Path, pointer
@@ -540,7 +541,7 @@ def _parse_schema(cx: _Ctx, path: Path, raw: Any) -> dict[str, Any] | None:
         Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
     )
     errors_before = len(cx.errors)
-    for error in sorted(meta.iter_errors(schema), key=lambda e: pointer(tuple(e.absolute_path))):
+    for error in sorted(schema_errors(meta, schema), key=lambda e: pointer(tuple(e.absolute_path))):
         cx.error((*path, *error.absolute_path), f"invalid JSON Schema: {error.message}")
     return copy.deepcopy(schema) if len(cx.errors) == errors_before else None
 
@@ -799,7 +800,7 @@ def validate_input(definition: Definition, value: Any) -> list[dict[str, str]]:
     try:
         errors = [
             {"pointer": pointer(tuple(error.absolute_path)), "message": error.message}
-            for error in validator.iter_errors(value)
+            for error in schema_errors(validator, value)
         ]
     except Unresolvable as exc:
         # A $ref the schema check cannot see is broken (only reached when validating): the schema's fault.

@@ -1,0 +1,93 @@
+"""JSON Schema patterns that backtrack forever are stopped: the input is refused, the process goes on."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import jsonschema._keywords
+import jsonschema._legacy_keywords
+import jsonschema._utils
+import pytest
+from jsonschema import Draft202012Validator
+
+from app.json_schema import BUDGETED_RE, VALIDATION_BUDGET_S, schema_errors
+from tests.conftest import TenantKey
+from tests.engine.conftest import create_workflow, name
+
+# Backtracks exponentially in Python's `re`: about 2^40 steps before it gives up on the "!".
+EVIL = "^(a|a)*$"
+VICTIM = "a" * 40 + "!"
+# A hang guard only: an unbounded match would take hours, a bounded one a fraction of a second.
+HANG_S = 10 * VALIDATION_BUDGET_S + 5
+
+
+def errors(schema: dict[str, Any], instance: Any) -> list[str]:
+    started = time.monotonic()
+    found = [e.message for e in schema_errors(Draft202012Validator(schema), instance)]
+    assert time.monotonic() - started < HANG_S
+    return found
+
+
+def test_jsonschema_matches_through_the_budgeted_module() -> None:
+    # If a jsonschema release stops looking `re` up on these modules, the budget silently stops
+    # applying: this is the test that notices.
+    for module in (jsonschema._keywords, jsonschema._utils, jsonschema._legacy_keywords):
+        assert module.re is BUDGETED_RE  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("schema", "instance"),
+    [
+        ({"type": "string", "pattern": EVIL}, VICTIM),
+        ({"type": "object", "patternProperties": {EVIL: {}}}, {VICTIM: 1}),
+        ({"type": "object", "patternProperties": {EVIL: {}}, "additionalProperties": False}, {VICTIM: 1}),
+        ({"type": "object", "patternProperties": {EVIL: {}}, "unevaluatedProperties": False}, {VICTIM: 1}),
+        ({"type": "array", "items": {"pattern": EVIL}}, [VICTIM] * 50),
+    ],
+    ids=["pattern", "patternProperties", "additionalProperties", "unevaluatedProperties", "many-strings"],
+)
+def test_a_catastrophic_pattern_is_refused_within_the_budget(schema: dict[str, Any], instance: Any) -> None:
+    found = errors(schema, instance)
+    assert any("took too long to match" in message for message in found), found
+
+
+def test_ordinary_patterns_match_as_before() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-\\d+$"}},
+        "patternProperties": {"^x-": {"type": "integer"}},
+        "additionalProperties": False,
+    }
+    assert errors(schema, {"code": "ABC-12", "x-n": 1}) == []
+    found = errors(schema, {"code": "abc", "x-n": "1", "other": 1})
+    assert len(found) == 3
+    assert any("does not match" in m for m in found)
+    assert any("is not of type 'integer'" in m for m in found)
+    assert any("'other' does not match any of the regexes" in m for m in found)
+
+
+def test_the_budget_counts_matching_time_only() -> None:
+    # Ten thousand cheap matches take longer than the budget in all, outside the matches: all pass.
+    schema = {"type": "array", "items": {"type": "object", "properties": {"v": {"pattern": "^[a-z]+$"}}}}
+    assert errors(schema, [{"v": "abc"}] * 10_000) == []
+
+
+async def test_a_run_input_against_a_catastrophic_pattern_is_refused(
+    client: httpx.AsyncClient, tenant: TenantKey
+) -> None:
+    workflow = name()
+    await create_workflow(
+        client, tenant.headers, workflow, [{"id": "a", "tool": "echo"}],
+        input_schema={"type": "object", "properties": {"s": {"type": "string", "pattern": EVIL}}},
+    )
+    started = time.monotonic()
+    r = await client.post("/api/v1/runs", json={"workflow": workflow, "input": {"s": VICTIM}},
+                          headers=tenant.headers)
+    assert time.monotonic() - started < HANG_S
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert any("took too long to match" in e["message"] for e in r.json()["errors"]), r.json()
+    ok = await client.post("/api/v1/runs", json={"workflow": workflow, "input": {"s": "aaa"}}, headers=tenant.headers)
+    assert ok.status_code == 201, ok.text
