@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import uuid
@@ -15,6 +14,7 @@ from sqlalchemy import insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import pagination
 from app.budgets.service import create_usage, effective_limits, tenant_budget
 from app.config import Settings
 from app.context import Ctx
@@ -23,7 +23,7 @@ from app.engine.advance import Advance, load_definition, lock
 from app.engine.sql import driver
 from app.engine.state_machine import RunStatus
 from app.engine.tx import Tx
-from app.errors import BadRequest, Invalid, NotFound
+from app.errors import Invalid, NotFound
 from app.runs import schemas
 from app.runs.models import Run, RunEvent, StepRun
 from app.workflows import service as workflows_service
@@ -245,14 +245,12 @@ def encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The (created_at, id) a run-list cursor holds; 422 for anything else, as every list answers."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        ts, rid = raw.split("|")
+        ts, rid = pagination.decode_cursor(cursor).split("|")
         return datetime.fromisoformat(ts), uuid.UUID(rid)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise BadRequest(
-            "invalid cursor", errors=[{"pointer": "/query/cursor", "message": "invalid cursor"}]
-        ) from exc
+    except ValueError as exc:
+        raise pagination.bad_cursor() from exc
 
 
 async def list_runs(

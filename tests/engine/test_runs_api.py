@@ -179,7 +179,7 @@ async def test_list_runs_filters_and_keyset_pagination(
     recent = (await client.get("/api/v1/runs", params={"created_after": since}, headers=t.headers)).json()
     assert [r["id"] for r in recent["items"]] == [made[5]["id"], made[4]["id"], made[3]["id"]]
     bad = await client.get("/api/v1/runs", params={"cursor": "garbage!"}, headers=t.headers)
-    assert bad.status_code == 400
+    assert bad.status_code == 422 and bad.json()["errors"][0]["pointer"] == "/query/cursor"
     assert (await client.get("/api/v1/runs", params={"status": "nope"}, headers=t.headers)).status_code == 422
 
 
