@@ -32,6 +32,8 @@ from app.http import (
     problem_responses,
     register_error_handlers,
 )
+from app.outage import DATABASE, REDIS
+from app.outage import register_handlers as register_outage_handlers
 from app.providers.routes import router as providers_router
 from app.runs.routes import router as runs_router
 from app.security_headers import SecurityHeadersMiddleware
@@ -128,8 +130,8 @@ async def _check_database(runtime: Runtime) -> str:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S), runtime.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
-    except Exception as exc:  # any failure means "not ready"; the reason goes to the log
-        log.warning("readiness: database check failed: %r", exc)
+    except Exception as exc:  # any failure means "not ready"; the reason goes to the log, once per outage
+        DATABASE.down(exc)
         return "down"
     return "ok"
 
@@ -139,8 +141,9 @@ async def _check_redis(runtime: Runtime) -> str:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await runtime.redis.ping()
     except Exception as exc:
-        log.warning("readiness: redis check failed: %r", exc)
+        REDIS.down(exc)
         return "down"
+    REDIS.up()
     return "ok"
 
 
@@ -168,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     register_error_handlers(app)
+    register_outage_handlers(app)
     # Last added runs first: metrics and security headers see every response, 413s and 500s included.
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
