@@ -354,7 +354,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     database_url, redis_url = _require_urls(settings, redis=True)
     assert redis_url is not None
     check_database(database_url)
-    check_redis(redis_url)
+    try:
+        check_redis(redis_url)
+    except CliError as exc:
+        # A worker waits for Redis as it would through an outage, rather than exit and be restarted.
+        print(f"steward worker: warning: {exc}; starting anyway", file=sys.stderr)
     asyncio.run(_serve_worker(settings, args.concurrency))
     return 0
 
