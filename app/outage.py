@@ -11,12 +11,13 @@ and retries in between. What counts as an outage is decided here only (:func:`is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import random
+import socket
 import time
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -68,7 +69,7 @@ def _raised_in(exc: BaseException, packages: tuple[str, ...]) -> bool:
 
 
 def _connection_oserror(exc: BaseException) -> bool:
-    return isinstance(exc, TimeoutError | ConnectionError) or (
+    return isinstance(exc, TimeoutError | ConnectionError | socket.gaierror) or (
         isinstance(exc, OSError) and exc.errno in _CONNECTION_ERRNOS
     )
 
@@ -193,15 +194,12 @@ def watch_engine(engine: AsyncEngine) -> None:
     event.listen(engine.sync_engine, "connect", connect)
 
 
-class quiet_database_outage:
-    """``with quiet_database_outage():`` swallows a database outage after noting it in :data:`DATABASE`."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
-        if exc is not None and isinstance(exc, Exception) and is_database_outage(exc):
-            DATABASE.down(exc)
-            return True
-        return False
+@contextlib.contextmanager
+def quiet_database_outage() -> Iterator[None]:
+    """Swallow a database outage after noting it in :data:`DATABASE`; anything else goes on up."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_database_outage(exc):
+            raise
+        DATABASE.down(exc)

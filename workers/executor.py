@@ -34,10 +34,6 @@ class Lease:
 
     expires: float
 
-    @classmethod
-    def from_(cls, sent: float, lease_s: float) -> Lease:
-        return cls(sent + lease_s)
-
 
 def _now() -> datetime:
     return datetime.now(UTC)

@@ -22,7 +22,7 @@ from app.engine.reconciler import reconcile_once
 from app.engine.runtime import Runtime
 from app.engine.tx import Tx
 from app.engine.unit import DatabaseUnavailable, in_tx
-from app.outage import DATABASE, is_database_outage, quiet_database_outage
+from app.outage import DATABASE, Backoff, is_database_outage, quiet_database_outage
 from app.tools.breaker import Breaker
 from workers.executor import UNAVAILABLE, Lease, execute
 
@@ -54,7 +54,7 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
         claimed = await in_tx(runtime, claim, until=time.monotonic() + settings.lease_s)
     except DatabaseUnavailable:
         return  # logged by the outage tracker; the outbox row outlives this job
-    leases = {c.step_run_id: Lease.from_(began[-1], settings.lease_s) for c in claimed}
+    leases = {c.step_run_id: Lease(began[-1] + settings.lease_s) for c in claimed}
     running: dict[asyncio.Task[Outcome], Claimed] = {}
     results: list[tuple[Claimed, Outcome]] = []
     solo: Claimed | None = None
@@ -77,7 +77,7 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
             claimed, claimed_at = await _record(runtime, results, replace(claimer, capacity=room), leases)
             for c, _ in results:
                 leases.pop(c.step_run_id, None)
-            leases.update({c.step_run_id: Lease.from_(claimed_at, settings.lease_s) for c in claimed})
+            leases.update({c.step_run_id: Lease(claimed_at + settings.lease_s) for c in claimed})
             results = []
     except asyncio.CancelledError:
         # Aborted (the run was cancelled: already recorded) or the worker is shutting down: record
@@ -90,18 +90,22 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
 
 
 async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claimed, lease: Lease) -> Outcome:
-    definition = cached_definition(claimed.workflow_version_id)
-    if definition is None:
+    backoff = Backoff()
+    while (definition := cached_definition(claimed.workflow_version_id)) is None:
         try:
             async with runtime.pg.acquire() as conn:
                 definition = await load_definition(conn, claimed.workflow_version_id)
+            break
         except Exception as exc:
             if not is_database_outage(exc):
                 raise
             DATABASE.down(exc)
-            t = datetime.now(UTC)
-            return Outcome(False, t, t, error_class=UNAVAILABLE, transient=True,
-                           message="the database could not be reached")
+            delay = backoff.next()
+            if time.monotonic() + delay >= lease.expires:
+                t = datetime.now(UTC)
+                return Outcome(False, t, t, error_class=UNAVAILABLE, transient=True,
+                               message="the database could not be reached")
+            await asyncio.sleep(delay)
     return await execute(runtime, http, breaker, definition, claimed, lease)
 
 
