@@ -148,15 +148,22 @@ async def test_steward_api_and_worker_start_without_redis(settings: Settings) ->
     )
     # The worker says so once and waits for Redis, as through an outage, instead of exiting.
     assert worker.stderr is not None
-    seen = b""
-    async with asyncio.timeout(60):
-        while b"Redis unreachable" not in seen:
-            line = await worker.stderr.readline()
-            assert line, f"steward worker exited ({await worker.wait()}): {seen.decode()}"
-            seen += line
-    assert b"warning: cannot connect to Redis" in seen and worker.returncode is None
-    worker.terminate()
-    _, rest = await asyncio.wait_for(worker.communicate(), timeout=20)
+    seen = rest = b""
+    try:
+        async with asyncio.timeout(60):
+            while b"Redis unreachable" not in seen:
+                line = await worker.stderr.readline()
+                assert line, f"steward worker exited ({await worker.wait()}): {seen.decode()}"
+                seen += line
+        assert b"warning: cannot connect to Redis" in seen and worker.returncode is None
+    finally:
+        if worker.returncode is None:
+            worker.terminate()
+        try:
+            _, rest = await asyncio.wait_for(worker.communicate(), timeout=20)
+        except TimeoutError:
+            worker.kill()
+            raise
     assert worker.returncode == 0
     assert b"Traceback" not in seen + rest
 
