@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
+import weakref
 from typing import Any
 
 from arq import Worker
@@ -48,6 +50,7 @@ class WakeableWorker(Worker):
         self.wake = asyncio.Event()
         # Jobs whose "in progress" mark may be left in Redis by a start or finish that failed there.
         self.orphans: set[str] = set()
+        self._finishing: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
     def wake_at(self, due_ms: float) -> None:
         delay = due_ms / 1000 - time.time()
@@ -116,16 +119,31 @@ class WakeableWorker(Worker):
             raise
         self.wake.set()
 
+    async def finish_job(self, *args: Any) -> None:
+        # arq shields this from the job's cancellation: close() must wait for it before closing the
+        # pool, or its commands fail on a closed connection in a task nobody awaits.
+        self._finishing.add(asyncio.current_task())  # type: ignore[arg-type]
+        await super().finish_job(*args)
+
+    async def finish_failed_job(self, *args: Any) -> None:
+        self._finishing.add(asyncio.current_task())  # type: ignore[arg-type]
+        await super().finish_failed_job(*args)
+
     async def close(self) -> None:
+        """arq's close, waiting for the jobs' last writes, and through a Redis outage."""
+        self.handle_sig(signal.SIGUSR1)  # cancels the jobs still running (handle_signals is off)
+        if self._pool is None:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._finishing, return_exceptions=True)
         try:
-            await super().close()
+            await self.pool.delete(self.health_check_key)
         except Exception as exc:
             if not is_redis_outage(exc):
                 raise
-            REDIS.down(exc)  # arq could not remove its health key: it expires by itself
-            if self._pool is not None:
-                await self._pool.aclose()
-                self._pool = None
+            REDIS.down(exc)  # the health key expires by itself
+        await self.pool.aclose()
+        self._pool = None
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
