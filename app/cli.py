@@ -337,6 +337,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     settings = settings.model_copy(update={"host": host, "port": port})
 
     import app.models  # noqa: F401  # see _serve_worker: complete the mapper registry up front
+    from app.logs import config as log_config
     from app.main import create_app
 
     uvicorn.run(
@@ -345,6 +346,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         timeout_graceful_shutdown=API_SHUTDOWN_TIMEOUT_S,
+        log_config=log_config(),
     )
     return 0
 
@@ -354,7 +356,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     database_url, redis_url = _require_urls(settings, redis=True)
     assert redis_url is not None
     check_database(database_url)
-    check_redis(redis_url)
+    try:
+        check_redis(redis_url)
+    except CliError as exc:
+        # A worker waits for Redis as it would through an outage, rather than exit and be restarted.
+        print(f"steward worker: warning: {exc}; starting anyway", file=sys.stderr)
+    from app.logs import configure as configure_logging
+
+    configure_logging()
     asyncio.run(_serve_worker(settings, args.concurrency))
     return 0
 
@@ -414,6 +423,9 @@ class _Stop:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from app.logs import configure as configure_logging
+
+    configure_logging()
     settings = _settings()
     stop = _Stop()
     with stop.installed(), contextlib.ExitStack() as stack:

@@ -34,6 +34,8 @@ from app.http import (
     register_error_handlers,
 )
 from app.input_guard import InputGuardMiddleware
+from app.outage import DATABASE, REDIS
+from app.outage import register_handlers as register_outage_handlers
 from app.providers.routes import router as providers_router
 from app.runs.routes import router as runs_router
 from app.security_headers import SecurityHeadersMiddleware
@@ -132,8 +134,8 @@ async def _check_database(runtime: Runtime) -> str:
     try:
         async with asyncio.timeout(READY_TIMEOUT_S), runtime.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
-    except Exception as exc:  # any failure means "not ready"; the reason goes to the log
-        log.warning("readiness: database check failed: %r", exc)
+    except Exception as exc:  # any failure means "not ready"; the reason goes to the log, once per outage
+        DATABASE.down(exc)
         return "down"
     return "ok"
 
@@ -143,8 +145,9 @@ async def _check_redis(runtime: Runtime) -> str:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await runtime.redis.ping()
     except Exception as exc:
-        log.warning("readiness: redis check failed: %r", exc)
+        REDIS.down(exc)
         return "down"
+    REDIS.up()
     return "ok"
 
 
@@ -172,6 +175,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     register_error_handlers(app)
+    register_outage_handlers(app)
     # Last added runs first: metrics and security headers see every response, 413s and 500s included.
     # The input guard reads bodies inside the size limit, and its refusals are no internal errors.
     app.add_middleware(InternalErrorMiddleware)

@@ -33,6 +33,7 @@ from app.engine.evaluation import Budget
 from app.engine.expressions import ExpressionError, ExpressionLimit
 from app.engine.runtime import Runtime
 from app.engine.sql import Conn
+from app.outage import quiet_database_outage
 from app.tenants.policy import TenantPolicy, load_policy
 from app.tools import service as tools
 from app.tools.breaker import Breaker, BreakerPolicy
@@ -193,10 +194,12 @@ class Caller:
         try:
             result = await self._execute(site, ref, args, secrets, key, policy, decision.probe)
         finally:
-            # A fixed price per call: it is charged whether the call worked or not.
+            # A fixed price per call: it is charged whether the call worked or not. Should the database
+            # be away, the reconciler settles the hold at this same price: the call's result must not be lost.
             if hold.id is not None:
-                async with self.runtime.pg.acquire() as conn:
-                    await budgets.settle(conn, hold, hold.amount_usd)
+                with quiet_database_outage():
+                    async with self.runtime.pg.acquire() as conn:
+                        await budgets.settle(conn, hold, hold.amount_usd)
         if result.exec_s is not None:
             # What the guarded path added to the tool's own time: lookups, checks, breaker, budget.
             overhead = time.perf_counter() - started - result.exec_s

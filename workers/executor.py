@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import httpx
@@ -15,12 +16,23 @@ from app.engine.advance import Claimed, step_timeout
 from app.engine.attempts import Outcome, renew_lease
 from app.engine.checkpoints import Fenced
 from app.engine.runtime import Runtime
+from app.outage import DATABASE, Backoff, is_database_outage
 from app.tools.breaker import Breaker
 from app.workflows.definition import Definition, StepDef
 from workers.agent import run_model_step
 from workers.calls import Caller, CallSite, run_scope
 
 log = logging.getLogger(__name__)
+# The error class of an attempt that could not reach the database (transient: retried).
+UNAVAILABLE = "database_unavailable"
+
+
+@dataclass
+class Lease:
+    """When this worker's lease on a step runs out, as far as it knows: a ``time.monotonic()`` taken before
+    the claim or renewal was sent, plus ``lease_s``, so never later than the lease in the database."""
+
+    expires: float
 
 
 def _now() -> datetime:
@@ -36,16 +48,35 @@ def tool_name(step: StepDef, claimed: Claimed) -> str:
 
 
 async def execute(runtime: Runtime, http: httpx.AsyncClient, breaker: Breaker, definition: Definition,
-                  claimed: Claimed) -> Outcome:
+                  claimed: Claimed, lease: Lease) -> Outcome:
     """Run the step's tool call through the guardrails (workers/calls.py), or its model step
-    (workers/agent.py), under the step's hard timeout."""
+    (workers/agent.py), under the step's hard timeout.
+
+    A tool step that cannot reach the database before its call is run again once it can, while the
+    lease lasts: the tool was not called (the only database write after a call, the budget settlement,
+    is left to the reconciler when it fails), so no attempt is spent on an outage.
+    """
+    step = definition.step(claimed.step_id)
+    backoff = Backoff()
+    while True:
+        outcome = await _execute_once(runtime, http, breaker, definition, claimed, lease)
+        if outcome.error_class != UNAVAILABLE or step.model is not None:
+            return outcome
+        delay = backoff.next()
+        if time.monotonic() + delay >= lease.expires:
+            return outcome
+        await asyncio.sleep(delay)
+
+
+async def _execute_once(runtime: Runtime, http: httpx.AsyncClient, breaker: Breaker, definition: Definition,
+                        claimed: Claimed, lease: Lease) -> Outcome:
     settings = runtime.settings
     step = definition.step(claimed.step_id)
     timeout = step_timeout(step, settings)
     started = _now()
     heartbeat = None
     if timeout > settings.lease_s / 3:
-        heartbeat = asyncio.create_task(_renew_lease(runtime, claimed))
+        heartbeat = asyncio.create_task(_renew_lease(runtime, claimed, lease))
     try:
         async with asyncio.timeout(timeout):
             async with runtime.pg.acquire() as conn:
@@ -64,6 +95,10 @@ async def execute(runtime: Runtime, http: httpx.AsyncClient, breaker: Breaker, d
         log.info("%s", exc)
         return Outcome(False, started, _now(), error_class="fenced", message=str(exc), transient=True)
     except Exception as exc:  # a bug in a tool must fail the step, not the worker
+        if is_database_outage(exc):
+            DATABASE.down(exc)
+            return Outcome(False, started, _now(), error_class=UNAVAILABLE, transient=True,
+                           message="the database could not be reached")
         log.exception("step %s crashed", claimed.step_id)
         return Outcome(False, started, _now(), error_class="internal", message=f"{type(exc).__name__}: {exc}")
     finally:
@@ -98,14 +133,23 @@ def _checked(output: object, started: datetime, settings: Settings) -> Outcome:
     return Outcome(True, started, _now(), output=output)
 
 
-async def _renew_lease(runtime: Runtime, claimed: Claimed) -> None:
-    """Extend the lease while the step runs; a dead worker stops renewing and its lease runs out."""
+async def _renew_lease(runtime: Runtime, claimed: Claimed, lease: Lease) -> None:
+    """Extend the lease while the step runs; a dead worker stops renewing and its lease runs out.
+
+    A renewal that fails (the database is away) changes nothing: the step goes on, and ``lease`` keeps
+    the expiry the database last accepted, which bounds how long the outcome may be recorded in.
+    """
     interval = runtime.settings.lease_s / 3
     while True:
         await asyncio.sleep(interval)
+        sent = time.monotonic()
         try:
             async with runtime.pg.acquire() as conn:
                 if not await renew_lease(conn, claimed, runtime.settings.lease_s):
                     return  # the step moved on without us (cancelled, or the lease already expired)
-        except Exception:  # the step goes on; if renewals keep failing, the lease expires and it is retried
-            log.warning("lease renewal failed for step run %s", claimed.step_run_id, exc_info=True)
+            lease.expires = sent + runtime.settings.lease_s
+        except Exception as exc:
+            if is_database_outage(exc):
+                DATABASE.down(exc)
+            else:
+                log.warning("lease renewal failed for step run %s", claimed.step_run_id, exc_info=True)

@@ -21,7 +21,7 @@ import app.models  # noqa: F401  (every table, so foreign keys resolve in a work
 from app.config import Settings
 from app.engine.runtime import Runtime
 from app.engine.tx import QUEUES
-from app.redis import redis_settings
+from app.redis import connect, redis_settings
 from app.tools.breaker import Breaker
 from workers.jobs import fire_wait_timeout, reconcile, run_step
 from workers.wakeup import WakeableWorker, listen
@@ -51,6 +51,9 @@ def build_workers(
                 ],
                 queue_name=f"{settings.queue_prefix}:{priority}",
                 redis_settings=redis_settings(settings.redis_url or ""),
+                # Our client (socket timeouts, connects on first use): arq's own would hang on a silent
+                # network and is created by a ping that fails while Redis is away.
+                redis_pool=connect(settings.redis_url or ""),
                 max_jobs=concurrency,
                 poll_delay=settings.worker_poll_delay_s,
                 job_timeout=settings.arq_job_timeout_s,

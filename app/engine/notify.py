@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from app.outage import DATABASE
+
 log = logging.getLogger(__name__)
 CHANNEL = "steward_run_done"
 
@@ -64,6 +66,7 @@ class RunNotifier:
                 conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.connected.set()
+                DATABASE.up()
                 while not closed.is_set():
                     try:
                         await asyncio.wait_for(closed.wait(), timeout=30)
@@ -71,7 +74,8 @@ class RunNotifier:
                         # A connection that died silently only shows when used.
                         await conn.fetchval("SELECT 1", timeout=5)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("run notifier: %s; reconnecting", exc)
+                # Reconnecting every second while the database is away: the outage is logged once.
+                DATABASE.down(exc)
             finally:
                 self.connected.clear()
                 if conn is not None and not conn.is_closed():

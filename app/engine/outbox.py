@@ -19,6 +19,7 @@ from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
 from app.engine.tx import Job
+from app.outage import REDIS
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,15 @@ class Relay:
     """Sends jobs after commit; what cannot be sent now is retried in the background.
 
     Losing this process loses nothing: the rows stay in the outbox until a worker claims the job,
-    and the reconciler re-sends rows that waited too long.
+    and the reconciler re-sends rows that waited too long. While Redis is away the jobs waiting here
+    are kept once each (by job id), however often the reconciler hands them in again.
     """
 
     def __init__(self, redis: ArqRedis, retry_s: float, queue_prefix: str) -> None:
         self.redis = redis
         self.wake_channel = f"{queue_prefix}:wake"
         self.retry_s = retry_s
-        self._pending: list[Job] = []
+        self._pending: dict[str, Job] = {}
         self._aborts: list[str] = []
         self._wake = asyncio.Event()
         self._in_flight = 0
@@ -119,7 +121,7 @@ class Relay:
         try:
             await dequeue_jobs(self.redis, jobs)
         except (RedisError, OSError) as exc:
-            log.info("relay: could not drop %d taken-over jobs (%s)", len(jobs), exc)
+            REDIS.down(exc)
 
     async def send(self, jobs: list[Job], aborts: list[str] | None = None) -> None:
         try:
@@ -128,10 +130,12 @@ class Relay:
             if aborts:
                 await abort_jobs(self.redis, aborts, self.wake_channel)
         except (RedisError, OSError) as exc:
-            log.warning("relay: Redis unavailable (%s); %d jobs will be retried", exc, len(jobs))
-            self._pending.extend(jobs)
+            REDIS.down(exc)
+            self._pending.update((job.job_id, job) for job in jobs)
             self._aborts.extend(aborts or [])
             self._wake.set()
+        else:
+            REDIS.up()
 
     @property
     def backlog(self) -> int:
@@ -143,15 +147,18 @@ class Relay:
             await self._wake.wait()
             self._wake.clear()
             while self._pending or self._aborts:
-                jobs, self._pending = self._pending, []
+                jobs, self._pending = self._pending, {}
                 aborts, self._aborts = self._aborts, []
                 self._in_flight = len(jobs)
                 try:
-                    await enqueue_many(self.redis, jobs)
+                    await enqueue_many(self.redis, jobs.values())
                     await abort_jobs(self.redis, aborts, self.wake_channel)
-                except (RedisError, OSError):
-                    self._pending = jobs + self._pending
+                except (RedisError, OSError) as exc:
+                    REDIS.down(exc)
+                    self._pending = {**jobs, **self._pending}
                     self._aborts = aborts + self._aborts
                     await asyncio.sleep(self.retry_s)
+                else:
+                    REDIS.up()
                 finally:
                     self._in_flight = 0

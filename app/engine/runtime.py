@@ -11,10 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
+from app.engine import evaluation
 from app.engine.notify import RunNotifier, asyncpg_dsn
 from app.engine.outbox import Relay
 from app.engine.sql import setup_connection
 from app.engine.tx import Tx
+from app.outage import DATABASE, watch_engine
 from app.redis import connect as connect_redis
 from app.vault.crypto import Vault, load_keys
 
@@ -25,6 +27,11 @@ async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """Skip asyncpg's reset query on release (a round trip per transaction): the engine's connections
     never LISTEN, take advisory locks, open cursors or SET session state, and asyncpg rolls back any
     transaction left open before calling this."""
+
+
+async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    await setup_connection(conn)
+    DATABASE.up()  # a new connection: if the database was away, it is back
 
 
 @dataclass
@@ -58,9 +65,14 @@ class Runtime:
             settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
             role=settings.db_app_role if role == "api" else None,
         )
+        watch_engine(engine)
+        # The expression evaluators (started on first use) follow this process's settings, not the environment's.
+        evaluation.configure(settings.expression_processes, settings.expression_memory_mb)
+        # min_size=0: connections open on demand, so asyncpg keeps no "connection floor" it would retry
+        # (with a traceback each time) through a database outage.
         pg = await asyncpg.create_pool(
-            asyncpg_dsn(settings.database_url), min_size=1, max_size=settings.db_pool_size + settings.db_max_overflow,
-            init=setup_connection, reset=_no_reset, server_settings={"application_name": f"steward-{role}"},
+            asyncpg_dsn(settings.database_url), min_size=0, max_size=settings.db_pool_size + settings.db_max_overflow,
+            init=_init_connection, reset=_no_reset, server_settings={"application_name": f"steward-{role}"},
         )
         owns = redis is None
         if redis is None:
