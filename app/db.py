@@ -13,6 +13,9 @@ from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction
 from starlette.requests import Request
 
 ROOT = Path(__file__).resolve().parent.parent
+# What `integer` and `bigint` columns hold: every integer accepted must fit the column it goes to.
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

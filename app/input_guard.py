@@ -25,12 +25,12 @@ from fastapi import routing as fastapi_routing
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.db import INT64_MAX, INT64_MIN
 from app.http import PARSED_JSON, json_pointer, problem_response
 
 # The key itself is never echoed (it may hold what the guard refuses): the pointer names it.
 DUPLICATE_KEY = "duplicate key: each key may appear once in an object"
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Enough to show what is wrong without a response as large as the request.
 MAX_ERRORS = 20
 MAX_FORM_FIELDS = 1000
@@ -54,6 +54,25 @@ class _Duplicated(dict[str, Any]):
     """An object that named some keys more than once (the last value kept, as json does)."""
 
     duplicates: list[str]
+
+
+def object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` object hook that keeps track of repeated keys: see :func:`duplicate_keys`."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for key, _ in pairs:
+        (repeated if key in seen else seen).add(key)
+    duplicated = _Duplicated(obj)
+    duplicated.duplicates = sorted(repeated)
+    return duplicated
+
+
+def duplicate_keys(obj: Any) -> list[str]:
+    """The keys an object made by :func:`object_pairs` had more than once."""
+    return obj.duplicates if isinstance(obj, _Duplicated) else []
 
 
 def char_problem(text: str) -> str | None:
@@ -95,7 +114,7 @@ def _walk(value: Any, base: tuple[str | int, ...]) -> Iterator[tuple[tuple[str |
             if item != item or item in (float("inf"), float("-inf")):
                 yield path, "NaN and Infinity are not JSON numbers"
         elif isinstance(item, dict):
-            for key in getattr(item, "duplicates", ()):
+            for key in duplicate_keys(item):
                 yield (*path, key), DUPLICATE_KEY
             for key, child in item.items():
                 if isinstance(key, str) and (problem := char_problem(key)) is not None:
@@ -135,17 +154,10 @@ class _StrictDecoder:
         )
 
     def _object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj = dict(pairs)
-        if len(obj) == len(pairs):
-            return obj
-        seen: set[str] = set()
-        repeated: set[str] = set()
-        for key, _ in pairs:
-            (repeated if key in seen else seen).add(key)
-        duplicated = _Duplicated(obj)
-        duplicated.duplicates = sorted(repeated)
-        self.suspect = True
-        return duplicated
+        obj = object_pairs(pairs)
+        if isinstance(obj, _Duplicated):
+            self.suspect = True
+        return obj
 
     def _int(self, text: str) -> int | _Refused:
         if len(text) <= 18:  # any 18 digits fit

@@ -11,11 +11,12 @@ from typing import Annotated, TypeVar
 from fastapi import Query
 
 from app.config import Settings
+from app.db import INT32_MAX
 from app.errors import Invalid
 
 # Bounded like any integer the API takes, though larger sizes are cut to the server's maximum anyway.
 Limit = Annotated[
-    int | None, Query(ge=1, le=2**31 - 1, description="Page size (default and maximum are set by the server)")
+    int | None, Query(ge=1, le=INT32_MAX, description="Page size (default and maximum are set by the server)")
 ]
 Cursor = Annotated[str | None, Query(max_length=1024, description="`next_cursor` of the previous page")]
 

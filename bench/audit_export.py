@@ -83,16 +83,9 @@ def chain_rows(tenant_id: uuid.UUID, start_seq: int, prev: str, n: int) -> Itera
 
 async def fill(database_url: str, n: int) -> tuple[str, str, int]:
     """A tenant with an admin key and ``n`` more chained audit rows: (tenant name, key, rows in chain)."""
-    from app.db import make_engine, make_sessionmaker
-    from app.tenants.service import bootstrap_tenant
+    from bench.engine import bootstrap
 
-    engine = make_engine(database_url, pool_size=1, max_overflow=0)
-    try:
-        async with make_sessionmaker(engine)() as db:
-            boot = await bootstrap_tenant(db, "bench")
-            await db.commit()
-    finally:
-        await engine.dispose()
+    boot = await bootstrap(database_url)
     conn = await asyncpg.connect(database_url)
     try:
         await setup_connection(conn)

@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +69,9 @@ except ImportError as exc:  # pragma: no cover - a wrong interpreter
     sys.exit(
         f"bench/engine.py: {exc}; run it with the project's virtualenv: .venv/bin/python bench/engine.py"
     )
+
+if TYPE_CHECKING:
+    from app.tenants.service import Bootstrapped
 
 SCENARIOS = ("chain1", "chain8", "fanout")
 CHAIN_WORKFLOW = "bench-chain-10"
@@ -944,6 +947,21 @@ def tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(data.splitlines()[-lines:]) or "(empty)"
 
 
+
+async def bootstrap(database_url: str, tenant: str = "bench") -> Bootstrapped:
+    """The tenant, created if need be, with a new admin key (the benchmarks' product has no other)."""
+    from app.db import make_engine, make_sessionmaker
+    from app.tenants.service import bootstrap_tenant
+
+    engine = make_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        async with make_sessionmaker(engine)() as db:
+            result = await bootstrap_tenant(db, tenant)
+            await db.commit()
+    finally:
+        await engine.dispose()
+    return result
+
 class Product:
     """A database, a Redis database and the API and worker processes, all removed by ``stop()``."""
 
@@ -1007,17 +1025,7 @@ class Product:
             await conn.close()
 
     async def _bootstrap(self) -> str:
-        from app.db import make_engine, make_sessionmaker
-        from app.tenants.service import bootstrap_tenant
-
-        engine = make_engine(self.database_url, pool_size=1, max_overflow=0)
-        try:
-            async with make_sessionmaker(engine)() as db:
-                result = await bootstrap_tenant(db, "bench")
-                await db.commit()
-        finally:
-            await engine.dispose()
-        return result.api_key
+        return (await bootstrap(self.database_url)).api_key
 
     async def _flush_redis(self) -> None:
         import redis.asyncio as aioredis

@@ -53,6 +53,7 @@ import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 
 from app.vault.crypto import new_key  # noqa: E402
+from bench.engine import bootstrap  # noqa: E402
 from tests.fakes.tool_server import ToolServer  # noqa: E402
 from tests.outages.servers import PrivatePostgres, PrivateRedis, free_port  # noqa: E402
 
@@ -123,17 +124,7 @@ class Product:
             await conn.close()
 
     async def _bootstrap(self) -> str:
-        from app.db import make_engine, make_sessionmaker
-        from app.tenants.service import bootstrap_tenant
-
-        engine = make_engine(self.database_url, pool_size=1, max_overflow=0)
-        try:
-            async with make_sessionmaker(engine)() as db:
-                result = await bootstrap_tenant(db, "bench")
-                await db.commit()
-        finally:
-            await engine.dispose()
-        return result.api_key
+        return (await bootstrap(self.database_url)).api_key
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         with open(self.logdir / f"{name}.log", "wb") as out:

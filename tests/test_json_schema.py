@@ -91,3 +91,9 @@ async def test_a_run_input_against_a_catastrophic_pattern_is_refused(
     assert any("took too long to match" in e["message"] for e in r.json()["errors"]), r.json()
     ok = await client.post("/api/v1/runs", json={"workflow": workflow, "input": {"s": "aaa"}}, headers=tenant.headers)
     assert ok.status_code == 201, ok.text
+
+
+def test_a_pattern_that_cannot_be_read_makes_the_value_invalid_not_the_process_fail() -> None:
+    # A tool's schema is checked against the meta-schema without the `regex` format: "(" gets stored.
+    found = errors({"type": "string", "pattern": "("}, "anything")
+    assert len(found) == 1 and "cannot be used" in found[0], found

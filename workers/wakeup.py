@@ -168,10 +168,12 @@ async def listen(redis: ArqRedis, queue_prefix: str, workers: dict[str, Wakeable
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_TIMEOUT_S)
                 if message is not None and message.get("type") == "message":
                     _route(message, workers)
-        except Exception as exc:
-            if not is_redis_outage(exc):
-                raise
-            REDIS.down(exc)
+        except (RedisError, OSError) as exc:
+            # Wake-ups are a shortcut (the idle poll is the safety net): no Redis error may end the listener.
+            if is_redis_outage(exc):
+                REDIS.down(exc)
+            else:
+                log.warning("wake-up listener: %s; subscribing again", exc)
             await backoff.sleep()
         finally:
             with contextlib.suppress(RedisError, OSError):

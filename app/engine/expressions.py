@@ -24,7 +24,8 @@ Notes on the ``cel`` package (common-expression-language 0.10) that shape this m
   minutes, and a thread does not keep an event loop responsive meanwhile. The functions here evaluate
   in the calling thread; :mod:`app.engine.evaluation` decides, from the static :class:`Cost` of each
   expression and the size of its data, whether that is safe or the killable sandbox
-  (:mod:`app.engine.sandbox`) must do it. Stored expressions are held to :meth:`Cost.problem`.
+  (:mod:`app.engine.sandbox`) must do it. Expressions being posted are also held to
+  :meth:`Cost.problem` (:func:`check_expression`); stored ones are not, so they keep loading.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from app.audit.service import entry as audit_entry
 from app.auth.deps import require
 from app.config import Settings
 from app.context import Ctx
-from app.db import get_db
+from app.db import INT32_MAX, INT64_MAX, get_db
 from app.engine import actions
 from app.engine.advance import RunRow
 from app.engine.runtime import Runtime
@@ -145,7 +145,7 @@ async def list_events(
     run_id: uuid.UUID,
     db: Db,
     ctx: Viewer,
-    cursor: Annotated[int | None, Query(ge=0, le=schemas.INT64_MAX, description="events after this id")] = None,
+    cursor: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="events after this id")] = None,
     limit: Limit = None,
 ) -> schemas.EventPage:
     settings: Settings = request.app.state.settings
@@ -160,7 +160,7 @@ async def step_conversation(
     step_id: str,
     db: Db,
     ctx: Viewer,
-    cursor: Annotated[int | None, Query(ge=0, le=schemas.INT32_MAX, description="entries after this seq")] = None,
+    cursor: Annotated[int | None, Query(ge=0, le=INT32_MAX, description="entries after this seq")] = None,
     limit: Limit = None,
 ) -> schemas.ConversationPage:
     """The full conversation of an ``llm`` or ``agent`` step: model turns and tool results, as checkpointed."""

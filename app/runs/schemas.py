@@ -7,12 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.db import INT32_MAX
 from app.workflows.definition import MAX_LIMITS
 
 Priority = Literal["high", "normal", "low"]
-# Column bounds: `integer` (workflow versions, conversation seqs) and `bigint` (event ids).
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
 
 
 def json_value(value: Any) -> Any:

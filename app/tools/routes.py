@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.deps import require
 from app.context import Ctx
-from app.db import get_db
+from app.db import INT32_MAX, get_db
 from app.engine.sql import driver
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, decode_cursor, decode_int_cursor, page, page_size
@@ -81,7 +81,7 @@ async def list_tools(
 
 @router.get("/{name}", response_model=ToolRead, summary="A tool (latest version unless `version`); builtins too")
 async def get_tool(
-    name: Name, ctx: Viewer, db: Db, version: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None
+    name: Name, ctx: Viewer, db: Db, version: Annotated[int | None, Query(ge=0, le=INT32_MAX)] = None
 ) -> ToolRead:
     return _read(await service.get_tool(await driver(db), ctx, name, version))
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from app.input_guard import DUPLICATE_KEY
-from app.workflows.document import DefinitionError, ErrorList, Path, pointer
+from app.input_guard import DUPLICATE_KEY, duplicate_keys, object_pairs
+from app.workflows.document import DefinitionError, ErrorList, Link, pointer, unlink
 
 __all__ = ["MAX_DOCUMENT_DEPTH", "MAX_DOCUMENT_VALUES", "load_document", "load_json", "load_yaml"]
 
@@ -29,27 +29,15 @@ MAX_DOCUMENT_VALUES = 50_000
 MAX_DOCUMENT_DEPTH = 128
 _MAX_ERRORS = 50
 
-# A path as a chain of (parent, key) links: extending it is O(1), and it becomes a pointer only on error.
-_Link = tuple[Any, str | int] | None
-
-
-def _path(link: _Link) -> Path:
-    parts: list[str | int] = []
-    while link is not None:
-        link, part = link
-        parts.append(part)
-    return tuple(reversed(parts))
-
-
-def _fail(link: _Link, message: str) -> DefinitionError:
-    return DefinitionError([{"pointer": pointer(_path(link)), "message": message}])
+def _fail(link: Link, message: str) -> DefinitionError:
+    return DefinitionError([{"pointer": pointer(unlink(link)), "message": message}])
 
 
 def _too_large(what: str = "values") -> DefinitionError:
     return _fail(None, f"document too large (over {MAX_DOCUMENT_VALUES} {what})")
 
 
-def _too_deep(link: _Link) -> DefinitionError:
+def _too_deep(link: Link) -> DefinitionError:
     return _fail(link, f"nested too deeply (over {MAX_DOCUMENT_DEPTH} levels)")
 
 
@@ -75,30 +63,10 @@ def load_document(text: str, content_type: str | None) -> Any:
 # --- JSON ----------------------------------------------------------------------------------------------
 
 
-class _Repeated(dict[str, Any]):
-    """A JSON object that repeated a key (json.loads keeps the last silently); ``repeated`` names them."""
-
-    repeated: list[str]
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) == len(pairs):
-        return obj
-    marked = _Repeated(obj)
-    seen: set[str] = set()
-    marked.repeated = []
-    for key, _ in pairs:
-        if key in seen:
-            marked.repeated.append(key)
-        seen.add(key)
-    return marked
-
-
 def load_json(text: str) -> Any:
     """Strict JSON: no NaN/Infinity (not storable), no repeated keys (one of them would be lost silently)."""
     try:
-        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object)
+        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=object_pairs)
     except json.JSONDecodeError as exc:
         message = f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
     except ValueError as exc:
@@ -118,7 +86,7 @@ def _reject_constant(name: str) -> Any:
 def check_json(data: Any) -> None:
     """Size, depth and repeated keys of decoded JSON, in one pass with O(1) work per value."""
     errors: ErrorList = []
-    todo: list[tuple[Any, _Link, int]] = [(data, None, 0)]
+    todo: list[tuple[Any, Link, int]] = [(data, None, 0)]
     values = 1
     while todo:
         node, link, depth = todo.pop()
@@ -130,11 +98,8 @@ def check_json(data: Any) -> None:
             raise _too_large()
         if depth >= MAX_DOCUMENT_DEPTH:
             raise _too_deep(link)
-        if isinstance(node, _Repeated):
-            errors += [
-                {"pointer": pointer((*_path(link), key)), "message": DUPLICATE_KEY}
-                for key in node.repeated
-            ]
+        errors += [{"pointer": pointer((*unlink(link), key)), "message": DUPLICATE_KEY}
+                   for key in duplicate_keys(node)]
         items = node.items() if isinstance(node, dict) else enumerate(node)
         todo.extend((value, (link, key), depth + 1) for key, value in items)
     if errors:
@@ -264,9 +229,9 @@ class _Composer:
         return self.anchors[event.anchor]
 
 
-def _stack_link(stack: list[tuple[yaml.Node, str | None]]) -> _Link:
+def _stack_link(stack: list[tuple[yaml.Node, str | None]]) -> Link:
     """The path of the node being composed under the open collections (for error pointers)."""
-    link: _Link = None
+    link: Link = None
     for node, _ in stack:
         items = node.value  # flat while open: key, value, key, value... for a mapping
         if isinstance(node, yaml.SequenceNode):
@@ -288,7 +253,7 @@ class _Builder:
 
     def build(self, root: yaml.Node) -> Any:
         holder: list[Any] = [None]
-        todo: list[tuple[yaml.Node, Any, Any, _Link, int]] = [(root, holder, 0, None, 0)]
+        todo: list[tuple[yaml.Node, Any, Any, Link, int]] = [(root, holder, 0, None, 0)]
         self._count()
         while todo:
             node, into, key, link, depth = todo.pop()
@@ -317,10 +282,10 @@ class _Builder:
         if self.values > MAX_DOCUMENT_VALUES:
             raise _too_large("values once YAML aliases are expanded")
 
-    def _error(self, link: _Link, message: str) -> None:
-        self.errors.append({"pointer": pointer(_path(link)), "message": message})
+    def _error(self, link: Link, message: str) -> None:
+        self.errors.append({"pointer": pointer(unlink(link)), "message": message})
 
-    def _scalar(self, node: yaml.ScalarNode, link: _Link) -> Any:
+    def _scalar(self, node: yaml.ScalarNode, link: Link) -> Any:
         """The scalar's value; None (and an error) when JSON has no such value."""
         if node.tag not in _SCALARS:
             self._error(link, _not_json(node.tag))
@@ -335,7 +300,7 @@ class _Builder:
             return None
         return value
 
-    def _pairs(self, node: yaml.MappingNode, link: _Link) -> list[tuple[str, yaml.Node]]:
+    def _pairs(self, node: yaml.MappingNode, link: Link) -> list[tuple[str, yaml.Node]]:
         """The mapping's keys and value nodes; ``<<`` merges add the keys it lacks, the first source winning.
 
         A key repeated within one mapping (merged ones included) is an error: one of the two would be lost.
@@ -367,14 +332,14 @@ class _Builder:
             sources.extend(reversed(fresh))
         return pairs
 
-    def _merge_sources(self, value: yaml.Node, link: _Link) -> list[yaml.MappingNode]:
+    def _merge_sources(self, value: yaml.Node, link: Link) -> list[yaml.MappingNode]:
         nodes = value.value if isinstance(value, yaml.SequenceNode) else [value]
         if not all(isinstance(n, yaml.MappingNode) for n in nodes):
             self._error(link, "a merge key (<<) takes a mapping or a list of mappings")
             return []
         return list(nodes)
 
-    def _key(self, node: yaml.Node, link: _Link) -> str | None:
+    def _key(self, node: yaml.Node, link: Link) -> str | None:
         if not isinstance(node, yaml.ScalarNode):
             self._error(link, "keys must be strings")
             return None

@@ -30,7 +30,7 @@ from app.engine.expressions import (
 from app.json_schema import schema_errors
 from app.workflows import dag
 from app.workflows.decode import load_document
-from app.workflows.document import Collector, DefinitionError, Path, pointer
+from app.workflows.document import Collector, DefinitionError, Path, pointer, unlink
 
 __all__ = [
     "BUILTIN_TOOLS",
@@ -657,26 +657,18 @@ def _check_templates(cx: _Ctx, path: Path, value: Any, refs: list[tuple[Path, st
 
 def _template_strings(cx: _Ctx, path: Path, value: Any) -> Iterator[tuple[Path, str]]:
     # Iterative, with a depth cap: submitted documents can nest deeper than Python's recursion limit.
-    # Paths are (parent, key) links, made into tuples only for the strings found: O(1) per value.
+    # Paths as document.Link chains, made into tuples only for the strings found: O(1) per value.
     todo: list[tuple[Any, Any, int]] = [(value, None, 0)]
     while todo:
         node, link, depth = todo.pop()
         if isinstance(node, str) and is_template(node):
-            yield (*path, *_unlink(link)), node
+            yield (*path, *unlink(link)), node
         elif isinstance(node, dict | list) and depth >= MAX_NESTING:
-            cx.error((*path, *_unlink(link)), f"nested too deeply (at most {MAX_NESTING} levels)")
+            cx.error((*path, *unlink(link)), f"nested too deeply (at most {MAX_NESTING} levels)")
         elif isinstance(node, dict):
             todo.extend((item, (link, key), depth + 1) for key, item in reversed(node.items()))
         elif isinstance(node, list):
             todo.extend((node[i], (link, i), depth + 1) for i in range(len(node) - 1, -1, -1))
-
-
-def _unlink(link: Any) -> Path:
-    parts: list[str | int] = []
-    while link is not None:
-        link, part = link
-        parts.append(part)
-    return tuple(reversed(parts))
 
 
 def _more_values_than(value: Any, limit: int) -> bool:

@@ -10,6 +10,18 @@ from typing import Any
 
 Path = tuple[str | int, ...]
 ErrorList = list[dict[str, str]]
+# A path as a chain of (parent, key) links: extending it is O(1), and it becomes a Path only when needed
+# (an error, a string found), so walks over large documents stay linear.
+Link = tuple[Any, str | int] | None
+
+
+def unlink(link: Link) -> Path:
+    """The :data:`Path` a chain of links spells."""
+    parts: list[str | int] = []
+    while link is not None:
+        link, part = link
+        parts.append(part)
+    return tuple(reversed(parts))
 
 
 class DefinitionError(Exception):

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.deps import require
 from app.context import Ctx
-from app.db import get_db
+from app.db import INT32_MAX, get_db
 from app.errors import BadRequest, Invalid
 from app.http import PARSED_JSON, AppSettings, JsonRoute, UnsupportedMediaType, api_responses, problem_responses
 from app.input_guard import value_errors
@@ -116,7 +116,7 @@ async def list_workflow_versions(
 
 @router.get("/{name}/versions/{version}", response_model=WorkflowVersionRead, summary="One version")
 async def get_workflow_version(
-    name: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)], ctx: Viewer, db: Db
+    name: str, version: Annotated[int, Path(ge=1, le=INT32_MAX)], ctx: Viewer, db: Db
 ) -> WorkflowVersionRead:
     return _version_read(name, await service.get_workflow_version(db, ctx, name, version))
 
