@@ -249,7 +249,7 @@ async def _local_admin(db: AsyncSession, tenant_id: uuid.UUID) -> str | None:
     if _settings().oidc_issuer:
         return None
     from app.auth.local import ensure_local_admin
-    from app.engine.sql import driver
+    from app.pg import driver
 
     return await ensure_local_admin(await driver(db), tenant_id)
 

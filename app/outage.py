@@ -168,7 +168,7 @@ def register_handlers(app: FastAPI) -> None:
     """Route the exceptions an outage raises to :func:`unavailable_handler` (more specific handlers, such
     as IntegrityError's 409, still win)."""
     # EmulatedDBAPIException: SQLAlchemy's adapter errors, raised bare by statements run on the driver's
-    # connection (app/engine/sql.py ``driver``) rather than through a SQLAlchemy Connection.
+    # connection (app/pg.py ``driver``) rather than through a SQLAlchemy Connection.
     for cls in (sa_exc.DBAPIError, sa_exc.EmulatedDBAPIException, asyncpg.PostgresError, asyncpg.InterfaceError,
                 asyncpg.InternalClientError, OSError):
         app.add_exception_handler(cls, unavailable_handler)
@@ -177,7 +177,7 @@ def register_handlers(app: FastAPI) -> None:
 def watch_engine(engine: AsyncEngine) -> None:
     """Hand out no pooled connection the server has closed, and note when connections open again.
 
-    The engine's callers also run statements on the asyncpg connection directly (app/engine/sql.py
+    The engine's callers also run statements on the asyncpg connection directly (app/pg.py
     ``driver``), where SQLAlchemy never sees a disconnect and would keep a dead connection pooled for
     good; asyncpg knows, locally and without a round trip, whether its socket is closed.
     """

@@ -52,7 +52,7 @@ import httpx  # noqa: E402
 
 from app.audit.chain import ChainRow, row_hash  # noqa: E402
 from app.db import run_migrations  # noqa: E402
-from app.engine.sql import setup_connection  # noqa: E402
+from app.pg import setup_connection  # noqa: E402
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/12"

@@ -16,7 +16,6 @@ limits and the tenant's caps, and settled to the reported usage afterwards.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -29,16 +28,17 @@ import httpx
 
 from app.budgets import service as budgets
 from app.budgets.service import Hold
+from app.canonical import digest
 from app.engine import checkpoints
 from app.engine.advance import Claimed
 from app.engine.attempts import AuditNote, Outcome
 from app.engine.checkpoints import Checkpoint
 from app.engine.runtime import Runtime
-from app.engine.sql import Conn
-from app.engine.tx import Tx
-from app.engine.unit import in_tx
+from app.engine.transaction import in_tx
+from app.engine.unit_of_work import UnitOfWork
 from app.json_schema import schema_errors
 from app.llm.client import ChatResult, ModelError, chat, cost_usd, estimate_input_tokens, tool_spec
+from app.pg import Conn
 from app.providers.service import ModelRef, resolve_model
 from app.tools import service as tools
 from app.workflows.definition import ModelStep, Permissions, StepDef
@@ -57,8 +57,7 @@ def _now() -> datetime:
 
 
 def _digest(value: Any) -> str:
-    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return digest(value, default=str)
 
 
 @dataclass(frozen=True)
@@ -224,7 +223,7 @@ class ModelStepRun:
         c.apply(cp)
         return None
 
-    async def _save_turn(self, tx: Tx, cp: Checkpoint, events: list[tuple[str, dict[str, Any]]], hold: Hold,
+    async def _save_turn(self, tx: UnitOfWork, cp: Checkpoint, events: list[tuple[str, dict[str, Any]]], hold: Hold,
                          cost: Decimal, tokens: int) -> None:
         """The turn's checkpoint and the settlement of its hold: both or neither."""
         await checkpoints.save(tx, self.claimed, cp, events, [])

@@ -32,8 +32,8 @@ from app.engine.attempts import AuditNote
 from app.engine.evaluation import Budget
 from app.engine.expressions import ExpressionError, ExpressionLimit
 from app.engine.runtime import Runtime
-from app.engine.sql import Conn
 from app.outage import quiet_database_outage
+from app.pg import Conn
 from app.tenants.policy import TenantPolicy, load_policy
 from app.tools import service as tools
 from app.tools.breaker import Breaker, BreakerPolicy

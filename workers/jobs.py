@@ -20,8 +20,8 @@ from app.engine.attempts import Outcome, claim_attempt, record_outcomes
 from app.engine.attempts import fire_wait_timeout as fire_wait_timeout_tx
 from app.engine.reconciler import reconcile_once
 from app.engine.runtime import Runtime
-from app.engine.tx import Tx
-from app.engine.unit import DatabaseUnavailable, in_tx
+from app.engine.transaction import DatabaseUnavailable, in_tx
+from app.engine.unit_of_work import UnitOfWork
 from app.outage import DATABASE, Backoff, is_database_outage, quiet_database_outage
 from app.tools.breaker import Breaker
 from workers.executor import UNAVAILABLE, Lease, execute
@@ -46,7 +46,7 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
     claimer = Claimer(worker_id=ctx["worker_id"], job_id=ctx["job_id"], capacity=batch)
     began: list[float] = []
 
-    async def claim(tx: Tx) -> list[Claimed]:
+    async def claim(tx: UnitOfWork) -> list[Claimed]:
         began.append(time.monotonic())  # the lease the committed try takes starts after this
         return await claim_attempt(tx, settings, uuid.UUID(attempt_id), claimer)
 
@@ -116,7 +116,7 @@ async def _record(
     returns the steps claimed inline and when the transaction that claimed them began."""
     began: list[float] = []
 
-    async def record(tx: Tx) -> list[Claimed]:
+    async def record(tx: UnitOfWork) -> list[Claimed]:
         pending = results
         if began:
             # An earlier try may have committed before its connection was lost: record what is not yet.

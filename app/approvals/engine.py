@@ -7,29 +7,28 @@ edited ones, and the step runs those; the executor recomputes the hash and refus
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from app.audit.service import entry
+from app.canonical import digest
+from app.clock import now
 from app.config import Settings
 from app.context import Ctx
 from app.engine.advance import Advance, RunRow, StepRow, load_definition, load_steps, lock, queue_name
-from app.engine.sql import dumps
 from app.engine.state_machine import IllegalTransition, RunStatus, StepStatus, transition_step
-from app.engine.tx import Job, Tx, now
+from app.engine.unit_of_work import Job, UnitOfWork
 from app.errors import Conflict, Forbidden, NotFound
+from app.pg import dumps
 from app.tenants.policy import TenantPolicy, load_policy
 
 S = StepStatus
 
 
 def action_hash(tool: str | None, version: int | None, args: Any) -> str:
-    canonical = json.dumps({"tool": tool, "version": version, "args": args}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return digest({"tool": tool, "version": version, "args": args})
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,11 @@ class AlreadyDecided(Conflict):
     title = "Already decided"
 
 
-async def tenant_policy(tx: Tx, tenant_id: uuid.UUID) -> TenantPolicy:
+async def tenant_policy(tx: UnitOfWork, tenant_id: uuid.UUID) -> TenantPolicy:
     return load_policy(await tx.conn.fetchval("SELECT policy FROM tenant WHERE id = $1", tenant_id))
 
 
-async def request_approval(tx: Tx, settings: Settings, run: RunRow, step: StepRow, gate: Gate) -> uuid.UUID:
+async def request_approval(tx: UnitOfWork, settings: Settings, run: RunRow, step: StepRow, gate: Gate) -> uuid.UUID:
     """Record the request and put the step to wait for it (the step must be running or pending)."""
     requested_by, raw_policy = await tx.conn.fetchrow(
         "SELECT r.created_by, t.policy FROM run r JOIN tenant t ON t.id = r.tenant_id WHERE r.id = $1", run.id
@@ -124,7 +123,7 @@ _APPROVAL = "SELECT * FROM approval WHERE id = $1"
 
 
 async def decide(
-    tx: Tx,
+    tx: UnitOfWork,
     settings: Settings,
     tenant_id: uuid.UUID,
     approval_id: uuid.UUID,
@@ -186,7 +185,7 @@ async def decide(
 
 
 async def _resolve_step(
-    tx: Tx,
+    tx: UnitOfWork,
     settings: Settings,
     run: RunRow,
     approval: Any,
@@ -232,7 +231,7 @@ def _said(comment: str | None) -> str:
     return f": {comment}" if comment else ""
 
 
-async def _fail(tx: Tx, run: RunRow, step: StepRow, error_class: str, message: str) -> None:
+async def _fail(tx: UnitOfWork, run: RunRow, step: StepRow, error_class: str, message: str) -> None:
     error = {"class": error_class, "message": message}
     await transition_step(
         tx.conn,
@@ -247,7 +246,7 @@ async def _fail(tx: Tx, run: RunRow, step: StepRow, error_class: str, message: s
     tx.event(run.id, "step_failed", step_id=step.step_id, map_index=step.map_index, error=error)
 
 
-async def expire(tx: Tx, settings: Settings, run: RunRow, step: StepRow) -> bool:
+async def expire(tx: UnitOfWork, settings: Settings, run: RunRow, step: StepRow) -> bool:
     """The step's approval ran out of time: reject it, or flag it and leave it pending (per its policy)."""
     row = await tx.conn.fetchrow(
         "SELECT * FROM approval WHERE step_run_id = $1 AND status = 'pending' ORDER BY requested_at DESC LIMIT 1",
@@ -279,7 +278,7 @@ async def expire(tx: Tx, settings: Settings, run: RunRow, step: StepRow) -> bool
     return True
 
 
-async def supersede(tx: Tx, step_run_ids: list[uuid.UUID]) -> None:
+async def supersede(tx: UnitOfWork, step_run_ids: list[uuid.UUID]) -> None:
     """A retried run's steps start over: their earlier approvals no longer apply (pending ones are cancelled)."""
     await tx.conn.execute(
         "UPDATE approval SET superseded_at = $2, version = version + 1, "

@@ -8,25 +8,24 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.approvals import engine
 from app.auth.deps import require
 from app.context import Ctx
-from app.db import get_db
+from app.db import Db
 from app.engine.runtime import Runtime
-from app.engine.sql import driver
-from app.engine.tx import Tx
+from app.engine.unit_of_work import UnitOfWork
 from app.errors import Invalid
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
-from app.pagination import Cursor, Limit, decode_cursor, encode_cursor, page_size
+from app.pagination import Cursor, Limit, keyset, page_size
+from app.pg import driver
 from app.tools import service as tools
 
 router = APIRouter(
     prefix="/api/v1/approvals", tags=["approvals"], responses=api_responses(404), route_class=JsonRoute
 )
+PAGES = keyset("approvals", datetime, uuid.UUID)
 
-Db = Annotated[AsyncSession, Depends(get_db)]
 Viewer = Annotated[Ctx, Depends(require("approvals:read"))]
 Approver = Annotated[Ctx, Depends(require("approvals:decide"))]
 Status = Literal["pending", "approved", "rejected", "expired", "cancelled"]
@@ -93,7 +92,7 @@ async def list_approvals(
     cursor: Cursor = None,
 ) -> ApprovalPage:
     size = page_size(limit, settings)
-    after = _decode(cursor) if cursor else None
+    after = PAGES.decode(cursor)
     rows = await (await driver(db)).fetch(
         f"SELECT {_COLUMNS} FROM approval WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2) "
         "AND ($3::uuid IS NULL OR run_id = $3) AND ($4::timestamptz IS NULL OR (requested_at, id) < ($4, $5)) "
@@ -110,16 +109,8 @@ async def list_approvals(
     last = rows[-1] if rows else None
     return ApprovalPage(
         items=[_read(r) for r in rows],
-        next_cursor=encode_cursor(f"{last['requested_at'].isoformat()}|{last['id']}") if more and last else None,
+        next_cursor=PAGES.encode(last["requested_at"], last["id"]) if more and last else None,
     )
-
-
-def _decode(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        at, _, ident = decode_cursor(cursor).partition("|")
-        return datetime.fromisoformat(at), uuid.UUID(ident)
-    except ValueError as exc:
-        raise Invalid("invalid cursor", errors=[{"pointer": "/query/cursor", "message": "not a cursor"}]) from exc
 
 
 @router.get("/{approval_id}", response_model=ApprovalRead, summary="One approval")
@@ -144,7 +135,7 @@ async def decide(
     """Exactly one decision wins; a later or concurrent one gets 409. Four-eyes (a tenant setting,
     on by default): whoever started the run cannot approve its requests (403)."""
     conn = await driver(db)
-    tx = Tx(conn, ctx.tenant_id)
+    tx = UnitOfWork(conn, ctx.tenant_id)
 
     async def check_args(args: Any) -> None:
         row = await conn.fetchrow("SELECT tool, tool_version FROM approval WHERE id = $1", approval_id)

@@ -22,7 +22,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from app.engine.sql import Conn, dumps
+from app.canonical import canonical_json
+from app.clock import now
+from app.pg import Conn, dumps
 
 GENESIS = "0" * 64
 FORMAT_VERSION = 1
@@ -43,7 +45,7 @@ class Entry:
     data: dict[str, Any] = field(default_factory=dict)
     ip: str | None = None
     user_agent: str | None = None
-    at: datetime = field(default_factory=lambda: now())
+    at: datetime = field(default_factory=now)
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,6 @@ class ChainRow:
     outcome: str
     data: Any
     prev_hash: str
-
-
-def now() -> datetime:
-    # Microseconds: what Postgres keeps, so the hash of a row read back is the hash written.
-    return datetime.now(UTC)
 
 
 def format_at(at: datetime) -> str:
@@ -85,7 +82,7 @@ def canonical(row: ChainRow) -> bytes:
         "data": row.data,
         "prev_hash": row.prev_hash,
     }
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return canonical_json(body)
 
 
 def row_hash(row: ChainRow) -> str:

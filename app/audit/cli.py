@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 if TYPE_CHECKING:
     from app.audit.routes import ExportFormat, Filters
     from app.audit.verify import Verification
-    from app.engine.sql import Conn
+    from app.pg import Conn
 
 EXIT_BROKEN = 1
 EXIT_USAGE = 2
@@ -94,7 +94,7 @@ async def _connect(database_url: str) -> AsyncIterator[Conn]:
     import asyncpg
 
     from app.engine.notify import asyncpg_dsn
-    from app.engine.sql import setup_connection
+    from app.pg import setup_connection
 
     conn = await asyncpg.connect(asyncpg_dsn(database_url), server_settings={"application_name": "steward-cli"})
     try:

@@ -19,7 +19,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from app.audit.chain import Entry, append, format_at
-from app.engine.sql import Conn
+from app.pg import Conn
 
 if TYPE_CHECKING:
     from app.engine.runtime import Runtime

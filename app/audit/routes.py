@@ -29,7 +29,6 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -38,19 +37,19 @@ from app.audit.verify import Reason, verify_chain
 from app.auth.deps import require
 from app.config import Settings
 from app.context import Ctx
-from app.db import get_db
+from app.db import Db
 from app.engine.notify import asyncpg_dsn
-from app.engine.sql import Conn, driver, setup_connection
 from app.errors import AppError, Invalid
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
-from app.pagination import Cursor, Limit, decode_int_cursor, page, page_size
+from app.pagination import Cursor, Limit, keyset, page_size
+from app.pg import Conn, driver, setup_connection
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"], responses=api_responses(), route_class=JsonRoute)
+PAGES = keyset("audit", int)
 
 Auditor = Annotated[Ctx, Depends(require("audit:read"))]
-Db = Annotated[AsyncSession, Depends(get_db)]
 ExportFormat = Literal["jsonl", "csv"]
 
 # Exports and verifications running at once in this process (each holds a database connection).
@@ -367,10 +366,10 @@ async def list_audit_events(
     size = page_size(limit, settings)
     where, args = filters.sql(ctx.tenant_id)
     if cursor:
-        args.append(decode_int_cursor(cursor))
+        args.append(PAGES.after(cursor))
         where += f" AND seq < ${len(args)}"
     args.append(size + 1)
     conn = await driver(db)
     rows = await conn.fetch(f"{_SELECT} WHERE {where} ORDER BY seq DESC LIMIT ${len(args)}", *args)
-    items, next_cursor = page(rows, size, lambda r: str(r["seq"]))
+    items, next_cursor = PAGES.page(rows, size, lambda r: (r["seq"],))
     return AuditEventPage(items=[AuditEventRead(**export_record(r)) for r in items], next_cursor=next_cursor)

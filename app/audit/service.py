@@ -1,6 +1,6 @@
 """Writing audit events: one row per action, chained, in the transaction of the action it records.
 
-Engine code collects its events on the :class:`~app.engine.tx.Tx` (``tx.audit``), which appends them
+Engine code collects its events on the :class:`~app.engine.unit_of_work.UnitOfWork` (``tx.audit``), which appends them
 just before commit; services outside the engine call :func:`record` on their connection.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from app.audit.chain import Entry, append
 from app.context import Ctx
-from app.engine.sql import Conn
+from app.pg import Conn
 
 
 def entry(actor: str | Ctx, action: str, target: str | None, *, outcome: str = "ok",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from app.audit.chain import GENESIS, ChainRow, row_hash
-from app.engine.sql import Conn
+from app.pg import Conn
 
 BATCH = 500
 

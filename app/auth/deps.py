@@ -24,8 +24,8 @@ from app.auth.keys import KEY_PREFIX, hash_api_key
 from app.auth.permissions import PERMISSIONS, allowed
 from app.context import Ctx
 from app.db import get_db
-from app.engine.sql import driver
 from app.errors import Forbidden, Unauthorized
+from app.pg import driver
 
 log = logging.getLogger(__name__)
 

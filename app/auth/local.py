@@ -15,7 +15,7 @@ import secrets
 import uuid
 
 from app.auth.users import LOCAL_ISSUER
-from app.engine.sql import Conn
+from app.pg import Conn
 
 LOCAL_ADMIN = "admin"
 # scrypt cost: 2**15 x 8 x 1 takes about 0.1 s and 32 MiB per guess (OWASP's minimum is 2**17 x 8 x 1 / 5).

@@ -39,8 +39,8 @@ from app.auth.users import User, tenant_access
 from app.config import Settings
 from app.context import Ctx
 from app.db import bind_tenant
-from app.engine.sql import Conn, dumps
 from app.errors import Forbidden
+from app.pg import Conn, dumps
 from app.vault.crypto import load_keys
 
 log = logging.getLogger(__name__)

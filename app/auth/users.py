@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
-from app.engine.sql import Conn
+from app.pg import Conn
 from app.tenants.policy import ROLES, load_policy
 
 log = logging.getLogger(__name__)

@@ -62,11 +62,10 @@ from app.auth.users import (
     tenant_access,
     tenants_of,
 )
-from app.config import Settings
 from app.context import Ctx
 from app.db import ROOT
 from app.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from app.http import JsonRoute, problem_responses
+from app.http import JsonRoute, get_app_settings, problem_responses
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +91,6 @@ def _pg(request: Request) -> asyncpg.Pool[asyncpg.Record]:
     return pool
 
 
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 def _ctx(request: Request, principal: str, tenant: TenantAccess | uuid.UUID) -> Ctx:
     """The audit actor: who, from where."""
     if isinstance(tenant, TenantAccess):
@@ -113,7 +107,7 @@ def _flow_key(token: str) -> str:
 
 def _render_login(request: Request, *, next_: str = "/", error: str | None = None, notice: str | None = None,
                   status: int = 200) -> Response:
-    settings = _settings(request)
+    settings = get_app_settings(request)
     context: dict[str, Any] = {"next": next_, "error": error, "notice": notice, "local_note": LOCAL_NOTE}
     csrf = None
     if oidc_configured(settings):
@@ -170,7 +164,7 @@ async def _start_session(request: Request, user: User, tenants: list[TenantAcces
 
 
 def _require_oidc(request: Request) -> None:
-    if not oidc_configured(_settings(request)):
+    if not oidc_configured(get_app_settings(request)):
         raise NotFound("no identity provider is configured")
 
 
@@ -207,7 +201,7 @@ async def oidc_callback(request: Request) -> Response:
     await provider_metadata(request.app)
     try:
         result = await oidc_client(request.app).authorize_access_token(
-            request, claims_options=id_token_claims_options(_settings(request)))
+            request, claims_options=id_token_claims_options(get_app_settings(request)))
     except (AuthlibBaseError, JoseError, *HTTP_ERRORS) as exc:
         # No tenant is known yet: the log is the only record.
         log.warning("OIDC sign-in failed: %s", getattr(exc, "error", None) or type(exc).__name__)
@@ -221,7 +215,7 @@ async def oidc_callback(request: Request) -> Response:
 
 
 async def _oidc_sign_in(request: Request, claims: dict[str, Any], id_token: str | None, next_: str) -> Response:
-    settings = _settings(request)
+    settings = get_app_settings(request)
     groups = groups_from_claims(claims, settings.oidc_groups_claim)
     email, name = claims.get("email"), claims.get("name") or claims.get("preferred_username")
     user = await sign_in_user(_pg(request), str(claims["iss"]), str(claims["sub"]),
@@ -244,7 +238,7 @@ _STAMP_LOGIN = "UPDATE app_user SET last_login_at = now() WHERE id = $1"
 
 @router.post("/local", include_in_schema=False, name="auth_local")
 async def local_sign_in(request: Request) -> Response:
-    if oidc_configured(_settings(request)):
+    if oidc_configured(get_app_settings(request)):
         raise Forbidden("local sign-in is off because an identity provider is configured: sign in with it")
     if not is_loopback_request(request):
         raise Forbidden("local sign-in is only available on this machine (a loopback address, with a loopback Host)")
@@ -298,7 +292,7 @@ async def logout(request: Request) -> Response:
             if session.tenant_id is not None:
                 await record(conn, session.tenant_id, _ctx(request, session.principal, session.tenant_id),
                              "auth.sign_out", session.principal, data={"method": session.claims.get("method")})
-        if session.claims.get("method") == "oidc" and oidc_configured(_settings(request)):
+        if session.claims.get("method") == "oidc" and oidc_configured(get_app_settings(request)):
             target = await _end_session_url(request, session) or target
     response = RedirectResponse(target, status_code=303)
     clear_session_cookie(response, request)
@@ -315,7 +309,7 @@ async def _end_session_url(request: Request, session: WebSession) -> str | None:
         return None
     logout_url = await oidc_client(request.app).create_logout_url(
         post_logout_redirect_uri=external_url(request, "/auth/login"), id_token_hint=session.id_token,
-        client_id=_settings(request).oidc_client_id)
+        client_id=get_app_settings(request).oidc_client_id)
     return str(logout_url["url"])
 
 
@@ -391,5 +385,5 @@ async def me(request: Request) -> Me:
         tenants=[_tenant(tenant) for tenant in tenants],
         csrf_token=session.csrf_token,
         expires_at=session.expires_at,
-        idle_expires_at=session.idle_expires_at(_settings(request)),
+        idle_expires_at=session.idle_expires_at(get_app_settings(request)),
     )

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.service import record as audit
 from app.auth.deps import require
@@ -23,15 +22,14 @@ from app.budgets.service import (
     windows,
 )
 from app.context import Ctx
-from app.db import get_db
-from app.engine.sql import driver, dumps
+from app.db import Db
 from app.errors import NotFound
 from app.http import JsonRoute, api_responses, problem_responses
+from app.pg import driver, dumps
 from app.runs.schemas import RunLimits
 
 router = APIRouter(prefix="/api/v1", tags=["budgets"], responses=api_responses(404), route_class=JsonRoute)
 
-Db = Annotated[AsyncSession, Depends(get_db)]
 Viewer = Annotated[Ctx, Depends(require("budgets:read"))]
 Admin = Annotated[Ctx, Depends(require("budgets:write"))]
 

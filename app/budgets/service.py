@@ -19,8 +19,8 @@ from typing import Any
 
 import asyncpg
 
-from app.engine.sql import Conn, dumps
 from app.errors import Invalid
+from app.pg import Conn, dumps
 
 DEFAULT_LIMITS: dict[str, Any] = {"max_steps": 25, "max_tokens": 100_000}
 # Money columns are numeric(18, 8): ten digits before the point, eight after.

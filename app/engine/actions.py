@@ -11,6 +11,7 @@ from typing import Any
 
 from app.approvals.engine import supersede
 from app.audit.service import entry
+from app.clock import now
 from app.config import Settings
 from app.engine.advance import (
     Advance,
@@ -30,7 +31,7 @@ from app.engine.state_machine import (
     check_run_move,
     transition_step,
 )
-from app.engine.tx import Job, Tx, now
+from app.engine.unit_of_work import Job, UnitOfWork
 from app.errors import NotFound
 
 S = StepStatus
@@ -42,7 +43,7 @@ class RunNotFound(NotFound):
     type = "run-not-found"
 
 
-async def _locked(tx: Tx, run_id: uuid.UUID, tenant_id: uuid.UUID) -> RunRow:
+async def _locked(tx: UnitOfWork, run_id: uuid.UUID, tenant_id: uuid.UUID) -> RunRow:
     run = await lock(tx, run_id, tenant_id)
     if run is None:
         raise RunNotFound(f"run {run_id} not found")
@@ -50,7 +51,7 @@ async def _locked(tx: Tx, run_id: uuid.UUID, tenant_id: uuid.UUID) -> RunRow:
 
 
 async def pause_run(
-    tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
+    tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
 ) -> RunRow:
     """Stop new dispatch; steps already running finish and are recorded."""
     run = await _locked(tx, run_id, tenant_id)
@@ -61,7 +62,7 @@ async def pause_run(
 
 
 async def resume_run(
-    tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
+    tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
 ) -> RunRow:
     """Continue a paused run: re-send its queued steps' jobs and dispatch what became ready."""
     run = await _locked(tx, run_id, tenant_id)
@@ -78,7 +79,7 @@ async def resume_run(
 
 
 async def cancel_run(
-    tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
+    tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
 ) -> RunRow:
     """Cancel every unfinished step: queued jobs are dropped, running ones aborted."""
     run = await _locked(tx, run_id, tenant_id)
@@ -90,7 +91,7 @@ async def cancel_run(
 
 
 async def retry_run(
-    tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
+    tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
 ) -> RunRow:
     """Resume a failed run from its failed steps; steps that succeeded are never run again."""
     run = await _locked(tx, run_id, tenant_id)
@@ -115,7 +116,7 @@ async def retry_run(
 
 
 async def signal_run(
-    tx: Tx, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, name: str, payload: Any, actor: str
+    tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, name: str, payload: Any, actor: str
 ) -> list[str]:
     """Complete the steps waiting for signal ``name`` with ``payload`` as their output."""
     run = await _locked(tx, run_id, tenant_id)
@@ -149,7 +150,7 @@ async def signal_run(
     return [row.step_id for row in waiting]
 
 
-async def time_out_run(tx: Tx, settings: Settings, run_id: uuid.UUID) -> bool:
+async def time_out_run(tx: UnitOfWork, settings: Settings, run_id: uuid.UUID) -> bool:
     """Fail a run past its ``timeout_s`` limit: queued and waiting steps are cancelled, running ones aborted.
 
     Status and deadline are checked again under the run lock, so concurrent reconcilers fail it once;
@@ -171,7 +172,7 @@ async def time_out_run(tx: Tx, settings: Settings, run_id: uuid.UUID) -> bool:
     return True
 
 
-async def _time_limit(tx: Tx, run: RunRow) -> tuple[float, datetime] | None:
+async def _time_limit(tx: UnitOfWork, run: RunRow) -> tuple[float, datetime] | None:
     """The run's ``timeout_s`` and the deadline it sets (from its start, or creation if never started)."""
     row = await tx.conn.fetchrow(
         "SELECT u.limits -> 'timeout_s', r.created_at FROM run r JOIN run_usage u ON u.run_id = r.id WHERE r.id = $1",

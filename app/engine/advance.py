@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from app.clock import now
 from app.config import Settings
 from app.engine.planner import Plan, StepView, plan
-from app.engine.sql import Conn, dumps
 from app.engine.state_machine import (
     RUN_TERMINAL,
     RunStatus,
@@ -25,7 +25,8 @@ from app.engine.state_machine import (
     transition_step,
     transition_steps,
 )
-from app.engine.tx import Job, Tx, now
+from app.engine.unit_of_work import Job, UnitOfWork
+from app.pg import Conn, dumps
 from app.workflows.definition import Definition, RetryPolicy, StepDef, parse_definition
 
 S = StepStatus
@@ -108,7 +109,7 @@ async def lock_run(conn: Conn, run_id: uuid.UUID, tenant_id: uuid.UUID | None = 
     return RunRow(*row) if row is not None else None
 
 
-async def lock(tx: Tx, run_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> RunRow | None:
+async def lock(tx: UnitOfWork, run_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> RunRow | None:
     """:func:`lock_run`, also telling ``tx`` whose events it is writing."""
     run = await lock_run(tx.conn, run_id, tenant_id)
     if run is not None:
@@ -198,7 +199,7 @@ def step_timeout(step: StepDef, settings: Settings) -> float:
 class Advance:
     """Applies plans for one locked run inside one transaction."""
 
-    tx: Tx
+    tx: UnitOfWork
     run: RunRow
     definition: Definition
     settings: Settings
@@ -438,7 +439,9 @@ class Advance:
         await set_run_status(self.tx, self.run, RunStatus.FAILED, error=error)
 
 
-async def set_run_status(tx: Tx, run: RunRow, to: RunStatus, *, actor: str | None = None, **values: Any) -> None:
+async def set_run_status(
+    tx: UnitOfWork, run: RunRow, to: RunStatus, *, actor: str | None = None, **values: Any
+) -> None:
     """Move the run (versioned), stamping start/finish times and telling long polls when it ends.
 
     ``actor`` (an operator action's principal) goes into the run event, not the row."""
@@ -457,7 +460,7 @@ async def set_run_status(tx: Tx, run: RunRow, to: RunStatus, *, actor: str | Non
     run.status = to
 
 
-async def stop_steps(tx: Tx, run: RunRow, rows: Any, statuses: tuple[StepStatus, ...], reason: str) -> None:
+async def stop_steps(tx: UnitOfWork, run: RunRow, rows: Any, statuses: tuple[StepStatus, ...], reason: str) -> None:
     """Cancel the run's steps in ``statuses``; their queued jobs are dropped and running ones aborted."""
     targets = [r for r in rows if r.status in statuses]
     if not targets:

@@ -1,7 +1,7 @@
 """What workers and the reconciler do to step attempts: claim, record an outcome, expire, time out.
 
 Each function is one transaction's worth of work on a locked run; the caller runs it through
-:func:`app.engine.unit.in_tx`, which commits and then relays the jobs it produced.
+:func:`app.engine.transaction.in_tx`, which commits and then relays the jobs it produced.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from app.approvals.engine import Gate, request_approval
 from app.approvals.engine import expire as expire_approval
 from app.audit.service import entry as audit_entry
+from app.clock import now
 from app.config import Settings
 from app.engine.advance import (
     Advance,
@@ -30,7 +31,6 @@ from app.engine.advance import (
     queue_name,
     set_run_status,
 )
-from app.engine.sql import Conn
 from app.engine.state_machine import (
     RUN_TERMINAL,
     RunStatus,
@@ -40,7 +40,8 @@ from app.engine.state_machine import (
     transition_step,
     transition_steps,
 )
-from app.engine.tx import Job, Tx, now
+from app.engine.unit_of_work import Job, UnitOfWork
+from app.pg import Conn
 from app.workflows.definition import RetryPolicy
 
 S = StepStatus
@@ -93,7 +94,7 @@ _START_ATTEMPTS = (
 )
 
 
-async def claim_attempt(tx: Tx, settings: Settings, attempt_id: uuid.UUID, claimer: Claimer) -> list[Claimed]:
+async def claim_attempt(tx: UnitOfWork, settings: Settings, attempt_id: uuid.UUID, claimer: Claimer) -> list[Claimed]:
     """Take the lease on a queued attempt, and on up to ``claimer.capacity - 1`` more of the same run.
 
     Returns nothing when the attempt is not ours to run (a duplicate delivery, a paused or finished
@@ -135,14 +136,14 @@ async def claim_attempt(tx: Tx, settings: Settings, attempt_id: uuid.UUID, claim
 
 
 async def record_outcome(
-    tx: Tx, settings: Settings, claimed: Claimed, outcome: Outcome, claimer: Claimer | None
+    tx: UnitOfWork, settings: Settings, claimed: Claimed, outcome: Outcome, claimer: Claimer | None
 ) -> list[Claimed]:
     """:func:`record_outcomes` for one attempt."""
     return await record_outcomes(tx, settings, [(claimed, outcome)], claimer)
 
 
 async def record_outcomes(
-    tx: Tx, settings: Settings, results: list[tuple[Claimed, Outcome]], claimer: Claimer | None
+    tx: UnitOfWork, settings: Settings, results: list[tuple[Claimed, Outcome]], claimer: Claimer | None
 ) -> list[Claimed]:
     """Record attempts' outcomes (all of one run) and advance it once; returns the steps claimed inline.
 
@@ -173,7 +174,7 @@ async def record_outcomes(
 
 
 async def _finish(
-    tx: Tx, run: RunRow, finished: list[tuple[Claimed, Outcome, dict[str, Any]]]
+    tx: UnitOfWork, run: RunRow, finished: list[tuple[Claimed, Outcome, dict[str, Any]]]
 ) -> dict[tuple[str, int | None], StepRow]:
     """Close the attempts and their steps; returns the run's steps as they are now."""
     entries = []
@@ -207,7 +208,7 @@ async def _finish(
     return steps
 
 
-async def record_notes(tx: Tx, claimed: Claimed, events: Any, audits: Any) -> None:
+async def record_notes(tx: UnitOfWork, claimed: Claimed, events: Any, audits: Any) -> None:
     """Write a step attempt's run events ``(type, data)`` and :class:`AuditNote` s in this transaction."""
     for type_, data in events:
         tx.event(claimed.run_id, type_, step_id=claimed.step_id, map_index=claimed.map_index, **data)
@@ -221,7 +222,7 @@ def _step_row(claimed: Claimed) -> StepRow:
                    claimed.attempt_n, claimed.attempt_id)
 
 
-async def _gate(tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome) -> None:
+async def _gate(tx: UnitOfWork, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome) -> None:
     """The step's call needs approval: close the attempt and let the step wait for the decision."""
     landed = await tx.conn.fetchval(
         _FAIL_ATTEMPT, claimed.attempt_id, "gated", outcome.started_at, outcome.finished_at, "approval_required",
@@ -234,7 +235,7 @@ async def _gate(tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outco
 
 
 async def _pause(
-    tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, attempt: dict[str, Any]
+    tx: UnitOfWork, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, attempt: dict[str, Any]
 ) -> None:
     """A budget ran out before the call: queue the step again (it runs on resume) and pause the run."""
     landed = await tx.conn.fetchval(
@@ -257,7 +258,7 @@ _FAIL_ATTEMPT = (
 
 
 async def _retry(
-    tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, attempt: dict[str, Any]
+    tx: UnitOfWork, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, attempt: dict[str, Any]
 ) -> None:
     landed = await tx.conn.fetchval(
         _FAIL_ATTEMPT, claimed.attempt_id, attempt["status"], attempt["started_at"], attempt["finished_at"],
@@ -276,7 +277,7 @@ async def _leave_running(conn: Conn, claimed: Claimed, to: StepStatus, **values:
 
 
 async def _schedule_retry(
-    tx: Tx, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, delay: float | None = None
+    tx: UnitOfWork, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome, delay: float | None = None
 ) -> None:
     if delay is None:
         definition = await load_definition(tx.conn, run.workflow_version_id)
@@ -312,7 +313,7 @@ _LEASED = (
 )
 
 
-async def expire_lease(tx: Tx, settings: Settings, step_run_id: uuid.UUID) -> bool:
+async def expire_lease(tx: UnitOfWork, settings: Settings, step_run_id: uuid.UUID) -> bool:
     """A running step whose lease ran out lost its worker: fail that attempt as transient."""
     run_id = await tx.conn.fetchval("SELECT run_id FROM step_run WHERE id = $1", step_run_id)
     run = await lock(tx, run_id) if run_id is not None else None
@@ -334,7 +335,7 @@ async def expire_lease(tx: Tx, settings: Settings, step_run_id: uuid.UUID) -> bo
     return True
 
 
-async def fire_wait_timeout(tx: Tx, settings: Settings, step_run_id: uuid.UUID) -> bool:
+async def fire_wait_timeout(tx: UnitOfWork, settings: Settings, step_run_id: uuid.UUID) -> bool:
     """Fail a waiting step whose deadline passed (the run then fails like for any failed step)."""
     run_id = await tx.conn.fetchval("SELECT run_id FROM step_run WHERE id = $1", step_run_id)
     run = await lock(tx, run_id) if run_id is not None else None

@@ -16,8 +16,8 @@ import asyncpg
 
 from app.engine.advance import Claimed
 from app.engine.attempts import AuditNote, record_notes
-from app.engine.sql import Conn, dumps
-from app.engine.tx import Tx
+from app.engine.unit_of_work import UnitOfWork
+from app.pg import Conn, dumps
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ async def load(conn: Conn, step_run_id: uuid.UUID) -> list[Checkpoint]:
 
 
 async def save(
-    tx: Tx,
+    tx: UnitOfWork,
     claimed: Claimed,
     checkpoint: Checkpoint,
     events: list[tuple[str, dict[str, Any]]],
@@ -70,7 +70,7 @@ async def save(
     await record_notes(tx, claimed, events, audits)
 
 
-async def restart_conversations(tx: Tx, step_run_ids: list[uuid.UUID]) -> None:
+async def restart_conversations(tx: UnitOfWork, step_run_ids: list[uuid.UUID]) -> None:
     """Mark where the conversations of retried model steps start afresh (a ``reset`` checkpoint)."""
     if not step_run_ids:
         return

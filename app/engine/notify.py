@@ -17,7 +17,7 @@ import asyncpg
 from app.outage import DATABASE
 
 log = logging.getLogger(__name__)
-CHANNEL = "steward_run_done"
+RUN_DONE = "steward_run_done"
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -64,7 +64,7 @@ class RunNotifier:
                 conn = await asyncpg.connect(self.dsn)
                 closed = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(RUN_DONE, self._on_notify)
                 self.connected.set()
                 DATABASE.up()
                 while not closed.is_set():

@@ -18,7 +18,7 @@ from arq.constants import abort_jobs_ss, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
-from app.engine.tx import Job
+from app.engine.unit_of_work import Job
 from app.outage import REDIS
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,12 @@ from datetime import timedelta
 
 from app.audit import retention as audit_retention
 from app.budgets.service import settle_stale
+from app.clock import now
 from app.engine.actions import RUN_CLOCK, time_out_run
 from app.engine.attempts import expire_lease, fire_wait_timeout
 from app.engine.runtime import Runtime
-from app.engine.tx import Job, now
-from app.engine.unit import in_tx
+from app.engine.transaction import in_tx
+from app.engine.unit_of_work import Job
 
 log = logging.getLogger(__name__)
 BATCH = 200

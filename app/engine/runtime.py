@@ -14,9 +14,9 @@ from app.db import make_engine, make_sessionmaker
 from app.engine import evaluation
 from app.engine.notify import RunNotifier, asyncpg_dsn
 from app.engine.outbox import Relay
-from app.engine.sql import setup_connection
-from app.engine.tx import Tx
+from app.engine.unit_of_work import UnitOfWork
 from app.outage import DATABASE, watch_engine
+from app.pg import setup_connection
 from app.redis import connect as connect_redis
 from app.vault.crypto import Vault, load_keys
 
@@ -85,7 +85,7 @@ class Runtime:
             notifier.start()
         return cls(settings, engine, make_sessionmaker(engine), redis, relay, pg, notifier, owns)
 
-    async def after_commit(self, tx: Tx) -> None:
+    async def after_commit(self, tx: UnitOfWork) -> None:
         if tx.jobs or tx.aborts:
             await self.relay.send(tx.jobs, tx.aborts)
         if tx.dequeue:

@@ -11,8 +11,8 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
-from app.engine.sql import Conn, dumps, encode, versioned_update
 from app.errors import Conflict
+from app.pg import Conn, dumps, encode, versioned_update
 
 
 class RunStatus(StrEnum):

@@ -7,22 +7,21 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.deps import require
 from app.context import Ctx
-from app.db import get_db
-from app.engine.sql import driver
+from app.db import Db
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
-from app.pagination import Cursor, Limit, decode_cursor, page, page_size
+from app.pagination import Cursor, Limit, keyset, page_size
+from app.pg import driver
 from app.providers import service
 from app.providers.service import ProviderWrite
 
 router = APIRouter(prefix="/api/v1/providers", tags=["providers"], responses=api_responses(404), route_class=JsonRoute)
+PAGES = keyset("providers", str)
 
 Admin = Annotated[Ctx, Depends(require("providers:write"))]
 Viewer = Annotated[Ctx, Depends(require("providers:read"))]
-Db = Annotated[AsyncSession, Depends(get_db)]
 Name = Annotated[str, Path(pattern=f"^{service.NAME.pattern}$", description="Letters, digits, _ and - (max 64)")]
 
 
@@ -70,9 +69,9 @@ async def list_providers(
 ) -> ProviderPage:
     size = page_size(limit, settings)
     rows = await service.list_providers(
-        await driver(db), ctx, limit=size + 1, after=decode_cursor(cursor) if cursor else None
+        await driver(db), ctx, limit=size + 1, after=PAGES.after(cursor)
     )
-    items, next_cursor = page(rows, size, lambda r: str(r["name"]))
+    items, next_cursor = PAGES.page(rows, size, lambda r: (r["name"],))
     return ProviderPage(items=[_read(r) for r in items], next_cursor=next_cursor)
 
 

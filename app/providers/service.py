@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from app.audit.service import record as audit
 from app.context import Ctx
-from app.engine.sql import Conn, dumps
 from app.errors import Invalid, NotFound
 from app.llm.client import Price
+from app.pg import Conn, dumps
 from app.vault.crypto import Vault
 from app.vault.service import NAME as SECRET_NAME
 from app.vault.service import existing as existing_secrets

@@ -17,22 +17,21 @@ from app.audit.service import entry as audit_entry
 from app.auth.deps import require
 from app.config import Settings
 from app.context import Ctx
-from app.db import INT32_MAX, INT64_MAX, get_db
+from app.db import INT32_MAX, INT64_MAX, Db
 from app.engine import actions
 from app.engine.advance import RunRow
 from app.engine.runtime import Runtime
-from app.engine.sql import driver
 from app.engine.state_machine import RUN_TERMINAL, RunStatus
-from app.engine.tx import Tx
+from app.engine.unit_of_work import UnitOfWork
 from app.errors import Invalid
 from app.http import JsonRoute, api_responses, problem_responses
 from app.pagination import Limit
+from app.pg import driver
 from app.runs import schemas
 from app.runs import service as runs_service
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"], responses=api_responses(404), route_class=JsonRoute)
 
-Db = Annotated[AsyncSession, Depends(get_db)]
 Viewer = Annotated[Ctx, Depends(require("runs:read"))]
 Starter = Annotated[Ctx, Depends(require("runs:start"))]
 Operator = Annotated[Ctx, Depends(require("runs:operate"))]
@@ -44,7 +43,7 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def _commit(request: Request, db: AsyncSession, tx: Tx) -> None:
+async def _commit(request: Request, db: AsyncSession, tx: UnitOfWork) -> None:
     await tx.flush()
     await db.commit()
     await _runtime(request).after_commit(tx)
@@ -64,7 +63,7 @@ async def start_run(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Response:
     """Start a run. The same `Idempotency-Key` with the same body returns the same run (200)."""
-    tx = Tx(await driver(db), ctx.tenant_id)
+    tx = UnitOfWork(await driver(db), ctx.tenant_id)
     settings: Settings = request.app.state.settings
     run_id, created = await runs_service.create_run(db, tx, ctx, settings, body, idempotency_key)
     if created:
@@ -169,13 +168,13 @@ async def step_conversation(
     return await runs_service.list_conversation(db, ctx, run_id, step_id, after=cursor, limit=size)
 
 
-Action = Callable[[Tx, Settings, uuid.UUID, uuid.UUID, str], Awaitable[RunRow]]
+Action = Callable[[UnitOfWork, Settings, uuid.UUID, uuid.UUID, str], Awaitable[RunRow]]
 
 
 async def _act(
     request: Request, db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, action: Action
 ) -> Response:
-    tx = Tx(await driver(db), ctx.tenant_id)
+    tx = UnitOfWork(await driver(db), ctx.tenant_id)
     await action(tx, request.app.state.settings, run_id, ctx.tenant_id, ctx.principal)
     tx.audit(ctx.tenant_id, audit_entry(ctx, f"run.{action.__name__.removesuffix('_run')}", f"run:{run_id}"))
     await _commit(request, db, tx)
@@ -219,7 +218,7 @@ async def signal_run(
         raise Invalid(
             "signal name too long", errors=[{"pointer": "/path/name", "message": "at most 128 characters"}]
         )
-    tx = Tx(await driver(db), ctx.tenant_id)
+    tx = UnitOfWork(await driver(db), ctx.tenant_id)
     payload: Any = body.payload if body is not None else None
     await actions.signal_run(
         tx, request.app.state.settings, run_id, ctx.tenant_id, name, payload, ctx.principal

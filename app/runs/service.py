@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import uuid
 from collections import defaultdict
 from datetime import datetime
@@ -16,14 +13,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import pagination
 from app.budgets.service import create_usage, effective_limits, tenant_budget
+from app.canonical import digest
 from app.config import Settings
 from app.context import Ctx
 from app.engine.actions import RunNotFound
 from app.engine.advance import Advance, load_definition, lock
-from app.engine.sql import driver
 from app.engine.state_machine import RunStatus
-from app.engine.tx import Tx
+from app.engine.unit_of_work import UnitOfWork
 from app.errors import Invalid, NotFound
+from app.pg import driver
 from app.runs import schemas
 from app.runs.models import Run, RunEvent, StepRun
 from app.workflows import service as workflows_service
@@ -34,7 +32,7 @@ RUN_EVENTS_INLINE = 200
 
 def request_hash(payload: Any) -> str:
     """Digest of a run request, to tell an Idempotency-Key replay from a reuse with another body."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return digest(payload)
 
 
 class IdempotencyKeyReused(Invalid):
@@ -43,7 +41,7 @@ class IdempotencyKeyReused(Invalid):
 
 
 async def create_run(
-    db: AsyncSession, tx: Tx, ctx: Ctx, settings: Settings, body: schemas.RunCreate, idempotency_key: str | None
+    db: AsyncSession, tx: UnitOfWork, ctx: Ctx, settings: Settings, body: schemas.RunCreate, idempotency_key: str | None
 ) -> tuple[uuid.UUID, bool]:
     """Start a run (or return the one this Idempotency-Key already started); returns (id, created).
 
@@ -240,17 +238,7 @@ async def run_status(db: Any, ctx: Ctx, run_id: uuid.UUID) -> str:
     return str(status)
 
 
-def encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{run_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """The (created_at, id) a run-list cursor holds; 422 for anything else, as every list answers."""
-    try:
-        ts, rid = pagination.decode_cursor(cursor).split("|")
-        return datetime.fromisoformat(ts), uuid.UUID(rid)
-    except ValueError as exc:
-        raise pagination.bad_cursor() from exc
+PAGES = pagination.keyset("runs", datetime, uuid.UUID)
 
 
 async def list_runs(
@@ -274,8 +262,8 @@ async def list_runs(
         stmt = stmt.where(Run.created_at >= created_after)
     if created_before:
         stmt = stmt.where(Run.created_at < created_before)
-    if cursor:
-        ts, rid = decode_cursor(cursor)
+    if key := PAGES.decode(cursor):
+        ts, rid = key
         # A row comparison, not created_at < ts OR (...): Postgres turns it into an index bound, so a
         # page deep in a million runs costs what the first page costs.
         stmt = stmt.where(tuple_(Run.created_at, Run.id) < tuple_(ts, rid))
@@ -284,7 +272,7 @@ async def list_runs(
         .scalars()
         .all()
     )
-    next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    next_cursor = PAGES.encode(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
     return schemas.RunPage(items=[_summary(r) for r in rows[:limit]], next_cursor=next_cursor)
 
 

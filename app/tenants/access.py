@@ -12,26 +12,26 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.service import record as audit
 from app.auth.deps import require
 from app.auth.keys import hash_api_key, new_api_key
 from app.auth.users import find_or_create_user
 from app.context import Ctx
-from app.db import get_db
+from app.db import Db
 from app.engine.runtime import Runtime
-from app.engine.sql import driver
 from app.errors import Conflict, Invalid, NotFound
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
-from app.pagination import Cursor, Limit, decode_uuid_cursor, page, page_size
+from app.pagination import Cursor, Limit, keyset, page_size
+from app.pg import driver
 from app.tenants.policy import Role
 
 router = APIRouter(prefix="/api/v1", tags=["access"], responses=api_responses(404), route_class=JsonRoute)
+MEMBER_PAGES = keyset("members", uuid.UUID)
+KEY_PAGES = keyset("api-keys", uuid.UUID)
 
 Reader = Annotated[Ctx, Depends(require("members:read"))]
 Admin = Annotated[Ctx, Depends(require("members:write"))]
-Db = Annotated[AsyncSession, Depends(get_db)]
 Roles = Annotated[list[Role], Field(min_length=1, max_length=6)]
 
 MAX_KEY_LIFETIME_DAYS = 3650
@@ -84,13 +84,13 @@ async def list_members(
     ctx: Reader, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
 ) -> MemberPage:
     size = page_size(limit, settings)
-    after = decode_uuid_cursor(cursor) if cursor else None
+    after = MEMBER_PAGES.after(cursor)
     rows = await (await driver(db)).fetch(
         f"SELECT {_MEMBER_COLUMNS} WHERE m.tenant_id = $1 AND ($2::uuid IS NULL OR m.user_id > $2) "
         "ORDER BY m.user_id LIMIT $3",
         ctx.tenant_id, after, size + 1,
     )
-    items, next_cursor = page(rows, size, lambda r: str(r["user_id"]))
+    items, next_cursor = MEMBER_PAGES.page(rows, size, lambda r: (r["user_id"],))
     return MemberPage(items=[MemberRead(**dict(r)) for r in items], next_cursor=next_cursor)
 
 
@@ -249,9 +249,9 @@ async def list_api_keys(
     rows = await (await driver(db)).fetch(
         f"SELECT {_KEY_COLUMNS} FROM api_key WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) "
         "ORDER BY id LIMIT $3",
-        ctx.tenant_id, decode_uuid_cursor(cursor) if cursor else None, size + 1,
+        ctx.tenant_id, KEY_PAGES.after(cursor), size + 1,
     )
-    items, next_cursor = page(rows, size, lambda r: str(r["id"]))
+    items, next_cursor = KEY_PAGES.page(rows, size, lambda r: (r["id"],))
     return ApiKeyPage(items=[ApiKeyRead(**dict(r)) for r in items], next_cursor=next_cursor)
 
 

@@ -5,21 +5,19 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.service import record as audit
 from app.auth.deps import require
 from app.context import Ctx
-from app.db import get_db
-from app.engine.sql import driver, dumps
+from app.db import Db
 from app.http import JsonRoute, api_responses
+from app.pg import driver, dumps
 from app.tenants.policy import TenantPolicy, load_policy
 
 router = APIRouter(prefix="/api/v1/settings", tags=["settings"], responses=api_responses(), route_class=JsonRoute)
 
 Reader = Annotated[Ctx, Depends(require("settings:read"))]
 Admin = Annotated[Ctx, Depends(require("settings:write"))]
-Db = Annotated[AsyncSession, Depends(get_db)]
 
 
 @router.get("", response_model=TenantPolicy, summary="The tenant's guardrail settings")

@@ -7,22 +7,22 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.deps import require
 from app.context import Ctx
-from app.db import INT32_MAX, get_db
-from app.engine.sql import driver
+from app.db import INT32_MAX, Db
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
-from app.pagination import Cursor, Limit, decode_cursor, decode_int_cursor, page, page_size
+from app.pagination import Cursor, Limit, keyset, page_size
+from app.pg import driver
 from app.tools import service
 from app.tools.spec import TOOL_NAME, ToolSpec
 
 router = APIRouter(prefix="/api/v1/tools", tags=["tools"], responses=api_responses(404), route_class=JsonRoute)
+PAGES = keyset("tools", str)
+VERSION_PAGES = keyset("tool-versions", int)
 
 Author = Annotated[Ctx, Depends(require("tools:write"))]
 Viewer = Annotated[Ctx, Depends(require("tools:read"))]
-Db = Annotated[AsyncSession, Depends(get_db)]
 Name = Annotated[str, Path(pattern=TOOL_NAME)]
 
 
@@ -73,9 +73,9 @@ async def list_tools(
 ) -> ToolPage:
     size = page_size(limit, settings)
     rows = await service.list_tools(
-        await driver(db), ctx, limit=size + 1, after=decode_cursor(cursor) if cursor else None
+        await driver(db), ctx, limit=size + 1, after=PAGES.after(cursor)
     )
-    items, next_cursor = page(rows, size, lambda r: str(r["name"]))
+    items, next_cursor = PAGES.page(rows, size, lambda r: (r["name"],))
     return ToolPage(items=[_read(r) for r in items], next_cursor=next_cursor)
 
 
@@ -92,7 +92,7 @@ async def list_versions(
 ) -> ToolPage:
     size = page_size(limit, settings)
     rows = await service.list_versions(
-        await driver(db), ctx, name, limit=size + 1, before=decode_int_cursor(cursor) if cursor else None
+        await driver(db), ctx, name, limit=size + 1, before=VERSION_PAGES.after(cursor)
     )
-    items, next_cursor = page(rows, size, lambda r: str(r["version"]))
+    items, next_cursor = VERSION_PAGES.page(rows, size, lambda r: (r["version"],))
     return ToolPage(items=[_read(r) for r in items], next_cursor=next_cursor)

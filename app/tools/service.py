@@ -6,8 +6,6 @@ version (re-registering the latest definition creates nothing). Every change is 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,10 +14,11 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from app.audit.service import record as audit
+from app.canonical import digest
 from app.context import Ctx
-from app.engine.sql import Conn, dumps
 from app.errors import Invalid, NotFound
 from app.json_schema import schema_errors
+from app.pg import Conn, dumps
 from app.tools.spec import BUILTIN_SPECS, STORED, ToolSpec
 from app.vault.service import existing as existing_secrets
 from app.workflows.document import pointer
@@ -43,7 +42,7 @@ class ToolNotFound(NotFound):
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return digest(spec)
 
 
 def stored(spec: ToolSpec) -> dict[str, Any]:

@@ -7,23 +7,22 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.deps import require
 from app.context import Ctx
-from app.db import get_db
+from app.db import Db
 from app.engine.runtime import Runtime
-from app.engine.sql import driver
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
-from app.pagination import Cursor, Limit, decode_cursor, page, page_size
+from app.pagination import Cursor, Limit, keyset, page_size
+from app.pg import driver
 from app.vault import service
 from app.vault.service import MAX_VALUE_CHARS
 
 router = APIRouter(prefix="/api/v1/secrets", tags=["secrets"], responses=api_responses(404), route_class=JsonRoute)
+PAGES = keyset("secrets", str)
 
 Admin = Annotated[Ctx, Depends(require("secrets:write"))]
 Reader = Annotated[Ctx, Depends(require("secrets:read"))]
-Db = Annotated[AsyncSession, Depends(get_db)]
 SecretName = Annotated[str, Path(pattern=f"^{service.NAME.pattern}$", description="Letters, digits and _ (max 128)")]
 
 
@@ -76,9 +75,9 @@ async def list_secrets(
 ) -> SecretPage:
     size = page_size(limit, settings)
     rows = await service.list_secrets(
-        await driver(db), ctx, limit=size + 1, after=decode_cursor(cursor) if cursor else None
+        await driver(db), ctx, limit=size + 1, after=PAGES.after(cursor)
     )
-    items, next_cursor = page(rows, size, lambda r: str(r["name"]))
+    items, next_cursor = PAGES.page(rows, size, lambda r: (r["name"],))
     return SecretPage(items=[SecretInfo(**r) for r in items], next_cursor=next_cursor)
 
 

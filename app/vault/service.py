@@ -8,8 +8,8 @@ from typing import Any
 
 from app.audit.service import record as audit
 from app.context import Ctx
-from app.engine.sql import Conn
 from app.errors import NotFound
+from app.pg import Conn
 from app.vault.crypto import Vault
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")

@@ -8,15 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.deps import require
 from app.context import Ctx
-from app.db import INT32_MAX, get_db
+from app.db import INT32_MAX, Db
 from app.errors import BadRequest, Invalid
 from app.http import PARSED_JSON, AppSettings, JsonRoute, UnsupportedMediaType, api_responses, problem_responses
 from app.input_guard import value_errors
-from app.pagination import Cursor, Limit, decode_cursor, decode_int_cursor, encode_cursor, page_size
+from app.pagination import Cursor, Limit, keyset, page_size
 from app.workflows import service
 from app.workflows.decode import check_json
 from app.workflows.definition import DefinitionError, load_definition_text
@@ -33,10 +32,11 @@ from app.workflows.schemas import (
 router = APIRouter(
     prefix="/api/v1/workflows", tags=["workflows"], responses=api_responses(404), route_class=JsonRoute
 )
+PAGES = keyset("workflows", str)
+VERSION_PAGES = keyset("workflow-versions", int)
 
 Author = Annotated[Ctx, Depends(require("workflows:write"))]
 Viewer = Annotated[Ctx, Depends(require("workflows:read"))]
-Db = Annotated[AsyncSession, Depends(get_db)]
 
 _JSON_TYPES = ("application/json",)
 _YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -78,11 +78,11 @@ async def create_workflow(
 async def list_workflows(
     ctx: Viewer, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
 ) -> WorkflowPage:
-    after = decode_cursor(cursor) if cursor else None
+    after = PAGES.after(cursor)
     rows, more = await service.list_workflows(db, ctx, limit=page_size(limit, settings), after=after)
     return WorkflowPage(
         items=[_summary(row) for row in rows],
-        next_cursor=encode_cursor(rows[-1].name) if more and rows else None,
+        next_cursor=PAGES.encode(rows[-1].name) if more and rows else None,
     )
 
 
@@ -95,7 +95,7 @@ async def get_workflow(name: str, ctx: Viewer, db: Db) -> WorkflowVersionRead:
 async def list_workflow_versions(
     name: str, ctx: Viewer, db: Db, settings: AppSettings, limit: Limit = None, cursor: Cursor = None
 ) -> WorkflowVersionPage:
-    before = decode_int_cursor(cursor) if cursor else None
+    before = VERSION_PAGES.after(cursor)
     rows, more = await service.list_workflow_versions(
         db, ctx, name, limit=page_size(limit, settings), before=before
     )
@@ -110,7 +110,7 @@ async def list_workflow_versions(
             )
             for row in rows
         ],
-        next_cursor=encode_cursor(str(rows[-1].version)) if more and rows else None,
+        next_cursor=VERSION_PAGES.encode(rows[-1].version) if more and rows else None,
     )
 
 

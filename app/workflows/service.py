@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
-import json
 import re
 import uuid
 from typing import Any
@@ -15,10 +13,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.service import record as audit
+from app.canonical import digest
 from app.config import Settings, get_settings
 from app.context import Ctx
-from app.engine.sql import driver
 from app.errors import Invalid, NotFound
+from app.pg import driver
 from app.providers.service import model_names
 from app.tools.service import tool_names
 from app.workflows.definition import BUILTIN_TOOLS, Definition, DefinitionError, parse_definition
@@ -38,8 +37,7 @@ class InvalidDefinition(Invalid):
 
 def definition_hash(definition: Any) -> str:
     """SHA-256 of the canonical JSON (sorted keys, no whitespace): equal documents, equal hash."""
-    canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return digest(definition)
 
 
 def validate_definition(

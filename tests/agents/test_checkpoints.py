@@ -13,7 +13,7 @@ from app.engine import checkpoints
 from app.engine.advance import Claimed
 from app.engine.checkpoints import Checkpoint, Fenced
 from app.engine.runtime import Runtime
-from app.engine.unit import in_tx
+from app.engine.transaction import in_tx
 from tests.conftest import TenantKey
 from tests.engine.conftest import create_workflow, name, start_run, wait_for
 

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from app.audit.chain import ChainRow, Entry, append, row_hash
 from app.engine.notify import asyncpg_dsn
-from app.engine.sql import Conn, setup_connection
+from app.pg import Conn, setup_connection
 
 
 async def connect(database_url: str, **server_settings: str) -> Conn:

@@ -9,7 +9,7 @@ import pytest
 
 from app.audit.chain import GENESIS, REDACTED, Entry, append
 from app.audit.verify import verify_chain
-from app.engine.sql import Conn
+from app.pg import Conn
 from tests.audit.conftest import add, connect, entries, rows
 from tests.conftest import MakeTenant, TenantKey
 

@@ -15,7 +15,7 @@ import httpx
 
 from app.audit.chain import format_at
 from app.audit.routes import COLUMNS
-from app.engine.sql import Conn
+from app.pg import Conn
 from tests.audit.conftest import add, entries, reverify_lines, rows, tamper
 from tests.conftest import ROOT, MakeTenant, TenantKey
 

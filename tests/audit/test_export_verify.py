@@ -22,7 +22,7 @@ from app.audit.routes import COLUMNS
 from app.audit.verify import verify_chain
 from app.config import Settings
 from app.engine.runtime import Runtime
-from app.engine.sql import Conn
+from app.pg import Conn
 from tests.audit.conftest import add, entries, rehash, reverify_lines, rows, tamper
 from tests.conftest import MakeTenant, TenantKey
 

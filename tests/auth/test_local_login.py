@@ -18,7 +18,7 @@ from app.auth.sessions import COOKIE
 from app.auth.web import LOCAL_NOTE
 from app.config import Settings
 from app.engine.notify import asyncpg_dsn
-from app.engine.sql import driver
+from app.pg import driver
 from tests.auth.conftest import app_client, audit_events, first_form
 from tests.conftest import MakeTenant, TenantKey
 

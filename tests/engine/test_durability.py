@@ -17,7 +17,7 @@ from app.config import Settings
 from app.engine.advance import Claimer
 from app.engine.attempts import claim_attempt
 from app.engine.runtime import Runtime
-from app.engine.unit import in_tx
+from app.engine.transaction import in_tx
 from app.runs.models import StepAttempt, StepRun
 from tests.conftest import TenantKey
 from tests.engine.conftest import FAST, WorkerProcess, create_workflow, name, start_run, step, wait_for, wait_run
@@ -161,7 +161,7 @@ async def test_duplicate_job_delivery_runs_the_step_once(
 ) -> None:
     """arq may deliver a job twice (re-sent by the reconciler, or after a worker restart)."""
     from app.engine.outbox import enqueue_many
-    from app.engine.tx import Job
+    from app.engine.unit_of_work import Job
 
     wf = name()
     await create_workflow(
@@ -276,8 +276,8 @@ async def test_a_failure_recorded_with_a_success_starts_nothing_new(
 ) -> None:
     """Two roots finish in one batch: one succeeds (its dependent is now ready), one fails for good.
     The run fails, and the dependent must not start."""
+    from app.clock import now
     from app.engine.attempts import Outcome, record_outcomes
-    from app.engine.tx import now
 
     wf = name()
     await create_workflow(client, tenant.headers, wf, [

@@ -18,7 +18,7 @@ from arq.connections import RedisSettings, create_pool
 
 from app.config import Settings
 from app.engine.outbox import Relay
-from app.engine.tx import Job
+from app.engine.unit_of_work import Job
 from tests.conftest import MakeTenant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

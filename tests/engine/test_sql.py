@@ -7,7 +7,7 @@ import uuid
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.engine.sql import driver
+from app.pg import driver
 
 
 async def test_driver_statements_are_in_the_session_transaction(

@@ -12,7 +12,7 @@ import asyncpg
 
 from app.engine.runtime import Runtime
 from app.engine.state_machine import StaleTransition
-from app.engine.tx import Tx
+from app.engine.unit_of_work import UnitOfWork
 from app.outage import DATABASE, Backoff, is_database_outage
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ class DatabaseUnavailable(Exception):
 async def in_tx(
     runtime: Runtime, work: Callable[..., Awaitable[T]], *args: Any, attempts: int = 3, until: float | None = None
 ) -> T:
-    """Run ``work(tx, *args)`` in one transaction with a fresh :class:`Tx`; after commit, relay its jobs.
+    """Run ``work(tx, *args)`` in one transaction with a fresh :class:`UnitOfWork`; after commit, relay its jobs.
 
     ``until`` (a ``time.monotonic()`` deadline): while the database is unreachable, try again with
     backoff until then, and raise :class:`DatabaseUnavailable` after. Without it an outage raises at
@@ -42,7 +42,7 @@ async def in_tx(
         attempt += 1
         try:
             async with runtime.pg.acquire() as conn, conn.transaction():
-                tx = Tx(conn)
+                tx = UnitOfWork(conn)
                 result = await work(tx, *args)
                 await tx.flush()
             break

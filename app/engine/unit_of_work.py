@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from app.audit.chain import Entry, append
-from app.engine.sql import Conn, dumps
+from app.clock import now
+from app.engine.notify import RUN_DONE
 from app.engine.state_machine import StaleTransition, bulk_moves_sql
+from app.pg import Conn, dumps
 
 QUEUES = ("high", "normal", "low")
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -52,12 +50,12 @@ WITH attempts AS (
         created_at timestamptz)
 )
 {moves}
-SELECT {moved}, count(pg_notify('steward_run_done', id)) FROM unnest($4::text[]) AS id
+SELECT {moved}, count(pg_notify('{channel}', id)) FROM unnest($4::text[]) AS id
 """
 
 
 @dataclass
-class Tx:
+class UnitOfWork:
     conn: Conn
     # The tenant of the run being worked on; set when the run is locked.
     tenant_id: uuid.UUID | None = None
@@ -130,9 +128,9 @@ def _flush_sql(columns: tuple[str, ...] | None) -> str:
     sql = _flush_cache.get(columns)
     if sql is None:
         if columns is None:
-            sql = _FLUSH_TEMPLATE.format(moves="", moved="0")
+            sql = _FLUSH_TEMPLATE.format(moves="", moved="0", channel=RUN_DONE)
         else:
             sql = _FLUSH_TEMPLATE.format(moves=f", moved AS ({bulk_moves_sql(5, 6, columns)})",
-                                         moved="(SELECT count(*) FROM moved)")
+                                         moved="(SELECT count(*) FROM moved)", channel=RUN_DONE)
         _flush_cache[columns] = sql
     return sql
