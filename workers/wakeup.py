@@ -28,6 +28,7 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from redis.exceptions import RedisError
 
+from app.engine.outbox import wake_channel
 from app.outage import REDIS, Backoff, is_redis_outage
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 RECONNECT_MAX_S = 2.0
 # The wake-up listener reads with this timeout, so an idle connection is never mistaken for a dead one.
 LISTEN_TIMEOUT_S = 10.0
-
-
-def wake_channel(queue_prefix: str) -> str:
-    return f"{queue_prefix}:wake"
 
 
 class WakeableWorker(Worker):

@@ -50,8 +50,13 @@ def _score_ms(not_before: datetime | None, now_ms: int) -> int:
     return max(now_ms, int(not_before.timestamp() * 1000)) if not_before is not None else now_ms
 
 
+def wake_channel(queue_prefix: str) -> str:
+    """The pub/sub channel workers of ``<queue_prefix>:<priority>`` queues listen on (workers/wakeup.py)."""
+    return f"{queue_prefix}:wake"
+
+
 def wake_channel_of(queue: str) -> str:
-    return queue.rsplit(":", 1)[0] + ":wake"
+    return wake_channel(queue.rsplit(":", 1)[0])
 
 
 async def enqueue_many(redis: ArqRedis, jobs: Iterable[Job]) -> int:
@@ -100,7 +105,7 @@ class Relay:
 
     def __init__(self, redis: ArqRedis, retry_s: float, queue_prefix: str) -> None:
         self.redis = redis
-        self.wake_channel = f"{queue_prefix}:wake"
+        self.wake_channel = wake_channel(queue_prefix)
         self.retry_s = retry_s
         self._pending: dict[str, Job] = {}
         self._aborts: list[str] = []
