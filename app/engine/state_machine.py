@@ -36,38 +36,53 @@ class StepStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-R, S = RunStatus, StepStatus
 
 RUN_MOVES: dict[RunStatus, frozenset[RunStatus]] = {
-    R.QUEUED: frozenset({R.RUNNING, R.WAITING, R.PAUSED, R.SUCCEEDED, R.FAILED, R.CANCELLED}),
-    R.RUNNING: frozenset({R.WAITING, R.PAUSED, R.SUCCEEDED, R.FAILED, R.CANCELLED}),
-    R.WAITING: frozenset({R.RUNNING, R.PAUSED, R.SUCCEEDED, R.FAILED, R.CANCELLED}),
+    RunStatus.QUEUED: frozenset({
+        RunStatus.RUNNING, RunStatus.WAITING, RunStatus.PAUSED, RunStatus.SUCCEEDED, RunStatus.FAILED,
+        RunStatus.CANCELLED,
+    }),
+    RunStatus.RUNNING: frozenset({
+        RunStatus.WAITING, RunStatus.PAUSED, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED,
+    }),
+    RunStatus.WAITING: frozenset({
+        RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED,
+    }),
     # Steps in flight when a run is paused still finish, so a paused run can end.
-    R.PAUSED: frozenset({R.RUNNING, R.WAITING, R.SUCCEEDED, R.FAILED, R.CANCELLED}),
-    R.FAILED: frozenset({R.RUNNING}),  # retry from the failed step
-    R.SUCCEEDED: frozenset(),
-    R.CANCELLED: frozenset(),
+    RunStatus.PAUSED: frozenset({
+        RunStatus.RUNNING, RunStatus.WAITING, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED,
+    }),
+    RunStatus.FAILED: frozenset({RunStatus.RUNNING}),  # retry from the failed step
+    RunStatus.SUCCEEDED: frozenset(),
+    RunStatus.CANCELLED: frozenset(),
 }
 
 STEP_MOVES: dict[StepStatus, frozenset[StepStatus]] = {
-    S.PENDING: frozenset({S.QUEUED, S.RUNNING, S.WAITING, S.SUCCEEDED, S.FAILED, S.SKIPPED, S.CANCELLED}),
-    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED}),
+    StepStatus.PENDING: frozenset({
+        StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING, StepStatus.SUCCEEDED, StepStatus.FAILED,
+        StepStatus.SKIPPED, StepStatus.CANCELLED,
+    }),
+    StepStatus.QUEUED: frozenset({StepStatus.RUNNING, StepStatus.FAILED, StepStatus.CANCELLED}),
     # running -> queued: a transient failure whose next attempt waits out its backoff.
     # running -> waiting: the call it was about to make needs approval.
-    S.RUNNING: frozenset({S.QUEUED, S.WAITING, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    StepStatus.RUNNING: frozenset({
+        StepStatus.QUEUED, StepStatus.WAITING, StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED,
+    }),
     # waiting -> queued: an approved call is dispatched again; waiting -> waiting: its deadline changed.
-    S.WAITING: frozenset({S.QUEUED, S.WAITING, S.SUCCEEDED, S.FAILED, S.CANCELLED}),
+    StepStatus.WAITING: frozenset({
+        StepStatus.QUEUED, StepStatus.WAITING, StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED,
+    }),
     # A retried run puts its failed and cancelled steps back to pending; completed ones stay.
-    S.FAILED: frozenset({S.PENDING}),
-    S.CANCELLED: frozenset({S.PENDING}),
-    S.SUCCEEDED: frozenset(),
-    S.SKIPPED: frozenset(),
+    StepStatus.FAILED: frozenset({StepStatus.PENDING}),
+    StepStatus.CANCELLED: frozenset({StepStatus.PENDING}),
+    StepStatus.SUCCEEDED: frozenset(),
+    StepStatus.SKIPPED: frozenset(),
 }
 
-RUN_TERMINAL = frozenset({R.SUCCEEDED, R.FAILED, R.CANCELLED})
-STEP_TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.SKIPPED, S.CANCELLED})
-STEP_DONE = frozenset({S.SUCCEEDED, S.SKIPPED})
-STEP_ACTIVE = frozenset({S.QUEUED, S.RUNNING})
+RUN_TERMINAL = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+STEP_TERMINAL = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED})
+STEP_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})
+STEP_ACTIVE = frozenset({StepStatus.QUEUED, StepStatus.RUNNING})
 
 
 class IllegalTransition(Conflict):
