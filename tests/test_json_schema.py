@@ -13,8 +13,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from app.json_schema import BUDGETED_RE, VALIDATION_BUDGET_S, schema_errors
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name
+from tests.support.runs import create_workflow, name
+from tests.support.tenants import TenantKey
 
 # Backtracks exponentially in Python's `re`: about 2^40 steps before it gives up on the "!".
 EVIL = "^(a|a)*$"
