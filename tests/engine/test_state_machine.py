@@ -84,8 +84,8 @@ STEP_EXPECTED: frozenset[tuple[str, str]] = frozenset({
 })
 
 
-# Where the table and the documented lifecycle disagree (reported on issue 11; each needs a decision:
-# document the move, or change the table). Pinned here so that neither side changes unnoticed.
+# Where the table and the documented lifecycle disagree, each awaiting a decision (document the move, or
+# change the table). Pinned here so that neither side changes unnoticed.
 # - In the table, but neither documented nor made by any engine path: resume goes paused -> running (and
 #   on to waiting in the same transaction); budgets are checked after the claim, so a step fails from
 #   running, never from queued.
