@@ -28,7 +28,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ import httpx  # noqa: E402
 from app.audit.chain import ChainRow, row_hash  # noqa: E402
 from app.db import run_migrations  # noqa: E402
 from app.pg import setup_connection  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/12"
@@ -113,13 +113,6 @@ async def fill(database_url: str, n: int) -> tuple[str, str, int]:
 
 
 # --- the server ----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _die_with_parent() -> None:

@@ -44,7 +44,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,8 @@ except ImportError as exc:  # pragma: no cover - a wrong interpreter
     sys.exit(
         f"bench/engine.py: {exc}; run it with the project's virtualenv: .venv/bin/python bench/engine.py"
     )
+
+from tests.support.net import free_port  # noqa: E402
 
 if TYPE_CHECKING:
     from app.tenants.service import Bootstrapped
@@ -912,13 +913,6 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 # --- self-hosted product -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def steward_command() -> list[str]:

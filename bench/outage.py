@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Outage benchmark: what the API, the workers and the runs do while Redis or PostgreSQL is away.
 
-Everything runs on private servers this script owns (tests/outages/servers.py): a ``redis-server`` on a
+Everything runs on private servers this script owns (tests/support/servers.py): a ``redis-server`` on a
 free port and an embedded PostgreSQL under ``.steward-bench/outage-pg`` (gitignored), with ``steward
 api`` and ``--workers`` ``steward worker`` processes as children, and the tests' tool server on loopback
 counting calls per Idempotency-Key. The machine's shared servers are never touched.
@@ -55,7 +55,8 @@ import httpx  # noqa: E402
 from app.vault.crypto import new_key  # noqa: E402
 from bench.engine import bootstrap  # noqa: E402
 from tests.fakes.tool_server import ToolServer  # noqa: E402
-from tests.outages.servers import PrivatePostgres, PrivateRedis, free_port  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
+from tests.support.servers import PrivatePostgres, PrivateRedis  # noqa: E402
 
 SCENARIOS = ("redis", "pg", "blip")
 TERMINAL = {"succeeded", "failed", "cancelled"}

@@ -1,4 +1,5 @@
-"""Shared fixtures: a migrated database and a Redis database per test process, the app, clients, tenants.
+"""Shared fixtures: a migrated database and a Redis database per test process, the app, clients, tenants,
+workers and the tool server. Helpers (types, run and tool helpers...) live in tests/support/.
 
 Real PostgreSQL and Redis (127.0.0.1:5432 / 6379, or TEST_DATABASE_URL / TEST_REDIS_URL); when nothing
 answers there, embedded servers under ``.steward-test/<xdist worker>`` (see app/embedded.py).
@@ -15,11 +16,11 @@ import os
 import secrets
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,8 +38,12 @@ from app.redis import redis_settings
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey
 from app.vault.crypto import new_key
+from tests.fakes.tool_server import ToolServer
+from tests.support.env import ROOT, worker_id, worker_index
+from tests.support.tenants import MakeApiKey, MakeTenant, TenantKey
+from tests.support.workers import FAST, WorkerProcess
+from workers.main import run_worker
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Redis has 16 databases by default; database 0 is left to people running Steward by hand.
 REDIS_DATABASES = 15
@@ -53,28 +58,7 @@ class Servers:
     redis_url: str  # a Redis database of our own
 
 
-@dataclass(frozen=True)
-class TenantKey:
-    tenant_id: uuid.UUID
-    key: str
-    headers: dict[str, str]  # {"Authorization": "Bearer <key>"}
-    name: str
-
-
-MakeTenant = Callable[..., Awaitable[TenantKey]]
-MakeApiKey = Callable[..., Awaitable[str]]
-
-
 # --- servers and the database ----------------------------------------------------------------------
-
-
-def _worker_id() -> str:
-    """pytest-xdist's worker id ("gw0", "gw1", ...), or "master" when not distributed."""
-    return os.environ.get("PYTEST_XDIST_WORKER", "master")
-
-
-def _worker_index(worker_id: str) -> int:
-    return int(worker_id[2:]) if worker_id.startswith("gw") and worker_id[2:].isdigit() else 0
 
 
 def _answers(url: str, default_port: int) -> bool:
@@ -92,10 +76,10 @@ def _answers(url: str, default_port: int) -> bool:
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
     """PostgreSQL and Redis to test against: real ones when they answer, else embedded ones."""
-    worker_id = _worker_id()
+    worker = worker_id()
     admin_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
     redis_url = os.environ.get(
-        "TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + (REDIS_DB_OFFSET + _worker_index(worker_id)) % REDIS_DATABASES}"
+        "TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + (REDIS_DB_OFFSET + worker_index(worker)) % REDIS_DATABASES}"
     )
     pg_up = _answers(admin_url, 5432)
     redis_up = _answers(redis_url, 6379)
@@ -106,7 +90,7 @@ def servers() -> Iterator[Servers]:
             # One data directory per xdist worker: embedded servers lock theirs.
             embedded = stack.enter_context(
                 embedded_services(
-                    ROOT / ".steward-test" / worker_id,
+                    ROOT / ".steward-test" / worker,
                     database_url=admin_url if pg_up else None,
                     redis_url=redis_url if redis_up else None,
                 )
@@ -118,7 +102,7 @@ def servers() -> Iterator[Servers]:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def database_url(servers: Servers) -> AsyncIterator[str]:
     """A fresh database for this test process, migrated with ``alembic upgrade head``; dropped at the end."""
-    name = f"steward_test_{_worker_id()}_{secrets.token_hex(4)}"
+    name = f"steward_test_{worker_id()}_{secrets.token_hex(4)}"
     admin = create_async_engine(async_url(servers.admin_database_url), isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as conn:
@@ -261,3 +245,50 @@ async def tenant(make_tenant: MakeTenant) -> TenantKey:
 async def other_tenant(make_tenant: MakeTenant) -> TenantKey:
     """A second, unrelated tenant with an admin key: for isolation tests."""
     return await make_tenant()
+
+
+# --- workers and the tool server -------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def worker(settings: Settings) -> AsyncIterator[Settings]:
+    """An arq worker (all three priority queues) running in this process for the test."""
+    fast = settings.model_copy(update=FAST)
+    task = asyncio.create_task(run_worker(fast, concurrency=10))
+    await asyncio.sleep(0.05)
+    yield fast
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def strict_worker(settings: Settings) -> AsyncIterator[Settings]:
+    """A worker that refuses private addresses unless the tenant allowlists them (the production default)."""
+    strict = settings.model_copy(update={**FAST, "http_allow_private_networks": False})
+    task = asyncio.create_task(run_worker(strict, concurrency=5))
+    await asyncio.sleep(0.05)
+    yield strict
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def worker_process(settings: Settings) -> AsyncIterator[Callable[..., WorkerProcess]]:
+    """``start(**setting_overrides)``: ``steward worker`` subprocesses, stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(**overrides: Any) -> WorkerProcess:
+        proc = WorkerProcess(settings, **overrides)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def tool_server() -> Iterator[ToolServer]:
+    """The misbehaving tool server (tests/fakes/tool_server.py), one per module."""
+    with ToolServer() as server:
+        yield server

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import psutil
 import pytest
 
 from app.embedded import EmbeddedServerError, embedded_services, start_redis, stop_redis
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,15 +206,9 @@ def test_api_and_worker_need_redis_url(command: str) -> None:
     )
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("command", ["migrate", "bootstrap"])
 def test_unreachable_database_is_one_line(command: str) -> None:
-    url = f"postgresql://postgres:s3cret@127.0.0.1:{_closed_port()}/steward"
+    url = f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/steward"
     result = _steward(command, env=_env(DATABASE_URL=url))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -245,10 +239,6 @@ def test_usage_errors_from_argparse() -> None:
 
 
 # --- steward up, end to end -------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    return _closed_port()
 
 
 class _Up:
@@ -305,7 +295,7 @@ def test_steward_up_end_to_end(data_dir: Path) -> None:
     pytest.importorskip("app.workflows.service")
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = _env(STEWARD_DATA_DIR=str(data_dir), STEWARD_PORT=str(port), PYTHONUNBUFFERED="1")
 
     up = _Up(env)

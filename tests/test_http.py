@@ -19,7 +19,7 @@ from app.config import Settings
 from app.db import make_engine
 from app.http import BodySizeLimitMiddleware, register_error_handlers
 from app.main import create_app
-from tests.conftest import MakeApiKey, MakeTenant, TenantKey
+from tests.support.tenants import MakeApiKey, MakeTenant, TenantKey
 
 PROBLEM = "application/problem+json"
 WORKFLOWS = "/api/v1/workflows"

@@ -12,8 +12,8 @@ from fastapi.routing import APIRoute, iter_route_contexts
 
 from app.http import PARSED_JSON, BodySizeLimitMiddleware, JsonRoute, register_error_handlers
 from app.input_guard import InputGuardMiddleware, value_errors
-from tests.auth.conftest import app_client
-from tests.conftest import TenantKey
+from tests.support.signin import app_client
+from tests.support.tenants import TenantKey
 
 PROBLEM = "application/problem+json"
 RUNS = "/api/v1/runs"

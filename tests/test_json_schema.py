@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -10,11 +11,13 @@ import jsonschema._keywords
 import jsonschema._legacy_keywords
 import jsonschema._utils
 import pytest
-from jsonschema import Draft202012Validator
+import regex
+from jsonschema import Draft202012Validator, ValidationError, validators
 
+from app import json_schema
 from app.json_schema import BUDGETED_RE, VALIDATION_BUDGET_S, schema_errors
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name
+from tests.support.runs import create_workflow, name
+from tests.support.tenants import TenantKey
 
 # Backtracks exponentially in Python's `re`: about 2^40 steps before it gives up on the "!".
 EVIL = "^(a|a)*$"
@@ -68,10 +71,66 @@ def test_ordinary_patterns_match_as_before() -> None:
     assert any("'other' does not match any of the regexes" in m for m in found)
 
 
-def test_the_budget_counts_matching_time_only() -> None:
-    # Ten thousand cheap matches take longer than the budget in all, outside the matches: all pass.
-    schema = {"type": "array", "items": {"type": "object", "properties": {"v": {"pattern": "^[a-z]+$"}}}}
-    assert errors(schema, [{"v": "abc"}] * 10_000) == []
+class Clock:
+    """A monotonic clock that moves only when told: the budget's arithmetic, free of the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class Matches:
+    """``regex`` as the budget sees it, on a :class:`Clock`: each search takes ``per_match`` seconds on
+    the clock, and the timeout it was given is recorded (the real search runs without one: the patterns
+    here are trivial, and a real timeout would put the machine's speed back into the test)."""
+
+    def __init__(self, clock: Clock, per_match: float) -> None:
+        self.clock, self.per_match = clock, per_match
+        self.timeouts: list[float] = []
+        self.error = regex.error
+
+    def search(self, pattern: str, text: str, flags: int = 0, *, timeout: float) -> Any:
+        self.timeouts.append(timeout)
+        self.clock.now += self.per_match
+        return regex.search(pattern, text, flags)
+
+
+def budgeted(monkeypatch: pytest.MonkeyPatch, *, per_match: float, between: float) -> tuple[Matches, Any]:
+    """The budget on a fake clock, and a validator of arrays of ``^[a-z]+$`` strings whose ``tick``
+    keyword, checked before each item's pattern, spends ``between`` seconds outside the matches."""
+    clock = Clock()
+    matches = Matches(clock, per_match)
+    monkeypatch.setattr(json_schema, "time", clock)
+    monkeypatch.setattr(json_schema, "regex", matches)
+
+    def tick(validator: Any, value: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+        clock.now += between
+        yield from ()
+
+    validator_class = validators.extend(Draft202012Validator, {"tick": tick})
+    return matches, validator_class({"type": "array", "items": {"tick": True, "pattern": "^[a-z]+$"}})
+
+
+def test_time_between_matches_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A thousand budgets pass between the matches and none inside them: every match gets the whole budget.
+    matches, validator = budgeted(monkeypatch, per_match=0.0, between=1000 * VALIDATION_BUDGET_S)
+    assert schema_errors(validator, ["abc"] * 50) == []
+    assert matches.timeouts == [VALIDATION_BUDGET_S] * 50
+
+
+def test_time_inside_matches_counts_across_one_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each match takes half the budget: the second gets what the first left, the third finds it spent.
+    half = VALIDATION_BUDGET_S / 2
+    matches, validator = budgeted(monkeypatch, per_match=half, between=0.0)
+    found = [e.message for e in schema_errors(validator, ["abc", "def", "ghi"])]
+    assert len(found) == 1 and "took too long to match" in found[0], found
+    assert matches.timeouts == [VALIDATION_BUDGET_S, half]
+    # A new validation starts with the whole budget again.
+    matches.timeouts.clear()
+    assert schema_errors(validator, ["abc", "def"]) == []
+    assert matches.timeouts == [VALIDATION_BUDGET_S, half]
 
 
 async def test_a_run_input_against_a_catastrophic_pattern_is_refused(

@@ -12,7 +12,7 @@ import pytest
 
 from app.errors import Invalid
 from app.pagination import keyset
-from tests.conftest import TenantKey
+from tests.support.tenants import TenantKey
 
 LISTINGS = ["workflows", "tools", "secrets", "providers", "approvals", "members", "api-keys", "audit/events", "runs",
             "workflows/w/versions", "tools/echo/versions"]

@@ -27,7 +27,7 @@ from app.context import Ctx
 from app.main import create_app
 from app.ratelimit import RateLimited, RateLimiter
 from app.tenants.models import ApiKey
-from tests.conftest import MakeApiKey, MakeTenant, TenantKey
+from tests.support.tenants import MakeApiKey, MakeTenant, TenantKey
 
 PROBLEM = "application/problem+json"
 URL = "/api/v1/workflows"

@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from app.config import Settings
 from app.main import create_app
 from app.security_headers import CSP, HSTS, SecurityHeadersMiddleware
-from tests.conftest import TenantKey
+from tests.support.tenants import TenantKey
 
 ALWAYS = {
     "x-content-type-options": "nosniff",

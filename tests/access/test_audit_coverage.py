@@ -11,8 +11,8 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, wait_for, wait_run, worker  # noqa: F401
+from tests.support.runs import create_workflow, name, start_run, wait_for, wait_run
+from tests.support.tenants import TenantKey
 
 pytestmark = pytest.mark.xdist_group("engine")
 
@@ -47,7 +47,7 @@ class Recorder:
 
 async def test_every_mutating_route_is_audited(
     app: FastAPI, client: httpx.AsyncClient, tenant: TenantKey, sessionmaker: async_sessionmaker[AsyncSession],
-    worker: Settings,  # noqa: F811
+    worker: Settings,
 ) -> None:
     api = Recorder(client, tenant, sessionmaker)
     h = tenant.headers

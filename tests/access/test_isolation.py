@@ -13,8 +13,8 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.engine.notify import asyncpg_dsn
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, wait_for, worker  # noqa: F401
+from tests.support.runs import create_workflow, name, start_run, wait_for
+from tests.support.tenants import TenantKey
 
 pytestmark = pytest.mark.xdist_group("engine")
 
@@ -75,7 +75,7 @@ def _value(path: str, param: str, ids: dict[str, str]) -> str:
 
 
 async def test_every_route_answers_404_for_another_tenants_ids(
-    app: FastAPI, client: httpx.AsyncClient, tenant: TenantKey, other_tenant: TenantKey, worker: Settings  # noqa: F811
+    app: FastAPI, client: httpx.AsyncClient, tenant: TenantKey, other_tenant: TenantKey, worker: Settings
 ) -> None:
     theirs = await _populate(client, other_tenant)
     walked = 0
@@ -111,7 +111,7 @@ async def _app_role_connection(settings: Settings) -> asyncpg.Connection[Any]:
 
 
 async def test_row_level_security_hides_every_tenant_table_without_the_setting(
-    client: httpx.AsyncClient, tenant: TenantKey, other_tenant: TenantKey, settings: Settings, worker: Settings  # noqa: F811
+    client: httpx.AsyncClient, tenant: TenantKey, other_tenant: TenantKey, settings: Settings, worker: Settings
 ) -> None:
     for owner in (tenant, other_tenant):
         await _populate(client, owner)

@@ -10,7 +10,7 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tests.conftest import MakeTenant, TenantKey
+from tests.support.tenants import MakeTenant, TenantKey
 
 KEYS = "/api/v1/api-keys"
 MEMBERS = "/api/v1/members"

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth.permissions import PERMISSIONS, allowed
 from app.tenants.policy import ROLES
-from tests.conftest import MakeApiKey, TenantKey
+from tests.support.tenants import MakeApiKey, TenantKey
 
 ROOT = Path(__file__).resolve().parents[2]
 # Routes anyone may call, and routes any signed-in principal may call (no permission beyond that).

@@ -14,12 +14,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from tests.agents.conftest import add_provider, model_name, run_events
-from tests.conftest import MakeTenant, TenantKey
-from tests.engine.conftest import WorkerProcess, create_workflow, name, start_run, step, wait_for, wait_run
 from tests.fakes.model_server import ModelServer, Turn
 from tests.fakes.tool_server import ToolServer
-from tests.tools.conftest import http_tool, register
+from tests.support.providers import add_provider, model_name
+from tests.support.runs import create_workflow, name, run_events, start_run, step, wait_for, wait_run
+from tests.support.tenants import MakeTenant, TenantKey
+from tests.support.tools import http_tool, register
+from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.xdist_group("engine")
 

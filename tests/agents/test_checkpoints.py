@@ -14,8 +14,8 @@ from app.engine.advance import Claimed
 from app.engine.checkpoints import Checkpoint, Fenced
 from app.engine.runtime import Runtime
 from app.engine.transaction import in_tx
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, wait_for
+from tests.support.runs import create_workflow, name, start_run, wait_for
+from tests.support.tenants import TenantKey
 
 pytestmark = pytest.mark.xdist_group("engine")
 

@@ -8,10 +8,10 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.agents.conftest import add_provider, model_name, run_events
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, step, wait_run
 from tests.fakes.model_server import ModelServer, Turn
+from tests.support.providers import add_provider, model_name
+from tests.support.runs import create_workflow, name, run_events, start_run, step, wait_run
+from tests.support.tenants import TenantKey
 
 pytestmark = pytest.mark.xdist_group("engine")
 

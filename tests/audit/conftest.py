@@ -1,25 +1,13 @@
-"""Audit test helpers: an owner connection, events appended the way the product appends them, tampering."""
+"""Audit fixtures: a connection as the tables' owner (helpers: tests/support/audit.py)."""
 
 from __future__ import annotations
 
-import json
-import uuid
-from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest_asyncio
 
-from app.audit.chain import ChainRow, Entry, append, row_hash
-from app.engine.notify import asyncpg_dsn
-from app.pg import Conn, setup_connection
-
-
-async def connect(database_url: str, **server_settings: str) -> Conn:
-    conn: Conn = await asyncpg.connect(asyncpg_dsn(database_url), server_settings=server_settings or None)
-    await setup_connection(conn)
-    return conn
+from app.pg import Conn
+from tests.support.db import connect
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -30,63 +18,3 @@ async def owner(database_url: str) -> AsyncIterator[Conn]:
         yield conn
     finally:
         await conn.close()
-
-
-def entries(n: int, *, start: int = 1, at: Sequence[datetime] | None = None, **fields: Any) -> list[Entry]:
-    """``n`` distinct entries: target ``thing:<i>``, data ``{"i": i}`` (override with ``fields``)."""
-    out = []
-    for k in range(n):
-        i = start + k
-        values: dict[str, Any] = {"actor": "user:alice", "action": "thing.do", "target": f"thing:{i}",
-                                  "data": {"i": i, "nested": {"list": [1, "two", None]}}, **fields}
-        if at is not None:
-            values["at"] = at[k]
-        out.append(Entry(**values))
-    return out
-
-
-async def add(conn: Conn, tenant_id: uuid.UUID, items: Sequence[Entry]) -> None:
-    """Append ``items`` in one committed transaction, as the product does."""
-    async with conn.transaction():
-        await append(conn, tenant_id, items)
-
-
-async def rows(conn: Conn, tenant_id: uuid.UUID) -> list[asyncpg.Record]:
-    return list(await conn.fetch("SELECT * FROM audit_event WHERE tenant_id = $1 ORDER BY seq", tenant_id))
-
-
-async def tamper(conn: Conn, sql: str, *args: Any) -> str:
-    """Run ``sql`` with triggers off (superuser only): what an attacker holding the database could do."""
-    async with conn.transaction():
-        await conn.execute("SET LOCAL session_replication_role = replica")
-        status: str = await conn.execute(sql, *args)
-    return status
-
-
-def rehash(row: asyncpg.Record | dict[str, Any], **changes: Any) -> str:
-    """The hash ``row`` would have with ``changes`` applied (as a forger recomputing it would)."""
-    values = {k: row[k] for k in ("tenant_id", "seq", "at", "actor", "ip", "user_agent", "action", "target",
-                                   "outcome", "data", "prev_hash")}
-    values.update(changes)
-    return row_hash(ChainRow(**values))
-
-
-def line_row(line: dict[str, Any]) -> ChainRow:
-    """An exported JSONL object as the ChainRow it was hashed from."""
-    return ChainRow(
-        tenant_id=uuid.UUID(line["tenant_id"]), seq=line["seq"], at=datetime.fromisoformat(line["at"]),
-        actor=line["actor"], ip=line["ip"], user_agent=line["user_agent"], action=line["action"],
-        target=line["target"], outcome=line["outcome"], data=line["data"], prev_hash=line["prev_hash"],
-    )
-
-
-def reverify_lines(text: str) -> list[dict[str, Any]]:
-    """Parse a JSONL export and check it offline: each hash recomputed, each link followed."""
-    lines = [json.loads(line) for line in text.splitlines()]
-    previous: dict[str, Any] | None = None
-    for line in lines:
-        assert row_hash(line_row(line)) == line["hash"], f"row {line['seq']} does not re-hash"
-        if previous is not None and line["seq"] == previous["seq"] + 1:
-            assert line["prev_hash"] == previous["hash"], f"row {line['seq']} does not link"
-        previous = line
-    return lines

@@ -10,8 +10,9 @@ import pytest
 from app.audit.chain import GENESIS, REDACTED, Entry, append
 from app.audit.verify import verify_chain
 from app.pg import Conn
-from tests.audit.conftest import add, connect, entries, rows
-from tests.conftest import MakeTenant, TenantKey
+from tests.support.audit import add, entries, rows
+from tests.support.db import connect
+from tests.support.tenants import MakeTenant, TenantKey
 
 WRITERS = 20
 APPENDS_EACH = 5

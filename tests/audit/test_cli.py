@@ -16,8 +16,9 @@ import httpx
 from app.audit.chain import format_at
 from app.audit.routes import COLUMNS
 from app.pg import Conn
-from tests.audit.conftest import add, entries, reverify_lines, rows, tamper
-from tests.conftest import ROOT, MakeTenant, TenantKey
+from tests.support.audit import add, entries, reverify_lines, rows, tamper
+from tests.support.env import ROOT
+from tests.support.tenants import MakeTenant, TenantKey
 
 
 async def steward(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:

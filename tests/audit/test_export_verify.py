@@ -23,8 +23,8 @@ from app.audit.verify import verify_chain
 from app.config import Settings
 from app.engine.runtime import Runtime
 from app.pg import Conn
-from tests.audit.conftest import add, entries, rehash, reverify_lines, rows, tamper
-from tests.conftest import MakeTenant, TenantKey
+from tests.support.audit import add, entries, rehash, reverify_lines, rows, tamper
+from tests.support.tenants import MakeTenant, TenantKey
 
 N = 10
 BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,28 +19,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth.sessions import COOKIE
 from app.config import Settings
-from tests.auth.conftest import (
-    DASHBOARD_CLIENT,
-    DASHBOARD_SECRET,
-    map_groups,
-    new_account,
-    provider_config,
-    running_provider,
-)
-from tests.conftest import MakeTenant
+from tests.support.net import free_port
+from tests.support.oidc import DASHBOARD_CLIENT, DASHBOARD_SECRET, provider_config, running_provider
+from tests.support.signin import map_groups, new_account
+from tests.support.tenants import MakeTenant
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 HAVE_CHROMIUM = Path(CHROMIUM).exists()
 SCREENSHOT = os.environ.get("STEWARD_TEST_SCREENSHOT")  # set to a path to look at the sign-in page
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @asynccontextmanager

@@ -6,7 +6,7 @@ httpx2 when installed) honours it as in any deployment behind a proxy. The proxy
 on to the real provider and, in the token endpoint's answer, replaces ``id_token`` with what the test
 forges from the real one. The browser's side (login and consent pages) goes straight to the provider,
 so each case is a real sign-in up to the code exchange. Forged tokens that need a valid signature are
-signed with the test key the provider publishes in its JWKS (conftest ``TEST_KEY``); the controls show
+signed with the test key the provider publishes in its JWKS (``tests.support.oidc.TEST_KEY``); the controls show
 such a token is accepted when nothing else is wrong, so each refusal is down to the one thing the case
 breaks.
 """
@@ -36,16 +36,9 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.auth.sessions import COOKIE
-from tests.auth.conftest import (
-    DASHBOARD_CLIENT,
-    TEST_KEY,
-    TEST_KID,
-    OidcProvider,
-    authorize,
-    map_groups,
-    new_account,
-)
-from tests.conftest import MakeTenant
+from tests.support.oidc import DASHBOARD_CLIENT, TEST_KEY, TEST_KID, OidcProvider
+from tests.support.signin import authorize, map_groups, new_account
+from tests.support.tenants import MakeTenant
 
 SessionMaker = async_sessionmaker[AsyncSession]
 # (original ID token, nonce Steward sent) -> the ID token Steward receives instead

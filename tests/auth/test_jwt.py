@@ -2,7 +2,7 @@
 
 Good tokens come from the provider's token endpoint (client_credentials with a resource indicator).
 Tokens with claims the provider would never issue (expired, not yet valid, foreign issuer) are signed
-with the test key the provider publishes in its JWKS (conftest ``TEST_KEY``), so only the claim under
+with the test key the provider publishes in its JWKS (``tests.support.oidc.TEST_KEY``), so only the claim under
 test is wrong.
 """
 
@@ -25,22 +25,9 @@ from joserfc.jwk import RSAKey
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth.jwt import JwksCache, jwks_cache
-from tests.auth.conftest import (
-    API_AUDIENCE,
-    NOBODY,
-    OTHER_AUDIENCE,
-    ROBOT,
-    SOLO,
-    TEST_KEY,
-    TEST_KID,
-    MakeOidcApp,
-    OidcProvider,
-    app_client,
-    grant,
-    map_groups,
-    user_id_of,
-)
-from tests.conftest import MakeTenant, TenantKey
+from tests.support.oidc import API_AUDIENCE, NOBODY, OTHER_AUDIENCE, ROBOT, SOLO, TEST_KEY, TEST_KID, OidcProvider
+from tests.support.signin import MakeOidcApp, app_client, grant, map_groups, user_id_of
+from tests.support.tenants import MakeTenant, TenantKey
 
 SessionMaker = async_sessionmaker[AsyncSession]
 URL = "/api/v1/runs"

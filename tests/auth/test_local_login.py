@@ -19,8 +19,8 @@ from app.auth.web import LOCAL_NOTE
 from app.config import Settings
 from app.engine.notify import asyncpg_dsn
 from app.pg import driver
-from tests.auth.conftest import app_client, audit_events, first_form
-from tests.conftest import MakeTenant, TenantKey
+from tests.support.signin import app_client, audit_events, first_form
+from tests.support.tenants import MakeTenant, TenantKey
 
 SessionMaker = async_sessionmaker[AsyncSession]
 

@@ -17,11 +17,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth.sessions import COOKIE
-from tests.auth.conftest import (
-    APP_URL,
-    DASHBOARD_CLIENT,
+from tests.support.oidc import APP_URL, DASHBOARD_CLIENT, OidcProvider
+from tests.support.signin import (
     MakeOidcApp,
-    OidcProvider,
     app_client,
     audit_events,
     authorize,
@@ -32,7 +30,7 @@ from tests.auth.conftest import (
     new_account,
     user_id_of,
 )
-from tests.conftest import MakeTenant, TenantKey
+from tests.support.tenants import MakeTenant, TenantKey
 
 SessionMaker = async_sessionmaker[AsyncSession]
 

@@ -20,8 +20,9 @@ import pytest_asyncio
 
 from app.config import Settings
 from app.engine import evaluation
-from tests.conftest import TenantKey
-from tests.engine.conftest import FAST, create_workflow, name, start_run, step, wait_run
+from tests.support.runs import create_workflow, name, start_run, step, wait_run
+from tests.support.tenants import TenantKey
+from tests.support.workers import FAST
 from workers.main import run_worker
 
 TEN = "[0,1,2,3,4,5,6,7,8,9]"

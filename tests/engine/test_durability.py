@@ -19,8 +19,9 @@ from app.engine.attempts import claim_attempt
 from app.engine.runtime import Runtime
 from app.engine.transaction import in_tx
 from app.runs.models import StepAttempt, StepRun
-from tests.conftest import TenantKey
-from tests.engine.conftest import FAST, WorkerProcess, create_workflow, name, start_run, step, wait_for, wait_run
+from tests.support.runs import create_workflow, name, start_run, step, wait_for, wait_run
+from tests.support.tenants import TenantKey
+from tests.support.workers import FAST, WorkerProcess
 from workers.main import run_worker
 
 pytestmark = pytest.mark.xdist_group("engine")

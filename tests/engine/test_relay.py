@@ -19,17 +19,13 @@ from arq.connections import RedisSettings, create_pool
 from app.config import Settings
 from app.engine.outbox import Relay
 from app.engine.unit_of_work import Job
-from tests.conftest import MakeTenant
+from tests.support.net import free_port
+from tests.support.runs import create_workflow, name, start_run
+from tests.support.tenants import MakeTenant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
@@ -113,7 +109,6 @@ async def test_relay_keeps_jobs_while_redis_is_down_and_delivers_them_when_it_re
 
 async def test_the_api_starts_and_takes_runs_while_redis_is_down(settings: Settings, make_tenant: MakeTenant) -> None:
     from app.main import create_app
-    from tests.engine.conftest import create_workflow, name, start_run
 
     app = create_app(settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
     tenant = await make_tenant()

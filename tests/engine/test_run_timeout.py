@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.config import Settings
 from app.engine.reconciler import reconcile_once
 from app.engine.runtime import Runtime
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, step, wait_for, wait_run
+from tests.support.runs import create_workflow, name, start_run, step, wait_for, wait_run
+from tests.support.tenants import TenantKey
 
 pytestmark = pytest.mark.xdist_group("engine")
 

@@ -11,8 +11,8 @@ import pytest
 
 from app.config import Settings
 from app.runs.schemas import RunRead
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, step, wait_for, wait_run
+from tests.support.runs import create_workflow, name, start_run, step, wait_for, wait_run
+from tests.support.tenants import TenantKey
 
 pytestmark = pytest.mark.xdist_group("engine")
 

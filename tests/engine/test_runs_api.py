@@ -8,8 +8,8 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import MakeApiKey, MakeTenant, TenantKey
-from tests.engine.conftest import create_workflow, name, start_run
+from tests.support.runs import create_workflow, name, start_run
+from tests.support.tenants import MakeApiKey, MakeTenant, TenantKey
 
 pytestmark = pytest.mark.xdist_group("engine")
 

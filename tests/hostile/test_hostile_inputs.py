@@ -25,7 +25,7 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.main import create_app
-from tests.hostile.conftest import PROVIDER, TOOL, ApiProcess, World
+from tests.support.hostile import PROVIDER, TOOL, ApiProcess, World
 
 PROBLEM = "application/problem+json"
 TIME_BOUND_S = 10.0  # a safety net against a hang, not a speed requirement

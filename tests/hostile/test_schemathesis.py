@@ -14,7 +14,7 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance,
 
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import MakeTenant, TenantKey
+from tests.support.tenants import MakeTenant, TenantKey
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 # A longer hunt by hand: FUZZ_EXAMPLES=200 FUZZ_SEED=<n> pytest tests/hostile/test_schemathesis.py

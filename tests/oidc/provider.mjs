@@ -1,4 +1,4 @@
-// A real OpenID provider for Steward's sign-on tests (tests/auth/conftest.py starts it).
+// A real OpenID provider for Steward's sign-on tests (tests/support/oidc.py starts it).
 //
 //   node provider.mjs [port]            configuration: JSON in OIDC_PROVIDER_CONFIG (or argv[3])
 //

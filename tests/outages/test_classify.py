@@ -17,7 +17,7 @@ from app.config import Settings
 from app.db import make_engine
 from app.engine.notify import asyncpg_dsn
 from app.outage import Outage, is_database_outage, is_redis_outage
-from tests.outages.servers import free_port
+from tests.support.net import free_port
 
 
 async def _raised(action: Callable[[], Awaitable[Any]]) -> BaseException:

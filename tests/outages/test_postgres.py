@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.engine.conftest import step
 from tests.fakes.tool_server import ToolServer
-from tests.outages.conftest import RECORD, Api, LoggedWorker, finished, slow_tool_workflow, start_run, until
-from tests.outages.servers import PrivatePostgres
+from tests.support.outages import RECORD, Api, LoggedWorker, finished, slow_tool_workflow, start_run, until
+from tests.support.runs import step
+from tests.support.servers import PrivatePostgres
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("outages")]
 

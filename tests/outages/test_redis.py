@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 
 from tests.fakes.tool_server import ToolServer
-from tests.outages.conftest import RECORD, Api, LoggedWorker, finished, slow_tool_workflow, start_run, until
-from tests.outages.servers import PrivateRedis
+from tests.support.outages import RECORD, Api, LoggedWorker, finished, slow_tool_workflow, start_run, until
+from tests.support.servers import PrivateRedis
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("outages")]
 

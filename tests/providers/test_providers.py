@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.engine.runtime import Runtime
 from app.llm.client import Price
 from app.providers.service import ModelRef, model_names, resolve_model
-from tests.conftest import MakeApiKey, TenantKey
+from tests.support.tenants import MakeApiKey, TenantKey
 
 KEY = "sk-prov-9c1e77d2b4a0"
 URL = "/api/v1/providers"

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.conftest import MakeTenant, TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, step, wait_for, wait_run
 from tests.fakes.tool_server import ToolServer
-from tests.tools.conftest import http_tool, register
+from tests.support.runs import create_workflow, name, start_run, step, wait_for, wait_run
+from tests.support.tenants import MakeTenant, TenantKey
+from tests.support.tools import http_tool, register
 
 pytestmark = pytest.mark.xdist_group("engine")
 

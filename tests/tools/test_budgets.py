@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from app.config import Settings
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, step, wait_for, wait_run
-from tests.tools.conftest import register
+from tests.support.runs import create_workflow, name, start_run, step, wait_for, wait_run
+from tests.support.tenants import TenantKey
+from tests.support.tools import register
 
 pytestmark = pytest.mark.xdist_group("engine")
 

@@ -13,10 +13,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
-from tests.conftest import MakeTenant, TenantKey
-from tests.engine.conftest import WorkerProcess, create_workflow, name, start_run, step, wait_run
 from tests.fakes.tool_server import ToolServer
-from tests.tools.conftest import http_tool, register
+from tests.support.runs import create_workflow, name, start_run, step, wait_run
+from tests.support.tenants import MakeTenant, TenantKey
+from tests.support.tools import http_tool, register
+from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.xdist_group("engine")
 

@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tests.conftest import MakeTenant, TenantKey
-from tests.tools.conftest import http_tool, register
+from tests.support.tenants import MakeTenant, TenantKey
+from tests.support.tools import http_tool, register
 
 SECRET = "sk-live-4f1d2c8e9a7b"
 

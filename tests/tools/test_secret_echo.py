@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from app.config import Settings
 from app.tools.redact import REDACTED, cut_scrubbed, scrub, secret_forms
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, step, wait_run
 from tests.fakes.tool_server import ToolServer
-from tests.tools.conftest import http_tool, register
+from tests.support.runs import create_workflow, name, start_run, step, wait_run
+from tests.support.tenants import TenantKey
+from tests.support.tools import http_tool, register
 
 SECRET = "tok-5e4d3c2b1a09f8e7d6c5"
 MIN_RESPONSE_BYTES = 1024  # the smallest max_response_bytes a tool may set

@@ -13,10 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.tenants.policy import MAX_URL_LENGTH, TenantPolicy
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, step, wait_run
 from tests.fakes.tool_server import ToolServer
-from tests.tools.conftest import http_tool, register
+from tests.support.runs import create_workflow, name, start_run, step, wait_run
+from tests.support.tenants import TenantKey
+from tests.support.tools import http_tool, register
 
 pytestmark = pytest.mark.xdist_group("engine")
 

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.context import Ctx
 from app.workflows import service as workflows_service
 from app.workflows.definition import parse_definition
-from tests.conftest import MakeTenant, TenantKey
+from tests.support.tenants import MakeTenant, TenantKey
 
 URL = "/api/v1/workflows"
 

@@ -21,7 +21,7 @@ from app.input_guard import DUPLICATE_KEY
 from app.workflows.decode import MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, load_document
 from app.workflows.definition import MAX_EXPRESSIONS, MAX_SCHEMA_VALUES
 from app.workflows.document import DefinitionError
-from tests.conftest import TenantKey
+from tests.support.tenants import TenantKey
 
 URL = "/api/v1/workflows"
 YAML = {"Content-Type": "application/yaml"}

@@ -16,13 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from tests.support.net import free_port
+
 REDIS_SERVER = "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(condition: Any, what: str, timeout: float = 30.0) -> None:
