@@ -49,9 +49,7 @@ RUN_MOVES: dict[RunStatus, frozenset[RunStatus]] = {
         RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED,
     }),
     # Steps in flight when a run is paused still finish, so a paused run can end.
-    RunStatus.PAUSED: frozenset({
-        RunStatus.RUNNING, RunStatus.WAITING, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED,
-    }),
+    RunStatus.PAUSED: frozenset({RunStatus.RUNNING, RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}),
     RunStatus.FAILED: frozenset({RunStatus.RUNNING}),  # retry from the failed step
     RunStatus.SUCCEEDED: frozenset(),
     RunStatus.CANCELLED: frozenset(),
@@ -62,7 +60,7 @@ STEP_MOVES: dict[StepStatus, frozenset[StepStatus]] = {
         StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING, StepStatus.SUCCEEDED, StepStatus.FAILED,
         StepStatus.SKIPPED, StepStatus.CANCELLED,
     }),
-    StepStatus.QUEUED: frozenset({StepStatus.RUNNING, StepStatus.FAILED, StepStatus.CANCELLED}),
+    StepStatus.QUEUED: frozenset({StepStatus.RUNNING, StepStatus.CANCELLED}),
     # running -> queued: a transient failure whose next attempt waits out its backoff.
     # running -> waiting: the call it was about to make needs approval.
     StepStatus.RUNNING: frozenset({
