@@ -516,8 +516,8 @@ async def test_http_tool_sends_the_idempotency_key_and_honours_retry_after(
 async def test_http_tool_refuses_private_addresses_by_default(
     client: httpx.AsyncClient, tenant: TenantKey, settings: Settings
 ) -> None:
+    from app.tools.builtins import ToolCall, ToolError, http
     from workers.main import run_worker
-    from workers.steps.tools import ToolCall, ToolError, http
 
     strict = settings.model_copy(update={"http_allow_private_networks": False})
     async with httpx.AsyncClient() as h:
