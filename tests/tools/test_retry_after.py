@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -18,9 +18,14 @@ from app.tools.builtins import ToolCall, ToolError, http
 from tests.fakes.model_server import ModelServer, Turn
 from tests.fakes.tool_server import ToolServer
 
-SOON = datetime.now(UTC) + timedelta(seconds=60)
-# Dates are compared within this many seconds: the clock moves between collection and the call.
-SLACK_S = 30.0
+# Dates are compared within this many seconds: the clock moves between writing the date and reading it.
+SLACK_S = 5.0
+
+
+def in_60_s(form: Callable[[datetime], str]) -> Callable[[], str]:
+    """A date 60 s after the test starts, in ``form``: made when the test runs, not when it is collected."""
+    return lambda: form(datetime.now(UTC) + timedelta(seconds=60))
+
 
 CASES = [
     # delta-seconds
@@ -29,9 +34,9 @@ CASES = [
     ("1.5", 1.5),  # not RFC 9110, but sent in the wild: read as meant
     ("86400", MAX_RETRY_AFTER_S),  # a valid but long delay is capped
     # HTTP-date in its three forms (RFC 9110 section 5.6.7)
-    pytest.param(format_datetime(SOON, usegmt=True), 60.0, id="IMF-fixdate in 60 s"),
-    pytest.param(SOON.strftime("%A, %d-%b-%y %H:%M:%S GMT"), 60.0, id="RFC 850 date in 60 s"),
-    pytest.param(SOON.strftime("%a %b %d %H:%M:%S %Y"), 60.0, id="asctime date in 60 s"),
+    pytest.param(in_60_s(lambda t: format_datetime(t, usegmt=True)), 60.0, id="IMF-fixdate in 60 s"),
+    pytest.param(in_60_s(lambda t: t.strftime("%A, %d-%b-%y %H:%M:%S GMT")), 60.0, id="RFC 850 date in 60 s"),
+    pytest.param(in_60_s(lambda t: t.strftime("%a %b %d %H:%M:%S %Y")), 60.0, id="asctime date in 60 s"),
     ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # in the past: retry now
     ("Fri, 31 Dec 9999 23:59:59 GMT", MAX_RETRY_AFTER_S),
     # no hint at all
@@ -77,8 +82,11 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.mark.parametrize(("value", "expected"), CASES)
 async def test_model_servers_and_tools_read_retry_after_alike(
-    value: str, expected: float | None, client: httpx.AsyncClient, model_server: ModelServer, tool_server: ToolServer
+    value: str | Callable[[], str], expected: float | None, client: httpx.AsyncClient, model_server: ModelServer,
+    tool_server: ToolServer,
 ) -> None:
+    if callable(value):
+        value = value()
     assert agrees(retry_after_seconds(value), expected)
 
     model = f"m-{uuid.uuid4().hex[:8]}"
