@@ -170,6 +170,9 @@ class ModelStepRun:
     tools: list[dict[str, Any]]
     conversation: Conversation
     started: datetime = field(default_factory=_now)
+    # An agent's turns count against the run's max_steps (with the calls it chooses); an llm step's one
+    # turn, written by the workflow's author, does not.
+    counts_turns: bool = False
 
     async def run(self) -> Outcome:
         c = self.conversation
@@ -195,7 +198,7 @@ class ModelStepRun:
         async with self.runtime.pg.acquire() as conn:
             hold = await budgets.reserve(conn, self.claimed.tenant_id, self.claimed.run_id, self.claimed.step_id,
                                          "model", amount_usd=estimate, tokens=prompt_tokens + answer_cap,
-                                         count_call=False)
+                                         count_call=self.counts_turns)
         if isinstance(hold, budgets.Exhausted):
             return self._exhausted(hold)
         try:
@@ -316,12 +319,15 @@ class ModelStepRun:
         # identical call gets an approval and an idempotency key of its own.
         call_id = self._call_key(call)
         key = f"{self.claimed.idempotency_key}:{self.conversation.epoch}:{call_id}"
-        site = CallSite(self.claimed.step_run_id, self.claimed.step_id, self.claimed.attempt_n, key, call_id, "agent")
+        # The model chose this call: it counts against max_steps, once, however often it is retried here.
+        site = CallSite(self.claimed.step_run_id, self.claimed.step_id, self.claimed.attempt_n, key, call_id, "agent",
+                        counted=True)
         events: list[tuple[str, dict[str, Any]]] = []
         audits: list[AuditNote] = []
         attempt = 1
         while True:
             result = await self.caller.call(site, call.name, call.args)
+            site = replace(site, counted=False)
             events += result.events
             audits += result.audits
             retry = result.retry
@@ -373,7 +379,7 @@ async def run_model_step(runtime: Runtime, http: httpx.AsyncClient, caller: Call
                                                                                  allowed)))
     conversation = replay(base_messages(step, claimed.args or {}), saved)
     return await ModelStepRun(runtime, http, agent_caller, claimed, spec, model, tool_specs, conversation,
-                              started).run()
+                              started, counts_turns=step.kind == "agent").run()
 
 
 async def _tool_specs(conn: Conn, caller: Caller, names: tuple[str, ...]) -> list[dict[str, Any]]:

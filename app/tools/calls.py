@@ -11,6 +11,9 @@ Nothing here writes to the database except the budget reservation: the decisions
 :class:`CallResult`, an engine :class:`~app.engine.attempts.Outcome` whose events and audit notes the
 caller records in the transaction that records the step's outcome. A tool step's attempt ends with it
 as is; an agent reads it back to its model (:meth:`CallResult.for_model`) or stops on it.
+
+Which calls count against the run's ``max_steps``: those an agent chooses (``CallSite.counted``), not
+the tool steps and map items a workflow's author wrote, which their definition already bounds.
 """
 
 from __future__ import annotations
@@ -80,7 +83,10 @@ class RunScope:
 
 @dataclass(frozen=True)
 class CallSite:
-    """Where a call is made: the step attempt, and for agents the model's call id."""
+    """Where a call is made: the step attempt, and for agents the model's call id.
+
+    ``counted``: the call counts against the run's ``max_steps`` (an agent's choice, once per call
+    however often it is retried); a workflow's tool steps and map items do not."""
 
     step_run_id: uuid.UUID
     step_id: str
@@ -88,6 +94,7 @@ class CallSite:
     idempotency_key: str
     call_id: str = ""
     kind: str = "tool"  # "tool" (a tool step) | "agent"
+    counted: bool = False
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,7 @@ class Caller:
     async def _reserve(self, site: CallSite, ref: ToolRef) -> Hold | CallResult:
         async with self.runtime.pg.acquire() as conn:
             hold = await budgets.reserve(conn, self.scope.tenant_id, self.scope.run_id, site.step_id, "tool",
-                                         amount_usd=ref.spec.cost_usd)
+                                         amount_usd=ref.spec.cost_usd, count_call=site.counted)
         if isinstance(hold, Hold):
             return hold
         event, note = exhausted_notes(self.scope.run_id, hold, tool=ref.name, call_id=site.call_id or None)

@@ -49,7 +49,7 @@ async def test_dag_with_fan_out_fan_in_and_a_map_of_50(
                 },
             },
         ],
-        limits={"max_steps": 100},  # 54 tool calls: over the default run limit of 25
+        # 54 tool calls under the default limits: max_steps counts agents' steps, not the workflow's own.
     )
     run = await start_run(client, tenant.headers, wf, {"n": 50, "items": list(range(50))})
     done = await wait_run(client, tenant.headers, run["id"])
