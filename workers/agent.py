@@ -6,7 +6,7 @@ one transaction with its run events; a worker resuming the step (after a crash, 
 or a budget pause) rebuilds the conversation from the checkpoints and carries on from there, so a
 paid model call or a completed tool call is never made twice.
 
-Tool calls take the one guarded path (workers/calls.py). What the guardrails refuse and what tools
+Tool calls take the one guarded path (app/tools/calls.py). What the guardrails refuse and what tools
 fail with goes back to the model as the call's result, so it can correct itself; the same failing
 call made ``loop_limit`` times ends the step as a loop. Before each model call its worst case (the
 prompt's upper-bound token count plus the answer cap) is reserved against the run's token and cost
@@ -41,9 +41,9 @@ from app.llm.client import ChatResult, ModelError, chat, cost_usd, estimate_inpu
 from app.pg import Conn
 from app.providers.service import ModelRef, resolve_model
 from app.tools import service as tools
+from app.tools.builtins import ToolError, check_destination
+from app.tools.calls import Caller, CallResult, CallSite, exhausted_notes
 from app.workflows.definition import ModelStep, Permissions, StepDef
-from workers.calls import Caller, CallResult, CallSite, exhausted_notes
-from workers.steps.tools import ToolError, check_destination
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,9 @@ class ModelStepRun:
     tools: list[dict[str, Any]]
     conversation: Conversation
     started: datetime = field(default_factory=_now)
+    # An agent's turns count against the run's max_steps (with the calls it chooses); an llm step's one
+    # turn, written by the workflow's author, does not.
+    counts_turns: bool = False
 
     async def run(self) -> Outcome:
         c = self.conversation
@@ -195,7 +198,7 @@ class ModelStepRun:
         async with self.runtime.pg.acquire() as conn:
             hold = await budgets.reserve(conn, self.claimed.tenant_id, self.claimed.run_id, self.claimed.step_id,
                                          "model", amount_usd=estimate, tokens=prompt_tokens + answer_cap,
-                                         count_call=False)
+                                         count_call=self.counts_turns)
         if isinstance(hold, budgets.Exhausted):
             return self._exhausted(hold)
         try:
@@ -280,18 +283,16 @@ class ModelStepRun:
         c = self.conversation
         call = c.pending[0]
         if call.error is not None:
-            result = CallResult(False, error_class="invalid_args", message=call.error, tool=call.name)
-            result.events.append(("tool_call_failed", {"tool": call.name, "error": "invalid_args",
-                                                       "message": call.error, "call_id": self._call_key(call)}))
+            event = ("tool_call_failed", {"tool": call.name, "error": "invalid_args", "message": call.error,
+                                          "call_id": self._call_key(call)})
+            result = CallResult(False, error_class="invalid_args", message=call.error, events=(event,))
         else:
             result = await self._call(call)
         if result.gate is not None or result.pause_reason is not None or (
             result.error_class == budgets.BUDGET_EXHAUSTED
         ):
             # The step stops here: it waits for a decision or a budget, or fails; it resumes at this call.
-            return Outcome(False, self.started, _now(), error_class=result.error_class, message=result.message,
-                           gate=result.gate, pause_reason=result.pause_reason, events=tuple(result.events),
-                           audits=tuple(result.audits))
+            return replace(result, started_at=self.started, finished_at=_now())
         full = json.dumps(result.for_model(), ensure_ascii=False, default=str)
         content = trim(full, self.spec.max_result_bytes)
         signature = _digest({"tool": call.name, "args": call.args})
@@ -318,19 +319,21 @@ class ModelStepRun:
         # identical call gets an approval and an idempotency key of its own.
         call_id = self._call_key(call)
         key = f"{self.claimed.idempotency_key}:{self.conversation.epoch}:{call_id}"
-        site = CallSite(self.claimed.step_run_id, self.claimed.step_id, self.claimed.attempt_n, key, call_id, "agent")
+        # The model chose this call: it counts against max_steps, once, however often it is retried here.
+        site = CallSite(self.claimed.step_run_id, self.claimed.step_id, self.claimed.attempt_n, key, call_id, "agent",
+                        counted=True)
         events: list[tuple[str, dict[str, Any]]] = []
         audits: list[AuditNote] = []
         attempt = 1
         while True:
             result = await self.caller.call(site, call.name, call.args)
+            site = replace(site, counted=False)
             events += result.events
             audits += result.audits
             retry = result.retry
             if result.ok or not result.transient or result.error_class == "circuit_open" or retry is None \
                     or attempt >= retry.max_attempts:
-                result.events, result.audits = events, audits
-                return result
+                return replace(result, events=tuple(events), audits=tuple(audits))
             delay = min(retry.backoff_base_s * 2 ** (attempt - 1), retry.backoff_max_s, MAX_TOOL_RETRY_DELAY_S)
             if result.retry_after is not None:
                 delay = max(delay, min(result.retry_after, MAX_TOOL_RETRY_DELAY_S))
@@ -376,7 +379,7 @@ async def run_model_step(runtime: Runtime, http: httpx.AsyncClient, caller: Call
                                                                                  allowed)))
     conversation = replay(base_messages(step, claimed.args or {}), saved)
     return await ModelStepRun(runtime, http, agent_caller, claimed, spec, model, tool_specs, conversation,
-                              started).run()
+                              started, counts_turns=step.kind == "agent").run()
 
 
 async def _tool_specs(conn: Conn, caller: Caller, names: tuple[str, ...]) -> list[dict[str, Any]]:

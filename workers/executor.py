@@ -18,9 +18,9 @@ from app.engine.checkpoints import Fenced
 from app.engine.runtime import Runtime
 from app.outage import DATABASE, Backoff, is_database_outage
 from app.tools.breaker import Breaker
+from app.tools.calls import Caller, CallSite, run_scope
 from app.workflows.definition import Definition, StepDef
 from workers.agent import run_model_step
-from workers.calls import Caller, CallSite, run_scope
 
 log = logging.getLogger(__name__)
 # The error class of an attempt that could not reach the database (transient: retried).
@@ -49,7 +49,7 @@ def tool_name(step: StepDef, claimed: Claimed) -> str:
 
 async def execute(runtime: Runtime, http: httpx.AsyncClient, breaker: Breaker, definition: Definition,
                   claimed: Claimed, lease: Lease) -> Outcome:
-    """Run the step's tool call through the guardrails (workers/calls.py), or its model step
+    """Run the step's tool call through the guardrails (app/tools/calls.py), or its model step
     (workers/agent.py), under the step's hard timeout.
 
     A tool step that cannot reach the database before its call is run again once it can, while the
@@ -109,12 +109,11 @@ async def _execute_once(runtime: Runtime, http: httpx.AsyncClient, breaker: Brea
             return model_outcome
         return replace(_checked(model_outcome.output, started, settings), events=model_outcome.events)
     if result.ok:
-        outcome = _checked(result.output, started, settings)
-    else:
-        outcome = Outcome(False, started, _now(), error_class=result.error_class, message=result.message,
-                          transient=result.transient, retry_after=result.retry_after, gate=result.gate,
-                          pause_reason=result.pause_reason)
-    return replace(outcome, events=tuple(result.events), audits=tuple(result.audits), retry=result.retry)
+        checked = _checked(result.output, started, settings)
+        if not checked.ok:
+            return replace(checked, events=result.events, audits=result.audits)
+    # The call's result is the attempt's outcome; the attempt began before the call's lookups.
+    return replace(result, started_at=started, finished_at=_now())
 
 
 def _checked(output: object, started: datetime, settings: Settings) -> Outcome:

@@ -89,12 +89,12 @@ def row_hash(row: ChainRow) -> str:
     return hashlib.sha256(canonical(row)).hexdigest()
 
 
-def redact(value: Any) -> Any:
+def redact_secret_keys(value: Any) -> Any:
     """Replace values under secret-looking keys, at any depth (a net under the callers' own care)."""
     if isinstance(value, dict):
-        return {k: REDACTED if _secret_key(k) else redact(v) for k, v in value.items()}
+        return {k: REDACTED if _secret_key(k) else redact_secret_keys(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return [redact_secret_keys(v) for v in value]
     return value
 
 
@@ -197,7 +197,7 @@ def _chain(
         seq += 1
         # The stored JSONB must read back as what was hashed: round-trip the data through JSON, then
         # write numbers as PostgreSQL will give them back.
-        data = as_jsonb(json.loads(dumps(redact(entry.data))))
+        data = as_jsonb(json.loads(dumps(redact_secret_keys(entry.data))))
         row = ChainRow(tenant_id, seq, entry.at, entry.actor, entry.ip, entry.user_agent, entry.action,
                        entry.target, entry.outcome, data, prev)
         prev = row_hash(row)

@@ -51,6 +51,7 @@ class RunUsage(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
     workflow_name: Mapped[str] = mapped_column(String(128))
     limits: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # What max_steps limits: agents' model turns and the tool calls they chose (not tool steps, map items).
     tool_calls: Mapped[int] = mapped_column(Integer, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -59,7 +59,10 @@ class BudgetSettings(BaseModel):
 class Usage(BaseModel):
     hour: dict[str, Any]
     day: dict[str, Any]
-    run: dict[str, Any] | None = None
+    run: dict[str, Any] | None = Field(
+        default=None, description="With ?run=: its limits and usage; tool_calls counts what max_steps limits "
+        "(agents' model turns and the tool calls they chose; not tool steps or map items)",
+    )
 
 
 @router.get("/budgets", response_model=BudgetSettings, summary="The tenant's caps and run limits")

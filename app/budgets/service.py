@@ -22,6 +22,8 @@ import asyncpg
 from app.errors import Invalid
 from app.pg import Conn, dumps
 
+# max_steps counts an agent's model turns and the tool calls it chooses (run_usage.tool_calls), to stop
+# agents that loop; a workflow's own tool steps and map items are bounded by its definition instead.
 DEFAULT_LIMITS: dict[str, Any] = {"max_steps": 25, "max_tokens": 100_000}
 # Money columns are numeric(18, 8): ten digits before the point, eight after.
 USD_DIGITS, USD_PLACES = 18, 8
@@ -127,7 +129,8 @@ async def reserve(
     tokens: int = 0,
     count_call: bool = True,
 ) -> Hold | Exhausted:
-    """Check the run's limits and the tenant's caps for one more call, and hold its estimate.
+    """Check the run's limits and the tenant's caps for one more call, and hold its estimate;
+    ``count_call``: the call is an agent's step and counts against ``max_steps``.
 
     Rows are locked in a fixed order, so deadlocks should not happen; should Postgres still pick
     this transaction as a deadlock victim (it rolled back), it is simply tried again."""
@@ -165,7 +168,8 @@ async def _reserve(
             return Hold(None, Decimal(0), 0)  # a run from before budgets existed
         limits, policy = u["limits"], u["on_exhausted"]
         if count_call and "max_steps" in limits and u["tool_calls"] + 1 > limits["max_steps"]:
-            return Exhausted("max_steps", f"the run reached its limit of {limits['max_steps']} tool calls", policy)
+            return Exhausted("max_steps", f"the run reached its limit of {limits['max_steps']} agent steps "
+                             "(model turns and the tool calls agents chose)", policy)
         if tokens and "max_tokens" in limits and u["tokens"] + u["reserved_tokens"] + tokens > limits["max_tokens"]:
             return Exhausted(
                 "max_tokens",

@@ -18,13 +18,13 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal, localcontext
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+from app.retry_after import retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ModelError(Exception):
         )
 
     def _scrub(self, secrets: Iterable[str]) -> None:
-        self.message = redact(self.message, secrets)
+        self.message = mask_secrets(self.message, secrets)
         self.args = (self.message,)
 
 
@@ -262,30 +262,7 @@ def _error_detail(raw: bytes) -> str:
     return " ".join(text.split())[:ERROR_DETAIL_CHARS]
 
 
-def retry_after_seconds(value: str | None, *, milliseconds: bool = False) -> float | None:
-    """A ``Retry-After`` value (delay in seconds, or an HTTP date) as seconds from now, never negative."""
-    if not value:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        pass
-    else:
-        if seconds != seconds or seconds in (float("inf"), float("-inf")):
-            return None
-        return max(0.0, seconds / 1000 if milliseconds else seconds)
-    if milliseconds:
-        return None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
     """``text`` with every secret, and whatever follows a ``Bearer``, replaced by ``[redacted]``."""
     for secret in secrets:
         if secret:

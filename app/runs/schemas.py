@@ -31,7 +31,9 @@ class RunLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_steps: int | None = Field(
-        default=None, ge=1, le=MAX_LIMITS["max_steps"], description="Tool calls (default 25)"
+        default=None, ge=1, le=MAX_LIMITS["max_steps"],
+        description="Agent steps: the model turns of agent steps and the tool calls they choose (default 25). "
+        "Tool steps and map items, which the workflow's definition bounds, do not count",
     )
     max_tokens: int | None = Field(
         default=None, ge=1, le=MAX_LIMITS["max_tokens"], description="Model tokens (default 100,000)"

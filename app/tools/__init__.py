@@ -1,1 +1,2 @@
-"""Tools: the registry, their specs, and the circuit breakers guarding calls to them."""
+"""Tools: the registry and specs, the one guarded path every call takes (``calls``), the executors
+(``builtins``, ``http_executor``), redaction of what is recorded, and the shared circuit breakers."""

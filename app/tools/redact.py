@@ -11,7 +11,7 @@ REDACTED = "[redacted]"
 MAX_DEPTH = 32
 
 
-def redact(schema: Any, value: Any, depth: int = 0) -> Any:
+def redact_write_only(schema: Any, value: Any, depth: int = 0) -> Any:
     """``value`` with every part its schema marks ``writeOnly: true`` replaced by ``"[redacted]"``.
 
     Follows ``properties``, ``additionalProperties``, ``items`` and the branches of ``allOf``/``anyOf``/
@@ -24,17 +24,18 @@ def redact(schema: Any, value: Any, depth: int = 0) -> Any:
         return REDACTED
     for branch_key in ("allOf", "anyOf", "oneOf"):
         for branch in schema.get(branch_key, []) if isinstance(schema.get(branch_key), list) else []:
-            value = redact(branch, value, depth + 1)
+            value = redact_write_only(branch, value, depth + 1)
     if isinstance(value, dict):
         found = schema.get("properties")
         props: dict[str, Any] = found if isinstance(found, dict) else {}
         extra = schema.get("additionalProperties")
         return {
-            key: redact(props[key], item, depth + 1) if key in props else redact(extra, item, depth + 1)
+            key: redact_write_only(props[key], item, depth + 1) if key in props
+            else redact_write_only(extra, item, depth + 1)
             for key, item in value.items()
         }
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        return [redact(schema["items"], item, depth + 1) for item in value]
+        return [redact_write_only(schema["items"], item, depth + 1) for item in value]
     return value
 
 

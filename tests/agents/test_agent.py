@@ -156,8 +156,12 @@ async def test_step_limit_pauses_the_run_and_raising_it_resumes_without_repeatin
     started = await agent_run(client, tenant, model, tool_names=["lookup"], limits={"max_steps": 3})
     run = await wait_for(client, tenant.headers, started["id"], lambda r: r["status"] == "paused")
     assert run["status_reason"] == "budget_exhausted"
-    assert len(model_server.calls(model)) == 4  # the 4th turn asked for a 4th tool call: refused before it ran
-    r = await client.put(f"/api/v1/runs/{run['id']}/limits", json={"max_steps": 10}, headers=tenant.headers)
+    # Turn, call, turn: three steps; the 2nd turn's call would be the 4th, refused before it ran.
+    assert len(model_server.calls(model)) == 2
+    assert len([c for c in tool_server.calls_to("/echo") if c.idempotency_key
+                and c.idempotency_key.startswith(f"{run['id']}:agent:")]) == 1
+    # 6 turns and 5 calls in all.
+    r = await client.put(f"/api/v1/runs/{run['id']}/limits", json={"max_steps": 11}, headers=tenant.headers)
     assert r.status_code == 200, r.text
     assert (await client.post(f"/api/v1/runs/{run['id']}/resume", headers=tenant.headers)).status_code == 200
     run = await wait_run(client, tenant.headers, run["id"])
@@ -167,6 +171,34 @@ async def test_step_limit_pauses_the_run_and_raising_it_resumes_without_repeatin
     echoed = [c for c in tool_server.calls_to("/echo") if c.idempotency_key
               and c.idempotency_key.startswith(f"{run['id']}:agent:")]
     assert len(echoed) == 5 and len({c.idempotency_key for c in echoed}) == 5
+    usage = (await client.get("/api/v1/budgets/usage", params={"run": run["id"]}, headers=tenant.headers)).json()
+    assert usage["run"]["tool_calls"] == 11
+
+
+async def test_an_agent_that_loops_pauses_at_the_default_step_limit(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, model_server: ModelServer,
+    tool_server: ToolServer,
+) -> None:
+    """Under the default max_steps (25) an agent that never answers, each turn looking up something new,
+    is stopped by the budget: 13 model turns and the 12 calls it chose, the 13th call refused unmade."""
+    model = model_name()
+    model_server.script(model, lambda body: Turn.tool_calls([("lookup", {"q": f"n{len(body['messages'])}"})]))
+    await add_provider(client, tenant.headers, model_server, model)
+    await tools(client, tenant, tool_server)
+    started = await agent_run(client, tenant, model, tool_names=["lookup"], agent={"max_turns": 100})
+    run = await wait_for(client, tenant.headers, started["id"], lambda r: r["status"] in ("paused", "failed"))
+    assert run["status"] == "paused" and run["status_reason"] == "budget_exhausted", run
+    assert "25 agent steps" in run["error"]["message"], run["error"]
+    assert len(model_server.calls(model)) == 13
+    made = [c for c in tool_server.calls_to("/echo") if c.idempotency_key
+            and c.idempotency_key.startswith(f"{run['id']}:agent:")]
+    assert len(made) == 12
+    events = await run_events(client, tenant.headers, run["id"])
+    exhausted = [e["data"] for e in events if e["type"] == "budget_exhausted"]
+    assert exhausted == [{"limit": "max_steps", "message": run["error"]["message"], "tool": "lookup",
+                          "call_id": exhausted[0]["call_id"], "action": "pause"}]
+    usage = (await client.get("/api/v1/budgets/usage", params={"run": run["id"]}, headers=tenant.headers)).json()
+    assert usage["run"]["limits"]["max_steps"] == 25 and usage["run"]["tool_calls"] == 25
 
 
 async def test_token_limit_pauses_before_the_model_call_and_resumes_after_raising_it(

@@ -49,7 +49,7 @@ async def test_dag_with_fan_out_fan_in_and_a_map_of_50(
                 },
             },
         ],
-        limits={"max_steps": 100},  # 54 tool calls: over the default run limit of 25
+        # 54 tool calls under the default limits: max_steps counts agents' steps, not the workflow's own.
     )
     run = await start_run(client, tenant.headers, wf, {"n": 50, "items": list(range(50))})
     done = await wait_run(client, tenant.headers, run["id"])
@@ -516,8 +516,8 @@ async def test_http_tool_sends_the_idempotency_key_and_honours_retry_after(
 async def test_http_tool_refuses_private_addresses_by_default(
     client: httpx.AsyncClient, tenant: TenantKey, settings: Settings
 ) -> None:
+    from app.tools.builtins import ToolCall, ToolError, http
     from workers.main import run_worker
-    from workers.steps.tools import ToolCall, ToolError, http
 
     strict = settings.model_copy(update={"http_allow_private_networks": False})
     async with httpx.AsyncClient() as h:

@@ -23,7 +23,6 @@ from app.llm.client import (
     chat,
     cost_usd,
     estimate_input_tokens,
-    retry_after_seconds,
     tool_spec,
 )
 from tests.fakes.model_server import ModelServer, Turn
@@ -249,15 +248,6 @@ async def test_retry_after_as_http_date(http: httpx.AsyncClient, models: ModelSe
 
     assert exc.error_class == "http_503" and exc.transient
     assert exc.retry_after is not None and 25 < exc.retry_after <= 30
-
-
-def test_retry_after_parsing() -> None:
-    assert retry_after_seconds("1.5") == 1.5
-    assert retry_after_seconds("-3") == 0.0
-    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
-    assert retry_after_seconds("soon") is None
-    assert retry_after_seconds(None) is None
-    assert retry_after_seconds("1500", milliseconds=True) == 1.5
 
 
 async def test_500_is_transient(http: httpx.AsyncClient, models: ModelServer) -> None:

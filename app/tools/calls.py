@@ -7,8 +7,13 @@ the call waits for an approval bound to this exact action) → shadow mode (writ
 as "would have run") → circuit breaker (open: fail fast, or the fallback tool) → execute under
 the hard timeout. Transient failures are retried by the engine with the tool's retry policy.
 
-Nothing here writes to the database: the decisions come back as a :class:`CallResult` whose events
-and audit notes the caller records in the transaction that records the step's outcome.
+Nothing here writes to the database except the budget reservation: the decisions come back as a
+:class:`CallResult`, an engine :class:`~app.engine.attempts.Outcome` whose events and audit notes the
+caller records in the transaction that records the step's outcome. A tool step's attempt ends with it
+as is; an agent reads it back to its model (:meth:`CallResult.for_model`) or stops on it.
+
+Which calls count against the run's ``max_steps``: those an agent chooses (``CallSite.counted``), not
+the tool steps and map items a workflow's author wrote, which their definition already bounds.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -26,9 +32,10 @@ from prometheus_client import Counter, Histogram
 from app.approvals.engine import Gate, action_hash, grant_for
 from app.budgets import service as budgets
 from app.budgets.service import Hold
+from app.clock import now
 from app.config import Settings
 from app.engine import evaluation
-from app.engine.attempts import AuditNote
+from app.engine.attempts import AuditNote, Outcome
 from app.engine.evaluation import Budget
 from app.engine.expressions import ExpressionError, ExpressionLimit
 from app.engine.runtime import Runtime
@@ -37,13 +44,13 @@ from app.pg import Conn
 from app.tenants.policy import TenantPolicy, load_policy
 from app.tools import service as tools
 from app.tools.breaker import Breaker, BreakerPolicy
-from app.tools.redact import redact, scrub
+from app.tools.builtins import TOOLS, ToolCall, ToolError, check_destination
+from app.tools.http_executor import call_http_tool
+from app.tools.redact import redact_write_only, scrub
 from app.tools.service import ToolRef, validate_args, validate_output
 from app.tools.spec import BuiltinExecutor
 from app.vault.service import open_secrets
 from app.workflows.definition import Permissions, RetryPolicy
-from workers.steps.http_tool import call_http_tool
-from workers.steps.tools import TOOLS, ToolCall, ToolError, check_destination
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,10 @@ class RunScope:
 
 @dataclass(frozen=True)
 class CallSite:
-    """Where a call is made: the step attempt, and for agents the model's call id."""
+    """Where a call is made: the step attempt, and for agents the model's call id.
+
+    ``counted``: the call counts against the run's ``max_steps`` (an agent's choice, once per call
+    however often it is retried); a workflow's tool steps and map items do not."""
 
     step_run_id: uuid.UUID
     step_id: str
@@ -84,25 +94,20 @@ class CallSite:
     idempotency_key: str
     call_id: str = ""
     kind: str = "tool"  # "tool" (a tool step) | "agent"
+    counted: bool = False
 
 
-@dataclass
-class CallResult:
-    ok: bool
-    output: Any = None
-    error_class: str | None = None
-    message: str | None = None
-    transient: bool = False
-    retry_after: float | None = None
-    errors: list[dict[str, str]] | None = None  # schema errors, for the model to read
-    gate: Gate | None = None
-    pause_reason: str | None = None
-    tool: str | None = None
-    version: int | None = None
-    retry: RetryPolicy | None = None
+@dataclass(frozen=True)
+class CallResult(Outcome):
+    """The result of one tool call, for a tool step and an agent alike: the engine's outcome of an attempt
+    (a tool step's attempt ends with it) plus what only the call knows.
+
+    ``started_at`` and ``finished_at`` span the call itself (:meth:`Caller.call` sets them)."""
+
+    started_at: datetime = field(default_factory=now)
+    finished_at: datetime = field(default_factory=now)
+    errors: tuple[dict[str, str], ...] = ()  # schema errors, for the model to read
     exec_s: float | None = None  # how long the tool itself took, when it ran
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    audits: list[AuditNote] = field(default_factory=list)
 
     def for_model(self) -> dict[str, Any]:
         """What an agent's model reads back as the tool call's result."""
@@ -110,7 +115,7 @@ class CallResult:
             return {"ok": True, "result": self.output}
         body: dict[str, Any] = {"ok": False, "error": self.error_class, "message": self.message}
         if self.errors:
-            body["errors"] = self.errors
+            body["errors"] = list(self.errors)
         return body
 
 
@@ -139,8 +144,21 @@ class Caller:
     def settings(self) -> Settings:
         return self.runtime.settings
 
-    async def call(self, site: CallSite, name: str, args: Any, *, allow_fallback: bool = True) -> CallResult:
+    async def call(self, site: CallSite, name: str, args: Any) -> CallResult:
+        """The call through every guardrail, then the tool; never raises for what a tool or a check did."""
+        began = now()
         started = time.perf_counter()
+        result = await self._call(site, name, args, allow_fallback=True)
+        if result.exec_s is not None:
+            # What the guarded path added to the tool's own time: lookups, checks, breaker, budget.
+            overhead = time.perf_counter() - started - result.exec_s
+            GUARDRAIL_OVERHEAD_SECONDS.observe(overhead)
+            for type_, data in result.events:
+                if type_ == "tool_called":
+                    data["overhead_ms"] = round(overhead * 1000, 2)
+        return replace(result, started_at=began, finished_at=now())
+
+    async def _call(self, site: CallSite, name: str, args: Any, *, allow_fallback: bool) -> CallResult:
         async with self.runtime.pg.acquire() as conn:
             ref = self.refs.get(name) or await tools.resolve(conn, self.scope.tenant_id, name)
             if ref is not None:
@@ -181,10 +199,9 @@ class Caller:
         decision = await self.breaker.before_call(key, policy)
         if not decision.allowed:
             if ref.spec.fallback and allow_fallback:
-                fallback = await self.call(site, ref.spec.fallback, args, allow_fallback=False)
-                fallback.events.insert(0, ("fallback_used", {"tool": ref.name, "fallback": ref.spec.fallback,
-                                                             "reason": "circuit_open"}))
-                return fallback
+                fallback = await self._call(site, ref.spec.fallback, args, allow_fallback=False)
+                used = ("fallback_used", {"tool": ref.name, "fallback": ref.spec.fallback, "reason": "circuit_open"})
+                return replace(fallback, events=(used, *fallback.events))
             return self._failed(site, ref, args, "circuit_open",
                                 f"circuit breaker for {ref.name!r} is {decision.state}; not calling it",
                                 transient=True, retry_after=decision.retry_in_s)
@@ -200,24 +217,17 @@ class Caller:
                 with quiet_database_outage():
                     async with self.runtime.pg.acquire() as conn:
                         await budgets.settle(conn, hold, hold.amount_usd)
-        if result.exec_s is not None:
-            # What the guarded path added to the tool's own time: lookups, checks, breaker, budget.
-            overhead = time.perf_counter() - started - result.exec_s
-            GUARDRAIL_OVERHEAD_SECONDS.observe(overhead)
-            for type_, data in result.events:
-                if type_ == "tool_called":
-                    data["overhead_ms"] = round(overhead * 1000, 2)
         return result
 
     async def _reserve(self, site: CallSite, ref: ToolRef) -> Hold | CallResult:
         async with self.runtime.pg.acquire() as conn:
             hold = await budgets.reserve(conn, self.scope.tenant_id, self.scope.run_id, site.step_id, "tool",
-                                         amount_usd=ref.spec.cost_usd)
+                                         amount_usd=ref.spec.cost_usd, count_call=site.counted)
         if isinstance(hold, Hold):
             return hold
         event, note = exhausted_notes(self.scope.run_id, hold, tool=ref.name, call_id=site.call_id or None)
-        return CallResult(False, error_class=budgets.BUDGET_EXHAUSTED, message=hold.message, tool=ref.name,
-                          version=ref.version, pause_reason=_pause_reason(hold), events=[event], audits=[note])
+        return CallResult(False, error_class=budgets.BUDGET_EXHAUSTED, message=hold.message,
+                          pause_reason=_pause_reason(hold), events=(event,), audits=(note,))
 
     # --- checks --------------------------------------------------------------------------------------
 
@@ -227,8 +237,7 @@ class Caller:
             summary = "; ".join(f"{e['pointer'] or '/'}: {e['message']}" for e in errors[:5])
             result = self._reject(site, ref.name, ref, args, "invalid_args",
                                   f"arguments do not match the schema of {ref.name!r}: {summary}", guardrail=False)
-            result.errors = errors
-            return result
+            return replace(result, errors=tuple(errors))
         perms = self.scope.permissions
         if perms.tools is not None and ref.name not in perms.tools:
             return self._reject(site, ref.name, ref, args, "not_allowed",
@@ -247,8 +256,8 @@ class Caller:
     def _approval(self, site: CallSite, ref: ToolRef, args: Any, grant: Any) -> CallResult | None:
         if grant is None or grant["status"] == "pending":
             reason = _gate_reason(ref, args)
-            return CallResult(False, tool=ref.name, version=ref.version, error_class="approval_required",
-                              message=reason, gate=Gate(site.kind, site.call_id, ref.name, ref.version, args, reason))
+            return CallResult(False, error_class="approval_required", message=reason,
+                              gate=Gate(site.kind, site.call_id, ref.name, ref.version, args, reason))
         if grant["status"] != "approved":
             return self._failed(site, ref, args, f"approval_{grant['status']}",
                                 f"the call was {grant['status']}" + (f": {grant['comment']}" if grant["comment"]
@@ -264,40 +273,36 @@ class Caller:
     def _reject(self, site: CallSite, name: str, ref: ToolRef | None, args: Any, reason: str, message: str,
                 *, guardrail: bool = True) -> CallResult:
         """A call refused before it ran: audited and counted; ``guardrail`` ones (permissions) also alerted."""
-        recorded = redact(ref.spec.input_schema, args) if ref else None
-        result = CallResult(False, error_class="guardrail_rejected" if guardrail else reason, message=message,
-                            tool=name, version=ref.version if ref else None)
-        data = {"tool": name, "version": result.version, "reason": reason, "message": message,
+        recorded = redact_write_only(ref.spec.input_schema, args) if ref else None
+        data = {"tool": name, "version": ref.version if ref else None, "reason": reason, "message": message,
                 "call_id": site.call_id or None, "args": recorded}
-        result.events.append(("guardrail_rejected", data))
         GUARDRAIL_REJECTIONS.labels(reason).inc()
-        result.audits.append(AuditNote(self.scope.principal or "system", "guardrail.reject",
-                                       f"run:{self.scope.run_id}", "denied", {**data, "step": site.step_id}))
+        note = AuditNote(self.scope.principal or "system", "guardrail.reject", f"run:{self.scope.run_id}", "denied",
+                         {**data, "step": site.step_id})
         if guardrail:
             self._alert(data)
-        return result
+        return CallResult(False, error_class="guardrail_rejected" if guardrail else reason, message=message,
+                          events=(("guardrail_rejected", data),), audits=(note,))
 
     def _failed(self, site: CallSite, ref: ToolRef, args: Any, error_class: str, message: str, *,
                 transient: bool = False, retry_after: float | None = None) -> CallResult:
-        result = CallResult(False, error_class=error_class, message=message, transient=transient,
-                            retry_after=retry_after, tool=ref.name, version=ref.version, retry=_retry(ref))
         data = {"tool": ref.name, "version": ref.version, "error": error_class, "message": message,
                 "call_id": site.call_id or None}
-        result.events.append(("tool_call_failed", data))
         # Refused by the breaker or by an approver's decision: guardrail decisions, so audited.
-        result.audits.append(AuditNote(self.scope.principal or "system", "guardrail.reject",
-                                       f"run:{self.scope.run_id}", "denied", {**data, "step": site.step_id}))
-        return result
+        note = AuditNote(self.scope.principal or "system", "guardrail.reject", f"run:{self.scope.run_id}", "denied",
+                         {**data, "step": site.step_id})
+        return CallResult(False, error_class=error_class, message=message, transient=transient,
+                          retry_after=retry_after, retry=_retry(ref), events=(("tool_call_failed", data),),
+                          audits=(note,))
 
     def _shadow(self, site: CallSite, ref: ToolRef, args: Any) -> CallResult:
-        recorded = redact(ref.spec.input_schema, args)
+        recorded = redact_write_only(ref.spec.input_schema, args)
         output = {"shadow": True, "would_have_run": {"tool": ref.name, "version": ref.version, "args": recorded}}
-        result = CallResult(True, output=output, tool=ref.name, version=ref.version)
-        result.events.append(("tool_shadowed", {"tool": ref.name, "version": ref.version, "args": recorded,
-                                                "call_id": site.call_id or None}))
-        result.audits.append(AuditNote(self.scope.principal or "system", "tool.shadow", f"tool:{ref.name}", "ok",
-                                       {"run": str(self.scope.run_id), "step": site.step_id, "version": ref.version}))
-        return result
+        event = ("tool_shadowed", {"tool": ref.name, "version": ref.version, "args": recorded,
+                                   "call_id": site.call_id or None})
+        note = AuditNote(self.scope.principal or "system", "tool.shadow", f"tool:{ref.name}", "ok",
+                         {"run": str(self.scope.run_id), "step": site.step_id, "version": ref.version})
+        return CallResult(True, output=output, events=(event,), audits=(note,))
 
     async def _execute(self, site: CallSite, ref: ToolRef, args: Any, secrets: dict[str, str], key: str,
                        policy: BreakerPolicy, probe: bool) -> CallResult:
@@ -322,7 +327,7 @@ class Caller:
         if failed or probe:
             # A success outside a probe changes nothing in the breaker: no round trip for it.
             await self.breaker.record(key, policy, not failed, probe=probe)
-        recorded = redact(ref.spec.input_schema, args)
+        recorded = redact_write_only(ref.spec.input_schema, args)
         data = {"tool": ref.name, "version": ref.version, "args": recorded, "ms": round(elapsed * 1000, 2),
                 "call_id": site.call_id or None}
         audit = {"run": str(self.scope.run_id), "step": site.step_id, "tool": ref.name, "version": ref.version,
@@ -331,31 +336,23 @@ class Caller:
             error.message = scrub(error.message, set(secrets.values()))
         if error is not None:
             TOOL_CALLS.labels("error").inc()
-            result = CallResult(False, error_class=error.error_class, message=error.message,
-                                transient=error.transient, retry_after=error.retry_after, tool=ref.name,
-                                version=ref.version, retry=_retry(ref))
-            result.events.append(("tool_called", {**data, "ok": False, "error": error.error_class,
-                                                  "message": error.message}))
-            result.audits.append(self._call_note(ref, "error", {**audit, "error": error.error_class}))
-            result.exec_s = elapsed
-            return result
+            event = ("tool_called", {**data, "ok": False, "error": error.error_class, "message": error.message})
+            return CallResult(False, error_class=error.error_class, message=error.message,
+                              transient=error.transient, retry_after=error.retry_after, retry=_retry(ref),
+                              exec_s=elapsed, events=(event,),
+                              audits=(self._call_note(ref, "error", {**audit, "error": error.error_class}),))
         if secrets:
             output = scrub(output, set(secrets.values()))
         errors = validate_output(ref, output)
         if errors:
             TOOL_CALLS.labels("invalid_output").inc()
             message = f"output of {ref.name!r} does not match its output_schema: {errors[0]['message']}"
-            result = CallResult(False, error_class="output_invalid", message=message, tool=ref.name,
-                                version=ref.version)
-            result.events.append(("tool_called", {**data, "ok": False, "error": "output_invalid"}))
-            result.audits.append(self._call_note(ref, "error", {**audit, "error": "output_invalid"}))
-            result.exec_s = elapsed
-            return result
+            return CallResult(False, error_class="output_invalid", message=message, exec_s=elapsed,
+                              events=(("tool_called", {**data, "ok": False, "error": "output_invalid"}),),
+                              audits=(self._call_note(ref, "error", {**audit, "error": "output_invalid"}),))
         TOOL_CALLS.labels("ok").inc()
-        result = CallResult(True, output=output, tool=ref.name, version=ref.version, exec_s=elapsed)
-        result.events.append(("tool_called", {**data, "ok": True}))
-        result.audits.append(self._call_note(ref, "ok", audit))
-        return result
+        return CallResult(True, output=output, exec_s=elapsed, events=(("tool_called", {**data, "ok": True}),),
+                          audits=(self._call_note(ref, "ok", audit),))
 
     def _call_note(self, ref: ToolRef, outcome: str, data: dict[str, Any]) -> AuditNote:
         """Every call that ran is audited (its arguments and result are in the run's events)."""

@@ -1,4 +1,5 @@
-"""Builtin tools: ``echo``, ``sleep``, ``fail`` and ``http``."""
+"""Builtin tools (``echo``, ``sleep``, ``fail`` and ``http``), and what every tool executor shares: the
+call (:class:`ToolCall`), its failure (:class:`ToolError`) and the outbound-address check."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from app.config import Settings
+from app.retry_after import retry_after_seconds
 from app.tenants.policy import host_allowed
 
 
@@ -73,22 +73,6 @@ async def fail(call: ToolCall) -> Any:
     if times is None or call.attempt <= int(times):
         raise ToolError("fail", args.get("message", f"failed on attempt {call.attempt}"), transient=transient)
     return {"attempts": call.attempt}
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 async def check_destination(url: str, settings: Settings, allowlist: tuple[str, ...] = ()) -> None:

@@ -15,9 +15,10 @@ import httpx
 
 from app.engine.evaluation import Budget, render
 from app.engine.expressions import ExpressionError, ExpressionLimit, whole_expression
+from app.retry_after import retry_after_seconds
+from app.tools.builtins import ToolCall, ToolError, check_destination
 from app.tools.redact import cut_scrubbed, secret_forms
 from app.tools.spec import HttpExecutor, ToolSpec
-from workers.steps.tools import ToolCall, ToolError, check_destination, retry_after_seconds
 
 
 async def call_http_tool(spec: ToolSpec, call: ToolCall, secrets: dict[str, str]) -> Any:
