@@ -89,14 +89,11 @@ async def bootstrap_demo(database_url: str, tenant: str) -> DemoTenant:
     ``bootstrap_tenant`` mints a key on every call: calling it on each ``steward up`` would leave a pile of
     valid admin keys that nobody ever saw.
     """
-    from sqlalchemy import select
-
-    from app.tenants.models import Tenant
-    from app.tenants.service import bootstrap_tenant
+    from app.tenants.service import bootstrap_tenant, find_tenant
     from app.workflows.service import ensure_example_workflows
 
     async with session(database_url) as db:
-        tenant_id = (await db.execute(select(Tenant.id).where(Tenant.name == tenant))).scalar_one_or_none()
+        tenant_id = await find_tenant(db, tenant)
         key = None
         if tenant_id is None:
             result = await bootstrap_tenant(db, tenant)
