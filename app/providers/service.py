@@ -189,6 +189,14 @@ async def delete_provider(conn: Conn, ctx: Ctx, name: str) -> None:
     await audit(conn, ctx.tenant_id, ctx, "provider.delete", f"provider:{name}")
 
 
+async def providers_using_secret(conn: Conn, tenant_id: uuid.UUID, secret: str) -> list[str]:
+    """The names of the tenant's providers whose API key is the secret ``secret``."""
+    rows = await conn.fetch(
+        "SELECT name FROM provider WHERE tenant_id = $1 AND api_key_secret = $2 ORDER BY name", tenant_id, secret
+    )
+    return [r["name"] for r in rows]
+
+
 def _provider(row: Any) -> dict[str, Any]:
     return {column: row[column] for column in ("name", "base_url", "api_key_secret", "models", "created_at",
                                                "updated_at")}

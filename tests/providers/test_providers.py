@@ -193,7 +193,8 @@ async def test_resolve_model(client: httpx.AsyncClient, tenant: TenantKey, app: 
             "provider 'together' has no model 'llama'; its models: meta-llama/Llama-3-70b, qwen:7b")
         assert await resolve_model(conn, runtime.vault, tenant.tenant_id, "gpt-4o") == (
             "model 'gpt-4o' is not '<provider>/<model>'")
-    assert (await client.delete("/api/v1/secrets/other_key", headers=tenant.headers)).status_code == 204
+    assert (await client.delete("/api/v1/secrets/other_key", params={"force": "true"},
+                                headers=tenant.headers)).status_code == 204
     async with runtime.pg.acquire() as conn:
         assert await resolve_model(conn, runtime.vault, tenant.tenant_id, "anthropic/gpt-4o") == (
             "secret 'other_key' of provider 'anthropic' no longer exists")
