@@ -22,7 +22,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from app.cli.common import CliError, check_database, load_settings, raise_if_not_migrated, require_urls
+from app.cli.common import (
+    EXIT_USAGE,
+    CliError,
+    check_database,
+    load_settings,
+    raise_if_not_migrated,
+    require_urls,
+)
 
 if TYPE_CHECKING:
     from app.audit.export import ExportFormat, Filters
@@ -30,7 +37,6 @@ if TYPE_CHECKING:
     from app.pg import Conn
 
 EXIT_BROKEN = 1
-EXIT_USAGE = 2
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
