@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run        install and start everything (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)"
 	@echo "make test       run the test suite (pytest -n 2); PYTEST_ARGS='-k name' to narrow it"
-	@echo "make lint       ruff + mypy --strict"
+	@echo "make lint       ruff + mypy --strict + deptry (undeclared or unused dependencies)"
 	@echo "make bench      run the engine benchmark"
 	@echo "make clean      remove caches and install stamps (keeps .venv and the .steward data)"
 	@echo "make distclean  clean, and remove .venv too"
@@ -54,6 +54,7 @@ test: $(VENV)/.installed-dev $(OIDC_MODULES) /usr/bin/chromium
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict app workers
+	$(BIN)/deptry .
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/engine.py

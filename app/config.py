@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -109,6 +110,34 @@ class Settings(BaseSettings):
     # Audit events older than this many days are deleted by the reconciler (the chain then starts at
     # the oldest row kept); None: kept for ever.
     audit_retention_days: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        """``NAME=`` (set but empty, as compose files and shells often leave variables) means unset: the
+        default applies. Only plain text settings keep an empty value, where it means something
+        (``STEWARD_DB_APP_ROLE=`` turns the application role off)."""
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value != "" or key in _TEXT_KEYS}
+
+
+def _names(name: str, alias: Any) -> set[str]:
+    names = {name}
+    if isinstance(alias, AliasChoices):
+        names.update(choice for choice in alias.choices if isinstance(choice, str))
+    elif isinstance(alias, str):
+        names.add(alias)
+    return names
+
+
+# The names (field names and environment aliases) of the settings whose type is plain `str`.
+_TEXT_KEYS = frozenset(
+    key
+    for name, info in Settings.model_fields.items()
+    if info.annotation is str
+    for key in _names(name, info.validation_alias)
+)
 
 
 @lru_cache

@@ -61,9 +61,11 @@ def embedded_services(
 ) -> Iterator[EmbeddedServices]:
     """Start whichever of PostgreSQL and Redis has no URL given, yield the URLs, stop them on exit.
 
-    A URL that is passed in is yielded unchanged and its server is left alone. Redis is stopped last:
-    the caller's children (API, workers) should be gone by then, and our client is its last one.
+    A URL that is passed in is yielded unchanged and its server is left alone; an empty one counts as not
+    given. Redis is stopped last: the caller's children (API, workers) should be gone by then, and our
+    client is its last one.
     """
+    database_url, redis_url = database_url or None, redis_url or None
     data_dir = Path(data_dir).expanduser().resolve()
     with contextlib.ExitStack() as stack:
         if database_url is None or redis_url is None:

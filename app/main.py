@@ -14,13 +14,14 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.approvals.routes import router as approvals_router
 from app.audit.routes import router as audit_router
 from app.auth.web import router as auth_router
+from app.auth.web import templates
 from app.budgets.routes import router as budgets_router
 from app.config import Settings, get_settings
 from app.db import ROOT
@@ -95,6 +96,12 @@ class MetricsMiddleware:
 # Unauthenticated, without a body of their own: still a bad Content-Length (400), an oversized body (413)
 # or a NUL in the query or a header (422).
 health_router = APIRouter(tags=["health"], responses=problem_responses(400, 413, 422), route_class=JsonRoute)
+
+
+@health_router.get("/", include_in_schema=False, response_class=HTMLResponse)
+async def home(request: Request) -> Response:
+    """Until the dashboard fills it, the root page links the API docs, sign-in and health (no dead end)."""
+    return templates.TemplateResponse(request, "home.html")
 
 
 @health_router.get("/healthz", summary="The process is alive")

@@ -183,7 +183,7 @@ def watch_engine(engine: AsyncEngine) -> None:
     """
 
     def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        raw = getattr(dbapi_connection, "_connection", None)
+        raw = getattr(dbapi_connection, "driver_connection", None)  # AdaptedConnection: the asyncpg connection
         if raw is not None and raw.is_closed():
             raise sa_exc.DisconnectionError("connection closed by the server")  # the pool connects anew
 

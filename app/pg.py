@@ -38,14 +38,16 @@ async def setup_connection(conn: Conn) -> None:
 
 
 async def driver(db: AsyncSession) -> Conn:
-    """The asyncpg connection under ``db``, inside the session's transaction."""
+    """The asyncpg connection under ``db``, inside the session's transaction (no extra round trip)."""
     connection = await db.connection()
-    fairy = await connection.get_raw_connection()
-    adapted: Any = fairy.dbapi_connection
-    # SQLAlchemy's adapter opens its transaction lazily, on the first statement it runs itself.
+    pooled = await connection.get_raw_connection()
+    conn: Conn = pooled.driver_connection
+    # The one reach into SQLAlchemy's internals (pinned in pyproject.toml): its asyncpg adapter opens the
+    # session's transaction lazily, on the first statement it runs itself, and has no public way to open
+    # it without running one (a round trip more on every request).
+    adapted: Any = pooled.dbapi_connection
     if adapted._transaction is None and adapted.isolation_level != "autocommit":
         await adapted._start_transaction()
-    conn: Conn = adapted._connection
     return conn
 
 

@@ -28,10 +28,9 @@ import pytest
 import pytest_asyncio
 from arq.connections import create_pool
 from fastapi import FastAPI
-from sqlalchemy import make_url, text
+from sqlalchemy import make_url, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from app.auth.keys import hash_api_key, new_api_key
 from app.config import Settings
 from app.db import async_url, make_engine, make_sessionmaker, run_migrations
 from app.redis import redis_settings
@@ -200,7 +199,7 @@ async def make_tenant(sessionmaker: async_sessionmaker[AsyncSession]) -> MakeTen
         name = name or f"test-{secrets.token_hex(6)}"
         async with sessionmaker() as session, session.begin():
             tenant, _ = await tenants_service.get_or_create_tenant(session, name)
-            key = await tenants_service.create_api_key(session, tenant.id, name="test", roles=tuple(roles))
+            key = (await tenants_service.create_api_key(session, tenant.id, name="test", roles=roles)).key
         return TenantKey(tenant.id, key, {"Authorization": f"Bearer {key}"}, name)
 
     return make
@@ -217,20 +216,13 @@ async def make_api_key(sessionmaker: async_sessionmaker[AsyncSession]) -> MakeAp
         expires_at: datetime | None = None,
         revoked_at: datetime | None = None,
     ) -> str:
-        key = new_api_key()
         async with sessionmaker() as session, session.begin():
-            session.add(
-                ApiKey(
-                    tenant_id=tenant_id,
-                    name="test",
-                    prefix=key[:10],
-                    key_hash=hash_api_key(key),
-                    roles=list(roles),
-                    expires_at=expires_at,
-                    revoked_at=revoked_at,
-                )
+            created = await tenants_service.create_api_key(
+                session, tenant_id, name="test", roles=roles, expires_at=expires_at
             )
-        return key
+            if revoked_at is not None:
+                await session.execute(update(ApiKey).where(ApiKey.id == created.id).values(revoked_at=revoked_at))
+        return created.key
 
     return make
 

@@ -138,8 +138,9 @@ def test_embedded_services_start_stop_and_keep_data(data_dir: Path) -> None:
 
 @pytest.mark.xdist_group("embedded")
 def test_given_urls_are_passed_through(data_dir: Path) -> None:
-    # Only the server without a URL is started: here Redis only, and the database URL is left alone.
-    with embedded_services(data_dir, database_url="postgresql://elsewhere/db") as services:
+    # Only the server without a URL is started: here Redis only (an empty URL is no URL), and the
+    # database URL is left alone.
+    with embedded_services(data_dir, database_url="postgresql://elsewhere/db", redis_url="") as services:
         assert services.database_url == "postgresql://elsewhere/db"
         assert services.redis_url.startswith("unix://")
         assert not (data_dir / "pg").exists()
@@ -185,9 +186,11 @@ def _steward(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess
     )
 
 
+@pytest.mark.parametrize("empty", [False, True], ids=["unset", "empty"])
 @pytest.mark.parametrize("command", ["api", "worker", "migrate", "bootstrap"])
-def test_commands_need_database_url(command: str) -> None:
-    result = _steward(command, env=_env())
+def test_commands_need_database_url(command: str, empty: bool) -> None:
+    # `DATABASE_URL=` (set but empty, as compose files and shells leave it) is the same as unset.
+    result = _steward(command, env=_env(DATABASE_URL="", REDIS_URL="") if empty else _env())
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -290,13 +293,12 @@ class _Up:
 @pytest.mark.slow
 @pytest.mark.xdist_group("embedded")
 def test_steward_up_end_to_end(data_dir: Path) -> None:
-    pytest.importorskip("app.main")
-    pytest.importorskip("workers.main")
-    pytest.importorskip("app.workflows.service")
     import httpx
 
     port = free_port()
-    env = _env(STEWARD_DATA_DIR=str(data_dir), STEWARD_PORT=str(port), PYTHONUNBUFFERED="1")
+    # DATABASE_URL and REDIS_URL set but empty, as compose files and shells leave them: embedded servers.
+    env = _env(STEWARD_DATA_DIR=str(data_dir), STEWARD_PORT=str(port), PYTHONUNBUFFERED="1", DATABASE_URL="",
+               REDIS_URL="")
 
     up = _Up(env)
     try:
@@ -307,6 +309,8 @@ def test_steward_up_end_to_end(data_dir: Path) -> None:
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
         assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+        # The address `steward up` announces is a page, not a 404.
+        assert httpx.get(f"{base}/", timeout=10).status_code == 200
         # The key works, and the worker runs a step end to end.
         headers = {"Authorization": f"Bearer {key.group(1)}"}
         created = httpx.post(

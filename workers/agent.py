@@ -205,6 +205,7 @@ class ModelStepRun:
             result = await chat(
                 self.http, base_url=self.model.base_url, api_key=self.model.api_key, model=self.model.model,
                 messages=c.messages, tools=self.tools or None, max_tokens=answer_cap,
+                max_tokens_param=self.model.max_tokens_param,
                 response_format={"type": "json_object"} if spec.output == "json" and not self.tools else None,
                 timeout_s=settings.model_timeout_s,
             )

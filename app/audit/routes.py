@@ -9,22 +9,17 @@ fixed in its startup packet, so row-level security confines it to the caller's t
 once; past that the API answers 429. The export runs in one REPEATABLE READ transaction: a consistent
 snapshot, whose chain head is sent in the ``Steward-Audit-Head-Seq`` / ``-Hash`` response headers.
 
-Export columns are those of the chain (docs/security.md, "Audit log"): ids as strings, ``at`` in the chain's
-format, so every line can be re-hashed with :func:`app.audit.chain.row_hash`. The CLI (app/audit/cli.py)
-writes the same bytes through :func:`open_export`.
+The filters, the export formats and the snapshot are in app/audit/export.py (shared with the CLI).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import asyncpg
 from fastapi import APIRouter, Depends, Query
@@ -32,14 +27,23 @@ from pydantic import BaseModel, Field
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.audit.chain import format_at
+from app.audit import service as audit_service
+from app.audit.export import (
+    MEDIA_TYPES,
+    ExportFormat,
+    Filters,
+    export_filename,
+    export_record,
+    make_filters,
+    open_snapshot,
+)
 from app.audit.verify import Reason, verify_chain
 from app.auth.deps import require
 from app.config import Settings
 from app.context import Ctx
 from app.db import Db
 from app.engine.notify import asyncpg_dsn
-from app.errors import AppError, Invalid
+from app.errors import AppError
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, keyset, page_size
 from app.pg import Conn, driver, setup_connection
@@ -50,61 +54,16 @@ router = APIRouter(prefix="/api/v1/audit", tags=["audit"], responses=api_respons
 PAGES = keyset("audit", int)
 
 Auditor = Annotated[Ctx, Depends(require("audit:read"))]
-ExportFormat = Literal["jsonl", "csv"]
 
 # Exports and verifications running at once in this process (each holds a database connection).
 MAX_STREAMS = 4
-# Rows per cursor fetch, and per chunk of a streamed export.
-BATCH = 500
 CONNECT_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0
 # A client that stops reading for this long loses its export (the snapshot would hold back vacuum).
 IDLE_IN_TRANSACTION_MS = 300_000
 
-COLUMNS = ("id", "tenant_id", "seq", "at", "actor", "ip", "user_agent", "action", "target", "outcome", "data",
-           "prev_hash", "hash")
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM audit_event"
-_HEAD = "SELECT seq, hash FROM audit_head WHERE tenant_id = $1"
-_MEDIA_TYPES: dict[str, str] = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
-
 
 # --- filters --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Which events: ``since <= at < until``, and exact ``actor`` / ``action`` / ``target``."""
-
-    since: datetime | None = None
-    until: datetime | None = None
-    actor: str | None = None
-    action: str | None = None
-    target: str | None = None
-
-    def sql(self, tenant_id: uuid.UUID) -> tuple[str, list[Any]]:
-        """The WHERE clause (``$1`` is the tenant) and its arguments."""
-        clauses = ["tenant_id = $1"]
-        args: list[Any] = [tenant_id]
-        for column, op, value in (("at", ">=", self.since), ("at", "<", self.until), ("actor", "=", self.actor),
-                                  ("action", "=", self.action), ("target", "=", self.target)):
-            if value is not None:
-                args.append(value)
-                clauses.append(f"{column} {op} ${len(args)}")
-        return " AND ".join(clauses), args
-
-
-def utc(at: datetime | None) -> datetime | None:
-    """Times without an offset are taken as UTC."""
-    return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
-
-
-def make_filters(since: datetime | None, until: datetime | None, actor: str | None = None,
-                 action: str | None = None, target: str | None = None) -> Filters:
-    since, until = utc(since), utc(until)
-    if since is not None and until is not None and since > until:
-        raise Invalid("`since` is after `until`",
-                      errors=[{"pointer": "/query/since", "message": "must not be after `until`"}])
-    return Filters(since, until, actor or None, action or None, target or None)
 
 
 def audit_filters(
@@ -119,69 +78,6 @@ def audit_filters(
 
 
 Filtered = Annotated[Filters, Depends(audit_filters)]
-
-
-# --- export formats -------------------------------------------------------------------------------------
-
-
-def export_record(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A row as exported: every column, ids as strings, ``at`` in the chain's format."""
-    return {
-        "id": str(row["id"]), "tenant_id": str(row["tenant_id"]), "seq": row["seq"], "at": format_at(row["at"]),
-        "actor": row["actor"], "ip": row["ip"], "user_agent": row["user_agent"], "action": row["action"],
-        "target": row["target"], "outcome": row["outcome"], "data": row["data"], "prev_hash": row["prev_hash"],
-        "hash": row["hash"],
-    }
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def jsonl_line(row: Mapping[str, Any]) -> str:
-    return _compact(export_record(row)) + "\n"
-
-
-def csv_line(values: Iterable[str | None]) -> str:
-    """RFC 4180, every value quoted; an empty unquoted field is a null (so null and "" stay apart)."""
-    return ",".join("" if v is None else '"' + v.replace('"', '""') + '"' for v in values) + "\r\n"
-
-
-def csv_row(row: Mapping[str, Any]) -> str:
-    record = export_record(row)
-    record["seq"] = str(record["seq"])
-    record["data"] = _compact(record["data"])
-    return csv_line(record[c] for c in COLUMNS)
-
-
-class Export:
-    """One export from an open cursor, as encoded chunks of :data:`BATCH` rows; ``rows`` counts those sent."""
-
-    def __init__(self, cursor: Any, fmt: ExportFormat) -> None:
-        self.cursor = cursor
-        self.fmt = fmt
-        self.rows = 0
-
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
-        if self.fmt == "csv":
-            yield csv_line(COLUMNS).encode()
-        line = jsonl_line if self.fmt == "jsonl" else csv_row
-        while batch := await self.cursor.fetch(BATCH):
-            self.rows += len(batch)
-            yield "".join(map(line, batch)).encode()
-
-
-async def open_export(conn: Conn, tenant_id: uuid.UUID, filters: Filters, fmt: ExportFormat) -> Export:
-    """Open the export's cursor, in seq order; ``conn`` must be in a transaction (REPEATABLE READ for a
-    snapshot consistent with the head)."""
-    where, args = filters.sql(tenant_id)
-    cursor = await conn.cursor(f"{_SELECT} WHERE {where} ORDER BY seq", *args)
-    return Export(cursor, fmt)
-
-
-def export_filename(tenant: str, fmt: ExportFormat, at: datetime) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", tenant).strip("-.") or "tenant"
-    return f"audit-{safe}-{at.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}.{fmt}"
 
 
 # --- dedicated connections ------------------------------------------------------------------------------
@@ -329,21 +225,18 @@ async def export_audit(
     """One JSON object per line (JSONL) or a CSV with a header row; `data` is compact JSON text in CSV."""
     conn = await _streams.connect(settings, ctx.tenant_id)
     try:
-        await conn.transaction(isolation="repeatable_read", readonly=True).start()
-        name = await conn.fetchval("SELECT name FROM tenant WHERE id = $1", ctx.tenant_id)
-        head = await conn.fetchrow(_HEAD, ctx.tenant_id)
-        export = await open_export(conn, ctx.tenant_id, filters, fmt)
+        snapshot = await open_snapshot(conn, ctx.tenant_id, filters, fmt)
     except BaseException:
         await _streams.close(conn)
         raise
-    filename = export_filename(name or str(ctx.tenant_id), fmt, datetime.now(UTC))
+    filename = export_filename(snapshot.tenant_name or str(ctx.tenant_id), fmt, datetime.now(UTC))
     headers = {
         "Content-Disposition": f'attachment; filename="{filename}"',
         "Cache-Control": "no-store",
-        "Steward-Audit-Head-Seq": str(head["seq"] if head else 0),
-        "Steward-Audit-Head-Hash": head["hash"] if head else "",
+        "Steward-Audit-Head-Seq": str(snapshot.head_seq),
+        "Steward-Audit-Head-Hash": snapshot.head_hash,
     }
-    return _ExportResponse(export.chunks(), conn, headers=headers, media_type=_MEDIA_TYPES[fmt])
+    return _ExportResponse(snapshot.export.chunks(), conn, headers=headers, media_type=MEDIA_TYPES[fmt])
 
 
 @router.get("/verify", response_model=VerificationRead, summary="Verify the tenant's audit hash chain",
@@ -364,12 +257,8 @@ async def list_audit_events(
 ) -> AuditEventPage:
     """Keyset-paginated on `seq`: pass `next_cursor` back as `cursor` for the next (older) page."""
     size = page_size(limit, settings)
-    where, args = filters.sql(ctx.tenant_id)
-    if cursor:
-        args.append(PAGES.after(cursor))
-        where += f" AND seq < ${len(args)}"
-    args.append(size + 1)
-    conn = await driver(db)
-    rows = await conn.fetch(f"{_SELECT} WHERE {where} ORDER BY seq DESC LIMIT ${len(args)}", *args)
+    rows = await audit_service.list_events(
+        await driver(db), ctx.tenant_id, filters, before=PAGES.after(cursor), limit=size + 1
+    )
     items, next_cursor = PAGES.page(rows, size, lambda r: (r["seq"],))
     return AuditEventPage(items=[AuditEventRead(**export_record(r)) for r in items], next_cursor=next_cursor)

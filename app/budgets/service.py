@@ -15,12 +15,18 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import Invalid
-from app.pg import Conn, dumps
+from app.audit.service import record as audit
+from app.context import Ctx
+from app.errors import Invalid, NotFound
+from app.pg import Conn, driver, dumps
+
+if TYPE_CHECKING:
+    from app.budgets.schemas import BudgetSettings
 
 # max_steps counts an agent's model turns and the tool calls it chooses (run_usage.tool_calls), to stop
 # agents that loop; a workflow's own tool steps and map items are bounded by its definition instead.
@@ -281,3 +287,91 @@ async def settle_stale(conn: Conn, older_than_s: float) -> int:
     for row in rows:
         await settle(conn, Hold(row["id"], row["amount_usd"], row["tokens"]), row["amount_usd"], row["tokens"])
     return len(rows)
+
+
+# --- the budgets API -----------------------------------------------------------------------------------
+
+
+async def put_budget(db: AsyncSession, ctx: Ctx, budget: BudgetSettings) -> BudgetSettings:
+    """Set the tenant's caps and run limits (audited); running runs keep the limits they started with."""
+    conn = await driver(db)
+    await conn.execute(
+        "INSERT INTO budget (tenant_id, hourly_usd, daily_usd, on_exhausted, run_defaults, run_maximums, updated_by) "
+        "VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7) ON CONFLICT (tenant_id) DO UPDATE SET "
+        "hourly_usd = excluded.hourly_usd, daily_usd = excluded.daily_usd, on_exhausted = excluded.on_exhausted, "
+        "run_defaults = excluded.run_defaults, run_maximums = excluded.run_maximums, updated_at = now(), "
+        "updated_by = excluded.updated_by",
+        ctx.tenant_id,
+        budget.hourly_usd,
+        budget.daily_usd,
+        budget.on_exhausted,
+        dumps(budget.run_defaults.given()),
+        dumps(budget.run_maximums.given()),
+        ctx.principal,
+    )
+    await audit(conn, ctx.tenant_id, ctx, "budget.update", "budget", data=budget.model_dump(mode="json"))
+    return budget
+
+
+async def get_budget(db: AsyncSession, ctx: Ctx) -> dict[str, Any] | None:
+    """The tenant's ``budget`` row, or None when it never set one."""
+    return await tenant_budget(await driver(db), ctx.tenant_id)
+
+
+async def usage(
+    db: AsyncSession, ctx: Ctx, *, workflow: str | None = None, run: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """Spend in the current hour and day (of one workflow's runs, or all), and one run's usage and limits."""
+    conn = await driver(db)
+    hour, day = windows(datetime.now(UTC))
+    result: dict[str, Any] = {}
+    for period, start in (("hour", hour), ("day", day)):
+        if workflow is None:
+            row = await conn.fetchrow(
+                "SELECT spent_usd, reserved_usd FROM budget_window WHERE tenant_id = $1 AND period = $2 AND start = $3",
+                ctx.tenant_id,
+                period,
+                start,
+            )
+        else:
+            row = await conn.fetchrow(
+                f"SELECT coalesce(sum(r.actual_usd) FILTER (WHERE r.status = 'settled'), 0) AS spent_usd, "
+                f"coalesce(sum(r.amount_usd) FILTER (WHERE r.status = 'held'), 0) AS reserved_usd "
+                f"FROM budget_reservation r JOIN run_usage u ON u.run_id = r.run_id "
+                f"WHERE r.tenant_id = $1 AND r.{period}_start = $2 AND u.workflow_name = $3",
+                ctx.tenant_id,
+                start,
+                workflow,
+            )
+        result[period] = {
+            "start": start,
+            "spent_usd": usd_text(row["spent_usd"]) if row else "0",
+            "reserved_usd": usd_text(row["reserved_usd"]) if row else "0",
+        }
+    if run is not None:
+        row = await conn.fetchrow(
+            "SELECT limits, tool_calls, tokens, reserved_tokens, cost_usd, reserved_usd FROM run_usage "
+            "WHERE run_id = $1 AND tenant_id = $2",
+            run,
+            ctx.tenant_id,
+        )
+        if row is None:
+            raise NotFound(f"run {run} not found")
+        result["run"] = {
+            **dict(row), "cost_usd": usd_text(row["cost_usd"]), "reserved_usd": usd_text(row["reserved_usd"])
+        }
+    return result
+
+
+async def set_run_limits(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, requested: dict[str, Any]) -> dict[str, Any]:
+    """Change one run's limits, within the tenant's maximums (audited); returns the limits now in force."""
+    conn = await driver(db)
+    current = await conn.fetchval(
+        "SELECT limits FROM run_usage WHERE run_id = $1 AND tenant_id = $2 FOR UPDATE", run_id, ctx.tenant_id
+    )
+    if current is None:
+        raise NotFound(f"run {run_id} not found")
+    limits = effective_limits(await tenant_budget(conn, ctx.tenant_id), current, requested)
+    await conn.execute("UPDATE run_usage SET limits = $2::jsonb WHERE run_id = $1", run_id, dumps(limits))
+    await audit(conn, ctx.tenant_id, ctx, "run.limits", f"run:{run_id}", data={"from": current, "to": limits})
+    return limits

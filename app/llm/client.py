@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
-from typing import Any
+from typing import Any, Literal, TypeAlias
 from urllib.parse import urlsplit
 
 import httpx
@@ -36,6 +36,10 @@ ERROR_DETAIL_CHARS = 300
 MESSAGE_OVERHEAD_TOKENS = 8
 REQUEST_OVERHEAD_TOKENS = 16
 # Headers whose values are credentials, besides the api_key argument itself.
+# The request parameter that caps an answer's tokens: most OpenAI-compatible servers take `max_tokens`;
+# OpenAI's reasoning models refuse it and take `max_completion_tokens`. A provider setting chooses.
+MaxTokensParam: TypeAlias = Literal["max_tokens", "max_completion_tokens"]
+
 _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key"})
 _BEARER = re.compile(r"(?i)\bbearer\s+\S+")
 
@@ -116,20 +120,22 @@ async def chat(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
     max_tokens: int | None = None,
+    max_tokens_param: MaxTokensParam = "max_tokens",
     response_format: dict[str, Any] | None = None,
     timeout_s: float = 60.0,
     headers: dict[str, str] | None = None,
 ) -> ChatResult:
     """One chat completion; raises :class:`ModelError`, never retries.
 
-    ``timeout_s`` bounds the whole exchange (connect, send, wait, read the body), not each read.
+    ``max_tokens`` is sent under the name ``max_tokens_param`` (the provider's setting). ``timeout_s``
+    bounds the whole exchange (connect, send, wait, read the body), not each read.
     """
     request_headers = {**(headers or {}), "Content-Type": "application/json", "Accept": "application/json"}
     if api_key:
         request_headers["Authorization"] = f"Bearer {api_key}"
     secrets = [api_key or ""] + [v for k, v in request_headers.items() if k.lower() in _CREDENTIAL_HEADERS]
     try:
-        body = _request_body(model, messages, tools, max_tokens, response_format)
+        body = _request_body(model, messages, tools, max_tokens, max_tokens_param, response_format)
         url = base_url.rstrip("/") + "/chat/completions"
         started = time.monotonic()
         status, response_headers, raw = await _post(http, url, body, request_headers, timeout_s)
@@ -157,13 +163,14 @@ def _request_body(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     max_tokens: int | None,
+    max_tokens_param: MaxTokensParam,
     response_format: dict[str, Any] | None,
 ) -> bytes:
     payload: dict[str, Any] = {"model": model, "messages": messages}
     if tools:
         payload["tools"] = tools
     if max_tokens is not None:
-        payload["max_tokens"] = max_tokens
+        payload[max_tokens_param] = max_tokens
     if response_format is not None:
         payload["response_format"] = response_format
     try:

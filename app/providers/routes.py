@@ -12,6 +12,7 @@ from app.auth.deps import require
 from app.context import Ctx
 from app.db import Db
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
+from app.llm.client import MaxTokensParam
 from app.pagination import Cursor, Limit, keyset, page_size
 from app.pg import driver
 from app.providers import service
@@ -35,6 +36,7 @@ class ProviderRead(BaseModel):
     base_url: str
     api_key_secret: str | None
     models: dict[str, PriceRead]
+    max_tokens_param: MaxTokensParam
     created_at: datetime
     updated_at: datetime
 

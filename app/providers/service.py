@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from app.audit.service import record as audit
 from app.context import Ctx
 from app.errors import Invalid, NotFound
-from app.llm.client import Price
+from app.llm.client import MaxTokensParam, Price
 from app.pg import Conn, dumps
 from app.vault.crypto import Vault
 from app.vault.service import NAME as SECRET_NAME
@@ -80,7 +80,13 @@ class ProviderWrite(BaseModel):
                     "base_url": "https://api.openai.com/v1",
                     "api_key_secret": "openai_key",
                     "models": {"gpt-4o": {"input_per_mtok": "2.50", "output_per_mtok": "10.00"}},
-                }
+                },
+                {
+                    "base_url": "https://api.openai.com/v1",
+                    "api_key_secret": "openai_key",
+                    "max_tokens_param": "max_completion_tokens",
+                    "models": {"o3-mini": {"input_per_mtok": "1.10", "output_per_mtok": "4.40"}},
+                },
             ]
         },
     )
@@ -91,6 +97,11 @@ class ProviderWrite(BaseModel):
         default=None, description="Name of the secret holding the API key (sent as `Authorization: Bearer`)"
     )
     models: dict[ModelName, ModelPrice] = Field(min_length=1, max_length=MAX_MODELS)
+    max_tokens_param: MaxTokensParam = Field(
+        default="max_tokens",
+        description="The request parameter that caps an answer's tokens: `max_tokens` (most servers) or "
+        "`max_completion_tokens` (OpenAI's reasoning models, which refuse `max_tokens`)",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -124,12 +135,13 @@ def split_ref(ref: str) -> tuple[str, str] | None:
     return provider, model
 
 
-_COLUMNS = "name, base_url, api_key_secret, models, created_at, updated_at"
+_COLUMNS = "name, base_url, api_key_secret, models, max_tokens_param, created_at, updated_at"
 _UPSERT = (
-    "INSERT INTO provider (id, tenant_id, name, base_url, api_key_secret, models) "
-    "VALUES ($1, $2, $3, $4, $5, $6::jsonb) "
+    "INSERT INTO provider (id, tenant_id, name, base_url, api_key_secret, models, max_tokens_param) "
+    "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7) "
     "ON CONFLICT (tenant_id, name) DO UPDATE SET base_url = excluded.base_url, "
-    "api_key_secret = excluded.api_key_secret, models = excluded.models, updated_at = now() "
+    "api_key_secret = excluded.api_key_secret, models = excluded.models, "
+    "max_tokens_param = excluded.max_tokens_param, updated_at = now() "
     f"RETURNING (xmax = 0) AS created, {_COLUMNS}"
 )
 
@@ -147,7 +159,8 @@ async def put_provider(conn: Conn, ctx: Ctx, name: str, body: ProviderWrite) -> 
         raise Invalid("the provider definition is invalid", errors=[
             {"pointer": "/api_key_secret", "message": f"no secret named {secret!r} (PUT /api/v1/secrets)"}])
     models = {model: price.model_dump() for model, price in body.models.items()}
-    row = await conn.fetchrow(_UPSERT, uuid.uuid4(), ctx.tenant_id, name, body.base_url, secret, dumps(models))
+    row = await conn.fetchrow(_UPSERT, uuid.uuid4(), ctx.tenant_id, name, body.base_url, secret, dumps(models),
+                              body.max_tokens_param)
     created = bool(row["created"])
     await audit(
         conn,
@@ -155,7 +168,8 @@ async def put_provider(conn: Conn, ctx: Ctx, name: str, body: ProviderWrite) -> 
         ctx,
         "provider.create" if created else "provider.update",
         f"provider:{name}",
-        data={"base_url": body.base_url, "api_key_secret": secret, "models": models},
+        data={"base_url": body.base_url, "api_key_secret": secret, "models": models,
+              "max_tokens_param": body.max_tokens_param},
     )
     return _provider(row), created
 
@@ -189,9 +203,17 @@ async def delete_provider(conn: Conn, ctx: Ctx, name: str) -> None:
     await audit(conn, ctx.tenant_id, ctx, "provider.delete", f"provider:{name}")
 
 
+async def providers_using_secret(conn: Conn, tenant_id: uuid.UUID, secret: str) -> list[str]:
+    """The names of the tenant's providers whose API key is the secret ``secret``."""
+    rows = await conn.fetch(
+        "SELECT name FROM provider WHERE tenant_id = $1 AND api_key_secret = $2 ORDER BY name", tenant_id, secret
+    )
+    return [r["name"] for r in rows]
+
+
 def _provider(row: Any) -> dict[str, Any]:
-    return {column: row[column] for column in ("name", "base_url", "api_key_secret", "models", "created_at",
-                                               "updated_at")}
+    return {column: row[column] for column in ("name", "base_url", "api_key_secret", "models", "max_tokens_param",
+                                               "created_at", "updated_at")}
 
 
 async def model_names(conn: Conn, tenant_id: uuid.UUID) -> dict[str, frozenset[str]]:
@@ -212,6 +234,7 @@ class ModelRef:
     base_url: str
     api_key: str | None = field(repr=False)
     price: Price
+    max_tokens_param: MaxTokensParam = "max_tokens"
 
 
 async def resolve_model(conn: Conn, vault: Vault, tenant_id: uuid.UUID, ref: str) -> ModelRef | str:
@@ -225,7 +248,9 @@ async def resolve_model(conn: Conn, vault: Vault, tenant_id: uuid.UUID, ref: str
         return f"model {ref!r} is not '<provider>/<model>'"
     provider, model = parts
     row = await conn.fetchrow(
-        "SELECT base_url, api_key_secret, models FROM provider WHERE tenant_id = $1 AND name = $2", tenant_id, provider
+        "SELECT base_url, api_key_secret, models, max_tokens_param FROM provider WHERE tenant_id = $1 AND name = $2",
+        tenant_id,
+        provider,
     )
     if row is None:
         names = await conn.fetch("SELECT name FROM provider WHERE tenant_id = $1 ORDER BY name", tenant_id)
@@ -240,4 +265,5 @@ async def resolve_model(conn: Conn, vault: Vault, tenant_id: uuid.UUID, ref: str
         api_key = (await open_secrets(conn, vault, tenant_id, {secret})).get(secret)
         if api_key is None:
             return f"secret {secret!r} of provider {provider!r} no longer exists"
-    return ModelRef(provider, model, row["base_url"], api_key, Price.from_mapping(models[model]))
+    return ModelRef(provider, model, row["base_url"], api_key, Price.from_mapping(models[model]),
+                    max_tokens_param=row["max_tokens_param"])

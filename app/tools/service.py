@@ -19,7 +19,7 @@ from app.context import Ctx
 from app.errors import Invalid, NotFound
 from app.json_schema import schema_errors
 from app.pg import Conn, dumps
-from app.tools.spec import BUILTIN_SPECS, STORED, ToolSpec
+from app.tools.spec import BUILTIN_SPECS, SECRET_REF, STORED, ToolSpec
 from app.vault.service import existing as existing_secrets
 from app.workflows.document import pointer
 
@@ -228,3 +228,20 @@ def validate_output(ref: ToolRef, output: Any) -> list[dict[str, str]]:
     return [{"pointer": pointer(tuple(e.absolute_path)), "message": e.message} for e in errors]
 
 
+async def versions_using_secret(conn: Conn, tenant_id: uuid.UUID, secret: str) -> list[tuple[str, int]]:
+    """The tool versions (name, version) whose HTTP headers refer to the secret ``secret``.
+
+    Every version counts, not only the latest: a step may run the version it was approved or started with.
+    """
+    rows = await conn.fetch(
+        "SELECT t.name, v.version, v.spec -> 'executor' -> 'headers' AS headers FROM tool_version v "
+        "JOIN tool t ON t.id = v.tool_id WHERE v.tenant_id = $1 "
+        "AND strpos((v.spec -> 'executor' -> 'headers')::text, 'secrets.' || $2) > 0 ORDER BY t.name, v.version",
+        tenant_id,
+        secret,
+    )
+    return [
+        (r["name"], r["version"])
+        for r in rows
+        if any(secret in SECRET_REF.findall(value) for value in (r["headers"] or {}).values() if isinstance(value, str))
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.auth.deps import require
@@ -81,8 +81,20 @@ async def list_secrets(
     return SecretPage(items=[SecretInfo(**r) for r in items], next_cursor=next_cursor)
 
 
-@router.delete("/{name}", status_code=204, summary="Delete a secret", responses=problem_responses(409))
-async def delete_secret(name: SecretName, ctx: Admin, db: Db) -> Response:
-    await service.delete_secret(await driver(db), ctx, name)
+@router.delete(
+    "/{name}",
+    status_code=204,
+    summary="Delete a secret (409 while a provider or tool uses it, unless forced)",
+    responses=problem_responses(409),
+)
+async def delete_secret(
+    name: SecretName,
+    ctx: Admin,
+    db: Db,
+    force: Annotated[
+        bool, Query(description="Delete even though providers or tool versions use it (their calls then fail)")
+    ] = False,
+) -> Response:
+    await service.delete_secret(await driver(db), ctx, name, force=force)
     await db.commit()
     return Response(status_code=204)

@@ -8,7 +8,7 @@ from typing import Any
 
 from app.audit.service import record as audit
 from app.context import Ctx
-from app.errors import NotFound
+from app.errors import Conflict, NotFound
 from app.pg import Conn
 from app.vault.crypto import Vault
 
@@ -54,18 +54,58 @@ async def list_secrets(conn: Conn, ctx: Ctx, *, limit: int, after: str | None) -
     return [dict(r) for r in rows]
 
 
-async def delete_secret(conn: Conn, ctx: Ctx, name: str) -> None:
-    gone = await conn.fetchval(
-        "DELETE FROM secret WHERE tenant_id = $1 AND name = $2 RETURNING name", ctx.tenant_id, name
+class SecretInUse(Conflict):
+    type = "secret-in-use"
+
+
+async def delete_secret(conn: Conn, ctx: Ctx, name: str, *, force: bool = False) -> None:
+    """Delete a secret; SecretInUse (naming its users) while a provider or a tool version refers to it,
+    unless ``force``.
+
+    The secret's row is locked before its users are looked for, and :func:`existing` share-locks the
+    secrets a new provider or tool version names: a definition committed meanwhile is seen, or finds the
+    secret gone.
+    """
+    found = await conn.fetchval(
+        "SELECT name FROM secret WHERE tenant_id = $1 AND name = $2 FOR UPDATE", ctx.tenant_id, name
     )
-    if gone is None:
+    if found is None:
         raise NotFound(f"no secret named {name!r}")
-    await audit(conn, ctx.tenant_id, ctx, "secret.delete", f"secret:{name}")
+    users = await secret_users(conn, ctx.tenant_id, name)
+    if users and not force:
+        raise SecretInUse(
+            f"secret {name!r} is used by {_describe(users)}: point them at another secret first, "
+            "or delete with ?force=true (their calls then fail)",
+            used_by=users,
+        )
+    await conn.execute("DELETE FROM secret WHERE tenant_id = $1 AND name = $2", ctx.tenant_id, name)
+    await audit(conn, ctx.tenant_id, ctx, "secret.delete", f"secret:{name}",
+                data={"forced": True, "used_by": users} if users else None)
+
+
+async def secret_users(conn: Conn, tenant_id: uuid.UUID, name: str) -> list[dict[str, Any]]:
+    """The providers and tool versions that refer to the secret ``name``, by name (and version)."""
+    # The provider and tool services import this module (to check the secrets a definition names).
+    from app.providers import service as providers_service
+    from app.tools import service as tools_service
+
+    providers = await providers_service.providers_using_secret(conn, tenant_id, name)
+    tools = await tools_service.versions_using_secret(conn, tenant_id, name)
+    return [{"kind": "provider", "name": p} for p in providers] + [
+        {"kind": "tool", "name": tool, "version": version} for tool, version in tools
+    ]
+
+
+def _describe(users: list[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{u['kind']} {u['name']!r}" + (f" version {u['version']}" if "version" in u else "") for u in users
+    )
 
 
 async def existing(conn: Conn, tenant_id: uuid.UUID, names: set[str]) -> set[str]:
+    """Those of ``names`` that exist, share-locked until commit (see :func:`delete_secret`)."""
     rows = await conn.fetch(
-        "SELECT name FROM secret WHERE tenant_id = $1 AND name = ANY($2::text[])", tenant_id, sorted(names)
+        "SELECT name FROM secret WHERE tenant_id = $1 AND name = ANY($2::text[]) FOR SHARE", tenant_id, sorted(names)
     )
     return {r["name"] for r in rows}
 

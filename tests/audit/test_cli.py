@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from app.audit.chain import format_at
-from app.audit.routes import COLUMNS
+from app.audit.export import COLUMNS
 from app.pg import Conn
 from tests.support.audit import add, entries, reverify_lines, rows, tamper
 from tests.support.env import ROOT

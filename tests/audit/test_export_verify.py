@@ -16,9 +16,10 @@ import pytest
 from fastapi import FastAPI
 from starlette.types import Message
 
+from app.audit import export as audit_export
 from app.audit import retention, routes
 from app.audit.chain import GENESIS, Entry, format_at
-from app.audit.routes import COLUMNS
+from app.audit.export import COLUMNS
 from app.audit.verify import verify_chain
 from app.config import Settings
 from app.engine.runtime import Runtime
@@ -349,7 +350,7 @@ async def test_a_client_leaving_mid_export_releases_the_connection(
     app: FastAPI, owner: Conn, auditor: TenantKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await add(owner, auditor.tenant_id, entries(9))
-    monkeypatch.setattr(routes, "BATCH", 2)
+    monkeypatch.setattr(audit_export, "BATCH", 2)
     sent: list[Message] = []
 
     async def receive() -> Message:

@@ -96,7 +96,7 @@ async def api(outage_settings: Settings) -> AsyncIterator[Api]:
     try:
         async with make_sessionmaker(engine)() as db, db.begin():
             tenant, _ = await tenants_service.get_or_create_tenant(db, f"outage-{secrets.token_hex(4)}")
-            key = await tenants_service.create_api_key(db, tenant.id, name="test", roles=("admin",))
+            key = (await tenants_service.create_api_key(db, tenant.id, name="test", roles=("admin",))).key
     finally:
         await engine.dispose()
     app = create_app(outage_settings)

@@ -83,6 +83,8 @@ async def test_list_pages_by_name(client: httpx.AsyncClient, tenant: TenantKey) 
          "at most 100"),
         ({"models": {}}, "/body/models", ""),
         ({"unknown": 1}, "/body/unknown", ""),
+        ({"max_tokens_param": "max_output_tokens"}, "/body/max_tokens_param", "max_completion_tokens"),
+        ({"max_tokens_param": None}, "/body/max_tokens_param", ""),
     ],
 )
 async def test_invalid_providers_are_422_with_pointers(
@@ -95,6 +97,27 @@ async def test_invalid_providers_are_422_with_pointers(
     errors = r.json()["errors"]
     assert any(e["pointer"].startswith(pointer) and message in e["message"] for e in errors), errors
     assert (await client.get(f"{URL}/p", headers=tenant.headers)).status_code == 404
+
+
+async def test_max_tokens_param_is_stored_and_resolved(
+    client: httpx.AsyncClient, tenant: TenantKey, app: FastAPI
+) -> None:
+    plain = await client.put(f"{URL}/plain", json=provider(api_key_secret=None), headers=tenant.headers)
+    assert plain.status_code == 201 and plain.json()["max_tokens_param"] == "max_tokens"
+    body = provider(api_key_secret=None, max_tokens_param="max_completion_tokens")
+    reasoning = await client.put(f"{URL}/openai", json=body, headers=tenant.headers)
+    assert reasoning.status_code == 201 and reasoning.json()["max_tokens_param"] == "max_completion_tokens"
+    assert (await client.get(f"{URL}/openai", headers=tenant.headers)).json()["max_tokens_param"] == (
+        "max_completion_tokens")
+    runtime: Runtime = app.state.runtime
+    async with runtime.pg.acquire() as conn:
+        ref = await resolve_model(conn, runtime.vault, tenant.tenant_id, "openai/gpt-4o")
+        assert isinstance(ref, ModelRef) and ref.max_tokens_param == "max_completion_tokens"
+        ref = await resolve_model(conn, runtime.vault, tenant.tenant_id, "plain/gpt-4o")
+        assert isinstance(ref, ModelRef) and ref.max_tokens_param == "max_tokens"
+    # Replacing the definition without it goes back to the default, as every other field does.
+    again = await client.put(f"{URL}/openai", json=provider(api_key_secret=None), headers=tenant.headers)
+    assert again.status_code == 200 and again.json()["max_tokens_param"] == "max_tokens"
 
 
 async def test_at_most_100_models_is_fine(client: httpx.AsyncClient, tenant: TenantKey) -> None:
@@ -160,7 +183,8 @@ async def test_changes_are_audited_without_the_key(
     assert [(r.action, r.target) for r in rows] == [
         ("provider.create", "provider:p"), ("provider.update", "provider:p"), ("provider.delete", "provider:p")]
     assert rows[1].data == {"base_url": "http://10.0.0.5:8000/v1", "api_key_secret": "llm_key",
-                            "models": {"gpt-4o": {"input_per_mtok": "2.50", "output_per_mtok": "10"}}}
+                            "models": {"gpt-4o": {"input_per_mtok": "2.50", "output_per_mtok": "10"}},
+                            "max_tokens_param": "max_tokens"}
     assert all(KEY not in r.raw for r in rows)
 
 
@@ -193,7 +217,8 @@ async def test_resolve_model(client: httpx.AsyncClient, tenant: TenantKey, app: 
             "provider 'together' has no model 'llama'; its models: meta-llama/Llama-3-70b, qwen:7b")
         assert await resolve_model(conn, runtime.vault, tenant.tenant_id, "gpt-4o") == (
             "model 'gpt-4o' is not '<provider>/<model>'")
-    assert (await client.delete("/api/v1/secrets/other_key", headers=tenant.headers)).status_code == 204
+    assert (await client.delete("/api/v1/secrets/other_key", params={"force": "true"},
+                                headers=tenant.headers)).status_code == 204
     async with runtime.pg.acquire() as conn:
         assert await resolve_model(conn, runtime.vault, tenant.tenant_id, "anthropic/gpt-4o") == (
             "secret 'other_key' of provider 'anthropic' no longer exists")

@@ -3,9 +3,9 @@
 Both connect as the tables' owner through ``DATABASE_URL`` (no row-level security; every query filters on
 the tenant). ``verify`` exits 1 when any chain is broken (or the database cannot be reached), printing the
 first broken link of each; 2 on a usage error such as an unknown tenant. ``export`` writes the API's
-bytes (app/audit/routes.py) to a file, renamed into place only once complete, or to stdout.
+bytes (app/audit/export.py) to a file, renamed into place only once complete, or to stdout.
 
-Imported by app/cli.py when it builds its parser: keep the heavy imports inside the commands.
+Imported when the ``steward`` parser is built: keep the heavy imports inside the commands.
 """
 
 from __future__ import annotations
@@ -17,22 +17,29 @@ import os
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from app.cli.common import (
+    EXIT_USAGE,
+    CliError,
+    check_database,
+    load_settings,
+    raise_if_not_migrated,
+    require_urls,
+)
+
 if TYPE_CHECKING:
-    from app.audit.routes import ExportFormat, Filters
+    from app.audit.export import ExportFormat, Filters
     from app.audit.verify import Verification
     from app.pg import Conn
 
 EXIT_BROKEN = 1
-EXIT_USAGE = 2
 
 
-def add_audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``audit verify`` and ``audit export`` to the ``steward`` parser's subcommands."""
     audit = sub.add_parser("audit", help="verify or export the audit log (needs DATABASE_URL)",
                            description="Verify tenants' hash-chained audit logs, or export one.")
@@ -45,7 +52,7 @@ def add_audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                     "when a chain is broken.",
     )
     verify.add_argument("--tenant", metavar="NAME", help="only this tenant (default: every tenant)")
-    verify.set_defaults(handler=partial(_reporting, verify_command))
+    verify.set_defaults(handler=verify_command)
 
     export = actions.add_parser(
         "export", help="export a tenant's audit log as JSONL or CSV",
@@ -59,19 +66,7 @@ def add_audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     export.add_argument("--action", help="only events with this action")
     export.add_argument("--target", help="only events on this target")
     export.add_argument("--output", "-o", type=Path, metavar="FILE", help="write here (default: stdout)")
-    export.set_defaults(handler=partial(_reporting, export_command))
-
-
-def _reporting(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run ``command``, reporting a CliError as one line. Not left to app.cli.main: under
-    ``python -m app.cli`` that module runs as ``__main__``, whose CliError is not the class raised here."""
-    from app.cli import CliError
-
-    try:
-        return command(args)
-    except CliError as exc:
-        print(f"steward audit: {exc}", file=sys.stderr)
-        return exc.code
+    export.set_defaults(handler=export_command)
 
 
 def _timestamp(value: str) -> datetime:
@@ -82,9 +77,7 @@ def _timestamp(value: str) -> datetime:
 
 
 def _database_url() -> str:
-    from app.cli import _require_urls, _settings, check_database
-
-    database_url, _ = _require_urls(_settings(), redis=False)
+    database_url, _ = require_urls(load_settings(), redis=False)
     check_database(database_url)
     return database_url
 
@@ -105,15 +98,13 @@ async def _connect(database_url: str) -> AsyncIterator[Conn]:
 
 
 async def _tenants(conn: Conn, name: str | None) -> list[tuple[uuid.UUID, str]]:
-    from app.cli import CliError, _raise_if_not_migrated
-
     try:
         if name is None:
             rows = await conn.fetch("SELECT id, name FROM tenant ORDER BY name")
         else:
             rows = await conn.fetch("SELECT id, name FROM tenant WHERE name = $1", name)
     except Exception as exc:
-        _raise_if_not_migrated(exc)
+        raise_if_not_migrated(exc)
         raise
     if name is not None and not rows:
         raise CliError(f"no tenant named {name!r}", EXIT_USAGE)
@@ -160,8 +151,7 @@ def describe(name: str, result: Verification) -> str:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from app.audit.routes import make_filters
-    from app.cli import CliError
+    from app.audit.export import make_filters
     from app.errors import Invalid
 
     try:
@@ -194,7 +184,7 @@ def _export_to_file(database_url: str, args: argparse.Namespace, filters: Filter
 
 
 async def _export(database_url: str, tenant: str, fmt: ExportFormat, filters: Filters, out: BinaryIO) -> int:
-    from app.audit.routes import open_export
+    from app.audit.export import open_export
 
     async with _connect(database_url) as conn:
         ((tenant_id, _),) = await _tenants(conn, tenant)
