@@ -1,9 +1,16 @@
-"""Runs: start, read, list; operator actions delegate to the engine."""
+"""Runs: start, read (and wait for the end), list; operator actions and signals delegate to the engine.
+
+Functions that move a run take the request's :class:`UnitOfWork` (see :mod:`app.request_work`), which
+the caller commits and relays; they return the run as read in that transaction, with its new events.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -12,13 +19,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import pagination
+from app.audit.service import entry as audit_entry
 from app.budgets.service import create_usage, effective_limits, tenant_budget
 from app.canonical import digest
 from app.config import Settings
 from app.context import Ctx
+from app.engine import actions
 from app.engine.actions import RunNotFound
-from app.engine.advance import Advance, load_definition, lock
-from app.engine.state_machine import RunStatus
+from app.engine.advance import Advance, RunRow, load_definition, lock_run
+from app.engine.notify import RunNotifier
+from app.engine.state_machine import RUN_TERMINAL, RunStatus
 from app.engine.unit_of_work import UnitOfWork
 from app.errors import Invalid, NotFound
 from app.pg import driver
@@ -107,7 +117,7 @@ async def create_run(
             for s in definition.steps
         ],
     )
-    run = await lock(tx, run_id)
+    run = await lock_run(tx, run_id)
     assert run is not None
     tx.event(
         run_id,
@@ -117,8 +127,99 @@ async def create_run(
         version=wv.version,
         priority=body.priority,
     )
-    await Advance(tx, run, definition, settings).run_plan()
+    await Advance(tx=tx, run=run, definition=definition, settings=settings).plan_and_apply()
     return run_id, True
+
+
+async def start_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, body: schemas.RunCreate,
+    idempotency_key: str | None,
+) -> tuple[dict[str, Any], bool]:
+    """:func:`create_run`, audited; returns the run (as :func:`get_run` reads it) and whether it is new."""
+    run_id, created = await create_run(db, work, ctx, settings, body, idempotency_key)
+    if created:
+        work.audit(ctx.tenant_id, audit_entry(ctx, "run.start", f"run:{run_id}", data={
+            "workflow": body.workflow, "version": body.version, "idempotency_key": idempotency_key}))
+    return await _read_back(db, work, ctx, run_id), created
+
+
+async def _read_back(db: AsyncSession, work: UnitOfWork, ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
+    # The events ``work`` collected go in first, so the run read back shows them.
+    await work.flush(audit=False)
+    return await get_run(db, ctx, run_id)
+
+
+Action = Callable[[UnitOfWork, Settings, uuid.UUID, uuid.UUID, str], Awaitable[RunRow]]
+
+
+async def _operate(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID, action: Action, verb: str
+) -> dict[str, Any]:
+    await action(work, settings, run_id, ctx.tenant_id, ctx.principal)
+    work.audit(ctx.tenant_id, audit_entry(ctx, f"run.{verb}", f"run:{run_id}"))
+    return await _read_back(db, work, ctx, run_id)
+
+
+async def pause_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID
+) -> dict[str, Any]:
+    """Stop dispatching the run's steps (an operator action, audited); returns the run."""
+    return await _operate(db, work, ctx, settings, run_id, actions.pause_run, "pause")
+
+
+async def resume_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID
+) -> dict[str, Any]:
+    """Continue a paused run (audited); returns the run."""
+    return await _operate(db, work, ctx, settings, run_id, actions.resume_run, "resume")
+
+
+async def cancel_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID
+) -> dict[str, Any]:
+    """Cancel the run's unfinished steps and the run (audited); returns the run."""
+    return await _operate(db, work, ctx, settings, run_id, actions.cancel_run, "cancel")
+
+
+async def retry_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID
+) -> dict[str, Any]:
+    """Run a failed run again from its failed steps (audited); returns the run."""
+    return await _operate(db, work, ctx, settings, run_id, actions.retry_run, "retry")
+
+
+async def signal_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID, name: str, payload: Any
+) -> dict[str, Any]:
+    """Deliver signal ``name`` to the steps waiting for it (audited); returns the run."""
+    await actions.signal_run(work, settings, run_id, ctx.tenant_id, name, payload, ctx.principal)
+    work.audit(ctx.tenant_id, audit_entry(ctx, "run.signal", f"run:{run_id}", data={"signal": name}))
+    return await _read_back(db, work, ctx, run_id)
+
+
+async def wait_for_run(
+    db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, *, wait_s: float, notifier: RunNotifier | None
+) -> dict[str, Any]:
+    """:func:`get_run` once the run is terminal, or after ``wait_s`` seconds, whichever comes first.
+
+    ``notifier``: the API process's (only a runtime started for the API listens)."""
+    assert notifier is not None
+    deadline = time.monotonic() + wait_s
+    with notifier.subscribe(run_id) as woken:
+        while True:
+            # Read in a transaction of its own so each check sees the latest commit.
+            status = await run_status(db, ctx, run_id)
+            await db.rollback()
+            left = deadline - time.monotonic()
+            if RunStatus(status) in RUN_TERMINAL or left <= 0:
+                break
+            try:
+                # The timer is a backstop for a notification lost while the listener reconnects.
+                await asyncio.wait_for(woken.wait(), timeout=min(left, 1.0))
+            except TimeoutError:
+                pass
+            woken.clear()
+    return await get_run(db, ctx, run_id)
 
 
 async def _by_idempotency_key(db: AsyncSession, ctx: Ctx, key: str, digest: str) -> uuid.UUID | None:
@@ -229,7 +330,7 @@ def _event(e: RunEvent) -> schemas.EventRead:
     )
 
 
-async def run_status(db: Any, ctx: Ctx, run_id: uuid.UUID) -> str:
+async def run_status(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> str:
     status = (
         await db.execute(select(Run.status).where(Run.id == run_id, Run.tenant_id == ctx.tenant_id))
     ).scalar_one_or_none()
@@ -242,7 +343,7 @@ PAGES = pagination.keyset("runs", datetime, uuid.UUID)
 
 
 async def list_runs(
-    db: Any,
+    db: AsyncSession,
     ctx: Ctx,
     *,
     status: str | None,
@@ -277,7 +378,7 @@ async def list_runs(
 
 
 async def list_events(
-    db: Any, ctx: Ctx, run_id: uuid.UUID, *, after: int | None, limit: int
+    db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, *, after: int | None, limit: int
 ) -> schemas.EventPage:
     await run_status(db, ctx, run_id)
     stmt = select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.tenant_id == ctx.tenant_id)
@@ -294,7 +395,7 @@ class StepNotFound(NotFound):
 
 
 async def list_conversation(
-    db: Any, ctx: Ctx, run_id: uuid.UUID, step_id: str, *, after: int | None, limit: int
+    db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, step_id: str, *, after: int | None, limit: int
 ) -> schemas.ConversationPage:
     """An ``llm``/``agent`` step's checkpoints: every model turn and tool result, in order."""
     await run_status(db, ctx, run_id)
