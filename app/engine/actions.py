@@ -120,7 +120,8 @@ async def retry_run(
 
 
 async def signal_run(
-    tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, name: str, payload: Any, actor: str
+    tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str, *, name: str,
+    payload: Any,
 ) -> list[str]:
     """Complete the steps waiting for signal ``name`` with ``payload`` as their output."""
     run = await _locked(tx, run_id, tenant_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import random
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -212,7 +213,9 @@ async def _finish(
     return steps
 
 
-async def record_notes(tx: UnitOfWork, claimed: Claimed, events: Any, audits: Any) -> None:
+async def record_notes(
+    tx: UnitOfWork, claimed: Claimed, events: Iterable[tuple[str, dict[str, Any]]], audits: Iterable[AuditNote]
+) -> None:
     """Write a step attempt's run events ``(type, data)`` and :class:`AuditNote` s in this transaction."""
     for type_, data in events:
         tx.event(claimed.run_id, type_, step_id=claimed.step_id, map_index=claimed.map_index, **data)

@@ -192,7 +192,7 @@ async def signal_run(
     db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID, name: str, payload: Any
 ) -> dict[str, Any]:
     """Deliver signal ``name`` to the steps waiting for it (audited); returns the run."""
-    await actions.signal_run(work, settings, run_id, ctx.tenant_id, name, payload, ctx.principal)
+    await actions.signal_run(work, settings, run_id, ctx.tenant_id, ctx.principal, name=name, payload=payload)
     work.audit(ctx.tenant_id, audit_entry(ctx, "run.signal", f"run:{run_id}", data={"signal": name}))
     return await _read_back(db, work, ctx, run_id)
 
