@@ -38,5 +38,7 @@ async def request_work(db: Db, runtime: AppRuntime) -> AsyncIterator[UnitOfWork]
     await runtime.after_commit(work)
 
 
-# scope="function": the code after ``yield`` runs before the response is sent (FastAPI >= 0.121).
+# scope="function": the code after ``yield`` runs before the response is sent (FastAPI >= 0.121). Routes
+# list it after the caller's Ctx: the caller is authenticated, and the session scoped to its tenant,
+# before the work begins.
 Work = Annotated[UnitOfWork, Depends(request_work, scope="function")]

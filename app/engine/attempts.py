@@ -363,6 +363,8 @@ async def fire_wait_timeout(tx: UnitOfWork, settings: Settings, step_run_id: uui
     advance = Advance(tx=tx, run=run, definition=definition, settings=settings)
     expiry = await expire_approval(tx, run, row)
     if expiry is not None:
+        if not expiry.landed:
+            return False  # decided or cancelled meanwhile: that transaction moved the step on
         if expiry.flagged:
             return True  # the step waits on, with no deadline
         if expiry.approval.kind == "agent":

@@ -248,17 +248,19 @@ async def record_decision(
 
 @dataclass(frozen=True)
 class Expiry:
-    """What :func:`expire_approval` did: flagged the approval (the step waits on), or expired it."""
+    """What :func:`expire_approval` did: flagged the approval (the step waits on) or expired it; or, not
+    ``landed``, nothing, because another transaction decided or cancelled it first."""
 
     approval: ApprovalRow
     flagged: bool
+    landed: bool = True
 
 
 async def expire_approval(tx: UnitOfWork, run: RunRow, step: StepRow) -> Expiry | None:
     """The step's approval ran out of time: expire it, or flag it and leave it pending (per its policy).
 
-    None when the step has no pending approval (or another transaction decided it first). A flagged
-    approval's step keeps waiting, with no deadline; an expired one's step is for the caller to move on."""
+    None when the step has no pending approval. A flagged approval's step keeps waiting, with no
+    deadline; an expired one's step is for the caller to move on."""
     row = await tx.conn.fetchrow(
         f"{_ROW} WHERE step_run_id = $1 AND status = 'pending' ORDER BY requested_at DESC LIMIT 1", step.id
     )
@@ -273,7 +275,7 @@ async def expire_approval(tx: UnitOfWork, run: RunRow, step: StepRow) -> Expiry 
             now(),
         )
         if flagged is None:
-            return None
+            return Expiry(approval, flagged=True, landed=False)
         step.version = await transition_step(
             tx.conn, step.id, status=step.status, version=step.version, to=StepStatus.WAITING, wait_deadline=None
         )
@@ -281,7 +283,7 @@ async def expire_approval(tx: UnitOfWork, run: RunRow, step: StepRow) -> Expiry 
         tx.audit(run.tenant_id, entry("system", "approval.flag", f"approval:{approval.id}"))
         return Expiry(approval, flagged=True)
     if not await move_approval(tx.conn, approval.id, to=ApprovalStatus.EXPIRED, decided_at=now()):
-        return None
+        return Expiry(approval, flagged=False, landed=False)
     tx.event(run.id, "approval_expired", step_id=step.step_id, approval_id=str(approval.id))
     tx.audit(run.tenant_id, entry("system", "approval.expire", f"approval:{approval.id}"))
     return Expiry(approval, flagged=False)

@@ -37,8 +37,8 @@ def _run_response(run: dict[str, Any], status_code: int = 200, headers: dict[str
 async def start_run(
     body: schemas.RunCreate,
     db: Db,
-    work: Work,
     ctx: Starter,
+    work: Work,
     settings: AppSettings,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Response:
@@ -119,24 +119,24 @@ async def step_conversation(
 
 
 @router.post("/{run_id}/pause", response_model=schemas.RunRead, responses=problem_responses(409))
-async def pause_run(run_id: uuid.UUID, db: Db, work: Work, ctx: Operator, settings: AppSettings) -> Response:
+async def pause_run(run_id: uuid.UUID, db: Db, ctx: Operator, work: Work, settings: AppSettings) -> Response:
     """Stop dispatching new steps; steps already running finish and are recorded."""
     return _run_response(await runs_service.pause_run(db, work, ctx, settings, run_id))
 
 
 @router.post("/{run_id}/resume", response_model=schemas.RunRead, responses=problem_responses(409))
-async def resume_run(run_id: uuid.UUID, db: Db, work: Work, ctx: Operator, settings: AppSettings) -> Response:
+async def resume_run(run_id: uuid.UUID, db: Db, ctx: Operator, work: Work, settings: AppSettings) -> Response:
     return _run_response(await runs_service.resume_run(db, work, ctx, settings, run_id))
 
 
 @router.post("/{run_id}/cancel", response_model=schemas.RunRead, responses=problem_responses(409))
-async def cancel_run(run_id: uuid.UUID, db: Db, work: Work, ctx: Operator, settings: AppSettings) -> Response:
+async def cancel_run(run_id: uuid.UUID, db: Db, ctx: Operator, work: Work, settings: AppSettings) -> Response:
     """Cancel queued steps and abort running ones."""
     return _run_response(await runs_service.cancel_run(db, work, ctx, settings, run_id))
 
 
 @router.post("/{run_id}/retry", response_model=schemas.RunRead, responses=problem_responses(409))
-async def retry_run(run_id: uuid.UUID, db: Db, work: Work, ctx: Operator, settings: AppSettings) -> Response:
+async def retry_run(run_id: uuid.UUID, db: Db, ctx: Operator, work: Work, settings: AppSettings) -> Response:
     """Run a failed run again from its failed steps; completed steps are not re-run."""
     return _run_response(await runs_service.retry_run(db, work, ctx, settings, run_id))
 
@@ -146,8 +146,8 @@ async def signal_run(
     run_id: uuid.UUID,
     name: str,
     db: Db,
-    work: Work,
     ctx: Starter,
+    work: Work,
     settings: AppSettings,
     body: schemas.SignalBody | None = None,
 ) -> Response:

@@ -89,33 +89,95 @@ async def test_a_move_blocked_behind_another_finds_it_decided(
             await move_approval(conn, key, to=ApprovalStatus.PENDING)
 
 
-async def test_a_decision_racing_the_expiry_lands_once(
-    client: httpx.AsyncClient, make_tenant: MakeTenant, app: FastAPI
+async def test_an_expiry_that_loses_to_a_decision_writes_nothing(
+    client: httpx.AsyncClient, tenant: TenantKey, app: FastAPI
 ) -> None:
-    """The approver's decision (HTTP) and the deadline job firing: one of them wins, the other learns so."""
+    """The deadline job reads the approval pending, then finds it decided when its guarded move runs."""
+    runtime: Runtime = app.state.runtime
+    run_id, approval_id = await approval_of(client, tenant)
+    key = uuid.UUID(approval_id)
+    step_run_id = await runtime.pg.fetchval(
+        "UPDATE step_run SET wait_deadline = $2 WHERE run_id = $1 AND step_id = 'gate' RETURNING id",
+        uuid.UUID(run_id), now(),
+    )
+    async with runtime.pg.acquire() as decider:
+        decision = decider.transaction()
+        await decision.start()
+        assert await move_approval(decider, key, to=ApprovalStatus.APPROVED, decided_at=now())
+        expiry = asyncio.create_task(in_tx(runtime, fire_wait_timeout, runtime.settings, step_run_id))
+        for _ in range(500):
+            blocked = await runtime.pg.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE approval%'"
+            )
+            if blocked:
+                break
+            await asyncio.sleep(0.01)
+        assert blocked, "the expiry never reached its guarded move"
+        await decision.commit()
+        assert await expiry is False
+    row = await approval_row(runtime, approval_id)
+    assert row["status"] == "approved" and row["version"] == 2
+    assert await runtime.pg.fetchval("SELECT status FROM step_run WHERE id = $1", step_run_id) == "waiting"
+    types = await runtime.pg.fetch("SELECT type FROM run_event WHERE run_id = $1", uuid.UUID(run_id))
+    assert "approval_expired" not in {row["type"] for row in types}
+
+
+async def run_lock_waiters(runtime: Runtime, count: int) -> None:
+    """Wait until ``count`` transactions wait for a run's row lock (the engine's lock_run)."""
+    for _ in range(1000):
+        waiting = await runtime.pg.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
+            "AND query LIKE 'SELECT id, tenant_id, status, version, priority%FOR UPDATE'"
+        )
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} transactions never queued for the run lock")
+
+
+@pytest.mark.parametrize("first", ["decision", "expiry"])
+async def test_a_decision_racing_the_expiry_lands_once(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, app: FastAPI, first: str
+) -> None:
+    """The approver's decision (HTTP) and the deadline job, queued one behind the other for the run's
+    lock: the first lands, the second learns it lost (409 for the decision, False for the job)."""
     runtime: Runtime = app.state.runtime
     admin = await make_tenant()
     approver = await make_tenant(name=admin.name, roles=("approver", "viewer"))
-    outcomes: list[tuple[int, bool]] = []
-    for _ in range(4):
-        run_id, approval_id = await approval_of(client, admin)
-        step_run_id = await runtime.pg.fetchval(
-            "UPDATE step_run SET wait_deadline = $2 WHERE run_id = $1 AND step_id = 'gate' RETURNING id",
-            uuid.UUID(run_id), now(),
-        )
-        decided, expired = await asyncio.gather(
-            client.post(f"/api/v1/approvals/{approval_id}/decision", json={"decision": "approve"},
-                        headers=approver.headers),
-            in_tx(runtime, fire_wait_timeout, runtime.settings, step_run_id),
-        )
-        assert decided.status_code in (200, 409), decided.text
-        assert (decided.status_code == 200) != expired, (decided.text, expired)
-        row = await approval_row(runtime, approval_id)
-        assert row["version"] == 2 and row["status"] == ("approved" if decided.status_code == 200 else "expired")
-        if decided.status_code == 409:
-            assert decided.json()["status_now"] == "expired"
-        run = (await client.get(f"/api/v1/runs/{run_id}", headers=admin.headers)).json()
-        types = [event["type"] for event in run["events"]]
-        assert types.count("approval_approved") + types.count("approval_expired") == 1, types
-        outcomes.append((decided.status_code, expired))
-    assert outcomes  # which side wins each round is up to the scheduler; each round has exactly one winner
+    run_id, approval_id = await approval_of(client, admin)
+    step_run_id = await runtime.pg.fetchval(
+        "UPDATE step_run SET wait_deadline = $2 WHERE run_id = $1 AND step_id = 'gate' RETURNING id",
+        uuid.UUID(run_id), now(),
+    )
+
+    async def decide() -> httpx.Response:
+        return await client.post(f"/api/v1/approvals/{approval_id}/decision", json={"decision": "approve"},
+                                 headers=approver.headers)
+
+    async def expire() -> bool:
+        return await in_tx(runtime, fire_wait_timeout, runtime.settings, step_run_id)
+
+    async with runtime.pg.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT 1 FROM run WHERE id = $1 FOR UPDATE", uuid.UUID(run_id))
+        decision = asyncio.create_task(decide()) if first == "decision" else None
+        expiry = asyncio.create_task(expire()) if first == "expiry" else None
+        await run_lock_waiters(runtime, 1)
+        decision = decision or asyncio.create_task(decide())
+        expiry = expiry or asyncio.create_task(expire())
+        await run_lock_waiters(runtime, 2)
+    # The holder let go: the waiters take the lock in the order they asked for it.
+    decided, expired = await decision, await expiry
+
+    row = await approval_row(runtime, approval_id)
+    assert row["version"] == 2
+    if first == "decision":
+        assert decided.status_code == 200 and expired is False, decided.text
+        assert row["status"] == "approved"
+    else:
+        assert decided.status_code == 409 and expired is True, decided.text
+        assert decided.json()["status_now"] == "expired" and row["status"] == "expired"
+    run = (await client.get(f"/api/v1/runs/{run_id}", headers=admin.headers)).json()
+    types = [event["type"] for event in run["events"]]
+    assert types.count("approval_approved") + types.count("approval_expired") == 1, types
+    assert run["status"] == ("succeeded" if first == "decision" else "failed"), run
