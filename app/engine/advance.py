@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -59,8 +59,12 @@ class StepRow:
     output: Any = None
 
 
-# A step row's columns, in the order the engine's statements select them (see state_machine.finish_attempts).
-STEP_ROW_FIELDS = tuple(f.name for f in fields(StepRow))
+def step_row(columns: Sequence[Any]) -> StepRow:
+    """A :class:`StepRow` from its columns in field order (as :data:`_LOAD_STEPS` and
+    ``state_machine.finish_attempts`` select them); on the hot path, so no dict per row."""
+    id_, step_id, map_index, kind, status, version, attempts, current_attempt_id, output = columns
+    return StepRow(id=id_, step_id=step_id, map_index=map_index, kind=kind, status=status, version=version,
+                   attempts=attempts, current_attempt_id=current_attempt_id, output=output)
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ async def load_definition(conn: Conn, workflow_version_id: uuid.UUID) -> Definit
 
 
 async def load_steps(conn: Conn, run_id: uuid.UUID) -> dict[tuple[str, int | None], StepRow]:
-    return {(row["step_id"], row["map_index"]): StepRow(**row) for row in await conn.fetch(_LOAD_STEPS, run_id)}
+    return {(row["step_id"], row["map_index"]): step_row(row) for row in await conn.fetch(_LOAD_STEPS, run_id)}
 
 
 def views(definition: Definition, rows: dict[tuple[str, int | None], StepRow]) -> dict[str, StepView]:

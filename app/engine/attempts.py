@@ -18,7 +18,6 @@ from app.audit.service import entry as audit_entry
 from app.clock import now
 from app.config import Settings
 from app.engine.advance import (
-    STEP_ROW_FIELDS,
     Advance,
     Claimed,
     Claimer,
@@ -31,6 +30,7 @@ from app.engine.advance import (
     max_attempts,
     queue_name,
     set_run_status,
+    step_row,
 )
 from app.engine.gates import Gate, expire_approval, request_approval
 from app.engine.state_machine import (
@@ -195,7 +195,7 @@ async def _finish(
     rows = await finish_attempts(tx.conn, run.id, entries)
     moved = {row[1]: row[0] for row in rows if row[0] is not None}
     # The rows were read by the statement that moved the steps: patch their new state in.
-    steps = {(row[2], row[3]): StepRow(**dict(zip(STEP_ROW_FIELDS, row[1:], strict=True))) for row in rows}
+    steps = {(row[2], row[3]): step_row(row[1:]) for row in rows}
     for (claimed, outcome, _), entry in zip(finished, entries, strict=True):
         version = moved.get(claimed.step_run_id)
         if version is None:
@@ -224,7 +224,7 @@ async def record_notes(
                  audit_entry(note.actor, note.action, note.target, outcome=note.outcome, data=note.data))
 
 
-def _step_row(claimed: Claimed) -> StepRow:
+def _claimed_step(claimed: Claimed) -> StepRow:
     return StepRow(id=claimed.step_run_id, step_id=claimed.step_id, map_index=claimed.map_index, kind="",
                    status=StepStatus.RUNNING, version=claimed.step_version, attempts=claimed.attempt_n,
                    current_attempt_id=claimed.attempt_id)
@@ -239,7 +239,7 @@ async def _gate(tx: UnitOfWork, settings: Settings, run: RunRow, claimed: Claime
     if landed is None or outcome.gate is None:
         return
     with contextlib.suppress(StaleTransition):
-        await request_approval(tx, run, _step_row(claimed), outcome.gate, queue=queue_name(settings, run.priority))
+        await request_approval(tx, run, _claimed_step(claimed), outcome.gate, queue=queue_name(settings, run.priority))
 
 
 async def _pause(
