@@ -405,7 +405,7 @@ class Advance:
             self.run.id,
             sid,
             now(),
-            [dumps(a) for a in item_args],
+            [dumps(args) for args in item_args],
         )
         for index, item_id in enumerate(ids):
             self.rows[(sid, index)] = StepRow(
@@ -437,7 +437,7 @@ class Advance:
         if target == RunStatus.FAILED:
             await self._fail_run()
         elif target == RunStatus.SUCCEEDED:
-            sinks = [s.id for s in self.definition.steps if not self.definition.dependents(s.id)]
+            sinks = [step.id for step in self.definition.steps if not self.definition.dependents(step.id)]
             output = {
                 sid: self.rows[(sid, None)].output
                 for sid in sinks
@@ -472,7 +472,7 @@ async def set_run_status(
         values["finished_at"] = at
         tx.finished_runs.append(run.id)
     run.version = await transition_run(tx.conn, run.id, status=run.status, version=run.version, to=to, **values)
-    data = {k: v for k, v in values.items() if k in ("error", "status_reason") and v is not None}
+    data = {key: value for key, value in values.items() if key in ("error", "status_reason") and value is not None}
     if actor is not None:
         data["actor"] = actor
     tx.event(run.id, f"run_{to.value}", from_status=run.status, **data)

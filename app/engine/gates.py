@@ -127,7 +127,8 @@ async def _move(conn: Conn, where: str, key: Any, to: ApprovalStatus, values: di
         raise ValueError(f"an approval move does not set {sorted(unknown)}")
     sets = "".join(f", {column} = ${i}" for i, column in enumerate(columns, start=3))
     params = [
-        dumps(values[c]) if c in _JSON_COLUMNS and values[c] is not None else values[c] for c in columns
+        dumps(values[column]) if column in _JSON_COLUMNS and values[column] is not None else values[column]
+        for column in columns
     ]
     moved: list[asyncpg.Record] = await conn.fetch(
         f"UPDATE approval SET status = $2, version = version + 1{sets} "

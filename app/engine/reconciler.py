@@ -92,10 +92,10 @@ async def _due(runtime: Runtime, column: str, status: str) -> list[uuid.UUID]:
     rows = await runtime.pg.fetch(
         f"SELECT id FROM step_run WHERE status = $1 AND {column} < $2 LIMIT {BATCH}", status, now()
     )
-    return [r["id"] for r in rows]
+    return [row["id"] for row in rows]
 
 
-_CLOCK_STATUSES = ", ".join(f"'{s.value}'" for s in RUN_CLOCK)
+_CLOCK_STATUSES = ", ".join(f"'{status.value}'" for status in RUN_CLOCK)
 
 
 async def _overdue_runs(runtime: Runtime) -> list[uuid.UUID]:
@@ -108,7 +108,7 @@ async def _overdue_runs(runtime: Runtime) -> list[uuid.UUID]:
         f"LIMIT {BATCH}",
         now(),
     )
-    return [r["id"] for r in rows]
+    return [row["id"] for row in rows]
 
 
 async def resend_stale_outbox(runtime: Runtime) -> int:

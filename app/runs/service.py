@@ -68,7 +68,7 @@ async def create_run(
     if errors:
         raise Invalid(
             "the input does not match the workflow's input_schema",
-            errors=[{**e, "pointer": "/input" + e["pointer"]} for e in errors],
+            errors=[{**error, "pointer": "/input" + error["pointer"]} for error in errors],
         )
     run_id = uuid.uuid4()
     values = {
@@ -107,14 +107,14 @@ async def create_run(
             {
                 "tenant_id": ctx.tenant_id,
                 "run_id": run_id,
-                "step_id": s.id,
+                "step_id": step.id,
                 "map_index": None,
-                "kind": s.kind,
+                "kind": step.kind,
                 "status": "pending",
                 "version": 1,
                 "attempts": 0,
             }
-            for s in definition.steps
+            for step in definition.steps
         ],
     )
     run = await lock_run(tx, run_id)
@@ -273,23 +273,25 @@ async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> dict[str, An
     attempts = await conn.fetch(_ATTEMPTS, run_id)
     events = await conn.fetch(_EVENTS, run_id, RUN_EVENTS_INLINE + 1)
     by_step: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
-    for a in attempts:
-        by_step[a["step_run_id"]].append({
-            "n": a["n"], "status": a["status"], "queued_at": _ts(a["queued_at"]), "not_before": _ts(a["not_before"]),
-            "started_at": _ts(a["started_at"]), "finished_at": _ts(a["finished_at"]),
-            "error": {"class": a["error_class"], "message": a["error_message"]} if a["error_class"] else None,
-            "worker": a["worker"],
+    for attempt in attempts:
+        by_step[attempt["step_run_id"]].append({
+            "n": attempt["n"], "status": attempt["status"], "queued_at": _ts(attempt["queued_at"]),
+            "not_before": _ts(attempt["not_before"]), "started_at": _ts(attempt["started_at"]),
+            "finished_at": _ts(attempt["finished_at"]),
+            "error": ({"class": attempt["error_class"], "message": attempt["error_message"]}
+                      if attempt["error_class"] else None),
+            "worker": attempt["worker"],
         })
     top: dict[str, dict[str, Any]] = {}
-    for st in steps:
-        common = {"status": st["status"], "output": st["output"], "error": st["error"],
-                  "started_at": _ts(st["started_at"]), "finished_at": _ts(st["finished_at"]),
-                  "attempts": by_step.get(st["id"], [])}
-        if st["map_index"] is None:
-            top[st["step_id"]] = {"id": st["step_id"], "kind": st["kind"], "input": st["input"], **common,
-                                  "items": [] if st["kind"] == "map" else None}
+    for row in steps:
+        common = {"status": row["status"], "output": row["output"], "error": row["error"],
+                  "started_at": _ts(row["started_at"]), "finished_at": _ts(row["finished_at"]),
+                  "attempts": by_step.get(row["id"], [])}
+        if row["map_index"] is None:
+            top[row["step_id"]] = {"id": row["step_id"], "kind": row["kind"], "input": row["input"], **common,
+                                   "items": [] if row["kind"] == "map" else None}
         else:
-            top[st["step_id"]]["items"].append({"index": st["map_index"], **common})
+            top[row["step_id"]]["items"].append({"index": row["map_index"], **common})
     for step in top.values():
         if step["kind"] == "map" and not step["items"]:
             step["items"] = None  # not expanded yet
@@ -302,9 +304,9 @@ async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> dict[str, An
         "output": run["output"], "error": run["error"],
         "steps": [top[sid] for sid in definition.order if sid in top],
         "events": [
-            {"id": e["id"], "type": e["type"], "step_id": e["step_id"], "map_index": e["map_index"],
-             "data": e["data"], "created_at": _ts(e["created_at"])}
-            for e in events[:RUN_EVENTS_INLINE]
+            {"id": event["id"], "type": event["type"], "step_id": event["step_id"], "map_index": event["map_index"],
+             "data": event["data"], "created_at": _ts(event["created_at"])}
+            for event in events[:RUN_EVENTS_INLINE]
         ],
         "events_truncated": len(events) > RUN_EVENTS_INLINE,
     }
@@ -374,7 +376,7 @@ async def list_runs(
         .all()
     )
     next_cursor = PAGES.encode(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
-    return schemas.RunPage(items=[_summary(r) for r in rows[:limit]], next_cursor=next_cursor)
+    return schemas.RunPage(items=[_summary(run) for run in rows[:limit]], next_cursor=next_cursor)
 
 
 async def list_events(
@@ -386,7 +388,7 @@ async def list_events(
         stmt = stmt.where(RunEvent.id > after)
     rows = (await db.execute(stmt.order_by(RunEvent.id).limit(limit + 1))).scalars().all()
     return schemas.EventPage(
-        items=[_event(e) for e in rows[:limit]], next_cursor=rows[limit - 1].id if len(rows) > limit else None
+        items=[_event(event) for event in rows[:limit]], next_cursor=rows[limit - 1].id if len(rows) > limit else None
     )
 
 
@@ -411,5 +413,5 @@ async def list_conversation(
         "ORDER BY seq LIMIT $3",
         step_run_id, -1 if after is None else after, limit + 1,
     )
-    items = [schemas.ConversationEntry(**dict(r)) for r in rows[:limit]]
+    items = [schemas.ConversationEntry(**dict(row)) for row in rows[:limit]]
     return schemas.ConversationPage(items=items, next_cursor=rows[limit - 1]["seq"] if len(rows) > limit else None)
