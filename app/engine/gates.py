@@ -96,9 +96,17 @@ _ROW = (
     "SELECT id, run_id, step_run_id, step_id, kind, tool, tool_version, args, status, requested_by, expires_at, "
     "on_expiry FROM approval"
 )
-# Columns a move may set besides the status; JSON ones go in as text.
-_MOVE_COLUMNS = frozenset({"decided_by", "decided_at", "comment", "approved_args", "action_hash", "superseded_at"})
-_JSON_COLUMNS = frozenset({"approved_args"})
+# A pending approval has no decision, comment or edited arguments yet: a move sets them (NULL when not
+# given); its action hash changes only when the approver edited the arguments.
+_MOVE = (
+    "UPDATE approval SET status = $2, version = version + 1, decided_by = $3, decided_at = $4, comment = $5, "
+    "approved_args = $6::jsonb, action_hash = coalesce($7, action_hash) "
+    "WHERE id = $1 AND status = 'pending' RETURNING id"
+)
+_CANCEL = (
+    "UPDATE approval SET status = 'cancelled', version = version + 1, decided_at = $2, superseded_at = $3 "
+    "WHERE step_run_id = ANY($1::uuid[]) AND status = 'pending' RETURNING id"
+)
 
 
 def check_approval_move(current: str, to: ApprovalStatus) -> None:
@@ -106,38 +114,37 @@ def check_approval_move(current: str, to: ApprovalStatus) -> None:
         raise IllegalTransition(f"a {current} approval cannot become {to}", status_now=current)
 
 
-async def move_approval(conn: Conn, approval_id: uuid.UUID, *, to: ApprovalStatus, **values: Any) -> bool:
-    """Move a pending approval to ``to``, setting ``values`` too; False when it was no longer pending.
+async def move_approval(
+    conn: Conn,
+    approval_id: uuid.UUID,
+    *,
+    to: ApprovalStatus,
+    decided_by: str | None = None,
+    decided_at: datetime | None = None,
+    comment: str | None = None,
+    approved_args: Any = None,
+    action_digest: str | None = None,
+) -> bool:
+    """Move a pending approval to ``to``; False when it was no longer pending (nothing is written then).
 
     With :func:`cancel_approvals`, the only write of an approval's status: whoever moves it first wins,
-    and the others learn they lost rather than overwrite the decision."""
-    return bool(await _move(conn, "id = $1", approval_id, to, values))
-
-
-async def cancel_approvals(conn: Conn, step_run_ids: list[uuid.UUID], **values: Any) -> int:
-    """Cancel the pending approvals of these steps (guarded like :func:`move_approval`); returns how many."""
-    return len(await _move(conn, "step_run_id = ANY($1::uuid[])", step_run_ids, ApprovalStatus.CANCELLED, values))
-
-
-async def _move(conn: Conn, where: str, key: Any, to: ApprovalStatus, values: dict[str, Any]) -> list[asyncpg.Record]:
+    and the others learn they lost rather than overwrite the decision. ``approved_args``: arguments
+    an approver edited; ``action_digest``: the action hash over them."""
     check_approval_move(ApprovalStatus.PENDING, to)
-    columns = sorted(values)
-    unknown = set(columns) - _MOVE_COLUMNS
-    if unknown:
-        raise ValueError(f"an approval move does not set {sorted(unknown)}")
-    sets = "".join(f", {column} = ${i}" for i, column in enumerate(columns, start=3))
-    params = [
-        dumps(values[column]) if column in _JSON_COLUMNS and values[column] is not None else values[column]
-        for column in columns
-    ]
-    moved: list[asyncpg.Record] = await conn.fetch(
-        f"UPDATE approval SET status = $2, version = version + 1{sets} "
-        f"WHERE {where} AND status = 'pending' RETURNING id",
-        key,
-        to.value,
-        *params,
+    landed = await conn.fetchval(
+        _MOVE, approval_id, to.value, decided_by, decided_at, comment,
+        dumps(approved_args) if approved_args is not None else None, action_digest,
     )
-    return moved
+    return landed is not None
+
+
+async def cancel_approvals(
+    conn: Conn, step_run_ids: list[uuid.UUID], *, decided_at: datetime | None = None,
+    superseded_at: datetime | None = None,
+) -> int:
+    """Cancel the pending approvals of these steps, guarded like :func:`move_approval`; returns how many."""
+    check_approval_move(ApprovalStatus.PENDING, ApprovalStatus.CANCELLED)
+    return len(await conn.fetch(_CANCEL, step_run_ids, decided_at, superseded_at))
 
 
 async def find_approval(conn: Conn, approval_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> ApprovalRow | None:
@@ -226,11 +233,9 @@ async def record_decision(
     edited = edited_args is not None
     final_args = edited_args if edited else approval.args
     to = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
-    values: dict[str, Any] = {"decided_by": principal, "decided_at": now(), "comment": comment,
-                              "approved_args": edited_args}
-    if approval.kind != "step":
-        values["action_hash"] = action_hash(approval.tool, approval.tool_version, final_args)
-    if not await move_approval(tx.conn, approval.id, to=to, **values):
+    bound_to = action_hash(approval.tool, approval.tool_version, final_args) if approval.kind != "step" else None
+    if not await move_approval(tx.conn, approval.id, to=to, decided_by=principal, decided_at=now(), comment=comment,
+                               approved_args=edited_args, action_digest=bound_to):
         return False
     tx.event(
         run.id,
