@@ -225,8 +225,8 @@ async def decide_approval(
     calls only), already checked against the tool's schema."""
     if approval.kind == "step" or not approve:
         edited_args = None  # only the arguments of an approved call can be edited
-    landed = await record_decision(tx, run, approval, approve=approve, edited_args=edited_args,
-                                   principal=actor.principal, comment=comment, actor=actor)
+    landed = await record_decision(tx, run, approval, approve=approve, edited_args=edited_args, comment=comment,
+                                   actor=actor)
     if landed:
         args = edited_args if edited_args is not None else approval.args
         await _resolve_gated_step(tx, settings, run, approval, approve=approve, args=args,

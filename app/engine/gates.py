@@ -223,13 +223,13 @@ async def record_decision(
     *,
     approve: bool,
     edited_args: Any,
-    principal: str,
     comment: str | None,
-    actor: Ctx | str,
+    actor: Ctx,
 ) -> bool:
     """Approve or reject a pending approval, with its run event and audit entry; False when it was no
     longer pending (nothing is written then). ``edited_args`` (not None): the approver's arguments,
-    which the action hash then binds."""
+    which the action hash then binds. ``actor``: the request deciding."""
+    principal = actor.principal
     edited = edited_args is not None
     final_args = edited_args if edited else approval.args
     to = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
