@@ -1,4 +1,4 @@
-"""Operator actions and signals: each locks the run, checks the move, applies it, advances.
+"""Operator actions, signals and approval decisions: each locks the run, checks the move, applies it, advances.
 
 An action from the wrong state raises :class:`IllegalTransition` (409) naming the current state.
 """
@@ -9,20 +9,22 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from app.approvals.engine import supersede
 from app.audit.service import entry
 from app.clock import now
 from app.config import Settings
+from app.context import Ctx
 from app.engine.advance import (
     Advance,
     RunRow,
+    fail_step,
     load_definition,
     load_steps,
-    lock,
+    lock_run,
     set_run_status,
     stop_steps,
 )
 from app.engine.checkpoints import restart_conversations
+from app.engine.gates import ApprovalRow, find_approval, record_decision, supersede_approvals
 from app.engine.state_machine import (
     RUN_TERMINAL,
     IllegalTransition,
@@ -34,9 +36,9 @@ from app.engine.state_machine import (
 from app.engine.unit_of_work import Job, UnitOfWork
 from app.errors import NotFound
 
-S = StepStatus
 # Statuses whose clock runs; a paused run is held by an operator and is not timed out while paused.
 RUN_CLOCK = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+UNFINISHED = (StepStatus.PENDING, StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING)
 
 
 class RunNotFound(NotFound):
@@ -44,7 +46,7 @@ class RunNotFound(NotFound):
 
 
 async def _locked(tx: UnitOfWork, run_id: uuid.UUID, tenant_id: uuid.UUID) -> RunRow:
-    run = await lock(tx, run_id, tenant_id)
+    run = await lock_run(tx, run_id, tenant_id)
     if run is None:
         raise RunNotFound(f"run {run_id} not found")
     return run
@@ -73,8 +75,10 @@ async def resume_run(
     await set_run_status(tx, run, RunStatus.RUNNING, actor=actor, status_reason=None)
     # Jobs of steps queued before the pause were refused by the workers and are still in the outbox.
     rows = await tx.conn.fetch("SELECT kind, job_id, queue, not_before FROM outbox WHERE run_id = $1", run.id)
-    tx.jobs.extend(Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows)
-    await Advance(tx, run, await load_definition(tx.conn, run.workflow_version_id), settings).run_plan()
+    tx.jobs.extend(
+        Job(kind=row["kind"], job_id=row["job_id"], queue=row["queue"], not_before=row["not_before"]) for row in rows
+    )
+    await _advance(tx, settings, run)
     return run
 
 
@@ -85,7 +89,7 @@ async def cancel_run(
     run = await _locked(tx, run_id, tenant_id)
     check_run_move(run.status, RunStatus.CANCELLED)
     rows = (await load_steps(tx.conn, run.id)).values()
-    await stop_steps(tx, run, rows, (S.PENDING, S.QUEUED, S.RUNNING, S.WAITING), f"cancelled by {actor}")
+    await stop_steps(tx, run, rows, UNFINISHED, f"cancelled by {actor}")
     await set_run_status(tx, run, RunStatus.CANCELLED, actor=actor)
     return run
 
@@ -100,23 +104,24 @@ async def retry_run(
             f"only a failed run can be retried; this one is {run.status}", status_now=run.status
         )
     rows = (await load_steps(tx.conn, run.id)).values()
-    reset = [r for r in rows if r.status in (S.FAILED, S.CANCELLED)]
+    reset = [row for row in rows if row.status in (StepStatus.FAILED, StepStatus.CANCELLED)]
     for row in reset:
         await transition_step(
-            tx.conn, row.id, status=row.status, version=row.version, to=S.PENDING, error=None, finished_at=None
+            tx.conn, row.id, status=row.status, version=row.version, to=StepStatus.PENDING, error=None, finished_at=None
         )
     # The retried steps start over: earlier decisions do not approve their new calls, and agents
     # begin a new conversation (the old one stays in the checkpoints and events).
-    await supersede(tx, [r.id for r in reset])
-    await restart_conversations(tx, [r.id for r in reset if r.kind in ("llm", "agent")])
-    tx.event(run.id, "run_retried", actor=actor, steps=sorted({r.step_id for r in reset}))
+    await supersede_approvals(tx, [row.id for row in reset])
+    await restart_conversations(tx, [row.id for row in reset if row.kind in ("llm", "agent")])
+    tx.event(run.id, "run_retried", actor=actor, steps=sorted({row.step_id for row in reset}))
     await set_run_status(tx, run, RunStatus.RUNNING, error=None, finished_at=None, status_reason=None)
-    await Advance(tx, run, await load_definition(tx.conn, run.workflow_version_id), settings).run_plan()
+    await _advance(tx, settings, run)
     return run
 
 
 async def signal_run(
-    tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, name: str, payload: Any, actor: str
+    tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str, *, name: str,
+    payload: Any,
 ) -> list[str]:
     """Complete the steps waiting for signal ``name`` with ``payload`` as their output."""
     run = await _locked(tx, run_id, tenant_id)
@@ -128,7 +133,7 @@ async def signal_run(
         row
         for (sid, idx), row in rows.items()
         if idx is None
-        and row.status == S.WAITING
+        and row.status == StepStatus.WAITING
         and (spec := definition.step(sid).wait)
         and spec.signal == name
     ]
@@ -140,13 +145,13 @@ async def signal_run(
             row.id,
             status=row.status,
             version=row.version,
-            to=S.SUCCEEDED,
+            to=StepStatus.SUCCEEDED,
             output=payload,
             finished_at=now(),
             wait_deadline=None,
         )
         tx.event(run.id, "signal_received", step_id=row.step_id, signal=name, actor=actor)
-    await Advance(tx, run, definition, settings).run_plan()
+    await Advance(tx=tx, run=run, definition=definition, settings=settings).plan_and_apply()
     return [row.step_id for row in waiting]
 
 
@@ -155,7 +160,7 @@ async def time_out_run(tx: UnitOfWork, settings: Settings, run_id: uuid.UUID) ->
 
     Status and deadline are checked again under the run lock, so concurrent reconcilers fail it once;
     returns whether this call did."""
-    run = await lock(tx, run_id)
+    run = await lock_run(tx, run_id)
     if run is None or run.status not in RUN_CLOCK:
         return False
     limit = await _time_limit(tx, run)
@@ -164,7 +169,7 @@ async def time_out_run(tx: UnitOfWork, settings: Settings, run_id: uuid.UUID) ->
     timeout_s, deadline = limit
     error = {"class": "run_timeout", "message": f"the run exceeded its limit of {timeout_s:g} s"}
     rows = (await load_steps(tx.conn, run.id)).values()
-    await stop_steps(tx, run, rows, (S.QUEUED, S.RUNNING, S.WAITING), "run timed out")
+    await stop_steps(tx, run, rows, (StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING), "run timed out")
     status_was = run.status
     await set_run_status(tx, run, RunStatus.FAILED, error=error, status_reason="run_timeout")
     tx.audit(run.tenant_id, entry("system", "run.timeout", f"run:{run.id}", outcome="failed",
@@ -182,3 +187,92 @@ async def _time_limit(tx: UnitOfWork, run: RunRow) -> tuple[float, datetime] | N
         return None
     timeout_s = float(row[0])
     return timeout_s, (run.started_at or row[1]) + timedelta(seconds=timeout_s)
+
+
+async def _advance(tx: UnitOfWork, settings: Settings, run: RunRow) -> None:
+    definition = await load_definition(tx.conn, run.workflow_version_id)
+    await Advance(tx=tx, run=run, definition=definition, settings=settings).plan_and_apply()
+
+
+async def lock_approval(
+    tx: UnitOfWork, approval_id: uuid.UUID, tenant_id: uuid.UUID
+) -> tuple[RunRow, ApprovalRow] | None:
+    """The approval and its run, the run locked and the approval read again under the lock; None when
+    the tenant has no such approval."""
+    found = await find_approval(tx.conn, approval_id, tenant_id)
+    if found is None:
+        return None
+    run = await lock_run(tx, found.run_id, tenant_id)
+    approval = await find_approval(tx.conn, approval_id)
+    if run is None or approval is None:
+        return None
+    return run, approval
+
+
+async def decide_approval(
+    tx: UnitOfWork,
+    settings: Settings,
+    run: RunRow,
+    approval: ApprovalRow,
+    *,
+    approve: bool,
+    edited_args: Any,
+    actor: Ctx,
+    comment: str | None,
+) -> bool:
+    """Record a decision on the locked run's approval and move its step on; False (nothing written)
+    when the approval was no longer pending. ``edited_args``: arguments the approver edited (tool
+    calls only), already checked against the tool's schema."""
+    if approval.kind == "step" or not approve:
+        edited_args = None  # only the arguments of an approved call can be edited
+    landed = await record_decision(tx, run, approval, approve=approve, edited_args=edited_args, comment=comment,
+                                   actor=actor)
+    if landed:
+        args = edited_args if edited_args is not None else approval.args
+        await _resolve_gated_step(tx, settings, run, approval, approve=approve, args=args,
+                                  principal=actor.principal, comment=comment)
+    return landed
+
+
+async def _resolve_gated_step(
+    tx: UnitOfWork,
+    settings: Settings,
+    run: RunRow,
+    approval: ApprovalRow,
+    *,
+    approve: bool,
+    args: Any,
+    principal: str,
+    comment: str | None,
+) -> None:
+    """Move the gated step on: an approval step completes; a gated call is dispatched again (or fails)."""
+    rows = await load_steps(tx.conn, run.id)
+    step = next((row for row in rows.values() if row.id == approval.step_run_id), None)
+    if step is None or step.status != StepStatus.WAITING or RunStatus(run.status) == RunStatus.CANCELLED:
+        return
+    definition = await load_definition(tx.conn, run.workflow_version_id)
+    advance = Advance(tx=tx, run=run, definition=definition, settings=settings, rows=rows)
+    rejected = f"rejected by {principal}" + (f": {comment}" if comment else "")
+    if approval.kind == "step":
+        if approve:
+            output = {"approved": True, "by": principal, "comment": comment}
+            await transition_step(
+                tx.conn,
+                step.id,
+                status=step.status,
+                version=step.version,
+                to=StepStatus.SUCCEEDED,
+                output=output,
+                finished_at=now(),
+                wait_deadline=None,
+            )
+            tx.event(run.id, "step_succeeded", step_id=step.step_id)
+        else:
+            await fail_step(tx, run, step, "approval_rejected", rejected)
+    elif approve or approval.kind == "agent":
+        # An agent hears about a rejection as the tool call's result, and carries on.
+        await advance.dispatch([(step, args if approval.kind == "tool" else None)], wait_deadline=None)
+    else:
+        await fail_step(tx, run, step, "approval_rejected", rejected)
+    advance.rows = {}
+    await advance.plan_and_apply()

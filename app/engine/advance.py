@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from app.clock import now
 from app.config import Settings
+from app.engine.gates import Gate, cancel_approvals, request_approval
 from app.engine.planner import Plan, StepView, plan
 from app.engine.state_machine import (
     RUN_TERMINAL,
@@ -29,7 +31,6 @@ from app.engine.unit_of_work import Job, UnitOfWork
 from app.pg import Conn, dumps
 from app.workflows.definition import Definition, RetryPolicy, StepDef, parse_definition
 
-S = StepStatus
 MAX_PASSES = 50
 
 
@@ -56,6 +57,14 @@ class StepRow:
     attempts: int
     current_attempt_id: uuid.UUID | None
     output: Any = None
+
+
+def step_row(columns: Sequence[Any]) -> StepRow:
+    """A :class:`StepRow` from its columns in field order (as :data:`_LOAD_STEPS` and
+    ``state_machine.finish_attempts`` select them); on the hot path, so no dict per row."""
+    id_, step_id, map_index, kind, status, version, attempts, current_attempt_id, output = columns
+    return StepRow(id=id_, step_id=step_id, map_index=map_index, kind=kind, status=status, version=version,
+                   attempts=attempts, current_attempt_id=current_attempt_id, output=output)
 
 
 @dataclass(frozen=True)
@@ -99,21 +108,19 @@ _LOCK_RUN = (
 # be read back on every item's completion.
 _LOAD_STEPS = (
     "SELECT id, step_id, map_index, kind, status, version, attempts, current_attempt_id, "
-    "CASE WHEN map_index IS NULL THEN output END FROM step_run WHERE run_id = $1 ORDER BY step_id, map_index"
+    "CASE WHEN map_index IS NULL THEN output END AS output FROM step_run WHERE run_id = $1 "
+    "ORDER BY step_id, map_index"
 )
 
 
-async def lock_run(conn: Conn, run_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> RunRow | None:
-    """Lock a run's row for this transaction; every engine move of the run happens under it."""
-    row = await conn.fetchrow(_LOCK_RUN, run_id, tenant_id)
-    return RunRow(*row) if row is not None else None
-
-
-async def lock(tx: UnitOfWork, run_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> RunRow | None:
-    """:func:`lock_run`, also telling ``tx`` whose events it is writing."""
-    run = await lock_run(tx.conn, run_id, tenant_id)
-    if run is not None:
-        tx.tenant_id = run.tenant_id
+async def lock_run(tx: UnitOfWork, run_id: uuid.UUID, tenant_id: uuid.UUID | None = None) -> RunRow | None:
+    """Lock a run's row for this transaction (every engine move of the run happens under it), and tell
+    ``tx`` whose events it is writing. None when there is no such run (of ``tenant_id``, when given)."""
+    row = await tx.conn.fetchrow(_LOCK_RUN, run_id, tenant_id)
+    if row is None:
+        return None
+    run = RunRow(**row)
+    tx.tenant_id = run.tenant_id
     return run
 
 
@@ -144,7 +151,7 @@ async def load_definition(conn: Conn, workflow_version_id: uuid.UUID) -> Definit
 
 
 async def load_steps(conn: Conn, run_id: uuid.UUID) -> dict[tuple[str, int | None], StepRow]:
-    return {(r[1], r[2]): StepRow(*r) for r in await conn.fetch(_LOAD_STEPS, run_id)}
+    return {(row["step_id"], row["map_index"]): step_row(row) for row in await conn.fetch(_LOAD_STEPS, run_id)}
 
 
 def views(definition: Definition, rows: dict[tuple[str, int | None], StepRow]) -> dict[str, StepView]:
@@ -211,7 +218,7 @@ class Advance:
     def conn(self) -> Conn:
         return self.tx.conn
 
-    async def run_plan(self) -> list[Claimed]:
+    async def plan_and_apply(self) -> list[Claimed]:
         """Plan and apply until nothing changes; returns the steps claimed for ``claimer``."""
         if RunStatus(self.run.status) in RUN_TERMINAL:
             return []
@@ -222,43 +229,46 @@ class Advance:
                 await self.tx.flush(audit=False)  # deferred writes first: the reload must see them
                 self.rows = await load_steps(self.conn, self.run.id)
             try:
-                p = await plan(
+                step_plan = await plan(
                     self.definition,
                     self.run.input,
                     views(self.definition, self.rows),
                     max_map_items=self.settings.max_map_items,
                     expression_budget_s=self.settings.expression_timeout_s,
                 )
-                await self._apply(p)
+                await self._apply(step_plan)
             except StaleTransition:
                 continue  # someone moved a row first: plan again from what is there now
-            if not p.complete_maps:
+            if not step_plan.complete_maps:
                 return self.claimed
             # A completed map's output is now stored: plan again for the steps that need it.
         raise StaleTransition(f"run {self.run.id} kept changing while being planned")
 
-    async def _apply(self, p: Plan) -> None:
+    async def _apply(self, step_plan: Plan) -> None:
         paused = self.run.status == RunStatus.PAUSED
-        for sid in p.skip:
-            await self._move(self.rows[(sid, None)], S.SKIPPED, "step_skipped", finished_at=now())
-        for sid, error in p.fail:
-            await self._move(self.rows[(sid, None)], S.FAILED, "step_failed", error=error, finished_at=now())
-        for sid in p.complete_maps:
+        for sid in step_plan.skip:
+            await self._move(self.rows[(sid, None)], StepStatus.SKIPPED, "step_skipped", finished_at=now())
+        for sid, error in step_plan.fail:
+            await self._move(self.rows[(sid, None)], StepStatus.FAILED, "step_failed", error=error, finished_at=now())
+        for sid in step_plan.complete_maps:
             await self._complete_map(sid)
         # A failing run starts nothing new (what is running finishes and is recorded).
-        if not paused and p.run_status != RunStatus.FAILED:
-            for sid in p.wait:
+        if not paused and step_plan.run_status != RunStatus.FAILED:
+            for sid in step_plan.wait:
                 await self._wait(sid)
-            for sid, item_args in p.expand:
+            for sid, item_args in step_plan.expand:
                 await self._expand(sid, item_args)
-            for sid in p.reopen:
-                await self._move(self.rows[(sid, None)], S.RUNNING, "map_reopened")
-            starts = [(self.rows[(sid, None)], args) for sid, args in p.start]
+            for sid in step_plan.reopen:
+                await self._move(self.rows[(sid, None)], StepStatus.RUNNING, "map_reopened")
+            starts = [(self.rows[(sid, None)], args) for sid, args in step_plan.start]
             # Items of a map just expanded: their args are known here, no need to read them back.
-            expanded = {sid: item_args for sid, item_args in p.expand}
-            starts += [(self.rows[(sid, i)], expanded[sid][i] if sid in expanded else None) for sid, i in p.start_items]
+            expanded = {sid: item_args for sid, item_args in step_plan.expand}
+            starts += [
+                (self.rows[(sid, index)], expanded[sid][index] if sid in expanded else None)
+                for sid, index in step_plan.start_items
+            ]
             await self._start_all(starts)
-        await self._settle_run(p, paused)
+        await self._settle_run(step_plan, paused)
 
     async def _move(
         self,
@@ -295,40 +305,42 @@ class Advance:
         queue = queue_name(self.settings, self.run.priority)
         moves = []
         for row, args in starts:
-            attempt_id, n = uuid.uuid4(), row.attempts + 1
-            moves.append((row, {"attempts": n, "current_attempt_id": attempt_id, "input": args, **(extra or {})}))
-            self._add_attempt(row, attempt_id, n, "queued")
-            self.tx.enqueue(self.run.id, Job("step", str(attempt_id), queue))
-            self.tx.event(self.run.id, "step_queued", step_id=row.step_id, map_index=row.map_index, attempt=n)
-        await transition_steps(self.conn, moves, S.QUEUED)
+            attempt_id, attempt_n = uuid.uuid4(), row.attempts + 1
+            moves.append(
+                (row, {"attempts": attempt_n, "current_attempt_id": attempt_id, "input": args, **(extra or {})})
+            )
+            self._add_attempt(row, attempt_id, attempt_n, "queued")
+            self.tx.enqueue(self.run.id, Job(kind="step", job_id=str(attempt_id), queue=queue))
+            self.tx.event(self.run.id, "step_queued", step_id=row.step_id, map_index=row.map_index, attempt=attempt_n)
+        await transition_steps(self.conn, moves, StepStatus.QUEUED)
         for row, values in moves:
             row.attempts, row.current_attempt_id = values["attempts"], values["current_attempt_id"]
 
     async def _claim_inline(self, row: StepRow, args: Any, claimer: Claimer) -> None:
         if args is None:
             args = await self.conn.fetchval("SELECT input FROM step_run WHERE id = $1", row.id)
-        attempt_id, n, started = uuid.uuid4(), row.attempts + 1, now()
+        attempt_id, attempt_n, started = uuid.uuid4(), row.attempts + 1, now()
         values = {
-            "attempts": n,
+            "attempts": attempt_n,
             "current_attempt_id": attempt_id,
             "input": args,
             "lease_owner": claimer.worker_id,
             "started_at": started,
             "lease_expires_at": started + timedelta(seconds=self.settings.lease_s),
         }
-        defer_step_move(self.tx.deferred, row, S.RUNNING, values)
+        defer_step_move(self.tx.deferred, row, StepStatus.RUNNING, values)
         self.tx.event(
             self.run.id,
             "step_started",
             step_id=row.step_id,
             map_index=row.map_index,
-            attempt=n,
+            attempt=attempt_n,
             worker=claimer.worker_id,
         )
         self._add_attempt(
-            row, attempt_id, n, "running", started_at=started, job_id=claimer.job_id, worker=claimer.worker_id
+            row, attempt_id, attempt_n, "running", started_at=started, job_id=claimer.job_id, worker=claimer.worker_id
         )
-        row.attempts, row.current_attempt_id = n, attempt_id
+        row.attempts, row.current_attempt_id = attempt_n, attempt_id
         self.claimed.append(
             Claimed(
                 run_id=self.run.id,
@@ -340,46 +352,46 @@ class Advance:
                 step_id=row.step_id,
                 map_index=row.map_index,
                 attempt_id=attempt_id,
-                attempt_n=n,
+                attempt_n=attempt_n,
                 args=args,
                 job_id=claimer.job_id,
                 worker_id=claimer.worker_id,
             )
         )
 
-    def _add_attempt(self, row: StepRow, attempt_id: uuid.UUID, n: int, status: str, **values: Any) -> None:
+    def _add_attempt(self, row: StepRow, attempt_id: uuid.UUID, attempt_n: int, status: str, **values: Any) -> None:
         values.setdefault("job_id", str(attempt_id))
         self.tx.add_attempt(
             id=attempt_id,
             tenant_id=self.run.tenant_id,
             run_id=self.run.id,
             step_run_id=row.id,
-            n=n,
+            n=attempt_n,
             status=status,
             **values,
         )
 
     async def _wait(self, sid: str) -> None:
         step = self.definition.step(sid)
+        queue = queue_name(self.settings, self.run.priority)
         if step.approval is not None:
-            from app.approvals.engine import Gate, request_approval  # it builds on this module
-
-            gate = Gate("step", "", None, None, None, step.approval.reason, step.approval.timeout_s,
-                        step.approval.on_expiry)
-            await request_approval(self.tx, self.settings, self.run, self.rows[(sid, None)], gate)
+            gate = Gate(kind="step", call_id="", tool=None, tool_version=None, args=None,
+                        reason=step.approval.reason, timeout_s=step.approval.timeout_s,
+                        on_expiry=step.approval.on_expiry)
+            await request_approval(self.tx, self.run, self.rows[(sid, None)], gate, queue=queue)
             return
         spec = step.wait
         assert spec is not None
         deadline = now() + timedelta(seconds=spec.timeout_s) if spec.timeout_s is not None else None
         row = self.rows[(sid, None)]
-        await self._move(row, S.WAITING, "step_waiting", wait_deadline=deadline, started_at=now())
+        await self._move(row, StepStatus.WAITING, "step_waiting", wait_deadline=deadline, started_at=now())
         if deadline is not None:
-            queue = queue_name(self.settings, self.run.priority)
-            self.tx.enqueue(self.run.id, Job("wait_timeout", f"wt:{row.id}:{row.version}", queue, deadline))
+            job = Job(kind="wait_timeout", job_id=f"wt:{row.id}:{row.version}", queue=queue, not_before=deadline)
+            self.tx.enqueue(self.run.id, job)
 
     async def _expand(self, sid: str, item_args: list[Any]) -> None:
         parent = self.rows[(sid, None)]
-        await self._move(parent, S.RUNNING, "map_expanded", {"items": len(item_args)}, started_at=now())
+        await self._move(parent, StepStatus.RUNNING, "map_expanded", {"items": len(item_args)}, started_at=now())
         if not item_args:
             await self._complete_map(sid)
             return
@@ -393,10 +405,13 @@ class Advance:
             self.run.id,
             sid,
             now(),
-            [dumps(a) for a in item_args],
+            [dumps(args) for args in item_args],
         )
-        for i, item_id in enumerate(ids):
-            self.rows[(sid, i)] = StepRow(item_id, sid, i, "item", S.PENDING, 1, 0, None)
+        for index, item_id in enumerate(ids):
+            self.rows[(sid, index)] = StepRow(
+                id=item_id, step_id=sid, map_index=index, kind="item", status=StepStatus.PENDING, version=1,
+                attempts=0, current_attempt_id=None,
+            )
 
     async def _complete_map(self, sid: str) -> None:
         outputs = await self.conn.fetchval(
@@ -405,11 +420,13 @@ class Advance:
             self.run.id,
             sid,
         )
-        await self._move(self.rows[(sid, None)], S.SUCCEEDED, "step_succeeded", output=outputs, finished_at=now())
+        await self._move(
+            self.rows[(sid, None)], StepStatus.SUCCEEDED, "step_succeeded", output=outputs, finished_at=now()
+        )
         self.rows[(sid, None)].output = outputs
 
-    async def _settle_run(self, p: Plan, paused: bool) -> None:
-        target = RunStatus(p.run_status)
+    async def _settle_run(self, step_plan: Plan, paused: bool) -> None:
+        target = RunStatus(step_plan.run_status)
         current = RunStatus(self.run.status)
         if target == current:
             return
@@ -420,9 +437,11 @@ class Advance:
         if target == RunStatus.FAILED:
             await self._fail_run()
         elif target == RunStatus.SUCCEEDED:
-            sinks = [s.id for s in self.definition.steps if not self.definition.dependents(s.id)]
+            sinks = [step.id for step in self.definition.steps if not self.definition.dependents(step.id)]
             output = {
-                sid: self.rows[(sid, None)].output for sid in sinks if self.rows[(sid, None)].status == S.SUCCEEDED
+                sid: self.rows[(sid, None)].output
+                for sid in sinks
+                if self.rows[(sid, None)].status == StepStatus.SUCCEEDED
             }
             await set_run_status(self.tx, self.run, RunStatus.SUCCEEDED, output=output)
         else:
@@ -430,12 +449,12 @@ class Advance:
 
     async def _fail_run(self) -> None:
         """Fail the run: the first failed step's error becomes the run's; queued and waiting work stops."""
-        failed = [row for (sid, idx), row in self.rows.items() if idx is None and row.status == S.FAILED]
+        failed = [row for (sid, idx), row in self.rows.items() if idx is None and row.status == StepStatus.FAILED]
         error: dict[str, Any] = {"message": "a step was cancelled"}
         if failed:
             step_error = await self.conn.fetchval("SELECT error FROM step_run WHERE id = $1", failed[0].id)
             error = {"step": failed[0].step_id, **(step_error or {})}
-        await stop_steps(self.tx, self.run, self.rows.values(), (S.QUEUED, S.WAITING), "run failed")
+        await stop_steps(self.tx, self.run, self.rows.values(), (StepStatus.QUEUED, StepStatus.WAITING), "run failed")
         await set_run_status(self.tx, self.run, RunStatus.FAILED, error=error)
 
 
@@ -445,50 +464,66 @@ async def set_run_status(
     """Move the run (versioned), stamping start/finish times and telling long polls when it ends.
 
     ``actor`` (an operator action's principal) goes into the run event, not the row."""
-    t = now()
-    values["updated_at"] = t
+    at = now()
+    values["updated_at"] = at
     if to in (RunStatus.RUNNING, RunStatus.WAITING) and run.started_at is None:
-        values["started_at"] = run.started_at = t
+        values["started_at"] = run.started_at = at
     if to in RUN_TERMINAL:
-        values["finished_at"] = t
+        values["finished_at"] = at
         tx.finished_runs.append(run.id)
     run.version = await transition_run(tx.conn, run.id, status=run.status, version=run.version, to=to, **values)
-    data = {k: v for k, v in values.items() if k in ("error", "status_reason") and v is not None}
+    data = {key: value for key, value in values.items() if key in ("error", "status_reason") and value is not None}
     if actor is not None:
         data["actor"] = actor
     tx.event(run.id, f"run_{to.value}", from_status=run.status, **data)
     run.status = to
 
 
-async def stop_steps(tx: UnitOfWork, run: RunRow, rows: Any, statuses: tuple[StepStatus, ...], reason: str) -> None:
+async def stop_steps(
+    tx: UnitOfWork, run: RunRow, rows: Iterable[StepRow], statuses: tuple[StepStatus, ...], reason: str
+) -> None:
     """Cancel the run's steps in ``statuses``; their queued jobs are dropped and running ones aborted."""
-    targets = [r for r in rows if r.status in statuses]
+    targets = [row for row in rows if row.status in statuses]
     if not targets:
         return
-    t = now()
-    waiting = [r.id for r in targets if r.status == S.WAITING]
+    at = now()
+    waiting = [row.id for row in targets if row.status == StepStatus.WAITING]
     await transition_steps(
-        tx.conn, [(r, {"finished_at": t, "lease_owner": None, "lease_expires_at": None}) for r in targets], S.CANCELLED
+        tx.conn,
+        [(row, {"finished_at": at, "lease_owner": None, "lease_expires_at": None}) for row in targets],
+        StepStatus.CANCELLED,
     )
     for row in targets:
         tx.event(run.id, "step_cancelled", step_id=row.step_id, map_index=row.map_index, reason=reason)
-    attempt_ids = [r.current_attempt_id for r in targets if r.current_attempt_id is not None]
+    attempt_ids = [row.current_attempt_id for row in targets if row.current_attempt_id is not None]
     if attempt_ids:
         running_jobs = await tx.conn.fetch(
             "UPDATE step_attempt SET status = 'cancelled', finished_at = $2, error_class = 'cancelled', "
             "error_message = $3 WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'running') "
             "RETURNING job_id, worker",
             attempt_ids,
-            t,
+            at,
             reason,
         )
         tx.aborts.extend(job for job, worker in running_jobs if worker is not None and job)
     if waiting:
         # Nobody should be asked to decide for a step that no longer waits.
-        await tx.conn.execute(
-            "UPDATE approval SET status = 'cancelled', decided_at = $2, version = version + 1 "
-            "WHERE step_run_id = ANY($1::uuid[]) AND status = 'pending'",
-            waiting,
-            t,
-        )
+        await cancel_approvals(tx.conn, waiting, decided_at=at)
     await tx.conn.execute("DELETE FROM outbox WHERE run_id = $1", run.id)
+
+
+async def fail_step(tx: UnitOfWork, run: RunRow, step: StepRow, error_class: str, message: str) -> None:
+    """Fail a waiting step (its gate was rejected or expired) with ``error_class`` and ``message``."""
+    error = {"class": error_class, "message": message}
+    step.version = await transition_step(
+        tx.conn,
+        step.id,
+        status=step.status,
+        version=step.version,
+        to=StepStatus.FAILED,
+        error=error,
+        finished_at=now(),
+        wait_deadline=None,
+    )
+    step.status = StepStatus.FAILED
+    tx.event(run.id, "step_failed", step_id=step.step_id, map_index=step.map_index, error=error)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import contextlib
 import random
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from app.approvals.engine import Gate, request_approval
-from app.approvals.engine import expire as expire_approval
 from app.audit.service import entry as audit_entry
 from app.clock import now
 from app.config import Settings
@@ -25,12 +24,15 @@ from app.engine.advance import (
     RunRow,
     StepRow,
     backoff_delay,
+    fail_step,
     load_definition,
-    lock,
+    lock_run,
     max_attempts,
     queue_name,
     set_run_status,
+    step_row,
 )
+from app.engine.gates import Gate, expire_approval, request_approval
 from app.engine.state_machine import (
     RUN_TERMINAL,
     RunStatus,
@@ -44,7 +46,6 @@ from app.engine.unit_of_work import Job, UnitOfWork
 from app.pg import Conn
 from app.workflows.definition import RetryPolicy
 
-S = StepStatus
 DISPATCHABLE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
 
 
@@ -103,24 +104,27 @@ async def claim_attempt(tx: UnitOfWork, settings: Settings, attempt_id: uuid.UUI
     run_id = await tx.conn.fetchval(_ATTEMPT_RUN, attempt_id)
     if run_id is None:
         return []  # delivered again after it ran, or cancelled
-    run = await lock(tx, run_id)
+    run = await lock_run(tx, run_id)
     if run is None or run.status not in DISPATCHABLE:
         return []  # a paused run keeps the step queued; resume sends its job again
-    t = now()
-    rows = await tx.conn.fetch(_CLAIMABLE, run_id, t, attempt_id, max(1, claimer.capacity))
+    started = now()
+    rows = await tx.conn.fetch(_CLAIMABLE, run_id, started, attempt_id, max(1, claimer.capacity))
     if not rows or rows[0]["attempt_id"] != attempt_id:
         return []
-    lease = {"lease_owner": claimer.worker_id, "lease_expires_at": t + timedelta(seconds=settings.lease_s),
-             "started_at": t}
-    steps = [StepRow(r["id"], r["step_id"], r["map_index"], "", r["status"], r["version"], r["n"], r["attempt_id"])
-             for r in rows]
-    await transition_steps(tx.conn, [(step, lease) for step in steps], S.RUNNING)
-    await tx.conn.execute(_START_ATTEMPTS, [r["attempt_id"] for r in rows], claimer.worker_id, claimer.job_id, t,
-                          [r["job_id"] for r in rows])
+    lease = {"lease_owner": claimer.worker_id, "lease_expires_at": started + timedelta(seconds=settings.lease_s),
+             "started_at": started}
+    steps = [
+        StepRow(id=row["id"], step_id=row["step_id"], map_index=row["map_index"], kind="", status=row["status"],
+                version=row["version"], attempts=row["n"], current_attempt_id=row["attempt_id"])
+        for row in rows
+    ]
+    await transition_steps(tx.conn, [(step, lease) for step in steps], StepStatus.RUNNING)
+    await tx.conn.execute(_START_ATTEMPTS, [row["attempt_id"] for row in rows], claimer.worker_id, claimer.job_id,
+                          started, [row["job_id"] for row in rows])
     queue = queue_name(settings, run.priority)
-    tx.dequeue.extend((queue, r["job_id"]) for r in rows[1:])
-    for r in rows:
-        tx.event(run.id, "step_started", step_id=r["step_id"], map_index=r["map_index"], attempt=r["n"],
+    tx.dequeue.extend((queue, row["job_id"]) for row in rows[1:])
+    for row in rows:
+        tx.event(run.id, "step_started", step_id=row["step_id"], map_index=row["map_index"], attempt=row["n"],
                  worker=claimer.worker_id)
     if run.status == RunStatus.QUEUED:
         await set_run_status(tx, run, RunStatus.RUNNING)
@@ -128,10 +132,10 @@ async def claim_attempt(tx: UnitOfWork, settings: Settings, attempt_id: uuid.UUI
         Claimed(
             run_id=run.id, tenant_id=run.tenant_id, workflow_version_id=run.workflow_version_id,
             priority=run.priority, step_run_id=step.id, step_version=step.version, step_id=step.step_id,
-            map_index=step.map_index, attempt_id=r["attempt_id"], attempt_n=r["n"], args=r["input"],
+            map_index=step.map_index, attempt_id=row["attempt_id"], attempt_n=row["n"], args=row["input"],
             job_id=claimer.job_id, worker_id=claimer.worker_id,
         )
-        for step, r in zip(steps, rows, strict=True)
+        for step, row in zip(steps, rows, strict=True)
     ]
 
 
@@ -150,7 +154,7 @@ async def record_outcomes(
     A step that changed under us (the run was cancelled, or our lease expired and another attempt
     began) keeps its newer state: that outcome is not applied.
     """
-    run = await lock(tx, results[0][0].run_id)
+    run = await lock_run(tx, results[0][0].run_id)
     assert run is not None
     definition = await load_definition(tx.conn, run.workflow_version_id)
     finished: list[tuple[Claimed, Outcome, dict[str, Any]]] = []
@@ -170,7 +174,8 @@ async def record_outcomes(
         else:
             finished.append((claimed, outcome, attempt))
     steps = await _finish(tx, run, finished) if finished else None
-    return await Advance(tx, run, definition, settings, claimer, rows=steps or {}).run_plan()
+    advance = Advance(tx=tx, run=run, definition=definition, settings=settings, claimer=claimer, rows=steps or {})
+    return await advance.plan_and_apply()
 
 
 async def _finish(
@@ -183,14 +188,14 @@ async def _finish(
                                          "attempt": claimed.attempt_n}
         entries.append({
             **attempt, "step_run_id": claimed.step_run_id, "version": claimed.step_version,
-            "step_status": (S.SUCCEEDED if outcome.ok else S.FAILED).value,
+            "step_status": (StepStatus.SUCCEEDED if outcome.ok else StepStatus.FAILED).value,
             "output": outcome.output if outcome.ok else None, "error": error,
             "step_started_at": outcome.started_at if outcome.ok else None,
         })
     rows = await finish_attempts(tx.conn, run.id, entries)
-    moved = {r[1]: r[0] for r in rows if r[0] is not None}
+    moved = {row[1]: row[0] for row in rows if row[0] is not None}
     # The rows were read by the statement that moved the steps: patch their new state in.
-    steps = {(r[2], r[3]): StepRow(*r[1:]) for r in rows}
+    steps = {(row[2], row[3]): step_row(row[1:]) for row in rows}
     for (claimed, outcome, _), entry in zip(finished, entries, strict=True):
         version = moved.get(claimed.step_run_id)
         if version is None:
@@ -208,7 +213,9 @@ async def _finish(
     return steps
 
 
-async def record_notes(tx: UnitOfWork, claimed: Claimed, events: Any, audits: Any) -> None:
+async def record_notes(
+    tx: UnitOfWork, claimed: Claimed, events: Iterable[tuple[str, dict[str, Any]]], audits: Iterable[AuditNote]
+) -> None:
     """Write a step attempt's run events ``(type, data)`` and :class:`AuditNote` s in this transaction."""
     for type_, data in events:
         tx.event(claimed.run_id, type_, step_id=claimed.step_id, map_index=claimed.map_index, **data)
@@ -217,9 +224,10 @@ async def record_notes(tx: UnitOfWork, claimed: Claimed, events: Any, audits: An
                  audit_entry(note.actor, note.action, note.target, outcome=note.outcome, data=note.data))
 
 
-def _step_row(claimed: Claimed) -> StepRow:
-    return StepRow(claimed.step_run_id, claimed.step_id, claimed.map_index, "", S.RUNNING, claimed.step_version,
-                   claimed.attempt_n, claimed.attempt_id)
+def _claimed_step(claimed: Claimed) -> StepRow:
+    return StepRow(id=claimed.step_run_id, step_id=claimed.step_id, map_index=claimed.map_index, kind="",
+                   status=StepStatus.RUNNING, version=claimed.step_version, attempts=claimed.attempt_n,
+                   current_attempt_id=claimed.attempt_id)
 
 
 async def _gate(tx: UnitOfWork, settings: Settings, run: RunRow, claimed: Claimed, outcome: Outcome) -> None:
@@ -231,7 +239,7 @@ async def _gate(tx: UnitOfWork, settings: Settings, run: RunRow, claimed: Claime
     if landed is None or outcome.gate is None:
         return
     with contextlib.suppress(StaleTransition):
-        await request_approval(tx, settings, run, _step_row(claimed), outcome.gate)
+        await request_approval(tx, run, _claimed_step(claimed), outcome.gate, queue=queue_name(settings, run.priority))
 
 
 async def _pause(
@@ -272,8 +280,8 @@ async def _retry(
 
 async def _leave_running(conn: Conn, claimed: Claimed, to: StepStatus, **values: Any) -> None:
     """Move the step this attempt ran out of ``running``, giving up its lease."""
-    await transition_step(conn, claimed.step_run_id, status=S.RUNNING.value, version=claimed.step_version, to=to,
-                          lease_owner=None, lease_expires_at=None, **values)
+    await transition_step(conn, claimed.step_run_id, status=StepStatus.RUNNING.value, version=claimed.step_version,
+                          to=to, lease_owner=None, lease_expires_at=None, **values)
 
 
 async def _schedule_retry(
@@ -287,14 +295,15 @@ async def _schedule_retry(
         )
     not_before = now() + timedelta(seconds=delay)
     attempt_id = uuid.uuid4()
-    n = claimed.attempt_n + 1
-    await _leave_running(tx.conn, claimed, S.QUEUED, attempts=n, current_attempt_id=attempt_id)
-    tx.add_attempt(id=attempt_id, tenant_id=run.tenant_id, run_id=run.id, step_run_id=claimed.step_run_id, n=n,
-                   status="queued", job_id=str(attempt_id), not_before=not_before)
+    attempt_n = claimed.attempt_n + 1
+    await _leave_running(tx.conn, claimed, StepStatus.QUEUED, attempts=attempt_n, current_attempt_id=attempt_id)
+    tx.add_attempt(id=attempt_id, tenant_id=run.tenant_id, run_id=run.id, step_run_id=claimed.step_run_id,
+                   n=attempt_n, status="queued", job_id=str(attempt_id), not_before=not_before)
     tx.event(run.id, "step_retrying", step_id=claimed.step_id, map_index=claimed.map_index,
              attempt=claimed.attempt_n, error_class=outcome.error_class, message=outcome.message,
              delay_s=round(delay, 3))
-    tx.enqueue(run.id, Job("step", str(attempt_id), queue_name(settings, run.priority), not_before=not_before))
+    tx.enqueue(run.id, Job(kind="step", job_id=str(attempt_id), queue=queue_name(settings, run.priority),
+                           not_before=not_before))
 
 
 async def renew_lease(conn: Conn, claimed: Claimed, lease_s: float) -> bool:
@@ -316,11 +325,11 @@ _LEASED = (
 async def expire_lease(tx: UnitOfWork, settings: Settings, step_run_id: uuid.UUID) -> bool:
     """A running step whose lease ran out lost its worker: fail that attempt as transient."""
     run_id = await tx.conn.fetchval("SELECT run_id FROM step_run WHERE id = $1", step_run_id)
-    run = await lock(tx, run_id) if run_id is not None else None
+    run = await lock_run(tx, run_id) if run_id is not None else None
     if run is None:
         return False
     step = await tx.conn.fetchrow(_LEASED, step_run_id)
-    if step is None or step["status"] != S.RUNNING or step["lease_expires_at"] > now():
+    if step is None or step["status"] != StepStatus.RUNNING or step["lease_expires_at"] > now():
         return False
     claimed = Claimed(
         run_id=run.id, tenant_id=run.tenant_id, workflow_version_id=run.workflow_version_id, priority=run.priority,
@@ -328,32 +337,44 @@ async def expire_lease(tx: UnitOfWork, settings: Settings, step_run_id: uuid.UUI
         map_index=step["map_index"], attempt_id=step["current_attempt_id"], attempt_n=step["attempts"],
         args=step["input"], job_id="", worker_id=step["lease_owner"] or "",
     )
-    t = now()
-    outcome = Outcome(ok=False, started_at=step["started_at"] or t, finished_at=t, error_class="worker_lost",
+    expired_at = now()
+    outcome = Outcome(ok=False, started_at=step["started_at"] or expired_at, finished_at=expired_at,
+                      error_class="worker_lost",
                       transient=True, message=f"lease of worker {step['lease_owner']} expired; presumed dead")
     await record_outcome(tx, settings, claimed, outcome, None)
     return True
 
 
 async def fire_wait_timeout(tx: UnitOfWork, settings: Settings, step_run_id: uuid.UUID) -> bool:
-    """Fail a waiting step whose deadline passed (the run then fails like for any failed step)."""
+    """A waiting step's deadline passed: its approval expires (or is flagged), or the step fails (the run
+    then fails like for any failed step)."""
     run_id = await tx.conn.fetchval("SELECT run_id FROM step_run WHERE id = $1", step_run_id)
-    run = await lock(tx, run_id) if run_id is not None else None
+    run = await lock_run(tx, run_id) if run_id is not None else None
     if run is None:
         return False
     step = await tx.conn.fetchrow(
         "SELECT status, version, wait_deadline, step_id FROM step_run WHERE id = $1", step_run_id
     )
-    if step["status"] != S.WAITING or step["wait_deadline"] is None or step["wait_deadline"] > now():
+    if step["status"] != StepStatus.WAITING or step["wait_deadline"] is None or step["wait_deadline"] > now():
         return False
-    row = StepRow(step_run_id, step["step_id"], None, "", step["status"], step["version"], 0, None)
-    if await expire_approval(tx, settings, run, row):
-        return True
-    error = {"class": "wait_timeout", "message": f"no signal before {step['wait_deadline'].isoformat()}"}
-    await transition_step(tx.conn, step_run_id, status=step["status"], version=step["version"], to=S.FAILED,
-                          error=error, finished_at=now())
-    tx.event(run.id, "step_failed", step_id=step["step_id"], error=error)
+    row = StepRow(id=step_run_id, step_id=step["step_id"], map_index=None, kind="", status=step["status"],
+                  version=step["version"], attempts=0, current_attempt_id=None)
     definition = await load_definition(tx.conn, run.workflow_version_id)
-    await Advance(tx, run, definition, settings).run_plan()
+    advance = Advance(tx=tx, run=run, definition=definition, settings=settings)
+    expiry = await expire_approval(tx, run, row)
+    if expiry is not None:
+        if not expiry.landed:
+            return False  # decided or cancelled meanwhile: that transaction moved the step on
+        if expiry.flagged:
+            return True  # the step waits on, with no deadline
+        if expiry.approval.kind == "agent":
+            # The agent hears of the expiry as its call's result, and carries on.
+            await advance.dispatch([(row, None)], wait_deadline=None)
+        else:
+            expires_at = expiry.approval.expires_at
+            deadline = expires_at.isoformat() if expires_at is not None else "its deadline"
+            await fail_step(tx, run, row, "approval_expired", f"no decision before {deadline}")
+    else:
+        await fail_step(tx, run, row, "wait_timeout", f"no signal before {step['wait_deadline'].isoformat()}")
+    await advance.plan_and_apply()
     return True
-

@@ -43,7 +43,7 @@ async def load(conn: Conn, step_run_id: uuid.UUID) -> list[Checkpoint]:
     rows = await conn.fetch(
         "SELECT seq, kind, call_id, data FROM agent_checkpoint WHERE step_run_id = $1 ORDER BY seq", step_run_id
     )
-    return [Checkpoint(r["seq"], r["kind"], r["call_id"], r["data"]) for r in rows]
+    return [Checkpoint(**row) for row in rows]
 
 
 async def save(

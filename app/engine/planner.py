@@ -21,8 +21,6 @@ from app.engine.expressions import ExpressionError
 from app.engine.state_machine import STEP_ACTIVE, STEP_DONE, StepStatus
 from app.workflows.definition import RUNNABLE_KINDS, Definition, StepDef
 
-S = StepStatus
-
 
 @dataclass(frozen=True)
 class StepView:
@@ -54,7 +52,7 @@ class Plan:
 def context_for(run_input: Any, steps: dict[str, StepView]) -> dict[str, Any]:
     return {
         "input": run_input,
-        "steps": {sid: {"output": v.output} for sid, v in steps.items() if v.status == S.SUCCEEDED},
+        "steps": {sid: {"output": view.output} for sid, view in steps.items() if view.status == StepStatus.SUCCEEDED},
     }
 
 
@@ -76,15 +74,15 @@ async def plan(
     ``expression_budget_s`` seconds of evaluation; a step that overruns it fails (class ``expression``)."""
     result = Plan()
     # Statuses as they will be once this plan is applied, so a skip cascades within one pass.
-    status = {sid: v.status for sid, v in steps.items()}
+    status = {sid: view.status for sid, view in steps.items()}
     ctx = context_for(run_input, steps)
     for sid in definition.order:
         step = definition.step(sid)
         view = steps[sid]
-        if view.status == S.PENDING:
+        if view.status == StepStatus.PENDING:
             budget = Budget(expression_budget_s)
             await _plan_pending(step, view, status, ctx, result, max_map_items, budget)
-        elif view.status == S.RUNNING and step.kind == "map" and view.items is not None:
+        elif view.status == StepStatus.RUNNING and step.kind == "map" and view.items is not None:
             _plan_map_items(step, view.items, result, status)
     result.run_status = _run_status(status, result)
     return result
@@ -99,27 +97,27 @@ async def _plan_pending(
     max_map_items: int,
     budget: Budget,
 ) -> None:
-    needs = [status[n] for n in step.needs]
-    if any(s == S.SKIPPED for s in needs):
+    needs = [status[need] for need in step.needs]
+    if any(need == StepStatus.SKIPPED for need in needs):
         result.skip.append(step.id)
-        status[step.id] = S.SKIPPED
+        status[step.id] = StepStatus.SKIPPED
         return
-    if not all(s == S.SUCCEEDED for s in needs):
+    if not all(need == StepStatus.SUCCEEDED for need in needs):
         return
     try:
         if step.when is not None and not await evaluation.condition(step.when, ctx, budget):
             result.skip.append(step.id)
-            status[step.id] = S.SKIPPED
+            status[step.id] = StepStatus.SKIPPED
             return
         if step.kind in RUNNABLE_KINDS:
             result.start.append((step.id, await evaluation.render(step.args, ctx, budget)))
-            status[step.id] = S.QUEUED
+            status[step.id] = StepStatus.QUEUED
         elif step.kind in ("wait", "approval"):
             result.wait.append(step.id)
-            status[step.id] = S.WAITING
+            status[step.id] = StepStatus.WAITING
         elif view.items is not None:
             result.reopen.append(step.id)
-            status[step.id] = S.RUNNING
+            status[step.id] = StepStatus.RUNNING
             _plan_map_items(step, view.items, result, status)
         else:
             assert step.map is not None
@@ -132,24 +130,24 @@ async def _plan_pending(
                     "message": f"map has {len(items)} items; the limit is {max_map_items}",
                 }
                 result.fail.append((step.id, error))
-                status[step.id] = S.FAILED
+                status[step.id] = StepStatus.FAILED
                 return
             args = []
-            for i, it in enumerate(items):
-                args.append(await evaluation.render(step.map.args, {**ctx, "item": it, "index": i}, budget))
-                if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            for index, item in enumerate(items):
+                args.append(await evaluation.render(step.map.args, {**ctx, "item": item, "index": index}, budget))
+                if index % _YIELD_EVERY == _YIELD_EVERY - 1:
                     await asyncio.sleep(0)
             result.expand.append((step.id, args))
-            status[step.id] = S.RUNNING
-            _plan_map_items(step, tuple(S.PENDING for _ in args), result, status)
+            status[step.id] = StepStatus.RUNNING
+            _plan_map_items(step, tuple(StepStatus.PENDING for _ in args), result, status)
     except ExpressionError as exc:
         result.fail.append((step.id, {"class": "expression", "message": str(exc)}))
-        status[step.id] = S.FAILED
+        status[step.id] = StepStatus.FAILED
 
 
 def _plan_map_items(step: StepDef, items: tuple[str, ...], result: Plan, status: dict[str, str]) -> None:
     assert step.map is not None
-    failed = [i for i, s in enumerate(items) if s == S.FAILED]
+    failed = [index for index, item in enumerate(items) if item == StepStatus.FAILED]
     if failed:
         result.fail.append(
             (
@@ -157,32 +155,32 @@ def _plan_map_items(step: StepDef, items: tuple[str, ...], result: Plan, status:
                 {"class": "map_item_failed", "message": f"map item {failed[0]} failed", "index": failed[0]},
             )
         )
-        status[step.id] = S.FAILED
+        status[step.id] = StepStatus.FAILED
         return
-    if all(s == S.SUCCEEDED for s in items):
+    if all(item == StepStatus.SUCCEEDED for item in items):
         # Dependents wait for the next pass: they need the map's gathered output, which is only
         # read from the database when the map completes.
         result.complete_maps.append(step.id)
-        status[step.id] = S.RUNNING
+        status[step.id] = StepStatus.RUNNING
         return
-    active = sum(1 for s in items if s in STEP_ACTIVE)
+    active = sum(1 for item in items if item in STEP_ACTIVE)
     room = step.map.concurrency - active
-    for i, s in enumerate(items):
+    for index, item in enumerate(items):
         if room <= 0:
             break
-        if s == S.PENDING:
-            result.start_items.append((step.id, i))
+        if item == StepStatus.PENDING:
+            result.start_items.append((step.id, index))
             room -= 1
 
 
 def _run_status(status: dict[str, str], result: Plan) -> str:
     values = set(status.values())
-    if S.FAILED in values or S.CANCELLED in values:
+    if StepStatus.FAILED in values or StepStatus.CANCELLED in values:
         return "failed"
     if values <= STEP_DONE:
         return "succeeded"
-    if values & {S.QUEUED, S.RUNNING}:
+    if values & {StepStatus.QUEUED, StepStatus.RUNNING}:
         return "running"
-    if S.WAITING in values:
+    if StepStatus.WAITING in values:
         return "waiting"
     return "running"

@@ -5,24 +5,30 @@
 - active runs past their ``timeout_s`` limit fail as ``run_timeout`` (paused runs wait for their operator);
 - outbox rows not claimed in time (Redis flushed or down, a relay process died) are sent again.
 Each pass handles a bounded batch; every row is re-checked under its run's lock before anything is
-written, so reconcilers running in several worker processes never act on a row twice.
+written, so reconcilers running in several worker processes never act on a row twice. Each row is
+repaired in a transaction of its own: a row that cannot be repaired (its data broken by hand or by a
+bug) is logged with its id, counted in ``rows_failed`` and left for the next pass, and the pass goes
+on with the others. A database outage ends the pass instead: every other row would fail the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from app.audit import retention as audit_retention
 from app.budgets.service import settle_stale
 from app.clock import now
+from app.config import Settings
 from app.engine.actions import RUN_CLOCK, time_out_run
 from app.engine.attempts import expire_lease, fire_wait_timeout
 from app.engine.runtime import Runtime
 from app.engine.transaction import in_tx
-from app.engine.unit_of_work import Job
+from app.engine.unit_of_work import Job, UnitOfWork
+from app.outage import is_database_outage
 
 log = logging.getLogger(__name__)
 BATCH = 200
@@ -35,37 +41,61 @@ class Report:
     runs_timed_out: int = 0
     jobs_resent: int = 0
     holds_settled: int = 0
+    # Rows whose repair raised (logged with their id; tried again next pass).
+    rows_failed: int = 0
+
+
+Repair = Callable[[UnitOfWork, Settings, uuid.UUID], Awaitable[bool]]
 
 
 async def reconcile_once(runtime: Runtime) -> Report:
     report = Report()
     settings = runtime.settings
-    for step_run_id in await _due(runtime, "lease_expires_at", "running"):
-        report.leases_expired += await in_tx(runtime, expire_lease, settings, step_run_id)
-    for step_run_id in await _due(runtime, "wait_deadline", "waiting"):
-        report.waits_timed_out += await in_tx(runtime, fire_wait_timeout, settings, step_run_id)
+    due_leases = await _due(runtime, "lease_expires_at", "running")
+    report.leases_expired = await _repair_each(runtime, report, "expiring the lease of step run", due_leases,
+                                               expire_lease)
+    due_waits = await _due(runtime, "wait_deadline", "waiting")
+    report.waits_timed_out = await _repair_each(runtime, report, "timing out the wait of step run", due_waits,
+                                                fire_wait_timeout)
     # Before the outbox pass: a run failed here has its outbox rows deleted, nothing to send again.
-    for run_id in await _overdue_runs(runtime):
-        report.runs_timed_out += await in_tx(runtime, time_out_run, settings, run_id)
+    report.runs_timed_out = await _repair_each(runtime, report, "timing out run", await _overdue_runs(runtime),
+                                               time_out_run)
     report.jobs_resent = await resend_stale_outbox(runtime)
     # Holds of calls whose worker died (a live call settles within its timeout plus a margin).
     async with runtime.pg.acquire() as conn:
         report.holds_settled = await settle_stale(conn, settings.step_timeout_s + settings.lease_s * 2)
     # Audit events past settings.audit_retention_days: at most once an hour across all workers.
     await audit_retention.retention_pass(runtime)
-    if report.leases_expired or report.waits_timed_out or report.runs_timed_out:
+    if report.leases_expired or report.waits_timed_out or report.runs_timed_out or report.rows_failed:
         log.info("reconciler: %s", report)
     return report
+
+
+async def _repair_each(runtime: Runtime, report: Report, what: str, row_ids: list[uuid.UUID], repair: Repair) -> int:
+    """Run ``repair`` on each row in a transaction of its own; returns how many it repaired.
+
+    A row whose repair raises is logged and counted, and the others are still repaired; a database
+    outage is raised, ending the pass."""
+    repaired = 0
+    for row_id in row_ids:
+        try:
+            repaired += await in_tx(runtime, repair, runtime.settings, row_id)
+        except Exception as exc:
+            if is_database_outage(exc):
+                raise
+            report.rows_failed += 1
+            log.exception("reconciler: %s %s failed; carrying on with the others", what, row_id)
+    return repaired
 
 
 async def _due(runtime: Runtime, column: str, status: str) -> list[uuid.UUID]:
     rows = await runtime.pg.fetch(
         f"SELECT id FROM step_run WHERE status = $1 AND {column} < $2 LIMIT {BATCH}", status, now()
     )
-    return [r["id"] for r in rows]
+    return [row["id"] for row in rows]
 
 
-_CLOCK_STATUSES = ", ".join(f"'{s.value}'" for s in RUN_CLOCK)
+_CLOCK_STATUSES = ", ".join(f"'{status.value}'" for status in RUN_CLOCK)
 
 
 async def _overdue_runs(runtime: Runtime) -> list[uuid.UUID]:
@@ -78,7 +108,7 @@ async def _overdue_runs(runtime: Runtime) -> list[uuid.UUID]:
         f"LIMIT {BATCH}",
         now(),
     )
-    return [r["id"] for r in rows]
+    return [row["id"] for row in rows]
 
 
 async def resend_stale_outbox(runtime: Runtime) -> int:
@@ -91,5 +121,8 @@ async def resend_stale_outbox(runtime: Runtime) -> int:
         stale,
     )
     if rows:
-        await runtime.relay.send([Job(kind, job_id, queue, not_before) for kind, job_id, queue, not_before in rows])
+        await runtime.relay.send([
+            Job(kind=row["kind"], job_id=row["job_id"], queue=row["queue"], not_before=row["not_before"])
+            for row in rows
+        ])
     return len(rows)

@@ -83,7 +83,8 @@ class Runtime:
         if role == "api":
             notifier = RunNotifier(settings.database_url)
             notifier.start()
-        return cls(settings, engine, make_sessionmaker(engine), redis, relay, pg, notifier, owns)
+        return cls(settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), redis=redis, relay=relay,
+                   pg=pg, notifier=notifier, owns_redis=owns)
 
     async def after_commit(self, tx: UnitOfWork) -> None:
         if tx.jobs or tx.aborts:

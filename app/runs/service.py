@@ -1,9 +1,16 @@
-"""Runs: start, read, list; operator actions delegate to the engine."""
+"""Runs: start, read (and wait for the end), list; operator actions and signals delegate to the engine.
+
+Functions that move a run take the request's :class:`UnitOfWork` (see :mod:`app.request_work`), which
+the caller commits and relays; they return the run as read in that transaction, with its new events.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -12,13 +19,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import pagination
+from app.audit.service import entry as audit_entry
 from app.budgets.service import create_usage, effective_limits, tenant_budget
 from app.canonical import digest
 from app.config import Settings
 from app.context import Ctx
+from app.engine import actions
 from app.engine.actions import RunNotFound
-from app.engine.advance import Advance, load_definition, lock
-from app.engine.state_machine import RunStatus
+from app.engine.advance import Advance, RunRow, load_definition, lock_run
+from app.engine.notify import RunNotifier
+from app.engine.state_machine import RUN_TERMINAL, RunStatus
 from app.engine.unit_of_work import UnitOfWork
 from app.errors import Invalid, NotFound
 from app.pg import driver
@@ -58,7 +68,7 @@ async def create_run(
     if errors:
         raise Invalid(
             "the input does not match the workflow's input_schema",
-            errors=[{**e, "pointer": "/input" + e["pointer"]} for e in errors],
+            errors=[{**error, "pointer": "/input" + error["pointer"]} for error in errors],
         )
     run_id = uuid.uuid4()
     values = {
@@ -97,17 +107,17 @@ async def create_run(
             {
                 "tenant_id": ctx.tenant_id,
                 "run_id": run_id,
-                "step_id": s.id,
+                "step_id": step.id,
                 "map_index": None,
-                "kind": s.kind,
+                "kind": step.kind,
                 "status": "pending",
                 "version": 1,
                 "attempts": 0,
             }
-            for s in definition.steps
+            for step in definition.steps
         ],
     )
-    run = await lock(tx, run_id)
+    run = await lock_run(tx, run_id)
     assert run is not None
     tx.event(
         run_id,
@@ -117,8 +127,99 @@ async def create_run(
         version=wv.version,
         priority=body.priority,
     )
-    await Advance(tx, run, definition, settings).run_plan()
+    await Advance(tx=tx, run=run, definition=definition, settings=settings).plan_and_apply()
     return run_id, True
+
+
+async def start_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, body: schemas.RunCreate,
+    idempotency_key: str | None,
+) -> tuple[dict[str, Any], bool]:
+    """:func:`create_run`, audited; returns the run (as :func:`get_run` reads it) and whether it is new."""
+    run_id, created = await create_run(db, work, ctx, settings, body, idempotency_key)
+    if created:
+        work.audit(ctx.tenant_id, audit_entry(ctx, "run.start", f"run:{run_id}", data={
+            "workflow": body.workflow, "version": body.version, "idempotency_key": idempotency_key}))
+    return await _read_back(db, work, ctx, run_id), created
+
+
+async def _read_back(db: AsyncSession, work: UnitOfWork, ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
+    # The events ``work`` collected go in first, so the run read back shows them.
+    await work.flush(audit=False)
+    return await get_run(db, ctx, run_id)
+
+
+Action = Callable[[UnitOfWork, Settings, uuid.UUID, uuid.UUID, str], Awaitable[RunRow]]
+
+
+async def _operate(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID, action: Action, verb: str
+) -> dict[str, Any]:
+    await action(work, settings, run_id, ctx.tenant_id, ctx.principal)
+    work.audit(ctx.tenant_id, audit_entry(ctx, f"run.{verb}", f"run:{run_id}"))
+    return await _read_back(db, work, ctx, run_id)
+
+
+async def pause_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID
+) -> dict[str, Any]:
+    """Stop dispatching the run's steps (an operator action, audited); returns the run."""
+    return await _operate(db, work, ctx, settings, run_id, actions.pause_run, "pause")
+
+
+async def resume_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID
+) -> dict[str, Any]:
+    """Continue a paused run (audited); returns the run."""
+    return await _operate(db, work, ctx, settings, run_id, actions.resume_run, "resume")
+
+
+async def cancel_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID
+) -> dict[str, Any]:
+    """Cancel the run's unfinished steps and the run (audited); returns the run."""
+    return await _operate(db, work, ctx, settings, run_id, actions.cancel_run, "cancel")
+
+
+async def retry_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID
+) -> dict[str, Any]:
+    """Run a failed run again from its failed steps (audited); returns the run."""
+    return await _operate(db, work, ctx, settings, run_id, actions.retry_run, "retry")
+
+
+async def signal_run(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID, name: str, payload: Any
+) -> dict[str, Any]:
+    """Deliver signal ``name`` to the steps waiting for it (audited); returns the run."""
+    await actions.signal_run(work, settings, run_id, ctx.tenant_id, ctx.principal, name=name, payload=payload)
+    work.audit(ctx.tenant_id, audit_entry(ctx, "run.signal", f"run:{run_id}", data={"signal": name}))
+    return await _read_back(db, work, ctx, run_id)
+
+
+async def wait_for_run(
+    db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, *, wait_s: float, notifier: RunNotifier | None
+) -> dict[str, Any]:
+    """:func:`get_run` once the run is terminal, or after ``wait_s`` seconds, whichever comes first.
+
+    ``notifier``: the API process's (only a runtime started for the API listens)."""
+    assert notifier is not None
+    deadline = time.monotonic() + wait_s
+    with notifier.subscribe(run_id) as woken:
+        while True:
+            # Read in a transaction of its own so each check sees the latest commit.
+            status = await run_status(db, ctx, run_id)
+            await db.rollback()
+            left = deadline - time.monotonic()
+            if RunStatus(status) in RUN_TERMINAL or left <= 0:
+                break
+            try:
+                # The timer is a backstop for a notification lost while the listener reconnects.
+                await asyncio.wait_for(woken.wait(), timeout=min(left, 1.0))
+            except TimeoutError:
+                pass
+            woken.clear()
+    return await get_run(db, ctx, run_id)
 
 
 async def _by_idempotency_key(db: AsyncSession, ctx: Ctx, key: str, digest: str) -> uuid.UUID | None:
@@ -172,23 +273,25 @@ async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> dict[str, An
     attempts = await conn.fetch(_ATTEMPTS, run_id)
     events = await conn.fetch(_EVENTS, run_id, RUN_EVENTS_INLINE + 1)
     by_step: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
-    for a in attempts:
-        by_step[a["step_run_id"]].append({
-            "n": a["n"], "status": a["status"], "queued_at": _ts(a["queued_at"]), "not_before": _ts(a["not_before"]),
-            "started_at": _ts(a["started_at"]), "finished_at": _ts(a["finished_at"]),
-            "error": {"class": a["error_class"], "message": a["error_message"]} if a["error_class"] else None,
-            "worker": a["worker"],
+    for attempt in attempts:
+        by_step[attempt["step_run_id"]].append({
+            "n": attempt["n"], "status": attempt["status"], "queued_at": _ts(attempt["queued_at"]),
+            "not_before": _ts(attempt["not_before"]), "started_at": _ts(attempt["started_at"]),
+            "finished_at": _ts(attempt["finished_at"]),
+            "error": ({"class": attempt["error_class"], "message": attempt["error_message"]}
+                      if attempt["error_class"] else None),
+            "worker": attempt["worker"],
         })
     top: dict[str, dict[str, Any]] = {}
-    for st in steps:
-        common = {"status": st["status"], "output": st["output"], "error": st["error"],
-                  "started_at": _ts(st["started_at"]), "finished_at": _ts(st["finished_at"]),
-                  "attempts": by_step.get(st["id"], [])}
-        if st["map_index"] is None:
-            top[st["step_id"]] = {"id": st["step_id"], "kind": st["kind"], "input": st["input"], **common,
-                                  "items": [] if st["kind"] == "map" else None}
+    for row in steps:
+        common = {"status": row["status"], "output": row["output"], "error": row["error"],
+                  "started_at": _ts(row["started_at"]), "finished_at": _ts(row["finished_at"]),
+                  "attempts": by_step.get(row["id"], [])}
+        if row["map_index"] is None:
+            top[row["step_id"]] = {"id": row["step_id"], "kind": row["kind"], "input": row["input"], **common,
+                                   "items": [] if row["kind"] == "map" else None}
         else:
-            top[st["step_id"]]["items"].append({"index": st["map_index"], **common})
+            top[row["step_id"]]["items"].append({"index": row["map_index"], **common})
     for step in top.values():
         if step["kind"] == "map" and not step["items"]:
             step["items"] = None  # not expanded yet
@@ -201,9 +304,9 @@ async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> dict[str, An
         "output": run["output"], "error": run["error"],
         "steps": [top[sid] for sid in definition.order if sid in top],
         "events": [
-            {"id": e["id"], "type": e["type"], "step_id": e["step_id"], "map_index": e["map_index"],
-             "data": e["data"], "created_at": _ts(e["created_at"])}
-            for e in events[:RUN_EVENTS_INLINE]
+            {"id": event["id"], "type": event["type"], "step_id": event["step_id"], "map_index": event["map_index"],
+             "data": event["data"], "created_at": _ts(event["created_at"])}
+            for event in events[:RUN_EVENTS_INLINE]
         ],
         "events_truncated": len(events) > RUN_EVENTS_INLINE,
     }
@@ -229,7 +332,7 @@ def _event(e: RunEvent) -> schemas.EventRead:
     )
 
 
-async def run_status(db: Any, ctx: Ctx, run_id: uuid.UUID) -> str:
+async def run_status(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> str:
     status = (
         await db.execute(select(Run.status).where(Run.id == run_id, Run.tenant_id == ctx.tenant_id))
     ).scalar_one_or_none()
@@ -242,7 +345,7 @@ PAGES = pagination.keyset("runs", datetime, uuid.UUID)
 
 
 async def list_runs(
-    db: Any,
+    db: AsyncSession,
     ctx: Ctx,
     *,
     status: str | None,
@@ -273,11 +376,11 @@ async def list_runs(
         .all()
     )
     next_cursor = PAGES.encode(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
-    return schemas.RunPage(items=[_summary(r) for r in rows[:limit]], next_cursor=next_cursor)
+    return schemas.RunPage(items=[_summary(run) for run in rows[:limit]], next_cursor=next_cursor)
 
 
 async def list_events(
-    db: Any, ctx: Ctx, run_id: uuid.UUID, *, after: int | None, limit: int
+    db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, *, after: int | None, limit: int
 ) -> schemas.EventPage:
     await run_status(db, ctx, run_id)
     stmt = select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.tenant_id == ctx.tenant_id)
@@ -285,7 +388,7 @@ async def list_events(
         stmt = stmt.where(RunEvent.id > after)
     rows = (await db.execute(stmt.order_by(RunEvent.id).limit(limit + 1))).scalars().all()
     return schemas.EventPage(
-        items=[_event(e) for e in rows[:limit]], next_cursor=rows[limit - 1].id if len(rows) > limit else None
+        items=[_event(event) for event in rows[:limit]], next_cursor=rows[limit - 1].id if len(rows) > limit else None
     )
 
 
@@ -294,7 +397,7 @@ class StepNotFound(NotFound):
 
 
 async def list_conversation(
-    db: Any, ctx: Ctx, run_id: uuid.UUID, step_id: str, *, after: int | None, limit: int
+    db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, step_id: str, *, after: int | None, limit: int
 ) -> schemas.ConversationPage:
     """An ``llm``/``agent`` step's checkpoints: every model turn and tool result, in order."""
     await run_status(db, ctx, run_id)
@@ -310,5 +413,5 @@ async def list_conversation(
         "ORDER BY seq LIMIT $3",
         step_run_id, -1 if after is None else after, limit + 1,
     )
-    items = [schemas.ConversationEntry(**dict(r)) for r in rows[:limit]]
+    items = [schemas.ConversationEntry(**dict(row)) for row in rows[:limit]]
     return schemas.ConversationPage(items=items, next_cursor=rows[limit - 1]["seq"] if len(rows) > limit else None)

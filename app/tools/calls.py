@@ -29,7 +29,6 @@ from typing import Any
 import httpx
 from prometheus_client import Counter, Histogram
 
-from app.approvals.engine import Gate, action_hash, grant_for
 from app.budgets import service as budgets
 from app.budgets.service import Hold
 from app.clock import now
@@ -38,6 +37,7 @@ from app.engine import evaluation
 from app.engine.attempts import AuditNote, Outcome
 from app.engine.evaluation import Budget
 from app.engine.expressions import ExpressionError, ExpressionLimit
+from app.engine.gates import Gate, action_hash, grant_for
 from app.engine.runtime import Runtime
 from app.outage import quiet_database_outage
 from app.pg import Conn
