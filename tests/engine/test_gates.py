@@ -16,8 +16,8 @@ from app.engine.gates import ApprovalStatus, move_approval
 from app.engine.runtime import Runtime
 from app.engine.state_machine import IllegalTransition
 from app.engine.transaction import in_tx
-from tests.conftest import MakeTenant, TenantKey
-from tests.engine.conftest import create_workflow, name, start_run
+from tests.support.runs import create_workflow, name, start_run
+from tests.support.tenants import MakeTenant, TenantKey
 
 pytestmark = pytest.mark.xdist_group("engine")
 

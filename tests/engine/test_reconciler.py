@@ -11,8 +11,8 @@ from fastapi import FastAPI
 from app.clock import now
 from app.engine.reconciler import reconcile_once
 from app.engine.runtime import Runtime
-from tests.conftest import TenantKey
-from tests.engine.conftest import create_workflow, name, start_run, step
+from tests.support.runs import create_workflow, name, start_run, step
+from tests.support.tenants import TenantKey
 
 pytestmark = pytest.mark.xdist_group("engine")
 
