@@ -27,10 +27,7 @@ from app.approvals.engine import Gate, action_hash, grant_for
 from app.budgets import service as budgets
 from app.budgets.service import Hold
 from app.config import Settings
-from app.engine import evaluation
 from app.engine.attempts import AuditNote
-from app.engine.evaluation import Budget
-from app.engine.expressions import ExpressionError, ExpressionLimit
 from app.engine.runtime import Runtime
 from app.outage import quiet_database_outage
 from app.pg import Conn
@@ -41,6 +38,9 @@ from app.tools.redact import redact, scrub
 from app.tools.service import ToolRef, validate_args, validate_output
 from app.tools.spec import BuiltinExecutor
 from app.vault.service import open_secrets
+from app.workflows.cel import evaluation
+from app.workflows.cel.evaluation import Budget
+from app.workflows.cel.expressions import ExpressionError, ExpressionLimit
 from app.workflows.definition import Permissions, RetryPolicy
 from workers.steps.http_tool import call_http_tool
 from workers.steps.tools import TOOLS, ToolCall, ToolError, check_destination

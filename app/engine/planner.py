@@ -2,7 +2,7 @@
 
 No database: ``advance()`` feeds it what it loaded and applies the answer through the state machine.
 It is async only because expressions that may be costly are evaluated in the sandbox
-(:mod:`app.engine.evaluation`), each step's within its own budget. Rules:
+(:mod:`app.workflows.cel.evaluation`), each step's within its own budget. Rules:
 - a step is ready when every step it needs has succeeded or been skipped;
 - a step whose need was skipped, or whose ``when`` is false, is skipped;
 - a ``map`` step expands into items once ready and keeps at most ``concurrency`` of them active;
@@ -15,10 +15,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import evaluation
-from app.engine.evaluation import Budget
-from app.engine.expressions import ExpressionError
 from app.engine.state_machine import STEP_ACTIVE, STEP_DONE, StepStatus
+from app.workflows.cel import evaluation
+from app.workflows.cel.evaluation import Budget
+from app.workflows.cel.expressions import ExpressionError
 from app.workflows.definition import RUNNABLE_KINDS, Definition, StepDef
 
 S = StepStatus

@@ -17,7 +17,9 @@ from typing import Any, Literal
 from jsonschema import Draft202012Validator
 from referencing.exceptions import Unresolvable
 
-from app.engine.expressions import (
+from app.json_schema import schema_errors
+from app.workflows import dag
+from app.workflows.cel.expressions import (
     ExpressionError,
     check_expression,
     compile_expression,
@@ -27,8 +29,6 @@ from app.engine.expressions import (
     referenced_steps,
     whole_expression,
 )
-from app.json_schema import schema_errors
-from app.workflows import dag
 from app.workflows.decode import load_document
 from app.workflows.document import Collector, DefinitionError, Path, pointer, unlink
 

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from app.config import Settings
-from app.engine import evaluation
+from app.workflows.cel import evaluation
 from tests.conftest import TenantKey
 from tests.engine.conftest import FAST, create_workflow, name, start_run, step, wait_run
 from workers.main import run_worker

@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 
-from app.engine.evaluation import Budget, render
-from app.engine.expressions import ExpressionError, ExpressionLimit, whole_expression
 from app.tools.redact import cut_scrubbed, secret_forms
 from app.tools.spec import HttpExecutor, ToolSpec
+from app.workflows.cel.evaluation import Budget, render
+from app.workflows.cel.expressions import ExpressionError, ExpressionLimit, whole_expression
 from workers.steps.tools import ToolCall, ToolError, check_destination, retry_after_seconds
 
 
