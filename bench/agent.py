@@ -95,7 +95,7 @@ LOOKUP_SCHEMA = {
 TASK_PREFIX = "bench task "
 ANSWER_CAP_TOKENS = 256
 DEFAULT_RUN_LIMIT_STEPS = 25  # app/budgets/service.py DEFAULT_LIMITS
-MAX_AGENT_TURNS = 100  # app/workflows/definition.py
+MAX_AGENT_TURNS = 100  # app/workflows/structure.py
 
 # The aim the numbers are read against (docs/benchmarks.md).
 AIM_OVERHEAD_P50_MS = 5.0

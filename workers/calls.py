@@ -41,7 +41,7 @@ from app.vault.service import open_secrets
 from app.workflows.cel import evaluation
 from app.workflows.cel.evaluation import Budget
 from app.workflows.cel.expressions import ExpressionError, ExpressionLimit
-from app.workflows.definition import Permissions, RetryPolicy
+from app.workflows.steps import Permissions, RetryPolicy
 from workers.steps.http_tool import call_http_tool
 from workers.steps.tools import TOOLS, ToolCall, ToolError, check_destination
 

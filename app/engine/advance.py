@@ -27,7 +27,8 @@ from app.engine.state_machine import (
 )
 from app.engine.unit_of_work import Job, UnitOfWork
 from app.pg import Conn, dumps
-from app.workflows.definition import Definition, RetryPolicy, StepDef, parse_definition
+from app.workflows.definition import parse_definition
+from app.workflows.steps import ApprovalStep, Definition, RetryPolicy, StepDef, WaitStep
 
 S = StepStatus
 MAX_PASSES = 50
@@ -361,15 +362,15 @@ class Advance:
 
     async def _wait(self, sid: str) -> None:
         step = self.definition.step(sid)
-        if step.approval is not None:
+        if isinstance(step, ApprovalStep):
             from app.approvals.engine import Gate, request_approval  # it builds on this module
 
             gate = Gate("step", "", None, None, None, step.approval.reason, step.approval.timeout_s,
                         step.approval.on_expiry)
             await request_approval(self.tx, self.settings, self.run, self.rows[(sid, None)], gate)
             return
+        assert isinstance(step, WaitStep)
         spec = step.wait
-        assert spec is not None
         deadline = now() + timedelta(seconds=spec.timeout_s) if spec.timeout_s is not None else None
         row = self.rows[(sid, None)]
         await self._move(row, S.WAITING, "step_waiting", wait_deadline=deadline, started_at=now())

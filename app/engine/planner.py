@@ -19,7 +19,7 @@ from app.engine.state_machine import STEP_ACTIVE, STEP_DONE, StepStatus
 from app.workflows.cel import evaluation
 from app.workflows.cel.evaluation import Budget
 from app.workflows.cel.expressions import ExpressionError
-from app.workflows.definition import RUNNABLE_KINDS, Definition, StepDef
+from app.workflows.steps import ApprovalStep, Definition, MapStep, ModelStep, StepDef, ToolStep, WaitStep
 
 S = StepStatus
 
@@ -84,7 +84,7 @@ async def plan(
         if view.status == S.PENDING:
             budget = Budget(expression_budget_s)
             await _plan_pending(step, view, status, ctx, result, max_map_items, budget)
-        elif view.status == S.RUNNING and step.kind == "map" and view.items is not None:
+        elif view.status == S.RUNNING and isinstance(step, MapStep) and view.items is not None:
             _plan_map_items(step, view.items, result, status)
     result.run_status = _run_status(status, result)
     return result
@@ -111,10 +111,10 @@ async def _plan_pending(
             result.skip.append(step.id)
             status[step.id] = S.SKIPPED
             return
-        if step.kind in RUNNABLE_KINDS:
+        if isinstance(step, ToolStep | ModelStep):
             result.start.append((step.id, await evaluation.render(step.args, ctx, budget)))
             status[step.id] = S.QUEUED
-        elif step.kind in ("wait", "approval"):
+        elif isinstance(step, WaitStep | ApprovalStep):
             result.wait.append(step.id)
             status[step.id] = S.WAITING
         elif view.items is not None:
@@ -122,7 +122,6 @@ async def _plan_pending(
             status[step.id] = S.RUNNING
             _plan_map_items(step, view.items, result, status)
         else:
-            assert step.map is not None
             items = await evaluation.render(step.map.items, ctx, budget)
             if not isinstance(items, list):
                 raise ExpressionError(str(step.map.items), f"map items must be a list, got {type(items).__name__}")
@@ -147,8 +146,7 @@ async def _plan_pending(
         status[step.id] = S.FAILED
 
 
-def _plan_map_items(step: StepDef, items: tuple[str, ...], result: Plan, status: dict[str, str]) -> None:
-    assert step.map is not None
+def _plan_map_items(step: MapStep, items: tuple[str, ...], result: Plan, status: dict[str, str]) -> None:
     failed = [i for i, s in enumerate(items) if s == S.FAILED]
     if failed:
         result.fail.append(
