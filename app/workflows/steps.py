@@ -151,8 +151,6 @@ class AgentStep(ModelStep):
 
 
 StepDef = ToolStep | WaitStep | MapStep | ApprovalStep | LlmStep | AgentStep
-# Steps that run on a worker with rendered args (the others wait or expand).
-RunnableStep = ToolStep | LlmStep | AgentStep
 
 
 @dataclass(frozen=True, kw_only=True)
