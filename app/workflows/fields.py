@@ -10,7 +10,7 @@ import copy
 import math
 import re
 from collections.abc import Callable
-from typing import Any, Literal, TypeGuard, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from jsonschema import Draft202012Validator
 from pydantic import (
@@ -214,16 +214,12 @@ def _more_values_than(value: Any, limit: int) -> bool:
     return False
 
 
-OutputFormat = Literal["text", "json"]
-
-
-def pointer_errors(exc: ValidationError) -> ErrorList:
-    """Pydantic's errors as ``{"pointer", "message"}``, unknown fields first within each object."""
+def pointer_errors(exc: ValidationError, locate: Callable[[Path], Path]) -> ErrorList:
+    """Pydantic's errors as ``{"pointer", "message"}``, unknown fields first within each object;
+    ``locate`` maps the location Pydantic gives an error to its path in the document."""
     found: list[tuple[Path, str, bool]] = []  # (path, message, is an unknown field)
     for error in exc.errors(include_url=False):
-        loc = error["loc"]
-        if len(loc) > 2 and loc[0] == "steps":
-            loc = (*loc[:2], *loc[3:])  # drop the union tag (the step's kind) Pydantic puts in the path
+        loc = locate(error["loc"])
         if error["type"] == "extra_forbidden":
             found.append((loc, f"unknown field {loc[-1]!r}", True))
         elif error["type"] == "missing":

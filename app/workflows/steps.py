@@ -20,6 +20,7 @@ from app.workflows import dag
 
 StepKind = Literal["tool", "wait", "map", "approval", "llm", "agent"]
 JsonObject = dict[str, JsonValue]
+OutputFormat = Literal["text", "json"]
 
 BUILTIN_TOOLS: frozenset[str] = frozenset({"echo", "sleep", "fail", "http"})
 STEP_KINDS: tuple[StepKind, ...] = ("tool", "wait", "map", "approval", "llm", "agent")
@@ -82,7 +83,7 @@ class ModelSpec:
 
     provider: str
     model: str
-    output: Literal["text", "json"]
+    output: OutputFormat
     output_schema: JsonObject | None = None
     max_tokens: int | None = None  # cap on each answer's tokens; None: the worker's default
     tools: tuple[str, ...] = ()

@@ -42,6 +42,7 @@ from app.workflows.steps import (
     MAX_LIMITS,
     STEP_KINDS,
     ModelSpec,
+    OutputFormat,
     RetryPolicy,
 )
 
@@ -145,7 +146,7 @@ class MapDoc(_Doc):
 class _ModelDoc(_Doc):
     model: Annotated[str, f.matching(
         MODEL_REF, "must be '<provider>/<model>', naming a provider registered with /api/v1/providers")]
-    output: Annotated[f.OutputFormat | None, f.one_of(("text", "json"), "must be 'text' or 'json'")] = None
+    output: Annotated[OutputFormat | None, f.one_of(("text", "json"), "must be 'text' or 'json'")] = None
     output_schema: Annotated[dict[str, JsonValue] | None, f.JSON_SCHEMA] = None
     max_tokens: Annotated[int | None, f.integer(1, 1_000_000)] = None
 
@@ -349,5 +350,10 @@ def parse(raw: Any, bounds: Bounds) -> tuple[DefinitionDoc | None, ErrorList]:
     try:
         return DefinitionDoc.model_validate(raw, context=bounds), []
     except ValidationError as exc:
-        return None, f.pointer_errors(exc)
+        return None, f.pointer_errors(exc, _untagged)
+
+
+def _untagged(loc: Path) -> Path:
+    """The document path of a Pydantic error location: without the tag (the step's kind) a union adds."""
+    return (*loc[:2], *loc[3:]) if len(loc) > 2 and loc[0] == "steps" else loc
 

@@ -257,6 +257,26 @@ def test_missing_kind() -> None:
     assert_error({"steps": [{"id": "a"}]}, "/steps/0", "exactly one kind")
 
 
+def test_a_step_without_a_kind_still_has_its_other_fields_checked() -> None:
+    errors = errors_of({"steps": [{"id": 7, "tol": "echo", "timeout_s": 0, "args": {}}, step("b", "a")]})
+    assert errors == [
+        {"pointer": "/steps/0/tol", "message": "unknown field 'tol'"},
+        {"pointer": "/steps/0",
+         "message": "a step must have exactly one kind: 'tool', 'wait', 'map', 'approval', 'llm' or 'agent'"},
+        {"pointer": "/steps/0/id", "message": "must be a string"},
+        {"pointer": "/steps/0/timeout_s", "message": "must be greater than 0"},
+        {"pointer": "/steps/0/args", "message": "'args' is only allowed on 'tool' steps (a map step takes map.args)"},
+        {"pointer": "/steps/1/needs/0", "message": "unknown step 'a'"},
+    ]
+
+
+def test_step_types_carry_only_their_spec() -> None:
+    definition = parse_definition({"steps": [step("a"), {"id": "w", "wait": {"signal": "go"}}]})
+    tool, wait = definition.steps
+    assert isinstance(tool, ToolStep) and not hasattr(tool, "wait")
+    assert isinstance(wait, WaitStep) and not hasattr(wait, "tool") and not hasattr(wait, "args")
+
+
 def test_two_kinds() -> None:
     raw = {"steps": [{"id": "a", "tool": "echo", "wait": {"signal": "s"}}]}
     assert_error(raw, "/steps/0", "exactly one kind, got 'tool', 'wait'")
@@ -336,6 +356,8 @@ def test_args_only_on_tool_steps() -> None:
         ),
         ({"items": 3, "tool": "echo"}, "/steps/0/map/items", "must be a list"),
         ({"items": "${{ input. }}", "tool": "echo"}, "/steps/0/map/items", "syntax error"),
+        # Raised out of the parser (a 500) before the structure was checked with Pydantic.
+        ({"items": "${{ input.list", "tool": "echo"}, "/steps/0/map/items", "unterminated"),
         ({"items": [1, 2, 3], "tool": "echo"}, "/steps/0/map/items", "too many items: 3 (at most 2 allowed)"),
         ({"items": [], "tool": "echo", "concurrency": 0}, "/steps/0/map/concurrency", "between 1 and 8"),
         ({"items": [], "tool": "echo", "concurrency": 9}, "/steps/0/map/concurrency", "between 1 and 8"),
