@@ -95,7 +95,7 @@ LOOKUP_SCHEMA = {
 TASK_PREFIX = "bench task "
 ANSWER_CAP_TOKENS = 256
 DEFAULT_RUN_LIMIT_STEPS = 25  # app/budgets/service.py DEFAULT_LIMITS
-MAX_AGENT_TURNS = 100  # app/workflows/definition.py
+MAX_AGENT_TURNS = 100  # app/workflows/structure.py
 
 # The aim the numbers are read against (docs/benchmarks.md).
 AIM_OVERHEAD_P50_MS = 5.0
@@ -505,7 +505,7 @@ def print_report(report: dict[str, Any], nproc: int) -> None:
         print(f"CPU ms per tool call (model turns included; bench = client + model + tool servers): {parts}{util}")
     print()
     print("guardrail overhead: tool lookup, secrets, validation, permissions, breaker, budget reservation and "
-          "settlement (workers/calls.py); agent loop per tool call: the time between consecutive model_called "
+          "settlement (app/tools/calls.py); agent loop per tool call: the time between consecutive model_called "
           "events minus the later model call's latency (the guarded call, its checkpoint transaction, the next "
           "turn's budget reservation and checkpoint).")
     if report["problems"]:

@@ -121,8 +121,6 @@ def fanout_definition(concurrency: int) -> dict[str, Any]:
             },
             {"id": "join", "needs": ["fan"], "tool": "echo", "args": {"n": "${{ size(steps.fan.output) }}"}},
         ],
-        # 101 tool calls: over the default run limit of 25.
-        "limits": {"max_steps": 1000},
     }
 
 

@@ -43,7 +43,7 @@ from app.providers.service import ModelRef, resolve_model
 from app.tools import service as tools
 from app.tools.builtins import ToolError, check_destination
 from app.tools.calls import Caller, CallResult, CallSite, exhausted_notes
-from app.workflows.definition import ModelStep, Permissions, StepDef
+from app.workflows.steps import ModelSpec, ModelStep, Permissions
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _pending(message: dict[str, Any]) -> list[PendingCall]:
     return calls
 
 
-def base_messages(step: StepDef, args: dict[str, Any]) -> list[dict[str, Any]]:
+def base_messages(step: ModelStep, args: dict[str, Any]) -> list[dict[str, Any]]:
     """The conversation's opening: the system text and the (rendered) prompt or input."""
     system = args.get("system") if step.kind == "llm" else args.get("instructions")
     user = args.get("prompt") if step.kind == "llm" else args.get("input")
@@ -165,7 +165,7 @@ class ModelStepRun:
     http: httpx.AsyncClient
     caller: Caller
     claimed: Claimed
-    spec: ModelStep
+    spec: ModelSpec
     model: ModelRef
     tools: list[dict[str, Any]]
     conversation: Conversation
@@ -354,11 +354,10 @@ class ModelStepRun:
                        events=(event,), audits=(note,))
 
 
-async def run_model_step(runtime: Runtime, http: httpx.AsyncClient, caller: Caller, step: StepDef,
+async def run_model_step(runtime: Runtime, http: httpx.AsyncClient, caller: Caller, step: ModelStep,
                          claimed: Claimed) -> Outcome:
     """Run (or resume) an ``llm`` or ``agent`` step attempt."""
     spec = step.model
-    assert spec is not None
     started = _now()
     scope = caller.scope
     async with runtime.pg.acquire() as conn:

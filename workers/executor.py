@@ -19,7 +19,7 @@ from app.engine.runtime import Runtime
 from app.outage import DATABASE, Backoff, is_database_outage
 from app.tools.breaker import Breaker
 from app.tools.calls import Caller, CallSite, run_scope
-from app.workflows.definition import Definition, StepDef
+from app.workflows.steps import Definition, MapStep, ModelStep, StepDef, ToolStep
 from workers.agent import run_model_step
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,9 @@ def _now() -> datetime:
 
 def tool_name(step: StepDef, claimed: Claimed) -> str:
     if claimed.map_index is not None:
-        assert step.map is not None
+        assert isinstance(step, MapStep)
         return step.map.tool
-    assert step.tool is not None
+    assert isinstance(step, ToolStep)
     return step.tool
 
 
@@ -60,7 +60,7 @@ async def execute(runtime: Runtime, http: httpx.AsyncClient, breaker: Breaker, d
     backoff = Backoff()
     while True:
         outcome = await _execute_once(runtime, http, breaker, definition, claimed, lease)
-        if outcome.error_class != UNAVAILABLE or step.model is not None:
+        if outcome.error_class != UNAVAILABLE or isinstance(step, ModelStep):
             return outcome
         delay = backoff.next()
         if time.monotonic() + delay >= lease.expires:
@@ -83,7 +83,7 @@ async def _execute_once(runtime: Runtime, http: httpx.AsyncClient, breaker: Brea
                 scope = await run_scope(conn, claimed.run_id, claimed.tenant_id, definition.permissions,
                                         definition.shadow)
             caller = Caller(runtime, http, scope, breaker)
-            if step.model is not None:
+            if isinstance(step, ModelStep):
                 model_outcome = await run_model_step(runtime, http, caller, step, claimed)
             else:
                 site = CallSite(claimed.step_run_id, claimed.step_id, claimed.attempt_n, claimed.idempotency_key)
@@ -104,7 +104,7 @@ async def _execute_once(runtime: Runtime, http: httpx.AsyncClient, breaker: Brea
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
-    if step.model is not None:
+    if isinstance(step, ModelStep):
         if not model_outcome.ok:
             return model_outcome
         return replace(_checked(model_outcome.output, started, settings), events=model_outcome.events)

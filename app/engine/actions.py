@@ -35,6 +35,7 @@ from app.engine.state_machine import (
 )
 from app.engine.unit_of_work import Job, UnitOfWork
 from app.errors import NotFound
+from app.workflows.steps import WaitStep
 
 # Statuses whose clock runs; a paused run is held by an operator and is not timed out while paused.
 RUN_CLOCK = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
@@ -134,8 +135,8 @@ async def signal_run(
         for (sid, idx), row in rows.items()
         if idx is None
         and row.status == StepStatus.WAITING
-        and (spec := definition.step(sid).wait)
-        and spec.signal == name
+        and isinstance(step := definition.step(sid), WaitStep)
+        and step.wait.signal == name
     ]
     if not waiting:
         raise IllegalTransition(f"no step of this run is waiting for signal {name!r}", status_now=run.status)

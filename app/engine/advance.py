@@ -29,7 +29,8 @@ from app.engine.state_machine import (
 )
 from app.engine.unit_of_work import Job, UnitOfWork
 from app.pg import Conn, dumps
-from app.workflows.definition import Definition, RetryPolicy, StepDef, parse_definition
+from app.workflows.definition import parse_definition
+from app.workflows.steps import ApprovalStep, Definition, RetryPolicy, StepDef, WaitStep
 
 MAX_PASSES = 50
 
@@ -374,14 +375,14 @@ class Advance:
     async def _wait(self, sid: str) -> None:
         step = self.definition.step(sid)
         queue = queue_name(self.settings, self.run.priority)
-        if step.approval is not None:
+        if isinstance(step, ApprovalStep):
             gate = Gate(kind="step", call_id="", tool=None, tool_version=None, args=None,
                         reason=step.approval.reason, timeout_s=step.approval.timeout_s,
                         on_expiry=step.approval.on_expiry)
             await request_approval(self.tx, self.run, self.rows[(sid, None)], gate, queue=queue)
             return
+        assert isinstance(step, WaitStep)
         spec = step.wait
-        assert spec is not None
         deadline = now() + timedelta(seconds=spec.timeout_s) if spec.timeout_s is not None else None
         row = self.rows[(sid, None)]
         await self._move(row, StepStatus.WAITING, "step_waiting", wait_deadline=deadline, started_at=now())

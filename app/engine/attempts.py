@@ -44,7 +44,7 @@ from app.engine.state_machine import (
 )
 from app.engine.unit_of_work import Job, UnitOfWork
 from app.pg import Conn
-from app.workflows.definition import RetryPolicy
+from app.workflows.steps import RetryPolicy
 
 DISPATCHABLE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
 

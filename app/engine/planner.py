@@ -2,7 +2,7 @@
 
 No database: ``advance()`` feeds it what it loaded and applies the answer through the state machine.
 It is async only because expressions that may be costly are evaluated in the sandbox
-(:mod:`app.engine.evaluation`), each step's within its own budget. Rules:
+(:mod:`app.workflows.cel.evaluation`), each step's within its own budget. Rules:
 - a step is ready when every step it needs has succeeded or been skipped;
 - a step whose need was skipped, or whose ``when`` is false, is skipped;
 - a ``map`` step expands into items once ready and keeps at most ``concurrency`` of them active;
@@ -15,11 +15,11 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import evaluation
-from app.engine.evaluation import Budget
-from app.engine.expressions import ExpressionError
 from app.engine.state_machine import STEP_ACTIVE, STEP_DONE, StepStatus
-from app.workflows.definition import RUNNABLE_KINDS, Definition, StepDef
+from app.workflows.cel import evaluation
+from app.workflows.cel.evaluation import Budget
+from app.workflows.cel.expressions import ExpressionError
+from app.workflows.steps import ApprovalStep, Definition, MapStep, ModelStep, StepDef, ToolStep, WaitStep
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ async def plan(
         if view.status == StepStatus.PENDING:
             budget = Budget(expression_budget_s)
             await _plan_pending(step, view, status, ctx, result, max_map_items, budget)
-        elif view.status == StepStatus.RUNNING and step.kind == "map" and view.items is not None:
+        elif view.status == StepStatus.RUNNING and isinstance(step, MapStep) and view.items is not None:
             _plan_map_items(step, view.items, result, status)
     result.run_status = _run_status(status, result)
     return result
@@ -109,10 +109,10 @@ async def _plan_pending(
             result.skip.append(step.id)
             status[step.id] = StepStatus.SKIPPED
             return
-        if step.kind in RUNNABLE_KINDS:
+        if isinstance(step, ToolStep | ModelStep):
             result.start.append((step.id, await evaluation.render(step.args, ctx, budget)))
             status[step.id] = StepStatus.QUEUED
-        elif step.kind in ("wait", "approval"):
+        elif isinstance(step, WaitStep | ApprovalStep):
             result.wait.append(step.id)
             status[step.id] = StepStatus.WAITING
         elif view.items is not None:
@@ -120,7 +120,6 @@ async def _plan_pending(
             status[step.id] = StepStatus.RUNNING
             _plan_map_items(step, view.items, result, status)
         else:
-            assert step.map is not None
             items = await evaluation.render(step.map.items, ctx, budget)
             if not isinstance(items, list):
                 raise ExpressionError(str(step.map.items), f"map items must be a list, got {type(items).__name__}")
@@ -145,8 +144,7 @@ async def _plan_pending(
         status[step.id] = StepStatus.FAILED
 
 
-def _plan_map_items(step: StepDef, items: tuple[str, ...], result: Plan, status: dict[str, str]) -> None:
-    assert step.map is not None
+def _plan_map_items(step: MapStep, items: tuple[str, ...], result: Plan, status: dict[str, str]) -> None:
     failed = [index for index, item in enumerate(items) if item == StepStatus.FAILED]
     if failed:
         result.fail.append(

@@ -11,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
-from app.engine import evaluation
 from app.engine.notify import RunNotifier, asyncpg_dsn
 from app.engine.outbox import Relay
 from app.engine.unit_of_work import UnitOfWork
@@ -19,6 +18,7 @@ from app.outage import DATABASE, watch_engine
 from app.pg import setup_connection
 from app.redis import connect as connect_redis
 from app.vault.crypto import Vault, load_keys
+from app.workflows.cel import evaluation
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.db import INT32_MAX
-from app.workflows.definition import MAX_LIMITS
+from app.workflows.steps import MAX_LIMITS
 
 Priority = Literal["high", "normal", "low"]
 

@@ -33,10 +33,7 @@ from app.budgets import service as budgets
 from app.budgets.service import Hold
 from app.clock import now
 from app.config import Settings
-from app.engine import evaluation
 from app.engine.attempts import AuditNote, Outcome
-from app.engine.evaluation import Budget
-from app.engine.expressions import ExpressionError, ExpressionLimit
 from app.engine.gates import Gate, action_hash, grant_for
 from app.engine.runtime import Runtime
 from app.outage import quiet_database_outage
@@ -50,7 +47,10 @@ from app.tools.redact import redact_write_only, scrub
 from app.tools.service import ToolRef, validate_args, validate_output
 from app.tools.spec import BuiltinExecutor
 from app.vault.service import open_secrets
-from app.workflows.definition import Permissions, RetryPolicy
+from app.workflows.cel import evaluation
+from app.workflows.cel.evaluation import Budget
+from app.workflows.cel.expressions import ExpressionError, ExpressionLimit
+from app.workflows.steps import Permissions, RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import httpx
 
-from app.engine.evaluation import Budget, render
-from app.engine.expressions import ExpressionError, ExpressionLimit, whole_expression
 from app.retry_after import retry_after_seconds
 from app.tools.builtins import ToolCall, ToolError, check_destination
 from app.tools.redact import cut_scrubbed, secret_forms
 from app.tools.spec import HttpExecutor, ToolSpec
+from app.workflows.cel.evaluation import Budget, render
+from app.workflows.cel.expressions import ExpressionError, ExpressionLimit, whole_expression
 
 
 async def call_http_tool(spec: ToolSpec, call: ToolCall, secrets: dict[str, str]) -> Any:

@@ -23,7 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from app.engine.expressions import (
+from app.json_schema import schema_errors
+from app.tenants.policy import Role
+from app.workflows.cel.expressions import (
     CompiledExpr,
     ExpressionError,
     check_expression,
@@ -32,8 +34,6 @@ from app.engine.expressions import (
     extract_expressions,
     whole_expression,
 )
-from app.json_schema import schema_errors
-from app.tenants.policy import Role
 
 TOOL_NAME = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 ToolName = Annotated[str, StringConstraints(pattern=TOOL_NAME)]

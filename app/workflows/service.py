@@ -20,9 +20,10 @@ from app.errors import Invalid, NotFound
 from app.pg import driver
 from app.providers.service import model_names
 from app.tools.service import tool_names
-from app.workflows.definition import BUILTIN_TOOLS, Definition, DefinitionError, parse_definition
+from app.workflows.definition import DefinitionError, parse_definition
 from app.workflows.models import Workflow, WorkflowVersion
 from app.workflows.schemas import NAME_PATTERN
+from app.workflows.steps import BUILTIN_TOOLS, Definition
 
 _NAME = re.compile(NAME_PATTERN)
 

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from app.config import Settings
-from app.engine import evaluation
+from app.workflows.cel import evaluation
 from tests.support.runs import create_workflow, name, start_run, step, wait_run
 from tests.support.tenants import TenantKey
 from tests.support.workers import FAST

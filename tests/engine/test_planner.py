@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from app.engine.planner import Plan, StepView
 from app.engine.planner import plan as plan_async
-from app.workflows.definition import Definition, parse_definition
+from app.workflows.definition import parse_definition
+from app.workflows.steps import Definition
 
 
 def plan(*args: Any, **kwargs: Any) -> Plan:

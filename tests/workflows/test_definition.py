@@ -7,18 +7,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.workflows.definition import (
+from app.workflows.definition import DefinitionError, load_definition_text, parse_definition, validate_input
+from app.workflows.document import pointer
+from app.workflows.steps import (
     BUILTIN_TOOLS,
     Definition,
-    DefinitionError,
+    LlmStep,
     MapSpec,
+    MapStep,
     RetryPolicy,
+    ToolStep,
     WaitSpec,
-    load_definition_text,
-    parse_definition,
-    validate_input,
+    WaitStep,
 )
-from app.workflows.document import pointer
 
 
 def step(step_id: str, *needs: str, **extra: Any) -> dict[str, Any]:
@@ -91,11 +92,12 @@ def test_fan_out_fan_in() -> None:
     assert definition.input_schema == FAN_OUT_FAN_IN["input_schema"]
 
     start = definition.step("start")
+    assert isinstance(start, ToolStep)
     assert (start.kind, start.tool, start.args) == ("tool", "echo", {"message": "${{ input.urls }}"})
     assert (start.needs, start.when, start.timeout_s, start.retry) == ((), None, None, None)
 
     fetch = definition.step("fetch_all")
-    assert fetch.kind == "map" and fetch.tool is None and fetch.args == {}
+    assert isinstance(fetch, MapStep) and fetch.kind == "map"
     assert fetch.map == MapSpec(
         items="${{ steps.start.output }}",
         tool="http",
@@ -106,7 +108,8 @@ def test_fan_out_fan_in() -> None:
     assert fetch.timeout_s == 120.0
 
     approve = definition.step("approve")
-    assert approve.kind == "wait" and approve.wait == WaitSpec(signal="approve:v1", timeout_s=3600.0)
+    assert isinstance(approve, WaitStep) and approve.kind == "wait"
+    assert approve.wait == WaitSpec(signal="approve:v1", timeout_s=3600.0)
 
     join = definition.step("join")
     assert join.needs == ("fetch_all", "left", "approve")
@@ -214,7 +217,7 @@ def test_llm_and_agent_steps_keep_their_templates_as_args() -> None:
                                               "output_schema": {"type": "object"}}},
     ]})
     llm, agent = definition.step("s"), definition.step("g")
-    assert llm.kind == "llm" and llm.args == {"system": "terse", "prompt": "sum up ${{ steps.a.output }}"}
+    assert isinstance(llm, LlmStep) and llm.args == {"system": "terse", "prompt": "sum up ${{ steps.a.output }}"}
     assert llm.model is not None and (llm.model.provider, llm.model.model, llm.model.output) == (
         "local", "gpt-x", "text")
     assert llm.model.max_tokens == 100 and llm.model.max_turns == 1 and llm.model.tools == ()
@@ -252,6 +255,26 @@ def test_model_references_are_checked_against_known_providers() -> None:
 
 def test_missing_kind() -> None:
     assert_error({"steps": [{"id": "a"}]}, "/steps/0", "exactly one kind")
+
+
+def test_a_step_without_a_kind_still_has_its_other_fields_checked() -> None:
+    errors = errors_of({"steps": [{"id": 7, "tol": "echo", "timeout_s": 0, "args": {}}, step("b", "a")]})
+    assert errors == [
+        {"pointer": "/steps/0/tol", "message": "unknown field 'tol'"},
+        {"pointer": "/steps/0",
+         "message": "a step must have exactly one kind: 'tool', 'wait', 'map', 'approval', 'llm' or 'agent'"},
+        {"pointer": "/steps/0/id", "message": "must be a string"},
+        {"pointer": "/steps/0/timeout_s", "message": "must be greater than 0"},
+        {"pointer": "/steps/0/args", "message": "'args' is only allowed on 'tool' steps (a map step takes map.args)"},
+        {"pointer": "/steps/1/needs/0", "message": "unknown step 'a'"},
+    ]
+
+
+def test_step_types_carry_only_their_spec() -> None:
+    definition = parse_definition({"steps": [step("a"), {"id": "w", "wait": {"signal": "go"}}]})
+    tool, wait = definition.steps
+    assert isinstance(tool, ToolStep) and not hasattr(tool, "wait")
+    assert isinstance(wait, WaitStep) and not hasattr(wait, "tool") and not hasattr(wait, "args")
 
 
 def test_two_kinds() -> None:
@@ -333,6 +356,8 @@ def test_args_only_on_tool_steps() -> None:
         ),
         ({"items": 3, "tool": "echo"}, "/steps/0/map/items", "must be a list"),
         ({"items": "${{ input. }}", "tool": "echo"}, "/steps/0/map/items", "syntax error"),
+        # Raised out of the parser (a 500) before the structure was checked with Pydantic.
+        ({"items": "${{ input.list", "tool": "echo"}, "/steps/0/map/items", "unterminated"),
         ({"items": [1, 2, 3], "tool": "echo"}, "/steps/0/map/items", "too many items: 3 (at most 2 allowed)"),
         ({"items": [], "tool": "echo", "concurrency": 0}, "/steps/0/map/concurrency", "between 1 and 8"),
         ({"items": [], "tool": "echo", "concurrency": 9}, "/steps/0/map/concurrency", "between 1 and 8"),

@@ -18,9 +18,10 @@ import httpx
 import pytest
 
 from app.input_guard import DUPLICATE_KEY
+from app.workflows.checks import MAX_EXPRESSIONS
 from app.workflows.decode import MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, load_document
-from app.workflows.definition import MAX_EXPRESSIONS, MAX_SCHEMA_VALUES
 from app.workflows.document import DefinitionError
+from app.workflows.fields import MAX_SCHEMA_VALUES
 from tests.support.tenants import TenantKey
 
 URL = "/api/v1/workflows"

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from app.engine import evaluation
-from app.engine.evaluation import MAX_CONTEXT_VALUES, Budget
-from app.engine.expression_cost import INLINE_MAX_VALUES, MAX_COMPREHENSION_NESTING, MAX_LITERAL_ITERATIONS, Loop
-from app.engine.expressions import ExpressionError, ExpressionLimit, check_expression, compile_expression
-from app.engine.sandbox import Sandbox
 from app.tools.spec import STORED, ToolSpec
+from app.workflows.cel import evaluation
+from app.workflows.cel.cost import INLINE_MAX_VALUES, MAX_COMPREHENSION_NESTING, MAX_LITERAL_ITERATIONS, Loop
+from app.workflows.cel.evaluation import MAX_CONTEXT_VALUES, Budget
+from app.workflows.cel.expressions import ExpressionError, ExpressionLimit, check_expression, compile_expression
+from app.workflows.cel.sandbox import Sandbox
 from app.workflows.definition import DefinitionError, parse_definition
 
 TEN = "[0,1,2,3,4,5,6,7,8,9]"

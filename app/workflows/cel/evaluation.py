@@ -3,8 +3,8 @@
 Every evaluation site (a step's ``when`` and args, map items, model prompts, a tool's autonomy condition,
 HTTP templates and response selectors) goes through :func:`render` or :func:`condition` here with the
 :class:`Budget` of the step it serves. An expression is evaluated inline when its static
-:class:`~app.engine.expression_cost.Cost` and the size of the data it reads make it cheap (the hot path:
-``${{ input.x }}`` costs a few microseconds); otherwise in :mod:`app.engine.sandbox`, where it may use
+:class:`~app.workflows.cel.cost.Cost` and the size of the data it reads make it cheap (the hot path:
+``${{ input.x }}`` costs a few microseconds); otherwise in :mod:`app.workflows.cel.sandbox`, where it may use
 what is left of the budget and is killed when it overruns. Either way the event loop is never held for
 more than a few milliseconds, and an overrun fails the step with error class ``expression``.
 """
@@ -16,9 +16,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from app.engine import expressions
-from app.engine.expression_cost import INLINE_MAX_VALUES
-from app.engine.expressions import (
+from app.workflows.cel import expressions
+from app.workflows.cel.cost import INLINE_MAX_VALUES
+from app.workflows.cel.expressions import (
     MAX_VALUE_DEPTH,
     CompiledExpr,
     ExpressionLimit,
@@ -28,7 +28,7 @@ from app.engine.expressions import (
     is_template,
     scope,
 )
-from app.engine.sandbox import Sandbox
+from app.workflows.cel.sandbox import Sandbox
 
 __all__ = ["Budget", "MAX_CONTEXT_CHARS", "MAX_CONTEXT_VALUES", "condition", "configure", "render"]
 
@@ -78,7 +78,7 @@ def sandbox() -> Sandbox:
 
 
 async def render(value: Any, context: Mapping[str, Any], budget: Budget) -> Any:
-    """:func:`app.engine.expressions.render` within ``budget``; raises ExpressionError / ExpressionLimit."""
+    """:func:`app.workflows.cel.expressions.render` within ``budget``; raises ExpressionError / ExpressionLimit."""
     compiled = [compile_expression(source) for source in _sources(value)]
     if not compiled:
         return expressions.render(value, context)
@@ -94,7 +94,7 @@ async def render(value: Any, context: Mapping[str, Any], budget: Budget) -> Any:
 
 
 async def condition(text: str, context: Mapping[str, Any], budget: Budget) -> bool:
-    """:func:`app.engine.expressions.evaluate_condition` within ``budget``."""
+    """:func:`app.workflows.cel.expressions.evaluate_condition` within ``budget``."""
     compiled = compile_expression(condition_source(text))
     scoped = _scoped(context, [compiled])
     if _inline([compiled], scoped):

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from app.engine.expressions import (
+from app.workflows.cel.expressions import (
     ExpressionError,
     compile_expression,
     condition_source,

@@ -2,7 +2,7 @@
 
 The ``cel`` package holds the GIL for a whole evaluation and cannot be interrupted, so a thread does not
 help and a timer cannot stop it. Costly evaluations therefore run in a few child processes (``python -m
-app.engine.sandbox``), each serving one request at a time over its stdin/stdout (4-byte length, then
+app.workflows.cel.sandbox``), each serving one request at a time over its stdin/stdout (4-byte length, then
 JSON). A dedicated thread per child waits on the pipe with the GIL released, so the event loop keeps
 running; a child that overruns its time is killed (SIGKILL) and a fresh one started for the next
 request. Children run under an address-space limit, so a comprehension that builds huge lists dies
@@ -29,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from app.engine.expressions import ExpressionError, ExpressionLimit, evaluate_condition, render
+from app.workflows.cel.expressions import ExpressionError, ExpressionLimit, evaluate_condition, render
 
-_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the `app` package
+_ROOT = Path(__file__).resolve().parents[3]  # the directory holding the `app` package
 _STARTUP_S = 30.0  # a child that cannot even import in this long is broken, not slow
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 
@@ -113,7 +113,7 @@ class _Child:
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])),
                "PATH": os.environ.get("PATH", ""), "LANG": os.environ.get("LANG", "C.UTF-8")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.engine.sandbox", str(memory_mb)],
+            [sys.executable, "-m", "app.workflows.cel.sandbox", str(memory_mb)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

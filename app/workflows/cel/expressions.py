@@ -22,9 +22,9 @@ Notes on the ``cel`` package (common-expression-language 0.10) that shape this m
   main thread. Expression size/nesting and context depth are capped below those levels.
 * ``Program.execute`` holds the GIL and cannot be interrupted: nested comprehensions can run for
   minutes, and a thread does not keep an event loop responsive meanwhile. The functions here evaluate
-  in the calling thread; :mod:`app.engine.evaluation` decides, from the static :class:`Cost` of each
+  in the calling thread; :mod:`app.workflows.cel.evaluation` decides, from the static :class:`Cost` of each
   expression and the size of its data, whether that is safe or the killable sandbox
-  (:mod:`app.engine.sandbox`) must do it. Expressions being posted are also held to
+  (:mod:`app.workflows.cel.sandbox`) must do it. Expressions being posted are also held to
   :meth:`Cost.problem` (:func:`check_expression`); stored ones are not, so they keep loading.
 """
 
@@ -42,7 +42,7 @@ from typing import Any, TypeAlias
 
 import cel
 
-from app.engine.expression_cost import MACROS, Cost, analyse
+from app.workflows.cel.cost import MACROS, Cost, analyse
 
 __all__ = [
     "CompiledExpr",
