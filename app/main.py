@@ -25,7 +25,6 @@ from app.auth.web import templates
 from app.budgets.routes import router as budgets_router
 from app.config import Settings, get_settings
 from app.db import ROOT
-from app.engine.runtime import Runtime
 from app.http import (
     BodySizeLimitMiddleware,
     InternalErrorMiddleware,
@@ -39,6 +38,7 @@ from app.outage import DATABASE, REDIS
 from app.outage import register_handlers as register_outage_handlers
 from app.providers.routes import router as providers_router
 from app.runs.routes import router as runs_router
+from app.runtime import Runtime
 from app.security_headers import SecurityHeadersMiddleware
 from app.tenants.access import router as access_router
 from app.tenants.routes import router as settings_router

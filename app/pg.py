@@ -1,9 +1,10 @@
-"""The engine's database access: asyncpg statements on the transaction's own connection.
+"""Database access on asyncpg: statements run on the transaction's own connection.
 
-The engine's statements are few, fixed and on the hot path of every step, so they are written as
-SQL and run on the asyncpg connection directly (prepared once per connection by asyncpg's statement
-cache) rather than built through SQLAlchemy's expression layer on every call. Inside an API request
-the engine uses the request session's connection, so its writes share the request's transaction.
+The engine's and the services' statements are fixed and many are on the hot path of every step, so
+they are written as SQL and run on the asyncpg connection directly (prepared once per connection by
+asyncpg's statement cache) rather than built through SQLAlchemy's expression layer on every call.
+Inside an API request :func:`driver` gives the request session's connection, so those writes share
+the request's transaction.
 
 JSONB values go in as JSON text and come out decoded: the codec SQLAlchemy's asyncpg dialect installs,
 which :func:`setup_connection` installs on the engine's own pool too.
@@ -24,6 +25,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
 
 JSON_COLUMNS = frozenset({"input", "output", "error", "data"})
+
+
+def asyncpg_dsn(url: str) -> str:
+    """A SQLAlchemy ``postgresql+asyncpg://`` URL as the plain DSN asyncpg connects with."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
 def dumps(value: Any) -> str:

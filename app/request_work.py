@@ -16,9 +16,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.db import Db
-from app.engine.runtime import Runtime
 from app.engine.unit_of_work import UnitOfWork
 from app.pg import driver
+from app.runtime import Runtime
 
 
 def get_runtime(request: Request) -> Runtime:

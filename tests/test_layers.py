@@ -14,8 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CORE = {"app.pg", "app.db", "app.config", "app.clock", "app.canonical", "app.pagination", "app.errors",
         "app.outage", "app.http", "app.logs", "app.redis", "app.context", "app.json_schema", "app.input_guard"}
-# Who may import the engine: the domains that drive runs, the workers, and the composition roots.
-ENGINE_USERS = ("app.engine", "app.runs", "app.approvals", "workers", "app.main", "app.cli", "app.models")
+# Who may import the engine: the domains that drive runs, the workers, the one path every tool call takes
+# (it runs inside a claimed step: attempts, checkpoints, gates), the routes' unit-of-work dependency, and
+# the composition roots (the app, the CLI, the process resources, the table registry).
+ENGINE_USERS = ("app.engine", "app.runs", "app.approvals", "workers", "app.tools.calls", "app.request_work",
+                "app.main", "app.cli", "app.runtime", "app.models")
 SQL_CALLS = {"execute", "fetch", "fetchrow", "fetchval", "executemany", "scalar", "scalars", "copy_records_to_table"}
 
 
@@ -78,3 +81,14 @@ def test_routes_hold_no_sql(name: str) -> None:
                   and isinstance(node.value, str)
                   and node.value.lstrip().startswith(("SELECT ", "INSERT ", "UPDATE ", "DELETE ", "WITH "))]
     assert (calls, statements) == ([], []), f"{name}: SQL belongs in the domain's service"
+
+
+def test_tests_import_helpers_from_support_not_from_conftest_files() -> None:
+    offenders = []
+    for package in ("tests", "bench"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "node_modules" in path.parts:
+                continue
+            found = imports(ast.parse(path.read_text(), str(path)))
+            offenders += [f"{path.relative_to(ROOT)}: {i}" for i in sorted(found) if "conftest" in i.split(".")]
+    assert offenders == []

@@ -33,13 +33,13 @@ from app.engine import checkpoints
 from app.engine.advance import Claimed
 from app.engine.attempts import AuditNote, Outcome
 from app.engine.checkpoints import Checkpoint
-from app.engine.runtime import Runtime
 from app.engine.transaction import in_tx
 from app.engine.unit_of_work import UnitOfWork
 from app.json_schema import schema_errors
 from app.llm.client import ChatResult, ModelError, chat, cost_usd, estimate_input_tokens, tool_spec
 from app.pg import Conn
 from app.providers.service import ModelRef, resolve_model
+from app.runtime import Runtime
 from app.tools import service as tools
 from app.tools.builtins import ToolError, check_destination
 from app.tools.calls import Caller, CallResult, CallSite, exhausted_notes

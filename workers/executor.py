@@ -15,8 +15,8 @@ from app.config import Settings
 from app.engine.advance import Claimed, step_timeout
 from app.engine.attempts import Outcome, renew_lease
 from app.engine.checkpoints import Fenced
-from app.engine.runtime import Runtime
 from app.outage import DATABASE, Backoff, is_database_outage
+from app.runtime import Runtime
 from app.tools.breaker import Breaker
 from app.tools.calls import Caller, CallSite, run_scope
 from app.workflows.steps import Definition, MapStep, ModelStep, StepDef, ToolStep

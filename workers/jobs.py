@@ -19,10 +19,10 @@ from app.engine.advance import Claimed, Claimer, cached_definition, load_definit
 from app.engine.attempts import Outcome, claim_attempt, record_outcomes
 from app.engine.attempts import fire_wait_timeout as fire_wait_timeout_tx
 from app.engine.reconciler import reconcile_once
-from app.engine.runtime import Runtime
 from app.engine.transaction import DatabaseUnavailable, in_tx
 from app.engine.unit_of_work import UnitOfWork
 from app.outage import DATABASE, Backoff, is_database_outage, quiet_database_outage
+from app.runtime import Runtime
 from app.tools.breaker import Breaker
 from workers.executor import UNAVAILABLE, Lease, execute
 

@@ -19,9 +19,9 @@ from prometheus_client import start_http_server
 
 import app.models  # noqa: F401  (every table, so foreign keys resolve in a worker-only process)
 from app.config import Settings
-from app.engine.runtime import Runtime
 from app.engine.unit_of_work import QUEUES
 from app.redis import connect, redis_settings
+from app.runtime import Runtime
 from app.tools.breaker import Breaker
 from workers.jobs import fire_wait_timeout, reconcile, run_step
 from workers.wakeup import WakeableWorker, listen

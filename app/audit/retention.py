@@ -22,7 +22,7 @@ from app.audit.chain import Entry, append, format_at
 from app.pg import Conn
 
 if TYPE_CHECKING:
-    from app.engine.runtime import Runtime
+    from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

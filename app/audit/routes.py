@@ -42,11 +42,10 @@ from app.auth.deps import require
 from app.config import Settings
 from app.context import Ctx
 from app.db import Db
-from app.engine.notify import asyncpg_dsn
 from app.errors import AppError
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, keyset, page_size
-from app.pg import Conn, driver, setup_connection
+from app.pg import Conn, asyncpg_dsn, driver, setup_connection
 
 log = logging.getLogger(__name__)
 

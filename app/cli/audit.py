@@ -86,8 +86,7 @@ def _database_url() -> str:
 async def _connect(database_url: str) -> AsyncIterator[Conn]:
     import asyncpg
 
-    from app.engine.notify import asyncpg_dsn
-    from app.pg import setup_connection
+    from app.pg import asyncpg_dsn, setup_connection
 
     conn = await asyncpg.connect(asyncpg_dsn(database_url), server_settings={"application_name": "steward-cli"})
     try:

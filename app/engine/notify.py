@@ -15,13 +15,10 @@ from typing import Any
 import asyncpg
 
 from app.outage import DATABASE
+from app.pg import asyncpg_dsn
 
 log = logging.getLogger(__name__)
 RUN_DONE = "steward_run_done"
-
-
-def asyncpg_dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
 class RunNotifier:

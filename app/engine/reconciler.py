@@ -25,10 +25,10 @@ from app.clock import now
 from app.config import Settings
 from app.engine.actions import RUN_CLOCK, time_out_run
 from app.engine.attempts import expire_lease, fire_wait_timeout
-from app.engine.runtime import Runtime
 from app.engine.transaction import in_tx
 from app.engine.unit_of_work import Job, UnitOfWork
 from app.outage import is_database_outage
+from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
 BATCH = 200

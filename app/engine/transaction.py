@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from app.engine.runtime import Runtime
 from app.engine.state_machine import StaleTransition
 from app.engine.unit_of_work import UnitOfWork
 from app.outage import DATABASE, Backoff, is_database_outage
+from app.runtime import Runtime
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from app.auth.deps import require
 from app.context import Ctx
 from app.db import Db
-from app.engine.runtime import Runtime
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, keyset, page_size
+from app.runtime import Runtime
 from app.tenants import service as tenants_service
 from app.tenants.schemas import (
     ApiKeyCreate,

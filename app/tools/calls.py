@@ -35,9 +35,9 @@ from app.clock import now
 from app.config import Settings
 from app.engine.attempts import AuditNote, Outcome
 from app.engine.gates import Gate, action_hash, grant_for
-from app.engine.runtime import Runtime
 from app.outage import quiet_database_outage
 from app.pg import Conn
+from app.runtime import Runtime
 from app.tenants.policy import TenantPolicy, load_policy
 from app.tools import service as tools
 from app.tools.breaker import Breaker, BreakerPolicy

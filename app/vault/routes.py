@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.auth.deps import require
 from app.context import Ctx
 from app.db import Db
-from app.engine.runtime import Runtime
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, keyset, page_size
 from app.pg import driver
+from app.runtime import Runtime
 from app.vault import service
 from app.vault.service import MAX_VALUE_CHARS
 

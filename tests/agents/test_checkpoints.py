@@ -12,8 +12,8 @@ from app.config import Settings
 from app.engine import checkpoints
 from app.engine.advance import Claimed
 from app.engine.checkpoints import Checkpoint, Fenced
-from app.engine.runtime import Runtime
 from app.engine.transaction import in_tx
+from app.runtime import Runtime
 from tests.support.runs import create_workflow, name, start_run, wait_for
 from tests.support.tenants import TenantKey
 

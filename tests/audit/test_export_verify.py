@@ -22,8 +22,8 @@ from app.audit.chain import GENESIS, Entry, format_at
 from app.audit.export import COLUMNS
 from app.audit.verify import verify_chain
 from app.config import Settings
-from app.engine.runtime import Runtime
 from app.pg import Conn
+from app.runtime import Runtime
 from tests.support.audit import add, entries, rehash, reverify_lines, rows, tamper
 from tests.support.tenants import MakeTenant, TenantKey
 

@@ -17,8 +17,7 @@ from app.auth.local import LOCAL_ADMIN, ensure_local_admin, hash_password, verif
 from app.auth.sessions import COOKIE
 from app.auth.web import LOCAL_NOTE
 from app.config import Settings
-from app.engine.notify import asyncpg_dsn
-from app.pg import driver
+from app.pg import asyncpg_dsn, driver
 from tests.support.signin import app_client, audit_events, first_form
 from tests.support.tenants import MakeTenant, TenantKey
 

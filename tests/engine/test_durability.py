@@ -16,9 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.config import Settings
 from app.engine.advance import Claimer
 from app.engine.attempts import claim_attempt
-from app.engine.runtime import Runtime
 from app.engine.transaction import in_tx
 from app.runs.models import StepAttempt, StepRun
+from app.runtime import Runtime
 from tests.support.runs import create_workflow, name, start_run, step, wait_for, wait_run
 from tests.support.tenants import TenantKey
 from tests.support.workers import FAST, WorkerProcess

@@ -13,9 +13,9 @@ from fastapi import FastAPI
 from app.clock import now
 from app.engine.attempts import fire_wait_timeout
 from app.engine.gates import ApprovalStatus, move_approval
-from app.engine.runtime import Runtime
 from app.engine.state_machine import IllegalTransition
 from app.engine.transaction import in_tx
+from app.runtime import Runtime
 from tests.support.runs import create_workflow, name, start_run
 from tests.support.tenants import MakeTenant, TenantKey
 

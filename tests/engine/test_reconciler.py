@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app.clock import now
 from app.engine.reconciler import reconcile_once
-from app.engine.runtime import Runtime
+from app.runtime import Runtime
 from tests.support.runs import create_workflow, name, start_run, step
 from tests.support.tenants import TenantKey
 

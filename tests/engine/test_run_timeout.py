@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.engine.reconciler import reconcile_once
-from app.engine.runtime import Runtime
+from app.runtime import Runtime
 from tests.support.runs import create_workflow, name, start_run, step, wait_for, wait_run
 from tests.support.tenants import TenantKey
 

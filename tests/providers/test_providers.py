@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.engine.runtime import Runtime
 from app.llm.client import Price
 from app.providers.service import ModelRef, model_names, resolve_model
+from app.runtime import Runtime
 from tests.support.tenants import MakeApiKey, TenantKey
 
 KEY = "sk-prov-9c1e77d2b4a0"

@@ -1,4 +1,5 @@
-"""Process-wide engine resources: database engine and sessions, the arq pool, the relay, the notifier."""
+"""Process-wide resources, built once per process (API or worker): the database engine and sessions, the
+asyncpg pool, the arq pool, the vault keys, the outbox relay and the run notifier."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
-from app.engine.notify import RunNotifier, asyncpg_dsn
+from app.engine.notify import RunNotifier
 from app.engine.outbox import Relay
 from app.engine.unit_of_work import UnitOfWork
 from app.outage import DATABASE, watch_engine
-from app.pg import setup_connection
+from app.pg import asyncpg_dsn, setup_connection
 from app.redis import connect as connect_redis
 from app.vault.crypto import Vault, load_keys
 from app.workflows.cel import evaluation
