@@ -29,9 +29,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     worker.set_defaults(handler=cmd_worker)
 
 
-def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def _preflight(command: str, without_redis: str) -> Settings:
+    """Settings, with the database checked (required) and Redis checked (a warning: both processes ride
+    out a Redis outage)."""
     settings = load_settings()
     database_url, redis_url = require_urls(settings, redis=True)
     assert redis_url is not None
@@ -39,9 +39,16 @@ def cmd_api(args: argparse.Namespace) -> int:
     try:
         check_redis(redis_url)
     except CliError as exc:
-        # The API works without Redis for a while: runs are committed with their outbox rows and the
-        # relay sends the jobs once Redis answers; /readyz reports it down meanwhile.
-        print(f"steward api: warning: {exc}; starting anyway (/readyz will say so)", file=sys.stderr)
+        print(f"{command}: warning: {exc}; {without_redis}", file=sys.stderr)
+    return settings
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    # The API works without Redis for a while: runs are committed with their outbox rows and the relay
+    # sends the jobs once Redis answers; /readyz reports it down meanwhile.
+    settings = _preflight("steward api", "starting anyway (/readyz will say so)")
     host = args.host if args.host is not None else settings.host
     port = args.port if args.port is not None else settings.port
     settings = settings.model_copy(update={"host": host, "port": port})
@@ -62,15 +69,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    database_url, redis_url = require_urls(settings, redis=True)
-    assert redis_url is not None
-    check_database(database_url)
-    try:
-        check_redis(redis_url)
-    except CliError as exc:
-        # A worker waits for Redis as it would through an outage, rather than exit and be restarted.
-        print(f"steward worker: warning: {exc}; starting anyway", file=sys.stderr)
+    # A worker waits for Redis as it would through an outage, rather than exit and be restarted.
+    settings = _preflight("steward worker", "starting anyway")
     from app.logs import configure as configure_logging
 
     configure_logging()

@@ -16,6 +16,7 @@ from app.context import Ctx
 from app.engine.advance import (
     Advance,
     RunRow,
+    StepRow,
     fail_step,
     load_definition,
     load_steps,
@@ -141,19 +142,24 @@ async def signal_run(
     if not waiting:
         raise IllegalTransition(f"no step of this run is waiting for signal {name!r}", status_now=run.status)
     for row in waiting:
-        await transition_step(
-            tx.conn,
-            row.id,
-            status=row.status,
-            version=row.version,
-            to=StepStatus.SUCCEEDED,
-            output=payload,
-            finished_at=now(),
-            wait_deadline=None,
-        )
+        await _succeed_waiting(tx, row, output=payload)
         tx.event(run.id, "signal_received", step_id=row.step_id, signal=name, actor=actor)
     await Advance(tx=tx, run=run, definition=definition, settings=settings).plan_and_apply()
     return [row.step_id for row in waiting]
+
+
+async def _succeed_waiting(tx: UnitOfWork, step: StepRow, *, output: Any) -> None:
+    """A waiting step's wait is over (its signal came, its gate was approved): it succeeds with ``output``."""
+    await transition_step(
+        tx.conn,
+        step.id,
+        status=step.status,
+        version=step.version,
+        to=StepStatus.SUCCEEDED,
+        output=output,
+        finished_at=now(),
+        wait_deadline=None,
+    )
 
 
 async def time_out_run(tx: UnitOfWork, settings: Settings, run_id: uuid.UUID) -> bool:
@@ -257,16 +263,7 @@ async def _resolve_gated_step(
     if approval.kind == "step":
         if approve:
             output = {"approved": True, "by": principal, "comment": comment}
-            await transition_step(
-                tx.conn,
-                step.id,
-                status=step.status,
-                version=step.version,
-                to=StepStatus.SUCCEEDED,
-                output=output,
-                finished_at=now(),
-                wait_deadline=None,
-            )
+            await _succeed_waiting(tx, step, output=output)
             tx.event(run.id, "step_succeeded", step_id=step.step_id)
         else:
             await fail_step(tx, run, step, "approval_rejected", rejected)
