@@ -22,8 +22,6 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
-
 from app.audit.service import entry
 from app.canonical import digest
 from app.clock import now
@@ -60,7 +58,7 @@ def action_hash(tool: str | None, version: int | None, args: Any) -> str:
     return digest({"tool": tool, "version": version, "args": args})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Gate:
     """A call that needs a person's approval before it runs."""
 
@@ -307,11 +305,27 @@ async def supersede_approvals(tx: UnitOfWork, step_run_ids: list[uuid.UUID]) -> 
     )
 
 
-async def grant_for(conn: Conn, step_run_id: uuid.UUID, call_id: str) -> asyncpg.Record | None:
+@dataclass(frozen=True, kw_only=True)
+class Grant:
+    """The approval a gated call asked for, as the call reads it back (any status)."""
+
+    id: uuid.UUID
+    status: str
+    tool: str | None
+    tool_version: int | None
+    args: Any
+    approved_args: Any  # the arguments an approver edited, or None
+    action_hash: str | None
+    decided_by: str | None
+    comment: str | None
+
+
+async def grant_for(conn: Conn, step_run_id: uuid.UUID, call_id: str) -> Grant | None:
     """The approval of a gated call (any status), or None."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         "SELECT id, status, tool, tool_version, args, approved_args, action_hash, decided_by, comment "
         "FROM approval WHERE step_run_id = $1 AND call_id = $2 AND superseded_at IS NULL",
         step_run_id,
         call_id,
     )
+    return Grant(**row) if row is not None else None

@@ -34,7 +34,7 @@ from app.budgets.service import Hold
 from app.clock import now
 from app.config import Settings
 from app.engine.attempts import AuditNote, Outcome
-from app.engine.gates import Gate, action_hash, grant_for
+from app.engine.gates import Gate, Grant, action_hash, grant_for
 from app.outage import quiet_database_outage
 from app.pg import Conn
 from app.runtime import Runtime
@@ -178,12 +178,12 @@ class Caller:
                                     f"the autonomy condition of {ref.name!r} could not be evaluated: {exc.reason}")
             if gated:
                 grant = await grant_for(conn, site.step_run_id, site.call_id)
-                if grant is not None and grant["status"] == "approved":
+                if grant is not None and grant.status == "approved":
                     # Run exactly what was approved: that version, those arguments (hash-checked below).
-                    pinned = await tools.resolve(conn, self.scope.tenant_id, name, grant["tool_version"])
+                    pinned = await tools.resolve(conn, self.scope.tenant_id, name, grant.tool_version)
                     ref = pinned or ref
-                    if grant["approved_args"] is not None:
-                        args = grant["approved_args"]  # the approver edited them (validated when decided)
+                    if grant.approved_args is not None:
+                        args = grant.approved_args  # the approver edited them (validated when decided)
             secrets = await open_secrets(conn, self.runtime.vault, self.scope.tenant_id, ref.spec.secret_names())
         result = self._check(site, ref, args)
         if result is not None:
@@ -253,16 +253,17 @@ class Caller:
                                 f"{self.scope.principal or 'the run starter'} does not have")
         return None
 
-    def _approval(self, site: CallSite, ref: ToolRef, args: Any, grant: Any) -> CallResult | None:
-        if grant is None or grant["status"] == "pending":
+    def _approval(self, site: CallSite, ref: ToolRef, args: Any, grant: Grant | None) -> CallResult | None:
+        if grant is None or grant.status == "pending":
             reason = _gate_reason(ref, args)
             return CallResult(False, error_class="approval_required", message=reason,
-                              gate=Gate(site.kind, site.call_id, ref.name, ref.version, args, reason))
-        if grant["status"] != "approved":
-            return self._failed(site, ref, args, f"approval_{grant['status']}",
-                                f"the call was {grant['status']}" + (f": {grant['comment']}" if grant["comment"]
+                              gate=Gate(kind=site.kind, call_id=site.call_id, tool=ref.name, tool_version=ref.version,
+                                        args=args, reason=reason))
+        if grant.status != "approved":
+            return self._failed(site, ref, args, f"approval_{grant.status}",
+                                f"the call was {grant.status}" + (f": {grant.comment}" if grant.comment
                                                                    else ""))
-        if action_hash(ref.name, ref.version, args) != grant["action_hash"]:
+        if action_hash(ref.name, ref.version, args) != grant.action_hash:
             return self._reject(site, ref.name, ref, args, "approval_mismatch",
                                 "this call is not the action that was approved (tool, version or arguments "
                                 "differ); refusing to run it under that approval")
