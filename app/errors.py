@@ -8,7 +8,6 @@ AppError                    500 internal
 ├── Conflict                409 conflict
 │   ├── IllegalTransition   (engine) a move the state machine does not allow
 │   └── StaleTransition     (engine) someone else moved the row first
-├── PayloadTooLarge         413 payload-too-large
 └── Invalid                 422 invalid   (``errors``: [{"pointer", "message"}])
 """
 
@@ -73,12 +72,6 @@ class Conflict(AppError):
     status = 409
     type = "conflict"
     title = "Conflict"
-
-
-class PayloadTooLarge(AppError):
-    status = 413
-    type = "payload-too-large"
-    title = "Payload too large"
 
 
 class Invalid(AppError):
