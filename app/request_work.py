@@ -13,20 +13,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 
 from app.db import Db
 from app.engine.unit_of_work import UnitOfWork
 from app.pg import driver
-from app.runtime import Runtime
-
-
-def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
-AppRuntime = Annotated[Runtime, Depends(get_runtime)]
+from app.runtime import AppRuntime
 
 
 async def request_work(db: Db, runtime: AppRuntime) -> AsyncIterator[UnitOfWork]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import asyncpg
 from arq.connections import ArqRedis
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
@@ -101,3 +103,12 @@ class Runtime:
             await self.redis.aclose()
         await self.pg.close()
         await self.engine.dispose()
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+# The process's resources, for route signatures.
+AppRuntime = Annotated[Runtime, Depends(get_runtime)]

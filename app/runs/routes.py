@@ -16,9 +16,10 @@ from app.engine.state_machine import RunStatus
 from app.errors import Invalid
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Limit, page_size
-from app.request_work import AppRuntime, Work
+from app.request_work import Work
 from app.runs import schemas
 from app.runs import service as runs_service
+from app.runtime import AppRuntime
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"], responses=api_responses(404), route_class=JsonRoute)
 

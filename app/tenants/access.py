@@ -10,14 +10,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Response
 
 from app.auth.deps import require
 from app.context import Ctx
 from app.db import Db
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, keyset, page_size
-from app.runtime import Runtime
+from app.runtime import AppRuntime
 from app.tenants import service as tenants_service
 from app.tenants.schemas import (
     ApiKeyCreate,
@@ -57,8 +57,9 @@ async def list_members(
     summary="Add a member (by identity)",
     responses=problem_responses(409),
 )
-async def add_member(body: MemberAdd, request: Request, ctx: Admin, db: Db, settings: AppSettings) -> MemberRead:
-    runtime: Runtime = request.app.state.runtime
+async def add_member(
+    body: MemberAdd, ctx: Admin, db: Db, settings: AppSettings, runtime: AppRuntime
+) -> MemberRead:
     member = await tenants_service.add_member(
         db, runtime.pg, ctx, issuer=body.issuer or settings.oidc_issuer or "local", subject=body.subject,
         roles=body.roles, email=body.email, name=body.name,

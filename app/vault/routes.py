@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.auth.deps import require
@@ -14,7 +14,7 @@ from app.db import Db
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, keyset, page_size
 from app.pg import driver
-from app.runtime import Runtime
+from app.runtime import AppRuntime
 from app.vault import service
 from app.vault.service import MAX_VALUE_CHARS
 
@@ -62,8 +62,7 @@ class SecretPage(BaseModel):
     summary="Create or replace a secret (the value is never returned)",
     responses=problem_responses(409),
 )
-async def put_secret(name: SecretName, body: SecretWrite, request: Request, ctx: Admin, db: Db) -> Response:
-    runtime: Runtime = request.app.state.runtime
+async def put_secret(name: SecretName, body: SecretWrite, ctx: Admin, db: Db, runtime: AppRuntime) -> Response:
     await service.put_secret(await driver(db), runtime.vault, ctx, name, body.value)
     await db.commit()
     return Response(status_code=204)
