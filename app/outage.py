@@ -106,6 +106,10 @@ class Outage:
         self.since: float | None = None  # time.monotonic() of the first failure
         self.failures = 0
 
+    @property
+    def is_down(self) -> bool:
+        return self.since is not None
+
     def down(self, exc: BaseException) -> None:
         """Count a failure; the first of an outage is logged (one line, no traceback)."""
         self.failures += 1

@@ -131,8 +131,14 @@ class WakeableWorker(Worker):
         self.handle_sig(signal.SIGUSR1)  # cancels the jobs still running (handle_signals is off)
         if self._pool is None:
             return
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        await asyncio.gather(*self._finishing, return_exceptions=True)
+        # Until none is left: a poll under way when the jobs were cancelled may still start one, and a
+        # job's last writes run in a task of their own (arq shields them), registered when it starts.
+        while True:
+            await asyncio.sleep(0)  # let tasks scheduled meanwhile start and register
+            pending = [t for t in (*self.tasks.values(), *self._finishing) if not t.done()]
+            if not pending:
+                break
+            await asyncio.gather(*pending, return_exceptions=True)
         try:
             await self.pool.delete(self.health_check_key)
         except Exception as exc:
