@@ -14,16 +14,16 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.approvals.routes import router as approvals_router
 from app.audit.routes import router as audit_router
 from app.auth.web import router as auth_router
-from app.auth.web import templates
 from app.budgets.routes import router as budgets_router
 from app.config import Settings, get_settings
+from app.dashboard.pages import router as dashboard_router
 from app.db import ROOT
 from app.http import (
     BodySizeLimitMiddleware,
@@ -96,12 +96,6 @@ class MetricsMiddleware:
 # Unauthenticated, without a body of their own: still a bad Content-Length (400), an oversized body (413)
 # or a NUL in the query or a header (422).
 health_router = APIRouter(tags=["health"], responses=problem_responses(400, 413, 422), route_class=JsonRoute)
-
-
-@health_router.get("/", include_in_schema=False, response_class=HTMLResponse)
-async def home(request: Request) -> Response:
-    """Until the dashboard fills it, the root page links the API docs, sign-in and health (no dead end)."""
-    return templates.TemplateResponse(request, "home.html")
 
 
 @health_router.get("/healthz", summary="The process is alive")
@@ -191,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(health_router)
+    app.include_router(dashboard_router)
     app.include_router(workflows_router)
     app.include_router(runs_router)
     app.include_router(secrets_router)

@@ -309,8 +309,9 @@ def test_steward_up_end_to_end(data_dir: Path) -> None:
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
         assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
-        # The address `steward up` announces is a page, not a 404.
-        assert httpx.get(f"{base}/", timeout=10).status_code == 200
+        # The address `steward up` announces is a page, not a 404: signed out, the sign-in page.
+        landing = httpx.get(f"{base}/", timeout=10, follow_redirects=True)
+        assert landing.status_code == 200 and landing.url.path == "/auth/login", landing.url
         # The key works, and the worker runs a step end to end.
         headers = {"Authorization": f"Bearer {key.group(1)}"}
         created = httpx.post(
@@ -336,6 +337,9 @@ def test_steward_up_end_to_end(data_dir: Path) -> None:
             assert signed_in.status_code == 303, signed_in.text
             me = browser.get("/auth/me").json()
             assert "admin" in me["roles"], me
+            # The address `up` prints is the dashboard: its runs page lists the run just made.
+            home = browser.get("/", follow_redirects=True)
+            assert home.status_code == 200 and run.json()["id"] in home.text, home.text
     finally:
         up.stop()
     assert _server_pids(data_dir) == [], "embedded servers should be stopped"

@@ -370,12 +370,20 @@ def _tenant(access: TenantAccess) -> MeTenant:
             responses=problem_responses(400, 401, 413, 422, 503))
 async def me(request: Request) -> Me:
     """The dashboard session's user, active tenant, roles, switchable tenants and CSRF token."""
+    signed_in = await signed_in_user(request)
+    if signed_in is None:
+        raise Unauthorized("not signed in")
+    return signed_in
+
+
+async def signed_in_user(request: Request) -> Me | None:
+    """What ``/auth/me`` answers, or None when the request has no live session (pages use it too)."""
     session = await current_session(request)
     if session is None:
-        raise Unauthorized("not signed in")
+        return None
     user = await get_user(_pg(request), session.user_id)
     if user is None:
-        raise Unauthorized("not signed in")
+        return None
     tenants = await tenants_of(_pg(request), user.id, session.groups)
     active = next((tenant for tenant in tenants if tenant.id == session.tenant_id), None)
     return Me(

@@ -1,0 +1,110 @@
+"""The dashboard's pages: server-rendered HTML over the same services and permissions as the REST API.
+
+A page handler checks the caller like its API twin (the same ``require(permission)`` dependency, so the
+browser and the API share one permission table), makes one service call and renders a template. Errors
+render as pages, not problem+json: a signed-out visitor is sent to sign in and comes back, a missing
+permission is a 403 page naming it, another tenant's run is the same 404 page as a run that never was.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from app.auth.deps import require
+from app.auth.web import Me, signed_in_user, templates
+from app.context import Ctx
+from app.db import Db
+from app.errors import AppError, Forbidden, Invalid, NotFound, Unauthorized
+from app.http import AppSettings, JsonRoute
+from app.pagination import Cursor, Limit, page_size
+from app.runs import service as runs_service
+from app.runs.schemas import RunSummary
+
+RUN_STATUSES = ("queued", "running", "waiting", "paused", "succeeded", "failed", "cancelled")
+
+
+class PageRoute(JsonRoute):
+    """Errors of a page render as pages (the input guard and size limits still answer first)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def page_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Unauthorized:
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse(f"/auth/login?next={quote(target, safe='')}", status_code=303)
+            except (Forbidden, NotFound, Invalid) as exc:
+                return await error_page(request, exc)
+
+        return page_handler
+
+
+async def error_page(request: Request, exc: AppError) -> Response:
+    return templates.TemplateResponse(
+        request, "dashboard/error.html", {"me": await signed_in_user(request), "error": exc}, status_code=exc.status
+    )
+
+
+router = APIRouter(include_in_schema=False, route_class=PageRoute, default_response_class=HTMLResponse)
+Viewer = Annotated[Ctx, Depends(require("runs:read"))]
+
+
+async def _me(request: Request) -> Me:
+    me = await signed_in_user(request)
+    if me is None:  # a bearer token got past require(): pages are for browsers with a session
+        raise Unauthorized("sign in to use the dashboard")
+    return me
+
+
+SignedIn = Annotated[Me, Depends(_me)]
+
+
+@router.get("/")
+async def home() -> Response:
+    """The runs page (signed-out visitors are sent to sign in by the runs page itself)."""
+    return RedirectResponse("/runs", status_code=303)
+
+
+@router.get("/runs")
+async def runs_page(
+    request: Request,
+    ctx: Viewer,
+    me: SignedIn,
+    db: Db,
+    settings: AppSettings,
+    status: Annotated[str | None, Query(max_length=20)] = None,
+    workflow: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Limit = None,
+    cursor: Cursor = None,
+) -> Response:
+    status = status if status in RUN_STATUSES else None
+    runs = await runs_service.list_runs(
+        db, ctx, status=status, workflow=workflow or None, created_after=None, created_before=None, cursor=cursor,
+        limit=page_size(limit, settings),
+    )
+    filters = {"status": status or "", "workflow": workflow or ""}
+    return templates.TemplateResponse(request, "dashboard/runs.html", {
+        "me": me, "runs": runs.items, "next_cursor": runs.next_cursor, "filters": filters,
+        "statuses": RUN_STATUSES, "duration": _duration,
+    })
+
+
+@router.get("/runs/{run_id}")
+async def run_page(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedIn, db: Db) -> Response:
+    run = await runs_service.get_run(db, ctx, run_id)
+    return templates.TemplateResponse(request, "dashboard/run.html", {"me": me, "run": run})
+
+
+def _duration(run: RunSummary) -> str:
+    if run.started_at is None or run.finished_at is None:
+        return ""
+    seconds = (run.finished_at - run.started_at).total_seconds()
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

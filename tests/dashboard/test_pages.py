@@ -1,0 +1,130 @@
+"""The dashboard's pages, in-process against the real database: sign-in, tenant scoping, escaping."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import quote
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.auth.local import hash_password
+from app.context import Ctx
+from app.db import bind_tenant
+from app.security_headers import CSP
+from app.tenants import service as tenants_service
+from tests.support.runs import create_workflow, name, start_run
+from tests.support.signin import app_client, first_form
+from tests.support.tenants import MakeTenant, TenantKey
+
+SignIn = Callable[..., Awaitable[httpx.AsyncClient]]
+XSS = "<script>alert(1)</script>"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def sign_in(
+    app: FastAPI, sessionmaker: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[SignIn]:
+    """``await sign_in(tenant, roles)``: a browser (cookies kept) signed in as a new local member."""
+    browsers: list[httpx.AsyncClient] = []
+
+    async def make(tenant: TenantKey, roles: tuple[str, ...] = ("viewer",)) -> httpx.AsyncClient:
+        username, password = f"user-{secrets.token_hex(4)}", secrets.token_urlsafe(16)
+        ctx = Ctx(tenant_id=tenant.tenant_id, principal="system", roles=frozenset({"admin"}))
+        async with sessionmaker() as db:
+            await bind_tenant(db, tenant.tenant_id)
+            await tenants_service.add_member(db, app.state.runtime.pg, ctx, issuer="local", subject=username,
+                                             roles=roles, name=username)
+            await db.commit()
+        await app.state.runtime.pg.execute(
+            "UPDATE app_user SET password_hash = $1 WHERE issuer = 'local' AND subject = $2",
+            hash_password(password), username,
+        )
+        browser = app_client(app)
+        browsers.append(browser)
+        page = await browser.get("/auth/login")
+        fields = first_form(page.text).fields
+        answer = await browser.post("/auth/local", data={**fields, "username": username, "password": password})
+        assert answer.status_code == 303, answer.text
+        return browser
+
+    yield make
+    for browser in browsers:
+        await browser.aclose()
+
+
+async def test_signed_out_visitors_are_sent_to_sign_in_and_back(app: FastAPI) -> None:
+    async with app_client(app) as browser:
+        root = await browser.get("/")
+        assert (root.status_code, root.headers["location"]) == (303, "/runs")
+        runs = await browser.get("/runs?status=failed")
+        assert runs.status_code == 303
+        assert runs.headers["location"] == "/auth/login?next=" + quote("/runs?status=failed", safe="")
+
+
+async def test_an_api_key_is_no_dashboard_session(client: httpx.AsyncClient, tenant: TenantKey) -> None:
+    page = await client.get("/runs", headers=tenant.headers)
+    assert page.status_code == 303 and page.headers["location"].startswith("/auth/login"), page.text
+
+
+async def test_the_runs_page_lists_the_tenants_runs_and_escapes_what_users_wrote(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, sign_in: SignIn
+) -> None:
+    tenant, other = await make_tenant(), await make_tenant()
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "a", "tool": "echo", "args": {"v": "x"}}])
+    await create_workflow(client, other.headers, workflow, [{"id": "a", "tool": "echo", "args": {"v": "x"}}])
+    mine = await start_run(client, tenant.headers, workflow, {"note": XSS})
+    theirs = await start_run(client, other.headers, workflow)
+    browser = await sign_in(tenant)
+
+    page = await browser.get("/runs")
+    assert page.status_code == 200, page.text
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"] == CSP
+    assert f'href="/runs/{mine["id"]}"' in page.text
+    assert theirs["id"] not in page.text
+    assert tenant.name in page.text  # the header names the tenant
+    assert "<script" not in page.text  # no inline script: the strict policy holds
+
+    filtered = await browser.get("/runs", params={"status": "succeeded", "workflow": workflow})
+    assert filtered.status_code == 200 and mine["id"] not in filtered.text
+
+    run = await browser.get(f"/runs/{mine['id']}")
+    assert run.status_code == 200, run.text
+    at = run.text.find(XSS)
+    assert at == -1, run.text[max(0, at - 300):at + 50]
+    assert "\\u003cscript\\u003ealert(1)" in run.text
+    assert 'href="/runs"' in run.text
+
+
+async def test_another_tenants_run_is_the_same_404_page_as_no_run(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, sign_in: SignIn
+) -> None:
+    tenant, other = await make_tenant(), await make_tenant()
+    workflow = name()
+    await create_workflow(client, other.headers, workflow, [{"id": "a", "tool": "echo", "args": {}}])
+    theirs = await start_run(client, other.headers, workflow)
+    browser = await sign_in(tenant)
+    for run_id in (theirs["id"], str(uuid.uuid4())):
+        page = await browser.get(f"/runs/{run_id}")
+        assert page.status_code == 404, page.text
+        assert page.headers["content-type"].startswith("text/html")
+        assert run_id in page.text and "Back to runs" in page.text
+
+
+@pytest.mark.parametrize("cursor", ["junk", "aGVsbG8"])
+async def test_a_bad_cursor_or_filter_is_never_a_500(
+    make_tenant: MakeTenant, sign_in: SignIn, cursor: str
+) -> None:
+    browser = await sign_in(await make_tenant())
+    page = await browser.get("/runs", params={"cursor": cursor})
+    assert page.status_code == 422 and page.headers["content-type"].startswith("text/html"), page.text
+    assert "not a cursor from this list" in page.text
+    unknown = await browser.get("/runs", params={"status": "nonsense"})
+    assert unknown.status_code == 200  # an unknown status filters nothing out, it is no error
