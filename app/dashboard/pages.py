@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -17,16 +18,26 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from app.auth.deps import require
+from app.auth.permissions import allowed
 from app.auth.web import Me, signed_in_user, templates
 from app.context import Ctx
 from app.db import Db
-from app.errors import AppError, Forbidden, Invalid, NotFound, Unauthorized
+from app.errors import AppError, Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from app.http import AppSettings, JsonRoute
 from app.pagination import Cursor, Limit, page_size
+from app.request_work import Work
 from app.runs import service as runs_service
 from app.runs.schemas import RunSummary
 
 RUN_STATUSES = ("queued", "running", "waiting", "paused", "succeeded", "failed", "cancelled")
+# Operator actions and the run statuses each applies to (docs/api.md; the engine refuses the rest with 409).
+ACTIONS: dict[str, tuple[str, ...]] = {
+    "pause": ("queued", "running", "waiting"),
+    "resume": ("paused",),
+    "cancel": ("queued", "running", "waiting", "paused"),
+    "retry": ("failed",),
+}
+OPERATE = "runs:operate"
 
 
 class PageRoute(JsonRoute):
@@ -41,7 +52,7 @@ class PageRoute(JsonRoute):
             except Unauthorized:
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/auth/login?next={quote(target, safe='')}", status_code=303)
-            except (Forbidden, NotFound, Invalid) as exc:
+            except (Forbidden, NotFound, Conflict, Invalid) as exc:
                 return await error_page(request, exc)
 
         return page_handler
@@ -55,6 +66,7 @@ async def error_page(request: Request, exc: AppError) -> Response:
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute, default_response_class=HTMLResponse)
 Viewer = Annotated[Ctx, Depends(require("runs:read"))]
+Operator = Annotated[Ctx, Depends(require(OPERATE))]
 
 
 async def _me(request: Request) -> Me:
@@ -100,7 +112,43 @@ async def runs_page(
 @router.get("/runs/{run_id}")
 async def run_page(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedIn, db: Db) -> Response:
     run = await runs_service.get_run(db, ctx, run_id)
-    return templates.TemplateResponse(request, "dashboard/run.html", {"me": me, "run": run})
+    return templates.TemplateResponse(request, "dashboard/run.html", {
+        "me": me, "run": run, "actions": _controls(run["status"], ctx.roles),
+    })
+
+
+@dataclass(frozen=True)
+class Control:
+    action: str
+    why_not: str | None  # shown next to a disabled control
+
+
+def _controls(status: str, roles: frozenset[str]) -> list[Control]:
+    """Every operator action, enabled when the run's status and the user's roles allow it, else why not."""
+    may_operate = allowed(roles, OPERATE)
+    return [
+        Control(action, None if may_operate and status in statuses
+                else f"needs the {OPERATE} permission" if not may_operate else f"the run is {status}")
+        for action, statuses in ACTIONS.items()
+    ]
+
+
+_OPERATIONS = {
+    "pause": runs_service.pause_run, "resume": runs_service.resume_run,
+    "cancel": runs_service.cancel_run, "retry": runs_service.retry_run,
+}
+
+
+@router.post("/runs/{run_id}/{action}")
+async def act_on_run(
+    run_id: uuid.UUID, action: str, ctx: Operator, work: Work, db: Db, settings: AppSettings
+) -> Response:
+    """A form's operator action: the same service call (and audit event) as the API's, then the run."""
+    operation = _OPERATIONS.get(action)
+    if operation is None:
+        raise NotFound(f"no action {action!r}: one of {', '.join(_OPERATIONS)}")
+    await operation(db, work, ctx, settings, run_id)
+    return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
 
 def _duration(run: RunSummary) -> str:

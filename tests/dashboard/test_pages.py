@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -128,3 +129,56 @@ async def test_a_bad_cursor_or_filter_is_never_a_500(
     assert "not a cursor from this list" in page.text
     unknown = await browser.get("/runs", params={"status": "nonsense"})
     assert unknown.status_code == 200  # an unknown status filters nothing out, it is no error
+
+
+def csrf_of(page: str) -> str:
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert token, page[:500]
+    return token.group(1)
+
+
+async def test_an_operator_pauses_resumes_and_cancels_a_run_from_its_page(
+    client: httpx.AsyncClient, tenant: TenantKey, sign_in: SignIn
+) -> None:
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "w", "wait": {"signal": "go"}}])
+    run = await start_run(client, tenant.headers, workflow)  # no worker: it stays where the engine put it
+    browser = await sign_in(tenant, ("operator",))
+    url = f"/runs/{run['id']}"
+
+    async def act(action: str) -> str:
+        page = await browser.get(url)
+        answer = await browser.post(f"{url}/{action}", data={"csrf_token": csrf_of(page.text)})
+        assert (answer.status_code, answer.headers.get("location")) == (303, url), answer.text
+        status: str = (await client.get(f"/api/v1/runs/{run['id']}", headers=tenant.headers)).json()["status"]
+        return status
+
+    assert await act("pause") == "paused"
+    page = (await browser.get(url)).text
+    assert 'disabled aria-describedby="why-pause"' in page and "the run is paused" in page
+    assert await act("resume") != "paused"
+    assert await act("cancel") == "cancelled"
+    # The engine refuses what the run's state does not allow: a page saying so, not a 500.
+    refused = await browser.post(f"{url}/retry", data={"csrf_token": csrf_of((await browser.get(url)).text)})
+    assert refused.status_code == 409 and "cancelled" in refused.text, refused.text
+    events = (await client.get("/api/v1/audit/events", params={"target": f"run:{run['id']}"},
+                               headers=tenant.headers)).json()["items"]
+    assert {"run.pause", "run.resume", "run.cancel"} <= {event["action"] for event in events}, events
+
+
+async def test_a_viewer_sees_why_the_controls_are_off_and_cannot_post_them(
+    client: httpx.AsyncClient, tenant: TenantKey, sign_in: SignIn
+) -> None:
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "w", "wait": {"signal": "go"}}])
+    run = await start_run(client, tenant.headers, workflow)
+    browser = await sign_in(tenant, ("viewer",))
+    url = f"/runs/{run['id']}"
+    page = (await browser.get(url)).text
+    assert page.count("needs the runs:operate permission") == 4
+    refused = await browser.post(f"{url}/pause", data={"csrf_token": csrf_of(page)})
+    assert refused.status_code == 403 and "runs:operate" in refused.text
+    forged = await (await sign_in(tenant, ("operator",))).post(f"{url}/pause", data={"csrf_token": "forged"})
+    assert forged.status_code == 403 and "CSRF" in forged.text
+    status = (await client.get(f"/api/v1/runs/{run['id']}", headers=tenant.headers)).json()["status"]
+    assert status != "paused"
