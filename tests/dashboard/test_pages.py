@@ -6,6 +6,7 @@ import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -182,3 +183,68 @@ async def test_a_viewer_sees_why_the_controls_are_off_and_cannot_post_them(
     assert forged.status_code == 403 and "CSRF" in forged.text
     status = (await client.get(f"/api/v1/runs/{run['id']}", headers=tenant.headers)).json()["status"]
     assert status != "paused"
+
+
+async def gated_run(client: httpx.AsyncClient, tenant: TenantKey) -> dict[str, Any]:
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "ok", "approval": {"reason": f"ship {XSS}?"}}])
+    return await start_run(client, tenant.headers, workflow)
+
+
+async def test_an_approver_decides_from_the_inbox_and_a_rejection_needs_a_comment(
+    client: httpx.AsyncClient, tenant: TenantKey, sign_in: SignIn
+) -> None:
+    approved_run, rejected_run = await gated_run(client, tenant), await gated_run(client, tenant)
+    browser = await sign_in(tenant, ("approver",))
+    inbox = await browser.get("/approvals")
+    assert inbox.status_code == 200, inbox.text
+    assert approved_run["id"] in inbox.text and rejected_run["id"] in inbox.text
+    assert XSS not in inbox.text  # the reason is escaped
+    pending = (await client.get("/api/v1/approvals", params={"status": "pending"}, headers=tenant.headers)).json()
+    by_run = {a["run_id"]: a["id"] for a in pending["items"]}
+    token = csrf_of(inbox.text)
+
+    empty = await browser.post(f"/approvals/{by_run[rejected_run['id']]}", data={
+        "csrf_token": token, "decision": "reject", "comment": "  "})
+    assert empty.status_code == 422 and "/form/comment" in empty.text, empty.text
+    rejected = await browser.post(f"/approvals/{by_run[rejected_run['id']]}", data={
+        "csrf_token": token, "decision": "reject", "comment": "not today"})
+    assert (rejected.status_code, rejected.headers.get("location")) == (303, "/approvals"), rejected.text
+    approved = await browser.post(f"/approvals/{by_run[approved_run['id']]}", data={
+        "csrf_token": token, "decision": "approve"})
+    assert approved.status_code == 303, approved.text
+    again = await browser.post(f"/approvals/{by_run[approved_run['id']]}", data={
+        "csrf_token": token, "decision": "approve"})
+    assert again.status_code == 409 and "already approved" in again.text, again.text
+
+    for run, status in ((approved_run, "succeeded"), (rejected_run, "failed")):
+        read = (await client.get(f"/api/v1/runs/{run['id']}", headers=tenant.headers)).json()
+        assert read["status"] == status, read
+    assert approved_run["id"] not in (await browser.get("/approvals")).text
+
+
+async def test_viewers_and_the_runs_starter_see_the_request_without_the_buttons(
+    client: httpx.AsyncClient, tenant: TenantKey, sign_in: SignIn
+) -> None:
+    run = await gated_run(client, tenant)
+    viewer = await sign_in(tenant, ("viewer",))
+    page = (await viewer.get("/approvals")).text
+    assert run["id"] in page and "needs the approvals:decide permission" in page
+    assert 'value="approve"' not in page
+    refused = await viewer.post("/approvals/" + str(uuid.uuid4()), data={"csrf_token": csrf_of(page),
+                                                                          "decision": "approve"})
+    assert refused.status_code == 403
+
+
+async def test_four_eyes_the_starter_sees_why_they_cannot_decide(
+    client: httpx.AsyncClient, tenant: TenantKey, sign_in: SignIn
+) -> None:
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "ok", "approval": {"reason": "mine"}}])
+    starter = await sign_in(tenant, ("operator", "approver"))
+    token = csrf_of((await starter.get("/runs")).text)
+    started = await starter.post("/api/v1/runs", json={"workflow": workflow, "input": {}},
+                                 headers={"X-CSRF-Token": token})
+    assert started.status_code == 201, started.text
+    page = (await starter.get("/approvals")).text
+    assert started.json()["id"] in page and "four-eyes: you started this run" in page
