@@ -31,14 +31,17 @@ from fastapi import FastAPI
 from sqlalchemy import make_url, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
+from app.auth.local import hash_password
 from app.config import Settings
-from app.db import async_url, make_engine, make_sessionmaker, run_migrations
+from app.context import Ctx
+from app.db import async_url, bind_tenant, make_engine, make_sessionmaker, run_migrations
 from app.redis import redis_settings
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey
 from app.vault.crypto import new_key
 from tests.fakes.tool_server import ToolServer
 from tests.support.env import ROOT, worker_id, worker_index
+from tests.support.signin import SignIn, app_client, first_form
 from tests.support.tenants import MakeApiKey, MakeTenant, TenantKey
 from tests.support.workers import FAST, WorkerProcess
 from workers.main import run_worker
@@ -284,3 +287,33 @@ def tool_server() -> Iterator[ToolServer]:
     """The misbehaving tool server (tests/fakes/tool_server.py), one per module."""
     with ToolServer() as server:
         yield server
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def sign_in(app: FastAPI, sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[SignIn]:
+    """``await sign_in(tenant, roles)``: a browser (cookies kept) signed in as a new local member."""
+    browsers: list[httpx.AsyncClient] = []
+
+    async def make(tenant: TenantKey, roles: tuple[str, ...] = ("viewer",)) -> httpx.AsyncClient:
+        username, password = f"user-{secrets.token_hex(4)}", secrets.token_urlsafe(16)
+        ctx = Ctx(tenant_id=tenant.tenant_id, principal="system", roles=frozenset({"admin"}))
+        async with sessionmaker() as db:
+            await bind_tenant(db, tenant.tenant_id)
+            await tenants_service.add_member(db, app.state.runtime.pg, ctx, issuer="local", subject=username,
+                                             roles=roles, name=username)
+            await db.commit()
+        await app.state.runtime.pg.execute(
+            "UPDATE app_user SET password_hash = $1 WHERE issuer = 'local' AND subject = $2",
+            hash_password(password), username,
+        )
+        browser = app_client(app)
+        browsers.append(browser)
+        page = await browser.get("/auth/login")
+        fields = first_form(page.text).fields
+        answer = await browser.post("/auth/local", data={**fields, "username": username, "password": password})
+        assert answer.status_code == 303, answer.text
+        return browser
+
+    yield make
+    for browser in browsers:
+        await browser.aclose()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
 
@@ -26,7 +26,7 @@ from app.auth.permissions import allowed
 from app.auth.sessions import form_fields
 from app.auth.web import Me, signed_in_user, templates
 from app.context import Ctx
-from app.db import Db
+from app.db import INT32_MAX, Db
 from app.errors import AppError, Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from app.http import AppSettings, JsonRoute
 from app.pagination import Cursor, Limit, page_size
@@ -120,6 +120,26 @@ async def run_page(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedI
     run = await runs_service.get_run(db, ctx, run_id)
     return templates.TemplateResponse(request, "dashboard/run.html", {
         "me": me, "run": run, "actions": _controls(run["status"], ctx.roles),
+    })
+
+
+@router.get("/runs/{run_id}/steps/{step_id}/conversation")
+async def conversation_page(
+    request: Request,
+    run_id: uuid.UUID,
+    step_id: Annotated[str, Path(max_length=128)],
+    ctx: Viewer,
+    me: SignedIn,
+    db: Db,
+    settings: AppSettings,
+    after: Annotated[int | None, Query(ge=-1, le=INT32_MAX)] = None,
+) -> Response:
+    """An ``llm``/``agent`` step's reasoning chain: every model turn (tokens, cost, latency) and tool result."""
+    chain = await runs_service.list_conversation(
+        db, ctx, run_id, step_id, after=after, limit=page_size(None, settings)
+    )
+    return templates.TemplateResponse(request, "dashboard/conversation.html", {
+        "me": me, "run_id": run_id, "step_id": step_id, "entries": chain.items, "next_cursor": chain.next_cursor,
     })
 
 

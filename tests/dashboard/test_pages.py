@@ -3,61 +3,20 @@
 from __future__ import annotations
 
 import re
-import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-import pytest_asyncio
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.auth.local import hash_password
-from app.context import Ctx
-from app.db import bind_tenant
 from app.security_headers import CSP
-from app.tenants import service as tenants_service
 from tests.support.runs import create_workflow, name, start_run
-from tests.support.signin import app_client, first_form
+from tests.support.signin import SignIn, app_client
 from tests.support.tenants import MakeTenant, TenantKey
 
-SignIn = Callable[..., Awaitable[httpx.AsyncClient]]
 XSS = "<script>alert(1)</script>"
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def sign_in(
-    app: FastAPI, sessionmaker: async_sessionmaker[AsyncSession]
-) -> AsyncIterator[SignIn]:
-    """``await sign_in(tenant, roles)``: a browser (cookies kept) signed in as a new local member."""
-    browsers: list[httpx.AsyncClient] = []
-
-    async def make(tenant: TenantKey, roles: tuple[str, ...] = ("viewer",)) -> httpx.AsyncClient:
-        username, password = f"user-{secrets.token_hex(4)}", secrets.token_urlsafe(16)
-        ctx = Ctx(tenant_id=tenant.tenant_id, principal="system", roles=frozenset({"admin"}))
-        async with sessionmaker() as db:
-            await bind_tenant(db, tenant.tenant_id)
-            await tenants_service.add_member(db, app.state.runtime.pg, ctx, issuer="local", subject=username,
-                                             roles=roles, name=username)
-            await db.commit()
-        await app.state.runtime.pg.execute(
-            "UPDATE app_user SET password_hash = $1 WHERE issuer = 'local' AND subject = $2",
-            hash_password(password), username,
-        )
-        browser = app_client(app)
-        browsers.append(browser)
-        page = await browser.get("/auth/login")
-        fields = first_form(page.text).fields
-        answer = await browser.post("/auth/local", data={**fields, "username": username, "password": password})
-        assert answer.status_code == 303, answer.text
-        return browser
-
-    yield make
-    for browser in browsers:
-        await browser.aclose()
 
 
 async def test_signed_out_visitors_are_sent_to_sign_in_and_back(app: FastAPI) -> None:

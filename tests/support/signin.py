@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from html.parser import HTMLParser
 from typing import Any
@@ -21,6 +21,8 @@ from app.config import Settings
 from tests.support.oidc import APP_URL
 
 MakeOidcApp = Callable[..., AbstractAsyncContextManager[FastAPI]]
+# ``await sign_in(tenant, roles)`` (the fixture): a browser signed in as a new local member of the tenant.
+SignIn = Callable[..., Awaitable[httpx.AsyncClient]]
 
 
 @asynccontextmanager
