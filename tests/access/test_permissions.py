@@ -16,26 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth.permissions import PERMISSIONS, allowed
 from app.tenants.policy import ROLES
+from tests.support.permissions import route_permission
 from tests.support.tenants import MakeApiKey, TenantKey
 
 ROOT = Path(__file__).resolve().parents[2]
 # Routes anyone may call, and routes any signed-in principal may call (no permission beyond that).
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
 SIGNED_IN = {("GET", "/auth/me")}
-
-
-def route_permission(route: APIRoute) -> str | None:
-    """The permission a route's dependencies require (the `require(...)` check carries it)."""
-    found: list[str] = []
-    stack = [route.dependant]
-    while stack:
-        dependant = stack.pop()
-        permission = getattr(dependant.call, "permission", None)
-        if permission is not None:
-            found.append(permission)
-        stack.extend(dependant.dependencies)
-    assert len(found) <= 1, f"{route.path} requires several permissions: {found}"
-    return found[0] if found else None
 
 
 def operations(app: FastAPI) -> list[tuple[str, str, APIRoute]]:
