@@ -30,7 +30,7 @@ HTMX = ROOT / "static" / "vendor" / "htmx"
 HTMX_URL = "/static/vendor/htmx/htmx.min.js"
 # What the dashboard's pages put in their <head> before htmx: htmx's own indicator styles would be an
 # inline <style>, which the policy refuses (dashboard.css styles .htmx-indicator instead).
-HTMX_CONFIG = {"includeIndicatorStyles": False}
+HTMX_CONFIG: dict[str, object] = {"includeIndicatorStyles": False}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
