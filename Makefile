@@ -8,13 +8,14 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint bench clean distclean
+.PHONY: help run test lint bench vendor clean distclean
 
 help:
 	@echo "make run        install and start everything (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)"
 	@echo "make test       run the test suite (pytest -n 2); PYTEST_ARGS='-k name' to narrow it"
 	@echo "make lint       ruff + mypy --strict + deptry (undeclared or unused dependencies)"
 	@echo "make bench      run the engine benchmark"
+	@echo "make vendor     re-fetch the pinned browser assets in static/vendor/ from the npm registry"
 	@echo "make clean      remove caches and install stamps (keeps .venv and the .steward data)"
 	@echo "make distclean  clean, and remove .venv too"
 
@@ -45,10 +46,17 @@ $(OIDC_MODULES): tests/oidc/package-lock.json
 	cd tests/oidc && npm ci --no-audit --no-fund
 	@touch $@
 
+# tests/dashboard checks pages with axe-core (node, from the committed lock file), injected into Chromium.
+BROWSER_MODULES := tests/browser/node_modules/.installed
+
+$(BROWSER_MODULES): tests/browser/package-lock.json
+	cd tests/browser && npm ci --no-audit --no-fund
+	@touch $@
+
 /usr/bin/chromium:
 	apt-get install -y chromium
 
-test: $(VENV)/.installed-dev $(OIDC_MODULES) /usr/bin/chromium
+test: $(VENV)/.installed-dev $(OIDC_MODULES) $(BROWSER_MODULES) /usr/bin/chromium
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
@@ -58,6 +66,10 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/engine.py
+
+# Pinned versions and integrities are in the script; it refuses a tarball that does not match them.
+vendor:
+	python3 scripts/vendor-static.py
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

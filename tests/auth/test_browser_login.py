@@ -3,57 +3,24 @@ consent pages, against the app served by uvicorn."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
-import pytest
-import uvicorn
-from fastapi import FastAPI
-from playwright.async_api import async_playwright
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.auth.sessions import COOKIE
 from app.config import Settings
+from tests.support.browser import chromium, new_page, served
 from tests.support.net import free_port
 from tests.support.oidc import DASHBOARD_CLIENT, DASHBOARD_SECRET, provider_config, running_provider
 from tests.support.signin import map_groups, new_account
 from tests.support.tenants import MakeTenant
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-HAVE_CHROMIUM = Path(CHROMIUM).exists()
 SCREENSHOT = os.environ.get("STEWARD_TEST_SCREENSHOT")  # set to a path to look at the sign-in page
-
-
-@asynccontextmanager
-async def served(application: FastAPI, port: int) -> AsyncIterator[str]:
-    """``application`` behind a real uvicorn on 127.0.0.1:``port`` (its own thread and event loop)."""
-    server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started or not thread.is_alive():
-                break
-            await asyncio.sleep(0.05)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.to_thread(thread.join, 15)
 
 
 async def test_sign_in_with_chromium(settings: Settings, make_tenant: MakeTenant,
                                      sessionmaker: async_sessionmaker[AsyncSession]) -> None:
-    if not HAVE_CHROMIUM:
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (never `playwright install`)")
     from app.main import create_app
 
     tenant = await make_tenant()
@@ -66,34 +33,28 @@ async def test_sign_in_with_chromium(settings: Settings, make_tenant: MakeTenant
             "oidc_issuer": provider.issuer, "oidc_client_id": DASHBOARD_CLIENT,
             "oidc_client_secret": DASHBOARD_SECRET, "public_url": app_url,
         }))
-        async with served(application, port), async_playwright() as playwright:
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            try:
-                context = await browser.new_context()
-                # The provider's built-in pages import web fonts: nothing may leave the machine.
-                await context.route("https://**", lambda route: route.abort())
-                page = await context.new_page()
-                await page.goto(f"{app_url}/auth/login?next=/auth/me")
-                # The page's stylesheet is Steward's own file: the strict CSP lets it in.
-                radius = await page.evaluate("getComputedStyle(document.querySelector('main')).borderTopLeftRadius")
-                assert radius == "10px"
-                if SCREENSHOT:
-                    await page.screenshot(path=SCREENSHOT)
-                await page.click("#oidc-sign-in")
-                await page.wait_for_selector("input[name=login]")
-                await page.fill("input[name=login]", login)
-                await page.fill("input[name=password]", "anything")
-                await page.click("button[type=submit]")
-                await page.wait_for_selector("input[name=prompt][value=consent]", state="attached")
-                await page.click("button[type=submit]")
-                await page.wait_for_url(f"{app_url}/auth/me", timeout=10_000)
+        async with served(application, port), chromium() as browser:
+            # The provider's built-in pages import web fonts: new_page lets nothing leave the machine.
+            page = await new_page(browser)
+            await page.goto(f"{app_url}/auth/login?next=/auth/me")
+            # The page's stylesheet is Steward's own file: the strict CSP lets it in.
+            radius = await page.evaluate("getComputedStyle(document.querySelector('main')).borderTopLeftRadius")
+            assert radius == "10px"
+            if SCREENSHOT:
+                await page.screenshot(path=SCREENSHOT)
+            await page.click("#oidc-sign-in")
+            await page.wait_for_selector("input[name=login]")
+            await page.fill("input[name=login]", login)
+            await page.fill("input[name=password]", "anything")
+            await page.click("button[type=submit]")
+            await page.wait_for_selector("input[name=prompt][value=consent]", state="attached")
+            await page.click("button[type=submit]")
+            await page.wait_for_url(f"{app_url}/auth/me", timeout=10_000)
 
-                me = json.loads(await page.inner_text("body"))
-                assert me["user"]["subject"] == login
-                assert me["tenant"]["id"] == str(tenant.tenant_id) and me["roles"] == ["approver"]
-                cookie = next(c for c in await context.cookies(app_url) if c["name"] == COOKIE)
-                assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and not cookie["secure"]
-                # The page's script cannot read the session cookie.
-                assert COOKIE not in await page.evaluate("document.cookie")
-            finally:
-                await browser.close()
+            me = json.loads(await page.inner_text("body"))
+            assert me["user"]["subject"] == login
+            assert me["tenant"]["id"] == str(tenant.tenant_id) and me["roles"] == ["approver"]
+            cookie = next(c for c in await page.context.cookies(app_url) if c["name"] == COOKIE)
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and not cookie["secure"]
+            # The page's script cannot read the session cookie.
+            assert COOKIE not in await page.evaluate("document.cookie")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from app.auth.sessions import COOKIE
 from app.auth.web import LOCAL_NOTE
 from app.config import Settings
 from app.pg import asyncpg_dsn, driver
+from tests.support.browser import local_admin as bootstrap_admin
 from tests.support.signin import app_client, audit_events, first_form
 from tests.support.tenants import MakeTenant, TenantKey
 
@@ -34,17 +34,8 @@ class LocalAdmin:
 async def local_admin(settings: Settings, make_tenant: MakeTenant) -> LocalAdmin:
     """The bootstrap admin, admin of a new tenant, with the password ``ensure_local_admin`` printed."""
     tenant = await make_tenant()
-    assert settings.database_url is not None
-    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
-    try:
-        password = await ensure_local_admin(conn, tenant.tenant_id)
-        if password is None:  # another test of this process made it first: give it a password we know
-            password = secrets.token_urlsafe(18)
-            await conn.execute("UPDATE app_user SET password_hash = $1 WHERE issuer = 'local' AND subject = $2",
-                               hash_password(password), LOCAL_ADMIN)
-    finally:
-        await conn.close()
-    return LocalAdmin(tenant, password)
+    # Through the shared helper: every test of this process then knows the same password.
+    return LocalAdmin(tenant, (await bootstrap_admin(settings, tenant.tenant_id)).password)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
