@@ -123,6 +123,15 @@ async def run_page(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedI
     })
 
 
+@router.get("/runs/{run_id}/live")
+async def run_live(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedIn, db: Db) -> Response:
+    """The changing part of a run's page, which the page polls (htmx) until the run has ended."""
+    run = await runs_service.get_run(db, ctx, run_id)
+    return templates.TemplateResponse(request, "dashboard/_run_live.html", {
+        "me": me, "run": run, "actions": _controls(run["status"], ctx.roles),
+    })
+
+
 @router.get("/runs/{run_id}/steps/{step_id}/conversation")
 async def conversation_page(
     request: Request,

@@ -4,10 +4,8 @@ htmx served by the app and running under its strict Content-Security-Policy."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest_asyncio
 from playwright.async_api import Browser, Page
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -15,12 +13,10 @@ from app.config import Settings
 from app.security_headers import CSP
 from tests.support.browser import (
     axe_violations,
-    chromium,
     csp_violations,
     local_admin,
     local_user,
     new_page,
-    serving,
     sign_in,
 )
 from tests.support.env import ROOT
@@ -31,19 +27,6 @@ HTMX_URL = "/static/vendor/htmx/htmx.min.js"
 # What the dashboard's pages put in their <head> before htmx: htmx's own indicator styles would be an
 # inline <style>, which the policy refuses (dashboard.css styles .htmx-indicator instead).
 HTMX_CONFIG: dict[str, object] = {"includeIndicatorStyles": False}
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def base_url(settings: Settings) -> AsyncIterator[str]:
-    """The app on a free loopback port, no identity provider: local sign-in."""
-    async with serving(settings) as url:
-        yield url
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as running:
-        yield running
 
 
 def pinned_htmx_version() -> str:
@@ -72,7 +55,7 @@ async def test_sign_in_page_and_the_page_after_it_pass_axe(browser: Browser, bas
     assert response is not None and response.headers["content-security-policy"] == CSP
     assert await axe_violations(page) == []
 
-    await sign_in(page, admin, next_="/")
+    await sign_in(page, admin, next_="/runs")
     user = (await me(page))["user"]
     assert (user["issuer"], user["subject"]) == ("local", "admin")
     assert await axe_violations(page) == []

@@ -52,7 +52,8 @@ async def test_the_runs_page_lists_the_tenants_runs_and_escapes_what_users_wrote
     assert theirs["id"] not in page.text
     assert tenant.name in page.text  # the header names the tenant
     # No inline script (the strict policy holds): scripts come from /static, by src.
-    assert re.findall(r"<script[^>]*>", page.text) == ['<script src="/static/dashboard.js" defer>']
+    assert re.findall(r"<script[^>]*>", page.text) == [
+        "<script src=\"/static/vendor/htmx/htmx.min.js\" defer>", "<script src=\"/static/dashboard.js\" defer>"]
 
     filtered = await browser.get("/runs", params={"status": "succeeded", "workflow": workflow})
     assert filtered.status_code == 200 and mine["id"] not in filtered.text
