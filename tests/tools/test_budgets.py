@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -104,9 +105,20 @@ async def test_fail_policy_and_tenant_maximums(client: httpx.AsyncClient, tenant
     assert too_much.status_code == 422 and too_much.json()["errors"][0]["pointer"] == "/limits/max_steps"
 
 
+async def clear_of_the_hour_boundary(*, margin_s: float) -> None:
+    """Return at once, or (less than ``margin_s`` before the top of the hour) once the new hour has begun."""
+    now = datetime.now(UTC)
+    left = 3600 - (now.minute * 60 + now.second + now.microsecond / 1e6)
+    if left < margin_s:
+        await asyncio.sleep(left + 0.5)  # waiting for the condition itself: the clock's next hour
+
+
 async def test_concurrent_runs_never_overspend_the_hourly_cap(
     client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
 ) -> None:
+    # The cap is per clock hour: a test straddling the top of the hour would see two windows of $7.
+    await clear_of_the_hour_boundary(margin_s=90)
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     await client.put("/api/v1/budgets", json={"hourly_usd": "7"}, headers=tenant.headers)
     await register(client, tenant.headers, name="paid", cost_usd="1.00",
                    executor={"kind": "builtin", "name": "sleep"})
@@ -119,6 +131,7 @@ async def test_concurrent_runs_never_overspend_the_hourly_cap(
 
     finished = await asyncio.gather(*(wait_for(client, tenant.headers, r["id"], settled, 30) for r in runs))
     statuses = sorted(r["status"] for r in finished)
+    assert datetime.now(UTC).replace(minute=0, second=0, microsecond=0) == hour, "ran past the hour's margin"
     assert statuses.count("succeeded") == 7 and statuses.count("paused") == 13, statuses
     usage = (await client.get("/api/v1/budgets/usage", headers=tenant.headers)).json()
     assert Decimal(usage["hour"]["spent_usd"]) == 7 and Decimal(usage["hour"]["reserved_usd"]) == 0
