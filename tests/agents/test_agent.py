@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from tests.fakes.model_server import ModelServer, Turn
 from tests.fakes.tool_server import ToolServer
+from tests.support.clock import clear_of_the_hour_boundary
 from tests.support.providers import add_provider, model_name
 from tests.support.runs import create_workflow, name, run_events, start_run, step, wait_for, wait_run
 from tests.support.tenants import MakeTenant, TenantKey
@@ -232,6 +233,8 @@ async def test_twenty_concurrent_runs_never_spend_past_the_tenant_cap(
     model_server.script(model, [Turn.final("ok", usage=(0, 1000))])
     await add_provider(client, tenant.headers, model_server, model,
                        price={"input_per_mtok": "0", "output_per_mtok": "1000"})
+    # The cap is per clock hour: a test straddling the top of the hour would see two windows of $5.
+    await clear_of_the_hour_boundary(margin_s=90)
     r = await client.put("/api/v1/budgets", json={"hourly_usd": 5}, headers=tenant.headers)
     assert r.status_code == 200, r.text
     workflow = name()

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from app.config import Settings
+from tests.support.clock import clear_of_the_hour_boundary
 from tests.support.runs import create_workflow, name, start_run, step, wait_for, wait_run
 from tests.support.tenants import TenantKey
 from tests.support.tools import register
@@ -103,14 +104,6 @@ async def test_fail_policy_and_tenant_maximums(client: httpx.AsyncClient, tenant
     too_much = await client.post("/api/v1/runs", json={"workflow": workflow, "limits": {"max_steps": 11}},
                                  headers=tenant.headers)
     assert too_much.status_code == 422 and too_much.json()["errors"][0]["pointer"] == "/limits/max_steps"
-
-
-async def clear_of_the_hour_boundary(*, margin_s: float) -> None:
-    """Return at once, or (less than ``margin_s`` before the top of the hour) once the new hour has begun."""
-    now = datetime.now(UTC)
-    left = 3600 - (now.minute * 60 + now.second + now.microsecond / 1e6)
-    if left < margin_s:
-        await asyncio.sleep(left + 0.5)  # waiting for the condition itself: the clock's next hour
 
 
 async def test_concurrent_runs_never_overspend_the_hourly_cap(
