@@ -11,8 +11,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.config import Settings
 from app.security_headers import CSP
-from tests.support.runs import create_workflow, name, start_run
+from tests.support.runs import create_workflow, name, start_run, wait_run
 from tests.support.signin import SignIn, app_client
 from tests.support.tenants import MakeTenant, TenantKey
 
@@ -209,3 +210,21 @@ async def test_four_eyes_the_starter_sees_why_they_cannot_decide(
     assert started.status_code == 201, started.text
     page = (await starter.get("/approvals")).text
     assert started.json()["id"] in page and "four-eyes: you started this run" in page
+
+
+@pytest.mark.xdist_group("engine")
+async def test_a_failed_runs_page_shows_each_attempt_and_links_its_events(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, sign_in: SignIn
+) -> None:
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [
+        {"id": "boom", "tool": "fail", "args": {"message": f"upstream {XSS}"},
+         "retry": {"max_attempts": 2, "jitter": False, "backoff_base_s": 0.01}}])
+    run = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, workflow))["id"])
+    assert run["status"] == "failed", run
+    page = (await (await sign_in(tenant)).get(f"/runs/{run['id']}")).text
+    assert XSS not in page
+    assert page.count("fail: upstream &lt;script&gt;alert(1)&lt;/script&gt;") == 2  # both attempts, escaped
+    first_event = run["events"][0]["id"]
+    assert f'id="event-{first_event}"' in page and f'href="#event-{first_event}"' in page
+    assert 'hx-trigger' not in page  # an ended run's page does not poll
