@@ -12,8 +12,9 @@ import json
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -100,18 +101,31 @@ async def runs_page(
     settings: AppSettings,
     status: Annotated[str | None, Query(max_length=20)] = None,
     workflow: Annotated[str | None, Query(max_length=200)] = None,
+    since: Annotated[date | None, Query(description="created on or after this day (UTC)")] = None,
+    until: Annotated[date | None, Query(description="created on or before this day (UTC)")] = None,
+    run: Annotated[str | None, Query(max_length=64, description="go to this run")] = None,
     limit: Limit = None,
     cursor: Cursor = None,
 ) -> Response:
+    if run:
+        try:
+            return RedirectResponse(f"/runs/{uuid.UUID(run.strip())}", status_code=303)
+        except ValueError as exc:
+            raise Invalid("not a run id", errors=[{"pointer": "/query/run", "message": "a run id is a UUID"}]) from exc
     status = status if status in RUN_STATUSES else None
     runs = await runs_service.list_runs(
-        db, ctx, status=status, workflow=workflow or None, created_after=None, created_before=None, cursor=cursor,
-        limit=page_size(limit, settings),
+        db, ctx, status=status, workflow=workflow or None,
+        created_after=datetime.combine(since, time.min, UTC) if since else None,
+        created_before=datetime.combine(until + timedelta(days=1), time.min, UTC) if until else None,
+        cursor=cursor, limit=page_size(limit, settings),
     )
-    filters = {"status": status or "", "workflow": workflow or ""}
+    filters = {"status": status or "", "workflow": workflow or "", "since": since.isoformat() if since else "",
+               "until": until.isoformat() if until else ""}
     return templates.TemplateResponse(request, "dashboard/runs.html", {
         "me": me, "runs": runs.items, "next_cursor": runs.next_cursor, "filters": filters,
         "statuses": RUN_STATUSES, "duration": _duration,
+        "next_url": "/runs?" + urlencode({**{k: v for k, v in filters.items() if v}, "cursor": runs.next_cursor})
+        if runs.next_cursor else None,
     })
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -228,3 +229,30 @@ async def test_a_failed_runs_page_shows_each_attempt_and_links_its_events(
     first_event = run["events"][0]["id"]
     assert f'id="event-{first_event}"' in page and f'href="#event-{first_event}"' in page
     assert 'hx-trigger' not in page  # an ended run's page does not poll
+
+
+async def test_runs_filter_by_day_page_with_their_filters_and_jump_to_a_run(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, sign_in: SignIn
+) -> None:
+    tenant = await make_tenant()
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "w", "wait": {"signal": "go"}}])
+    runs = [await start_run(client, tenant.headers, workflow) for _ in range(3)]
+    browser = await sign_in(tenant)
+    today = datetime.now(UTC).date()
+    listed = (await browser.get("/runs", params={"since": today.isoformat(), "until": today.isoformat(),
+                                                 "workflow": workflow, "limit": 2})).text
+    shown = re.findall(r"href=\"/runs/([0-9a-f-]{36})\"", listed)
+    assert shown == [runs[2]["id"], runs[1]["id"]], (shown, [r["id"] for r in runs])
+    older = re.search(r'<a rel="next" href="([^"]+)"', listed)
+    assert older, listed
+    rest = (await browser.get(older.group(1).replace("&amp;", "&"))).text
+    assert runs[0]["id"] in rest and runs[1]["id"] not in rest  # the next page keeps the filters
+    tomorrow = (await browser.get("/runs", params={"since": (today + timedelta(days=1)).isoformat()})).text
+    assert runs[0]["id"] not in tomorrow
+    jump = await browser.get("/runs", params={"run": f" {runs[1]['id']} "})
+    assert (jump.status_code, jump.headers["location"]) == (303, f"/runs/{runs[1]['id']}")
+    bad = await browser.get("/runs", params={"run": "nope"})
+    assert bad.status_code == 422 and "/query/run" in bad.text
+    bad_day = await browser.get("/runs", params={"since": "yesterday"})
+    assert bad_day.status_code == 422, bad_day.text
