@@ -30,11 +30,12 @@ from app.context import Ctx
 from app.db import INT32_MAX, Db
 from app.errors import AppError, Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from app.http import AppSettings, JsonRoute
-from app.pagination import Cursor, Limit, page_size
+from app.pagination import Cursor, Limit, keyset, page_size
 from app.request_work import Work
 from app.runs import service as runs_service
 from app.runs.schemas import RunSummary
 from app.tenants import service as tenants_service
+from app.workflows import service as workflows_service
 
 RUN_STATUSES = ("queued", "running", "waiting", "paused", "succeeded", "failed", "cancelled")
 # Operator actions and the run statuses each applies to (docs/api.md; the engine refuses the rest with 409).
@@ -266,3 +267,42 @@ def _decision(decision: str, comment: str, args: str) -> Decision:
             {"pointer": "/form/" + "/".join(str(part) for part in error["loc"]), "message": error["msg"]}
             for error in exc.errors()
         ]) from exc
+
+
+# --- workflows ---------------------------------------------------------------------------------------
+
+WorkflowViewer = Annotated[Ctx, Depends(require("workflows:read"))]
+WORKFLOW_PAGES = keyset("workflows", str)
+VERSION_PAGES = keyset("workflow-versions", int)
+
+
+@router.get("/workflows")
+async def workflows_page(
+    request: Request, ctx: WorkflowViewer, me: SignedIn, db: Db, settings: AppSettings, cursor: Cursor = None,
+) -> Response:
+    """The tenant's workflows by name, with their latest version."""
+    rows, more = await workflows_service.list_workflows(
+        db, ctx, limit=page_size(None, settings), after=WORKFLOW_PAGES.after(cursor)
+    )
+    next_cursor = WORKFLOW_PAGES.encode(rows[-1].name) if more and rows else None
+    return templates.TemplateResponse(request, "dashboard/workflows.html", {
+        "me": me, "workflows": rows, "next_cursor": next_cursor,
+    })
+
+
+@router.get("/workflows/{name}")
+async def workflow_page(
+    request: Request,
+    name: Annotated[str, Path(max_length=200)],
+    ctx: WorkflowViewer,
+    me: SignedIn,
+    db: Db,
+    settings: AppSettings,
+    version: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
+) -> Response:
+    """One version of a workflow (the latest by default): its definition, and the other versions."""
+    shown = await workflows_service.get_workflow_version(db, ctx, name, version)
+    versions, _ = await workflows_service.list_workflow_versions(db, ctx, name, limit=page_size(None, settings))
+    return templates.TemplateResponse(request, "dashboard/workflow.html", {
+        "me": me, "name": name, "shown": shown, "versions": versions,
+    })

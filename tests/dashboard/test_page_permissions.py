@@ -22,7 +22,7 @@ def page_routes(app: FastAPI) -> list[tuple[str, str, APIRoute]]:
     found = [(method, context.path, route) for context in iter_route_contexts(app.routes)
              if isinstance(route := context.original_route, APIRoute) and route.endpoint.__module__ == pages.__name__
              for method in sorted(route.methods)]
-    assert len(found) >= 7, found  # /, runs, run, its actions and conversation, approvals and decisions
+    assert len(found) >= 9, found  # /, runs, run, its actions and conversation, approvals, workflows
     return found
 
 
@@ -42,7 +42,8 @@ async def test_each_role_gets_what_the_table_allows(
     await create_workflow(client, tenant.headers, workflow, [{"id": "ok", "approval": {"reason": "r"}}])
     run = await start_run(client, tenant.headers, workflow)
     approvals = (await client.get("/api/v1/approvals", params={"run": run["id"]}, headers=tenant.headers)).json()
-    values = {"run_id": run["id"], "step_id": "ok", "action": "pause", "approval_id": approvals["items"][0]["id"]}
+    values = {"run_id": run["id"], "step_id": "ok", "action": "pause", "approval_id": approvals["items"][0]["id"],
+              "name": workflow}
     browser = await sign_in(tenant, (role,))
     token = re.search(r'name="csrf_token" value="([^"]+)"', (await browser.get("/runs")).text)
     assert token

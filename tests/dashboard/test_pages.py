@@ -256,3 +256,22 @@ async def test_runs_filter_by_day_page_with_their_filters_and_jump_to_a_run(
     assert bad.status_code == 422 and "/query/run" in bad.text
     bad_day = await browser.get("/runs", params={"since": "yesterday"})
     assert bad_day.status_code == 422, bad_day.text
+
+
+async def test_workflows_and_their_versions(
+    client: httpx.AsyncClient, make_tenant: MakeTenant, sign_in: SignIn
+) -> None:
+    tenant, other = await make_tenant(), await make_tenant()
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "a", "tool": "echo", "args": {"v": XSS}}])
+    await create_workflow(client, tenant.headers, workflow, [{"id": "b", "tool": "echo", "args": {}}])
+    hidden = name()
+    await create_workflow(client, other.headers, hidden, [{"id": "a", "tool": "echo", "args": {}}])
+    browser = await sign_in(tenant)
+    listing = (await browser.get("/workflows")).text
+    assert f'href="/workflows/{workflow}"' in listing and hidden not in listing
+    latest = (await browser.get(f"/workflows/{workflow}")).text
+    assert "version 2" in latest and '"b"' in latest and f'href="/workflows/{workflow}?version=1"' in latest
+    first = (await browser.get(f"/workflows/{workflow}", params={"version": 1})).text
+    assert XSS not in first and "\\u003cscript\\u003e" in first
+    assert (await browser.get(f"/workflows/{hidden}")).status_code == 404
