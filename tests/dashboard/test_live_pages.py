@@ -28,7 +28,7 @@ async def test_pages_pass_axe_and_a_run_page_follows_its_run_without_a_reload(
     refused = csp_violations(page)
     await sign_in(page, person, next_="/runs")
 
-    for url in ("/runs", f"/runs/{run['id']}", "/approvals"):
+    for url in ("/runs", f"/runs/{run['id']}", "/approvals", "/workflows", f"/workflows/{workflow}"):
         response = await page.goto(url)
         assert response is not None and response.status == 200, url
         assert await axe_violations(page) == [], url
