@@ -26,6 +26,7 @@ from app.auth.deps import require
 from app.auth.permissions import allowed
 from app.auth.sessions import form_fields
 from app.auth.web import Me, signed_in_user, templates
+from app.budgets import service as budgets_service
 from app.context import Ctx
 from app.db import INT32_MAX, Db
 from app.errors import AppError, Conflict, Forbidden, Invalid, NotFound, Unauthorized
@@ -132,19 +133,42 @@ async def runs_page(
 
 @router.get("/runs/{run_id}")
 async def run_page(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedIn, db: Db) -> Response:
-    run = await runs_service.get_run(db, ctx, run_id)
-    return templates.TemplateResponse(request, "dashboard/run.html", {
-        "me": me, "run": run, "actions": _controls(run["status"], ctx.roles),
-    })
+    return templates.TemplateResponse(request, "dashboard/run.html", {"me": me, **await _run_view(db, ctx, run_id)})
 
 
 @router.get("/runs/{run_id}/live")
 async def run_live(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedIn, db: Db) -> Response:
     """The changing part of a run's page, which the page polls (htmx) until the run has ended."""
-    run = await runs_service.get_run(db, ctx, run_id)
     return templates.TemplateResponse(request, "dashboard/_run_live.html", {
-        "me": me, "run": run, "actions": _controls(run["status"], ctx.roles),
+        "me": me, **await _run_view(db, ctx, run_id),
     })
+
+
+async def _run_view(db: Db, ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
+    """What a run's page shows: the run, the controls the user has, and its budget meter (for those who
+    may read budgets)."""
+    run = await runs_service.get_run(db, ctx, run_id)
+    meters: list[Meter] = []
+    if allowed(ctx.roles, "budgets:read"):
+        usage = (await budgets_service.usage(db, ctx, run=run_id))["run"]
+        limits = usage["limits"] or {}
+        meters = [
+            Meter(label, float(used), float(limits[key]) if limits.get(key) is not None else None, unit)
+            for label, key, used, unit in (
+                ("Agent steps", "max_steps", usage["tool_calls"], ""),
+                ("Tokens", "max_tokens", usage["tokens"], ""),
+                ("Cost", "max_cost_usd", usage["cost_usd"], "USD"),
+            )
+        ]
+    return {"run": run, "actions": _controls(run["status"], ctx.roles), "meters": meters}
+
+
+@dataclass(frozen=True)
+class Meter:
+    label: str
+    used: float
+    limit: float | None  # None: no limit set
+    unit: str
 
 
 @router.get("/runs/{run_id}/steps/{step_id}/conversation")
