@@ -8,16 +8,17 @@ permission is a 403 page naming it, another tenant's run is the same 404 page as
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.approvals import service as approvals_service
@@ -35,6 +36,7 @@ from app.pagination import Cursor, Limit, keyset, page_size
 from app.request_work import Work
 from app.runs import service as runs_service
 from app.runs.schemas import RunSummary
+from app.runtime import AppRuntime
 from app.tenants import service as tenants_service
 from app.workflows import service as workflows_service
 
@@ -47,6 +49,10 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "retry": ("failed",),
 }
 OPERATE = "runs:operate"
+# Live updates: a comment line keeps idle streams open through proxies; changes closer together than
+# COALESCE_S are sent as one.
+KEEPALIVE_S = 15.0
+COALESCE_S = 0.2
 
 
 class PageRoute(JsonRoute):
@@ -142,6 +148,40 @@ async def run_live(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedI
     return templates.TemplateResponse(request, "dashboard/_run_live.html", {
         "me": me, **await _run_view(db, ctx, run_id),
     })
+
+
+@router.get("/runs/{run_id}/stream")
+async def run_stream(
+    request: Request, run_id: uuid.UUID, ctx: Viewer, db: Db, runtime: AppRuntime
+) -> StreamingResponse:
+    """Server-Sent Events: ``changed`` whenever the run changes (Postgres NOTIFY, one listening connection
+    per API process), coalesced; the page then fetches its live part. A reconnect carrying
+    ``Last-Event-ID`` gets a ``changed`` at once, for whatever it missed meanwhile."""
+    await runs_service.run_status(db, ctx, run_id)  # 404 for another tenant's run
+    await db.close()  # the stream holds no database connection
+    notifier = runtime.notifier
+    if notifier is None:
+        raise NotFound("live updates are served by API processes")
+    resumed = request.headers.get("last-event-id") is not None
+
+    async def events() -> AsyncIterator[str]:
+        sequence = 0
+        yield "retry: 2000\n\n"
+        with notifier.watch(run_id) as changed:
+            if resumed:
+                changed.set()
+            while True:
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout=KEEPALIVE_S)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                changed.clear()
+                sequence += 1
+                yield f"id: {sequence}\nevent: changed\ndata: {{}}\n\n"
+                await asyncio.sleep(COALESCE_S)  # a burst of changes is one refresh
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
 async def _run_view(db: Db, ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Wakes long polls when a run ends: Postgres LISTEN/NOTIFY on ``steward_run_done``.
+"""Wakes long polls when a run ends (``steward_run_done``) and open dashboard pages when a run changes
+(``steward_run_changed``): Postgres LISTEN/NOTIFY, on one connection per API process.
 
 Notifications are a shortcut, not the truth: waiters re-read the run when woken and also on a
 timer, so a notification lost while the listening connection reconnects costs latency only.
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -19,12 +21,15 @@ from app.pg import asyncpg_dsn
 
 log = logging.getLogger(__name__)
 RUN_DONE = "steward_run_done"
+# Sent by every engine transaction that wrote run events, once per run (app/engine/unit_of_work.py).
+RUN_CHANGED = "steward_run_changed"
 
 
 class RunNotifier:
     def __init__(self, database_url: str) -> None:
         self.dsn = asyncpg_dsn(database_url)
         self._waiters: dict[uuid.UUID, set[asyncio.Event]] = {}
+        self._watchers: dict[uuid.UUID, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -36,22 +41,18 @@ class RunNotifier:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    @contextlib.contextmanager
-    def subscribe(self, run_id: uuid.UUID) -> Any:
-        event = asyncio.Event()
-        self._waiters.setdefault(run_id, set()).add(event)
-        try:
-            yield event
-        finally:
-            waiters = self._waiters.get(run_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[run_id]
+    def subscribe(self, run_id: uuid.UUID) -> contextlib.AbstractContextManager[asyncio.Event]:
+        """An event set when the run ends (and whenever the listening connection was lost)."""
+        return _subscription(self._waiters, run_id)
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def watch(self, run_id: uuid.UUID) -> contextlib.AbstractContextManager[asyncio.Event]:
+        """An event set whenever the run changes (and whenever the listening connection was lost)."""
+        return _subscription(self._watchers, run_id)
+
+    def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        subscribers = self._waiters if channel == RUN_DONE else self._watchers
         with contextlib.suppress(ValueError):
-            for event in self._waiters.get(uuid.UUID(payload), ()):
+            for event in subscribers.get(uuid.UUID(payload), ()):
                 event.set()
 
     async def _listen(self) -> None:
@@ -62,6 +63,7 @@ class RunNotifier:
                 closed = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
                 await conn.add_listener(RUN_DONE, self._on_notify)
+                await conn.add_listener(RUN_CHANGED, self._on_notify)
                 self.connected.set()
                 DATABASE.up()
                 while not closed.is_set():
@@ -78,7 +80,21 @@ class RunNotifier:
                 if conn is not None and not conn.is_closed():
                     await conn.close()
                 # Anyone waiting may have missed a notification: let them re-check.
-                for waiters in self._waiters.values():
-                    for event in waiters:
+                for subscribers in (*self._waiters.values(), *self._watchers.values()):
+                    for event in subscribers:
                         event.set()
             await asyncio.sleep(1)
+
+
+@contextlib.contextmanager
+def _subscription(subscribers: dict[uuid.UUID, set[asyncio.Event]], run_id: uuid.UUID) -> Iterator[asyncio.Event]:
+    event = asyncio.Event()
+    subscribers.setdefault(run_id, set()).add(event)
+    try:
+        yield event
+    finally:
+        events = subscribers.get(run_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del subscribers[run_id]

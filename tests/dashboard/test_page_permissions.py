@@ -49,8 +49,8 @@ async def test_each_role_gets_what_the_table_allows(
     assert token
     for method, path, route in page_routes(app):
         permission = route_permission(route)
-        if permission is None:
-            continue
+        if permission is None or path.endswith("/stream"):
+            continue  # the event stream never ends: tests/dashboard/test_stream.py checks it on a real server
         url = re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]), path)
         data = {"csrf_token": token.group(1), "decision": "reject", "comment": "no"}
         answer = await (browser.get(url) if method == "GET" else browser.post(url, data=data))
