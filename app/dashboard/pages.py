@@ -41,13 +41,6 @@ from app.tenants import service as tenants_service
 from app.workflows import service as workflows_service
 
 RUN_STATUSES = ("queued", "running", "waiting", "paused", "succeeded", "failed", "cancelled")
-# Operator actions and the run statuses each applies to (docs/api.md; the engine refuses the rest with 409).
-ACTIONS: dict[str, tuple[str, ...]] = {
-    "pause": ("queued", "running", "waiting"),
-    "resume": ("paused",),
-    "cancel": ("queued", "running", "waiting", "paused"),
-    "retry": ("failed",),
-}
 OPERATE = "runs:operate"
 # Live updates: a comment line keeps idle streams open through proxies; changes closer together than
 # COALESCE_S are sent as one.
@@ -243,7 +236,7 @@ def _controls(status: str, roles: frozenset[str]) -> list[Control]:
     return [
         Control(action, None if may_operate and status in statuses
                 else f"needs the {OPERATE} permission" if not may_operate else f"the run is {status}")
-        for action, statuses in ACTIONS.items()
+        for action, statuses in runs_service.ACTION_FROM.items()
     ]
 
 

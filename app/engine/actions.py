@@ -27,6 +27,7 @@ from app.engine.advance import (
 from app.engine.checkpoints import restart_conversations
 from app.engine.gates import ApprovalRow, find_approval, record_decision, supersede_approvals
 from app.engine.state_machine import (
+    RUN_MOVES,
     RUN_TERMINAL,
     IllegalTransition,
     RunStatus,
@@ -54,12 +55,22 @@ async def _locked(tx: UnitOfWork, run_id: uuid.UUID, tenant_id: uuid.UUID) -> Ru
     return run
 
 
+# The run statuses each operator action applies to; the actions below refuse the rest (409). Pages offer
+# only these, so the browser and the engine cannot disagree.
+ACTION_FROM: dict[str, frozenset[RunStatus]] = {
+    "pause": frozenset(RunStatus) - {RunStatus.PAUSED, *RUN_TERMINAL},
+    "resume": frozenset({RunStatus.PAUSED}),
+    "cancel": frozenset(status for status in RunStatus if RunStatus.CANCELLED in RUN_MOVES[status]),
+    "retry": frozenset({RunStatus.FAILED}),
+}
+
+
 async def pause_run(
     tx: UnitOfWork, settings: Settings, run_id: uuid.UUID, tenant_id: uuid.UUID, actor: str
 ) -> RunRow:
     """Stop new dispatch; steps already running finish and are recorded."""
     run = await _locked(tx, run_id, tenant_id)
-    if run.status in (RunStatus.PAUSED, *RUN_TERMINAL):
+    if run.status not in ACTION_FROM["pause"]:
         raise IllegalTransition(f"a {run.status} run cannot be paused", status_now=run.status)
     await set_run_status(tx, run, RunStatus.PAUSED, actor=actor)
     return run
@@ -70,7 +81,7 @@ async def resume_run(
 ) -> RunRow:
     """Continue a paused run: re-send its queued steps' jobs and dispatch what became ready."""
     run = await _locked(tx, run_id, tenant_id)
-    if run.status != RunStatus.PAUSED:
+    if run.status not in ACTION_FROM["resume"]:
         raise IllegalTransition(
             f"only a paused run can be resumed; this one is {run.status}", status_now=run.status
         )
@@ -101,7 +112,7 @@ async def retry_run(
 ) -> RunRow:
     """Resume a failed run from its failed steps; steps that succeeded are never run again."""
     run = await _locked(tx, run_id, tenant_id)
-    if run.status != RunStatus.FAILED:
+    if run.status not in ACTION_FROM["retry"]:
         raise IllegalTransition(
             f"only a failed run can be retried; this one is {run.status}", status_now=run.status
         )

@@ -39,6 +39,9 @@ from app.workflows.definition import validate_input
 
 RUN_EVENTS_INLINE = 200
 
+# The run statuses each operator action applies to (the engine's own table): what the dashboard offers.
+ACTION_FROM = actions.ACTION_FROM
+
 
 def request_hash(payload: Any) -> str:
     """Digest of a run request, to tell an Idempotency-Key replay from a reuse with another body."""

@@ -155,3 +155,15 @@ def test_every_status_is_reachable_from_the_start() -> None:
                     reached.add(b)
                     frontier.append(b)
         assert reached == statuses
+
+
+def test_operator_actions_apply_to_the_documented_statuses() -> None:
+    # docs/api.md's table of run actions; the dashboard offers exactly these.
+    from app.engine.actions import ACTION_FROM
+
+    assert {action: {s.value for s in statuses} for action, statuses in ACTION_FROM.items()} == {
+        "pause": {"queued", "running", "waiting"},
+        "resume": {"paused"},
+        "cancel": {"queued", "running", "waiting", "paused"},
+        "retry": {"failed"},
+    }
