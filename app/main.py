@@ -23,7 +23,7 @@ from app.audit.routes import router as audit_router
 from app.auth.web import router as auth_router
 from app.budgets.routes import router as budgets_router
 from app.config import Settings, get_settings
-from app.dashboard.pages import router as dashboard_router
+from app.dashboard import router as dashboard_router
 from app.db import ROOT
 from app.http import (
     BodySizeLimitMiddleware,

@@ -1,1 +1,13 @@
-"""The dashboard: pages for people, over the same services and permissions as the REST API."""
+"""The dashboard: server-rendered pages for people, over the same services and permissions as the REST API.
+
+One module per area, each with its own router of pages (``common.page_router()``); this package's
+``router`` gathers them for the app.
+"""
+
+from fastapi import APIRouter
+
+from app.dashboard import approvals, run, runs, workflows
+
+router = APIRouter()
+for area in (runs, run, approvals, workflows):
+    router.include_router(area.router)

@@ -10,7 +10,6 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from app.auth.permissions import PERMISSIONS, allowed
-from app.dashboard import pages
 from app.tenants.policy import ROLES
 from tests.support.permissions import route_permission
 from tests.support.runs import create_workflow, name, start_run
@@ -20,7 +19,8 @@ from tests.support.tenants import TenantKey
 
 def page_routes(app: FastAPI) -> list[tuple[str, str, APIRoute]]:
     found = [(method, context.path, route) for context in iter_route_contexts(app.routes)
-             if isinstance(route := context.original_route, APIRoute) and route.endpoint.__module__ == pages.__name__
+             if isinstance(route := context.original_route, APIRoute)
+             and route.endpoint.__module__.startswith("app.dashboard.")
              for method in sorted(route.methods)]
     assert len(found) >= 9, found  # /, runs, run, its actions and conversation, approvals, workflows
     return found
