@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # Audit events older than this many days are deleted by the reconciler (the chain then starts at
     # the oldest row kept); None: kept for ever.
     audit_retention_days: int | None = Field(default=None, ge=1)
+    # Logs on stderr: one JSON object a line, or text lines for a terminal (`steward up` uses text for
+    # the processes it starts unless this is set); the least level written.
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="before")
     @classmethod

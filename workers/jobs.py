@@ -21,6 +21,7 @@ from app.engine.attempts import fire_wait_timeout as fire_wait_timeout_tx
 from app.engine.reconciler import reconcile_once
 from app.engine.transaction import DatabaseUnavailable, in_tx
 from app.engine.unit_of_work import UnitOfWork
+from app.logs import bound
 from app.outage import DATABASE, Backoff, is_database_outage, quiet_database_outage
 from app.runtime import Runtime
 from app.tools.breaker import Breaker
@@ -90,6 +91,17 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
 
 
 async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claimed, lease: Lease) -> Outcome:
+    with bound(tenant=claimed.tenant_id, run=claimed.run_id, step=claimed.step_id, item=claimed.map_index,
+               attempt=claimed.attempt_n):
+        outcome = await _execute_bound(runtime, http, breaker, claimed, lease)
+        # Messages are what the run's events say (tool errors scrubbed of secrets), never arguments.
+        log.debug("attempt %d of step %s: %s in %.0f ms", claimed.attempt_n, claimed.step_id,
+                  "ok" if outcome.ok else f"{outcome.error_class}: {outcome.message}",
+                  (outcome.finished_at - outcome.started_at).total_seconds() * 1000)
+        return outcome
+
+
+async def _execute_bound(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claimed, lease: Lease) -> Outcome:
     backoff = Backoff()
     while (definition := cached_definition(claimed.workflow_version_id)) is None:
         try:

@@ -25,6 +25,7 @@ from app.auth.permissions import PERMISSIONS, allowed
 from app.context import Ctx
 from app.db import get_db
 from app.errors import Forbidden, Unauthorized
+from app.logs import bind
 from app.pg import driver
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ async def get_ctx(
             raise MissingCredentials("missing credentials: send `Authorization: Bearer <API key or token>`, or sign in")
         ctx = session
     request.state.ctx = ctx
+    bind(tenant=ctx.tenant_id, principal=ctx.principal)  # on this request's log records
     from app.ratelimit import check_rate
 
     await check_rate(request, ctx)

@@ -63,7 +63,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         timeout_graceful_shutdown=API_SHUTDOWN_TIMEOUT_S,
-        log_config=log_config(),
+        log_config=log_config(settings.log_level, settings.log_format),
     )
     return 0
 
@@ -73,7 +73,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _preflight("steward worker", "starting anyway")
     from app.logs import configure as configure_logging
 
-    configure_logging()
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(_serve_worker(settings, args.concurrency))
     return 0
 

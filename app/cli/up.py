@@ -67,8 +67,10 @@ class _Stop:
 def cmd_up(args: argparse.Namespace) -> int:
     from app.logs import configure as configure_logging
 
-    configure_logging()
     settings = load_settings()
+    # A terminal: text lines, for `steward up` and the processes it starts, unless the format is set.
+    text = {} if os.environ.get("STEWARD_LOG_FORMAT") else {"STEWARD_LOG_FORMAT": "text"}
+    configure_logging(settings.log_level, "text" if text else settings.log_format)
     stop = _Stop()
     with stop.installed(), contextlib.ExitStack() as stack:
         database_url, redis_url = settings.database_url, settings.redis_url
@@ -97,7 +99,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             settings, database_url if "PostgreSQL" in embedded else None, demo, data_dir if embedded else None
         )
 
-        env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **text, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
         host, port = settings.host, settings.port
         stop.supervising = True
         children: dict[str, subprocess.Popen[bytes]] = {}
