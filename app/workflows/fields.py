@@ -119,7 +119,9 @@ def integer(minimum: int, maximum: int | Callable[[ValidationInfo], int]) -> Pla
     return PlainValidator(check)
 
 
-def number(*, gt: float | None = None, ge: float | None = None, le: float | None = None) -> PlainValidator:
+def number(
+    *, gt: float | None = None, ge: float | None = None, le: float | None = None, lt: float | None = None
+) -> PlainValidator:
     """A finite number within the bounds, as a float."""
 
     def check(value: object) -> float:
@@ -129,6 +131,7 @@ def number(*, gt: float | None = None, ge: float | None = None, le: float | None
             f"greater than {gt:g}" if gt is not None and not value > gt else "",
             f"at least {ge:g}" if ge is not None and not value >= ge else "",
             f"at most {le:g}" if le is not None and not value <= le else "",
+            f"less than {lt:g}" if lt is not None and not value < lt else "",
         ]
         if any(found):
             raise problem("must be " + " and ".join(p for p in found if p))

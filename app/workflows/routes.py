@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -16,18 +16,20 @@ from app.errors import BadRequest, Invalid
 from app.http import PARSED_JSON, AppSettings, JsonRoute, UnsupportedMediaType, api_responses, problem_responses
 from app.input_guard import value_errors
 from app.pagination import Cursor, Limit, keyset, page_size
-from app.workflows import service
+from app.workflows import service, stats
 from app.workflows.decode import check_json
 from app.workflows.definition import DefinitionError, load_definition_text
 from app.workflows.models import Workflow, WorkflowVersion
 from app.workflows.schemas import (
     WorkflowCreate,
     WorkflowPage,
+    WorkflowStats,
     WorkflowSummary,
     WorkflowVersionPage,
     WorkflowVersionRead,
     WorkflowVersionSummary,
 )
+from app.workflows.stats import Window
 
 router = APIRouter(
     prefix="/api/v1/workflows", tags=["workflows"], responses=api_responses(404), route_class=JsonRoute
@@ -37,6 +39,7 @@ VERSION_PAGES = keyset("workflow-versions", int)
 
 Author = Annotated[Ctx, Depends(require("workflows:write"))]
 Viewer = Annotated[Ctx, Depends(require("workflows:read"))]
+RunViewer = Annotated[Ctx, Depends(require("runs:read"))]
 
 _JSON_TYPES = ("application/json",)
 _YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -119,6 +122,17 @@ async def get_workflow_version(
     name: str, version: Annotated[int, Path(ge=1, le=INT32_MAX)], ctx: Viewer, db: Db
 ) -> WorkflowVersionRead:
     return _version_read(name, await service.get_workflow_version(db, ctx, name, version))
+
+
+@router.get("/{name}/stats", response_model=WorkflowStats, summary="Reliability figures over a window")
+async def workflow_stats(
+    name: str, ctx: RunViewer, db: Db,
+    window: Annotated[Window, Query(description="The runs created in the last 24 hours, 7 or 30 days")] = "24h",
+) -> WorkflowStats:
+    """Outcomes, completion and success rates, agent success rate, duration percentiles, cost per run,
+    MTBF, MTTR, the health of the tools and providers the runs called, and the error budget left when
+    the workflow sets an `slo`."""
+    return WorkflowStats.model_validate(await stats.workflow_stats(db, ctx, name, window))
 
 
 # --- helpers -------------------------------------------------------------------------------------------

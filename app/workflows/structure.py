@@ -330,11 +330,20 @@ class PermissionsDoc(_Doc):
     tools: ToolNames | None = None  # null, as if absent: any tool
 
 
+class SloDoc(_Doc):
+    """A reliability objective: this share of finished runs succeeds over the window (stats report the
+    error budget left)."""
+
+    success_rate: Annotated[float, f.number(gt=0, lt=1)]
+    window: Annotated[str, f.one_of(("24h", "7d", "30d"), "must be '24h', '7d' or '30d'")] = "30d"
+
+
 class DefinitionDoc(_Doc):
     input_schema: Annotated[dict[str, JsonValue] | None, f.JSON_SCHEMA] = None
     limits: Annotated[LimitsDoc | None, f.is_object()] = None
     permissions: Annotated[PermissionsDoc | None, f.is_object()] = None
     shadow: Annotated[bool, f.BOOLEAN] = False
+    slo: Annotated[SloDoc | None, f.is_object()] = None
     steps: Annotated[list[StepDoc], WrapValidator(_steps)]
 
     @model_validator(mode="before")
