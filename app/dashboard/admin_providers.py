@@ -183,6 +183,13 @@ async def put_secret(request: Request, ctx: SecretAdmin, db: Db, runtime: AppRun
 async def delete_secret(request: Request, secret: SecretName, ctx: SecretAdmin, db: Db) -> Response:
     """Delete a secret: refused (409 page naming its users) while in use, unless "delete anyway" is ticked."""
     force = bool((await form_fields(request)).get("force"))
-    await vault_service.delete_secret(await driver(db), ctx, secret, force=force)
+    try:
+        await vault_service.delete_secret(await driver(db), ctx, secret, force=force)
+    except vault_service.SecretInUse as exc:  # the service's words are the API's (?force=true): say the form's
+        users = ", ".join(f"{u['kind']} {u['name']}" + (f" v{u['version']}" if "version" in u else "")
+                          for u in exc.extra["used_by"])
+        raise vault_service.SecretInUse(
+            f"secret {secret!r} is used by {users}: point them at another secret first, or delete it with "
+            "“even if in use” ticked (their calls then fail)", used_by=exc.extra["used_by"]) from exc
     await db.commit()
     return RedirectResponse("/admin/secrets", status_code=303)

@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.config import Settings
+
 from tests.support.signin import SignIn, audit_events, csrf_token
-from tests.support.tenants import MakeTenant, TenantKey
+from tests.support.tenants import MakeApiKey, MakeTenant, TenantKey
 
 XSS = "<img src=x onerror=alert(1)>"
 PRICES = {"input_per_mtok": "1", "output_per_mtok": "2"}
@@ -228,7 +230,7 @@ async def test_providers_and_secrets_from_their_pages(
         "https://api.example/v1", ["gpt-x"], "max_tokens")
 
     in_use = await post(browser, f"/admin/secrets/{secret}/delete")
-    assert is_page(in_use, 409) and provider in in_use.text, in_use.text
+    assert is_page(in_use, 409) and f"provider {provider}" in in_use.text and "even if in use" in in_use.text
 
     pages = [await browser.get(url) for url in ("/admin/secrets", "/admin/providers", f"/admin/providers/{provider}",
                                                 "/admin/members", "/admin/keys", "/admin/settings")]
@@ -329,3 +331,23 @@ async def test_forms_need_the_sessions_csrf_token(tenant: TenantKey, sign_in: Si
     for url in ("/admin/keys", "/admin/secrets", "/admin/settings", "/admin/members", "/admin/providers"):
         refused = await browser.post(url, data={"name": "x", "value": "y", "role_admin": "on"})
         assert refused.status_code == 403 and "CSRF" in refused.text, url
+
+
+async def test_admin_lists_come_a_keyset_page_at_a_time(
+    tenant: TenantKey, sign_in: SignIn, make_api_key: MakeApiKey, settings: Settings
+) -> None:
+    for _ in range(settings.page_size_default):
+        await make_api_key(tenant.tenant_id, roles=("viewer",))
+    browser = await sign_in(tenant, ("admin",))
+    first = await browser.get("/admin/keys")
+    more = re.search(r'<a rel="next" href="(/admin/keys\?cursor=[^"]+)"', first.text)
+    assert is_page(first, 200) and more, first.text[-800:]
+    second = await browser.get(more.group(1).replace("&amp;", "&"))
+    revoke = re.compile(r'action="/admin/keys/([0-9a-f-]+)/revoke"')
+    ids = revoke.findall(first.text), revoke.findall(second.text)
+    assert (len(ids[0]), len(ids[1])) == (settings.page_size_default, 1)  # the tenant's own key, and 50 more
+    assert ids[0] == sorted(ids[0]) and ids[0][-1] < ids[1][0] and 'rel="next"' not in second.text
+
+    for url in ("/admin/members", "/admin/keys", "/admin/providers", "/admin/secrets"):
+        junk = await browser.get(url, params={"cursor": "junk"})
+        assert is_page(junk, 422) and "not a cursor from this list" in junk.text, url
