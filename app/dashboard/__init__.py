@@ -6,8 +6,8 @@ One module per area, each with its own router of pages (``common.page_router()``
 
 from fastapi import APIRouter
 
-from app.dashboard import approvals, run, runs, workflows
+from app.dashboard import admin_access, admin_providers, admin_settings, approvals, run, runs, workflows
 
 router = APIRouter()
-for area in (runs, run, approvals, workflows):
+for area in (runs, run, approvals, workflows, admin_access, admin_settings, admin_providers):
     router.include_router(area.router)

@@ -61,7 +61,7 @@ async def add_member(
     body: MemberAdd, ctx: Admin, db: Db, settings: AppSettings, runtime: AppRuntime
 ) -> MemberRead:
     member = await tenants_service.add_member(
-        db, runtime.pg, ctx, issuer=body.issuer or settings.oidc_issuer or "local", subject=body.subject,
+        db, runtime.pg, ctx, issuer=tenants_service.member_issuer(body.issuer, settings), subject=body.subject,
         roles=body.roles, email=body.email, name=body.name,
     )
     await db.commit()

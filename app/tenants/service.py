@@ -17,8 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.audit.service import record as audit
 from app.auth.keys import hash_api_key, new_api_key
+from app.auth.users import LOCAL_ISSUER, find_or_create_user
 from app.auth.users import Db as UserDb
-from app.auth.users import find_or_create_user
+from app.config import Settings
 from app.context import Ctx
 from app.errors import Conflict, NotFound
 from app.pg import Conn, driver, dumps
@@ -97,6 +98,12 @@ async def list_members(db: AsyncSession, ctx: Ctx, *, after: uuid.UUID | None, l
 
 async def get_member(db: AsyncSession, ctx: Ctx, user_id: uuid.UUID) -> MemberRead:
     return await _member(await driver(db), ctx, user_id)
+
+
+def member_issuer(issuer: str | None, settings: Settings) -> str:
+    """The issuer a new member is added under: the one given, else the configured identity provider's,
+    else local sign-in's."""
+    return issuer or settings.oidc_issuer or LOCAL_ISSUER
 
 
 async def add_member(

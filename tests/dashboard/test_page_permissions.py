@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 
 import httpx
 import pytest
@@ -42,8 +43,9 @@ async def test_each_role_gets_what_the_table_allows(
     await create_workflow(client, tenant.headers, workflow, [{"id": "ok", "approval": {"reason": "r"}}])
     run = await start_run(client, tenant.headers, workflow)
     approvals = (await client.get("/api/v1/approvals", params={"run": run["id"]}, headers=tenant.headers)).json()
+    admin_values = await _admin_values(client, tenant)
     values = {"run_id": run["id"], "step_id": "ok", "action": "pause", "approval_id": approvals["items"][0]["id"],
-              "name": workflow}
+              "name": workflow, **admin_values}
     browser = await sign_in(tenant, (role,))
     token = re.search(r'name="csrf_token" value="([^"]+)"', (await browser.get("/runs")).text)
     assert token
@@ -58,3 +60,22 @@ async def test_each_role_gets_what_the_table_allows(
             assert answer.status_code not in (401, 403, 404, 500), (role, method, url, answer.text[:300])
         else:
             assert answer.status_code == 403 and permission in answer.text, (role, method, url, answer.status_code)
+
+
+async def _admin_values(client: httpx.AsyncClient, tenant: TenantKey) -> dict[str, str]:
+    """A member, a (viewer) key, a secret and a provider using it: what the admin pages' paths name.
+
+    Posting the walk's form to them as an admin may remove the member, revoke the key and delete the
+    provider and the secret: routes come in the order the admin modules declare them, reads first.
+    """
+    member = await client.post("/api/v1/members", json={"subject": f"walk-{secrets.token_hex(4)}",
+                                                         "roles": ["viewer"]}, headers=tenant.headers)
+    key = await client.post("/api/v1/api-keys", json={"name": "walk", "roles": ["viewer"]}, headers=tenant.headers)
+    secret, provider = f"walk_{secrets.token_hex(3)}", f"walk{secrets.token_hex(3)}"
+    put_secret = await client.put(f"/api/v1/secrets/{secret}", json={"value": "v"}, headers=tenant.headers)
+    put_provider = await client.put(f"/api/v1/providers/{provider}", headers=tenant.headers, json={
+        "base_url": "http://127.0.0.1:9/v1", "api_key_secret": secret,
+        "models": {"m": {"input_per_mtok": "1", "output_per_mtok": "2"}}})
+    assert (member.status_code, key.status_code, put_secret.status_code, put_provider.status_code) == (
+        201, 201, 204, 201)
+    return {"user_id": member.json()["user_id"], "key_id": key.json()["id"], "secret": secret, "provider": provider}
