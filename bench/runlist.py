@@ -24,6 +24,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.db import run_migrations
+from app.workflows import stats
 
 FILL = """
 INSERT INTO tenant (id, name) SELECT gen_random_uuid(), 'tenant-' || i FROM generate_series(1, 10) i;
@@ -89,6 +90,8 @@ async def main(args: argparse.Namespace) -> None:
             "SELECT created_at, id FROM run WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC OFFSET $2 LIMIT 1",
             busy, count // 2,
         )
+        week_ago = await conn.fetchval("SELECT now() - interval '7 days'")
+        terminal = list(stats.TERMINAL)
         page = "ORDER BY created_at DESC, id DESC LIMIT 51"
         cols = "SELECT id, workflow_name, status, created_at FROM run"
         queries = [
@@ -98,6 +101,10 @@ async def main(args: argparse.Namespace) -> None:
              (busy, mid["created_at"], mid["id"])),
             ("list runs, status=failed", f"{cols} WHERE tenant_id = $1 AND status = 'failed' {page}", (busy,)),
             ("list runs, workflow=beta", f"{cols} WHERE tenant_id = $1 AND workflow_name = 'beta' {page}", (busy,)),
+            *[(f"workflow stats 7d, {part}", sql, (busy, "beta", week_ago, *extra)) for part, sql, extra in (
+                ("runs", stats.RUNS_SQL, (terminal,)), ("MTBF/MTTR", stats.RECOVERY_SQL, ()),
+                ("agents", stats.AGENTS_SQL, (terminal,)),
+                ("dependencies", stats.DEPENDENCIES_SQL, (stats.MAX_DEPENDENCIES,)))],
             ("reconciler: expired leases",
              "SELECT id FROM step_run WHERE status = 'running' AND lease_expires_at < now() LIMIT 200", ()),
             ("reconciler: due wait timeouts",

@@ -34,7 +34,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # Dependencies listed, most called first.
 MAX_DEPENDENCIES = 20
 
-_RUNS = """
+RUNS_SQL = """
 WITH w AS (
     SELECT r.id, r.status, r.created_at, r.finished_at FROM run r
     WHERE r.tenant_id = $1 AND r.workflow_name = $2 AND r.created_at >= $3
@@ -49,7 +49,7 @@ SELECT
 
 # MTBF and MTTR over the window's finished runs in the order they finished. The time of the next success
 # after each run is a running minimum read backwards (a frame anchored at one end: linear, not quadratic).
-_RECOVERY = """
+RECOVERY_SQL = """
 WITH f AS (
     SELECT status, finished_at,
            lag(status) OVER (ORDER BY finished_at, id) AS before,
@@ -66,7 +66,7 @@ SELECT (SELECT extract(epoch FROM avg(gap)) FROM failures) AS mtbf,
          WHERE status = 'failed' AND (before IS NULL OR before = 'succeeded') AND next_success IS NOT NULL) AS mttr
 """
 
-_AGENTS = """
+AGENTS_SQL = """
 SELECT count(*) FILTER (WHERE s.status = ANY($4::text[])) AS finished,
        count(*) FILTER (WHERE s.status = 'succeeded' AND NOT EXISTS (
            SELECT 1 FROM run_event e WHERE e.run_id = s.run_id
@@ -77,7 +77,7 @@ WHERE r.tenant_id = $1 AND r.workflow_name = $2 AND r.created_at >= $3 AND s.kin
 """
 
 # Tool calls (tool steps and agents' calls) and model calls, by tool and by provider.
-_DEPENDENCIES = """
+DEPENDENCIES_SQL = """
 SELECT kind, name, count(*) AS calls, count(*) FILTER (WHERE ok) AS ok FROM (
     SELECT CASE WHEN e.type LIKE 'tool%' THEN 'tool' ELSE 'provider' END AS kind,
            CASE WHEN e.type LIKE 'tool%' THEN e.data ->> 'tool' ELSE split_part(e.data ->> 'model', '/', 1) END AS name,
@@ -90,12 +90,12 @@ WHERE name IS NOT NULL
 GROUP BY kind, name ORDER BY calls DESC, kind, name LIMIT $4
 """
 
-_OBJECTIVE_RUNS = """
+OBJECTIVE_RUNS_SQL = """
 SELECT count(*) FILTER (WHERE status = ANY($4::text[])) AS finished, count(*) FILTER (WHERE status = 'failed') AS failed
 FROM run WHERE tenant_id = $1 AND workflow_name = $2 AND created_at >= $3
 """
 
-_LATEST = """
+LATEST_SQL = """
 SELECT v.definition -> 'slo' AS slo FROM workflow w JOIN workflow_version v
   ON v.workflow_id = w.id AND v.version = w.latest_version
 WHERE w.tenant_id = $1 AND w.name = $2
@@ -108,15 +108,15 @@ def _rate(part: int, whole: int) -> float | None:
 
 async def workflow_stats(db: AsyncSession, ctx: Ctx, name: str, window: Window) -> dict[str, Any]:
     conn = await driver(db)
-    latest = await conn.fetchrow(_LATEST, ctx.tenant_id, name)
+    latest = await conn.fetchrow(LATEST_SQL, ctx.tenant_id, name)
     if latest is None:
         raise WorkflowNotFound(f"workflow {name!r} not found")
     at = now()
     since = at - WINDOWS[window]
-    runs = await conn.fetchrow(_RUNS, ctx.tenant_id, name, since, list(TERMINAL))
-    recovery = await conn.fetchrow(_RECOVERY, ctx.tenant_id, name, since)
-    agents = await conn.fetchrow(_AGENTS, ctx.tenant_id, name, since, list(TERMINAL))
-    dependencies = await conn.fetch(_DEPENDENCIES, ctx.tenant_id, name, since, MAX_DEPENDENCIES)
+    runs = await conn.fetchrow(RUNS_SQL, ctx.tenant_id, name, since, list(TERMINAL))
+    recovery = await conn.fetchrow(RECOVERY_SQL, ctx.tenant_id, name, since)
+    agents = await conn.fetchrow(AGENTS_SQL, ctx.tenant_id, name, since, list(TERMINAL))
+    dependencies = await conn.fetch(DEPENDENCIES_SQL, ctx.tenant_id, name, since, MAX_DEPENDENCIES)
 
     by_status: dict[str, int] = dict(runs["by_status"])
     total = sum(by_status.values())
@@ -143,7 +143,7 @@ async def workflow_stats(db: AsyncSession, ctx: Ctx, name: str, window: Window) 
     }
     if slo := latest["slo"]:
         slo_since = at - WINDOWS[slo["window"]]
-        counts = await conn.fetchrow(_OBJECTIVE_RUNS, ctx.tenant_id, name, slo_since, list(TERMINAL))
+        counts = await conn.fetchrow(OBJECTIVE_RUNS_SQL, ctx.tenant_id, name, slo_since, list(TERMINAL))
         allowed = (1 - float(slo["success_rate"])) * counts["finished"]
         stats["objective"] = {
             "success_rate": slo["success_rate"], "window": slo["window"], "finished": counts["finished"],

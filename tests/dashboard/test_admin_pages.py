@@ -15,7 +15,6 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
-
 from tests.support.signin import SignIn, audit_events, csrf_token
 from tests.support.tenants import MakeApiKey, MakeTenant, TenantKey
 
