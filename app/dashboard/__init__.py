@@ -6,8 +6,8 @@ One module per area, each with its own router of pages (``common.page_router()``
 
 from fastapi import APIRouter
 
-from app.dashboard import approvals, run, runs, workflows
+from app.dashboard import approvals, audit, budgets, run, runs, tools, workflows
 
 router = APIRouter()
-for area in (runs, run, approvals, workflows):
+for area in (runs, run, approvals, workflows, tools, budgets, audit):
     router.include_router(area.router)

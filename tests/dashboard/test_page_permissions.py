@@ -43,7 +43,7 @@ async def test_each_role_gets_what_the_table_allows(
     run = await start_run(client, tenant.headers, workflow)
     approvals = (await client.get("/api/v1/approvals", params={"run": run["id"]}, headers=tenant.headers)).json()
     values = {"run_id": run["id"], "step_id": "ok", "action": "pause", "approval_id": approvals["items"][0]["id"],
-              "name": workflow}
+              "name": workflow, "tool": "echo"}
     browser = await sign_in(tenant, (role,))
     token = re.search(r'name="csrf_token" value="([^"]+)"', (await browser.get("/runs")).text)
     assert token
