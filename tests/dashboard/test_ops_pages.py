@@ -134,14 +134,14 @@ async def test_a_tools_definition_is_shown_formatted_with_secrets_redacted_and_e
         assert secret not in page.text
     assert "Bearer ${{ secrets.pay_key }}" in page.text  # a reference, not a value
     assert "visible default" in page.text and "text/plain" in page.text
-    spec = json.loads(re.search(r'<pre class="json">(.*?)</pre>', page.text, re.DOTALL).group(1)  # type: ignore[union-attr]
+    spec = json.loads(re.search(r'<pre class="json"[^>]*>(.*?)</pre>', page.text, re.DOTALL).group(1)  # type: ignore[union-attr]
                       .replace("&#34;", '"'))
     assert spec["executor"]["headers"]["X-Api-Key"] == "[redacted]"
     assert spec["input_schema"]["properties"]["card"]["default"] == "[redacted]"
 
     first = await browser.get("/tools/pay", params={"version": 1})
     assert first.status_code == 200 and "latest is 2" in first.text
-    assert XSS not in first.text and "\\u003cscript\\u003e" in first.text.split('<pre class="json">')[1]
+    assert XSS not in first.text and "\\u003cscript\\u003e" in first.text.split('<pre class="json"')[1]
     assert "Charges &lt;script&gt;" in first.text
 
     builtin = await browser.get("/tools/echo")
