@@ -57,16 +57,17 @@ def usd(value: Any) -> str:
 
 
 def _step(top: float) -> float:
-    """A round step (1, 2 or 5 times a power of ten) giving at most four gridlines up to ``top``."""
-    power: float = 10.0 ** math.floor(math.log10(top / 4))
-    return next(power * m for m in (1, 2, 5, 10) if power * m * 4 >= top)
+    """A round step (1, 2 or 5 times a power of ten) reaching ``top`` in at most five gridlines."""
+    power: float = 10.0 ** math.floor(math.log10(top / 5))
+    return next(power * m for m in (1, 2, 5, 10) if power * m * 5 >= top)
 
 
 def chart(hours: list[HourSpend], cap: Decimal | None) -> Chart:
     """Geometry only: the figures are the service's."""
     top = max([cap or Decimal(0), *(h.cumulative_usd for h in hours), Decimal("0.01")])
     step = _step(float(top) * 1.05)
-    scale = step * 4
+    lines = math.ceil(float(top) * 1.05 / step)
+    scale = step * lines
     plot_h = HEIGHT - BOTTOM - TOP
     slot = (WIDTH - LEFT - 8) / 24
 
@@ -77,7 +78,7 @@ def chart(hours: list[HourSpend], cap: Decimal | None) -> Chart:
                 round(HEIGHT - BOTTOM - y(h.spent_usd), 2), usd(h.spent_usd), h.start.strftime("%H:00"))
             for i, h in enumerate(hours)]
     line = " ".join(f"{round(LEFT + (i + 1) * slot, 2)},{y(h.cumulative_usd)}" for i, h in enumerate(hours))
-    ticks = [(y(Decimal(str(step * k))), usd(Decimal(str(round(step * k, 6))))) for k in range(5)]
+    ticks = [(y(Decimal(str(step * k))), usd(Decimal(str(round(step * k, 6))))) for k in range(lines + 1)]
     hour_ticks = [(round(LEFT + i * slot + slot / 2, 2), f"{i:02d}") for i in range(0, 24, 3)]
     return Chart(bars, line, y(cap) if cap is not None else None, ticks, hour_ticks)
 

@@ -3,6 +3,7 @@ budgets against the API's figures, and the audit log's search, verification and 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -108,6 +109,28 @@ async def test_the_tools_page_shows_the_registry_and_a_breaker_tripped_by_failin
     theirs = await (await sign_in(other)).get("/tools")
     assert breaker_of(row_of(theirs.text, "flaky_api")) == "closed"
     assert 'data-tool="backup"' not in theirs.text
+
+
+async def test_a_breaker_past_its_open_time_shows_half_open(
+    client: httpx.AsyncClient, tenant: TenantKey, sign_in: SignIn, worker: Settings, tool_server: ToolServer,
+) -> None:
+    await register(client, tenant.headers, name="brief", retry={"max_attempts": 1},
+                   breaker={"failure_threshold": 1, "window_s": 600, "open_s": 0.5},
+                   executor=http_tool(tool_server.url + "/fail"))
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "call", "tool": "brief", "args": {}}])
+    assert (await wait_run(client, tenant.headers,
+                           (await start_run(client, tenant.headers, workflow))["id"]))["status"] == "failed"
+    browser = await sign_in(tenant)
+    seen = []
+    for _ in range(100):  # until the open half-second has passed (by the Redis server's clock)
+        fragment = (await browser.get("/tools/brief/breaker")).text
+        seen.append(breaker_of(fragment))
+        if seen[-1] == "half-open":
+            break
+        await asyncio.sleep(0.05)
+    assert seen[-1] == "half-open" and set(seen) <= {"open", "half-open"}, seen
+    assert "letting a probe through" in fragment
 
 
 async def test_a_tools_definition_is_shown_formatted_with_secrets_redacted_and_escaped(
