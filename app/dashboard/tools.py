@@ -81,13 +81,10 @@ async def tool_page(
 
 @router.get("/tools/{tool}/breaker")
 async def tool_breaker(
-    request: Request, tool: ToolName, ctx: ToolViewer, me: SignedIn, db: Db, settings: AppSettings,
-    breaker: Breakers,
+    request: Request, tool: ToolName, ctx: ToolViewer, me: SignedIn, db: Db, breaker: Breakers,
 ) -> Response:
     """A tool's breaker as it is now: its page polls it."""
-    detail = await tools_service.tool_detail(
-        await driver(db), ctx, breaker, tool, None, limit=1, cursor=None
-    )
+    status = await tools_service.tool_status(await driver(db), ctx, breaker, tool)
     return templates.TemplateResponse(request, "dashboard/_tool_breaker.html", {
-        "me": me, "tool": detail.shown, "poll_s": POLL_S,
+        "me": me, "tool": status, "poll_s": POLL_S,
     })

@@ -351,3 +351,11 @@ async def tool_detail(conn: Conn, ctx: Ctx, breaker: Breaker, name: str, version
     return ToolDetail(status, latest["version"],
                       [{k: v for k, v in r.items() if k != "spec"} for r in versions], next_cursor)
 
+
+
+async def tool_status(conn: Conn, ctx: Ctx, breaker: Breaker, name: str) -> ToolStatus:
+    """A tool's latest version (redacted) with its breaker now: what its page refreshes."""
+    latest = await get_tool(conn, ctx, name, None)
+    states = await breaker.read([(tool_key(ctx.tenant_id, name), _policy(latest["spec"]))])
+    return ToolStatus(latest["name"], latest["version"], redact_spec(latest["spec"]), latest["created_at"],
+                      latest["created_by"], states[0] if states else None)
