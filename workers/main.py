@@ -22,7 +22,7 @@ from app.config import Settings
 from app.engine.unit_of_work import QUEUES
 from app.redis import connect, redis_settings
 from app.runtime import Runtime
-from app.tools.breaker import Breaker
+from app.tools.breaker import Breaker, breaker_prefix
 from workers.jobs import fire_wait_timeout, reconcile, run_step
 from workers.wakeup import WakeableWorker, listen
 
@@ -38,7 +38,7 @@ def build_workers(
 ) -> list[WakeableWorker]:
     settings = runtime.settings
     # Breaker state lives in Redis, shared with every other worker process (the key prefix keeps tests apart).
-    breaker = Breaker(runtime.redis, prefix=f"{settings.queue_prefix}:breaker")
+    breaker = Breaker(runtime.redis, prefix=breaker_prefix(settings.queue_prefix))
     ctx: dict[str, Any] = {"runtime": runtime, "worker_id": worker_id, "http": http, "breaker": breaker}
     every = max(1, int(settings.reconcile_interval_s))
     workers = []

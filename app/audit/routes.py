@@ -5,23 +5,20 @@ server-side cursor on a **dedicated connection** rather than the request's sessi
 that session before a streamed body is sent, and a long read must not hold one of the engine's pooled
 connections either. The dedicated connection logs in as the application role with ``steward.tenant_id``
 fixed in its startup packet, so row-level security confines it to the caller's tenant for its whole life
-(every query filters on ``tenant_id`` as well). Each process holds at most :data:`MAX_STREAMS` of them at
-once; past that the API answers 429. The export runs in one REPEATABLE READ transaction: a consistent
-snapshot, whose chain head is sent in the ``Steward-Audit-Head-Seq`` / ``-Hash`` response headers.
+(every query filters on ``tenant_id`` as well). Each process holds at most ``MAX_STREAMS`` of them at once
+(app/audit/service.py, shared with the dashboard); past that the API answers 429. The export runs in one
+REPEATABLE READ transaction: a consistent snapshot, whose chain head is sent in the
+``Steward-Audit-Head-Seq`` / ``-Hash`` response headers.
 
 The filters, the export formats and the snapshot are in app/audit/export.py (shared with the CLI).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import uuid
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 from starlette.responses import StreamingResponse
@@ -37,30 +34,21 @@ from app.audit.export import (
     make_filters,
     open_snapshot,
 )
-from app.audit.verify import Reason, verify_chain
+from app.audit.verify import Reason
 from app.auth.deps import require
-from app.config import Settings
 from app.context import Ctx
 from app.db import Db
-from app.errors import AppError
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
 from app.pagination import Cursor, Limit, keyset, page_size
-from app.pg import Conn, asyncpg_dsn, driver, setup_connection
+from app.pg import Conn, driver
 
-log = logging.getLogger(__name__)
+# The dedicated connections of exports and verifications, shared with the dashboard (app/audit/service.py).
+_streams = audit_service.streams
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"], responses=api_responses(), route_class=JsonRoute)
 PAGES = keyset("audit", int)
 
 Auditor = Annotated[Ctx, Depends(require("audit:read"))]
-
-# Exports and verifications running at once in this process (each holds a database connection).
-MAX_STREAMS = 4
-CONNECT_TIMEOUT_S = 10.0
-CLOSE_TIMEOUT_S = 5.0
-# A client that stops reading for this long loses its export (the snapshot would hold back vacuum).
-IDLE_IN_TRANSACTION_MS = 300_000
-
 
 # --- filters --------------------------------------------------------------------------------------------
 
@@ -77,61 +65,6 @@ def audit_filters(
 
 
 Filtered = Annotated[Filters, Depends(audit_filters)]
-
-
-# --- dedicated connections ------------------------------------------------------------------------------
-
-
-class TooManyStreams(AppError):
-    status = 429
-    type = "too-many-audit-streams"
-    title = "Too many requests"
-    headers = {"Retry-After": "10"}
-
-
-class _Streams:
-    """The dedicated connections of running exports and verifications in this process (at most ``limit``)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open = 0
-
-    async def connect(self, settings: Settings, tenant_id: uuid.UUID) -> Conn:
-        """A connection confined to the tenant (application role, tenant set at login); 429 when full."""
-        if self.open >= self.limit:
-            raise TooManyStreams(f"{self.limit} audit exports or verifications are already running here; retry later")
-        assert settings.database_url is not None
-        server_settings = {"application_name": "steward-audit", "steward.tenant_id": str(tenant_id),
-                           "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)}
-        if settings.db_app_role:
-            server_settings["role"] = settings.db_app_role
-        self.open += 1
-        try:
-            conn: Conn = await asyncpg.connect(asyncpg_dsn(settings.database_url), timeout=CONNECT_TIMEOUT_S,
-                                               server_settings=server_settings)
-        except BaseException:
-            self.open -= 1
-            raise
-        try:
-            await setup_connection(conn)
-        except BaseException:
-            await self.close(conn)
-            raise
-        return conn
-
-    async def close(self, conn: Conn) -> None:
-        self.open -= 1
-        try:
-            await conn.close(timeout=CLOSE_TIMEOUT_S)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("audit: could not close a stream's connection cleanly (%r); terminating it", exc)
-            conn.terminate()
-        except asyncio.CancelledError:
-            conn.terminate()
-            raise
-
-
-_streams = _Streams(MAX_STREAMS)
 
 
 class _ExportResponse(StreamingResponse):
@@ -242,12 +175,8 @@ async def export_audit(
             responses=problem_responses(429))
 async def verify_audit(ctx: Auditor, settings: AppSettings) -> VerificationRead:
     """Recompute every hash and check every link, the sequence and the head. 200 either way: `ok` says."""
-    conn = await _streams.connect(settings, ctx.tenant_id)
-    try:
-        result = await verify_chain(conn, ctx.tenant_id)
-    finally:
-        await _streams.close(conn)
-    return VerificationRead.model_validate(result.as_dict())
+    check = await audit_service.verify_tenant(settings, ctx.tenant_id)
+    return VerificationRead.model_validate(check.verification.as_dict())
 
 
 @router.get("/events", response_model=AuditEventPage, summary="Audit events, newest first")

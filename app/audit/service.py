@@ -7,15 +7,91 @@ just before commit; services outside the engine call :func:`record` on their con
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from app.audit.chain import Entry, append
-from app.audit.export import SELECT, Filters
+from app.audit.export import SELECT, Filters, export_record
+from app.audit.verify import Verification, verify_chain
+from app.config import Settings
 from app.context import Ctx
-from app.pg import Conn
+from app.errors import AppError
+from app.pg import Conn, asyncpg_dsn, setup_connection
+
+log = logging.getLogger(__name__)
+
+
+
+# Exports and verifications running at once in this process (each holds a database connection).
+MAX_STREAMS = 4
+CONNECT_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 5.0
+# A client that stops reading for this long loses its export (the snapshot would hold back vacuum).
+IDLE_IN_TRANSACTION_MS = 300_000
+
+
+# --- dedicated connections ------------------------------------------------------------------------------
+
+
+class TooManyStreams(AppError):
+    status = 429
+    type = "too-many-audit-streams"
+    title = "Too many requests"
+    headers = {"Retry-After": "10"}
+
+
+class Streams:
+    """The dedicated connections of running exports and verifications in this process (at most ``limit``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    async def connect(self, settings: Settings, tenant_id: uuid.UUID) -> Conn:
+        """A connection confined to the tenant (application role, tenant set at login); 429 when full."""
+        if self.open >= self.limit:
+            raise TooManyStreams(f"{self.limit} audit exports or verifications are already running here; retry later")
+        assert settings.database_url is not None
+        server_settings = {"application_name": "steward-audit", "steward.tenant_id": str(tenant_id),
+                           "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)}
+        if settings.db_app_role:
+            server_settings["role"] = settings.db_app_role
+        self.open += 1
+        try:
+            conn: Conn = await asyncpg.connect(asyncpg_dsn(settings.database_url), timeout=CONNECT_TIMEOUT_S,
+                                               server_settings=server_settings)
+        except BaseException:
+            self.open -= 1
+            raise
+        try:
+            await setup_connection(conn)
+        except BaseException:
+            await self.close(conn)
+            raise
+        return conn
+
+    async def close(self, conn: Conn) -> None:
+        self.open -= 1
+        try:
+            await conn.close(timeout=CLOSE_TIMEOUT_S)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("audit: could not close a stream's connection cleanly (%r); terminating it", exc)
+            conn.terminate()
+        except asyncio.CancelledError:
+            conn.terminate()
+            raise
+
+
+streams = Streams(MAX_STREAMS)
+"""Shared by the API's export and verify routes and the dashboard's: one limit per process."""
+
+
+# --- events ---------------------------------------------------------------------------------------------
 
 
 def entry(actor: str | Ctx, action: str, target: str | None, *, outcome: str = "ok",
@@ -52,3 +128,26 @@ async def list_events(
     args.append(limit)
     rows: list[asyncpg.Record] = await conn.fetch(f"{SELECT} WHERE {where} ORDER BY seq DESC LIMIT ${len(args)}", *args)
     return rows
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """A verification, and the row where the chain breaks (as exported; None when ok or the row is missing)."""
+
+    verification: Verification
+    broken_row: dict[str, Any] | None
+
+
+async def verify_tenant(settings: Settings, tenant_id: uuid.UUID) -> ChainCheck:
+    """Verify the tenant's whole chain on a dedicated connection (429 past :data:`MAX_STREAMS`): what
+    ``GET /api/v1/audit/verify`` and the dashboard report (``steward audit verify`` runs the same check)."""
+    conn = await streams.connect(settings, tenant_id)
+    try:
+        result = await verify_chain(conn, tenant_id)
+        row = None
+        if result.broken is not None and result.broken.id is not None:
+            found = await conn.fetchrow(f"{SELECT} WHERE tenant_id = $1 AND seq = $2", tenant_id, result.broken.seq)
+            row = export_record(found) if found is not None else None
+    finally:
+        await streams.close(conn)
+    return ChainCheck(result, row)

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.audit.service import record as audit
 from app.context import Ctx
 from app.errors import Invalid, NotFound
+from app.pagination import keyset
 from app.pg import Conn, driver, dumps
 
 if TYPE_CHECKING:
@@ -375,3 +376,79 @@ async def set_run_limits(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, requeste
     await conn.execute("UPDATE run_usage SET limits = $2::jsonb WHERE run_id = $1", run_id, dumps(limits))
     await audit(conn, ctx.tenant_id, ctx, "run.limits", f"run:{run_id}", data={"from": current, "to": limits})
     return limits
+
+
+# --- the budgets page ----------------------------------------------------------------------------------
+
+PAUSED_PAGES = keyset("budget-paused-runs", datetime, uuid.UUID)
+TOP_WORKFLOWS = 10
+
+_HOURS_OF_DAY = (
+    "SELECT start, spent_usd, reserved_usd FROM budget_window WHERE tenant_id = $1 AND period = 'hour' "
+    "AND start >= $2 AND start < $3 ORDER BY start"
+)
+# Settled spend by workflow since a day's start: what the windows count, split by the runs' workflows.
+_TOP_WORKFLOWS = (
+    "SELECT u.workflow_name AS workflow, sum(r.actual_usd) AS spent_usd, count(DISTINCT r.run_id) AS runs "
+    "FROM budget_reservation r JOIN run_usage u ON u.run_id = r.run_id "
+    "WHERE r.tenant_id = $1 AND r.status = 'settled' AND r.day_start >= $2 "
+    "GROUP BY u.workflow_name HAVING sum(r.actual_usd) > 0 ORDER BY spent_usd DESC, workflow LIMIT $3"
+)
+_PAUSED_RUNS = (
+    "SELECT r.id, r.workflow_name, r.workflow_version, r.created_at, r.error, u.limits, u.tool_calls, u.tokens, "
+    "u.cost_usd FROM run r LEFT JOIN run_usage u ON u.run_id = r.id "
+    "WHERE r.tenant_id = $1 AND r.status = 'paused' AND r.status_reason = $2 "
+    "AND ($3::timestamptz IS NULL OR (r.created_at, r.id) < ($3, $4::uuid)) "
+    "ORDER BY r.created_at DESC, r.id DESC LIMIT $5"
+)
+
+
+@dataclass(frozen=True)
+class HourSpend:
+    """One clock hour of today (UTC): settled spend in it, held reservations, and the day's total by its end."""
+
+    start: datetime
+    spent_usd: Decimal
+    reserved_usd: Decimal
+    cumulative_usd: Decimal
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The budgets page: caps, spend now (``usage``, as ``GET /budgets/usage`` answers), today's spend hour
+    by hour up to the current hour, the workflows that spent most, and runs paused on a budget."""
+
+    budget: dict[str, Any] | None
+    usage: dict[str, Any]
+    hours: list[HourSpend]
+    top_today: list[dict[str, Any]]
+    top_week: list[dict[str, Any]]
+    paused: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+async def overview(db: AsyncSession, ctx: Ctx, *, limit: int, cursor: str | None) -> Overview:
+    """Everything the budgets page shows, read in one transaction; paused runs keyset-paged, newest first.
+
+    Spend per hour is what the tenant's hour windows hold: each settled call adds to the windows of the hour
+    and the day it was reserved in, so today's hours add up to the day window's spend."""
+    conn = await driver(db)
+    after = PAUSED_PAGES.decode(cursor)
+    hour, day = windows(datetime.now(UTC))
+    spent = await usage(db, ctx)
+    rows = await conn.fetch(_HOURS_OF_DAY, ctx.tenant_id, day, day + timedelta(days=1))
+    by_start = {r["start"]: r for r in rows}
+    hours, total = [], Decimal(0)
+    for h in range(hour.hour + 1):
+        start = day + timedelta(hours=h)
+        row = by_start.get(start)
+        spent_usd = row["spent_usd"] if row else Decimal(0)
+        total += spent_usd
+        hours.append(HourSpend(start, spent_usd, row["reserved_usd"] if row else Decimal(0), total))
+    top_today = [dict(r) for r in await conn.fetch(_TOP_WORKFLOWS, ctx.tenant_id, day, TOP_WORKFLOWS)]
+    top_week = [dict(r) for r in await conn.fetch(
+        _TOP_WORKFLOWS, ctx.tenant_id, day - timedelta(days=6), TOP_WORKFLOWS)]
+    paused = await conn.fetch(_PAUSED_RUNS, ctx.tenant_id, BUDGET_EXHAUSTED, *(after or (None, None)), limit + 1)
+    page, next_cursor = PAUSED_PAGES.page(paused, limit, lambda r: (r["created_at"], r["id"]))
+    return Overview(await tenant_budget(conn, ctx.tenant_id), spent, hours, top_today, top_week,
+                    [dict(r) for r in page], next_cursor)

@@ -6,8 +6,19 @@ One module per area, each with its own router of pages (``common.page_router()``
 
 from fastapi import APIRouter
 
-from app.dashboard import admin_access, admin_providers, admin_settings, approvals, run, runs, workflows
+from app.dashboard import (
+    admin_access,
+    admin_providers,
+    admin_settings,
+    approvals,
+    audit,
+    budgets,
+    run,
+    runs,
+    tools,
+    workflows,
+)
 
 router = APIRouter()
-for area in (runs, run, approvals, workflows, admin_access, admin_settings, admin_providers):
+for area in (runs, run, approvals, workflows, tools, budgets, audit, admin_access, admin_settings, admin_providers):
     router.include_router(area.router)

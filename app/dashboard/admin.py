@@ -2,8 +2,8 @@
 
 Each area has its own module (``admin_access``, ``admin_settings``, ``admin_providers``); this one holds
 what they share: reading forms into the API's own request models (so the browser is held to the same
-limits and rules), field errors keyed by form field, and the ``allowed`` check the templates use to show
-only what the signed-in user may do.
+limits and rules), and field errors keyed by form field. (Templates show only what the
+signed-in user may do with ``may(me, permission)``, from :mod:`app.dashboard.common`.)
 """
 
 from __future__ import annotations
@@ -13,16 +13,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from app.auth.permissions import allowed
-from app.auth.web import templates
 from app.errors import Invalid
 from app.tenants.policy import ROLES
 
 M = TypeVar("M", bound=BaseModel)
-
-# The header shows the Admin link, and pages their forms, only to those holding the permission.
-templates.env.globals["allowed"] = lambda roles, permission: allowed(frozenset(roles), permission)
-
 
 def checked_roles(form: Mapping[str, str]) -> list[str]:
     """The roles ticked in a form (one checkbox per role, named ``role_<role>``)."""

@@ -13,11 +13,21 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from app.auth.permissions import allowed
 from app.auth.web import Me, signed_in_user, templates
 from app.errors import AppError, Conflict, Forbidden, Invalid, NotFound, Unauthorized
-from app.http import JsonRoute
+from app.http import JsonRoute, validation_errors
+
+
+def may(me: Me | None, permission: str) -> bool:
+    """Whether the signed-in user's roles grant ``permission`` here (templates show links by it)."""
+    return me is not None and allowed(frozenset(me.roles), permission)
+
+
+templates.env.globals["may"] = may
 
 
 class PageRoute(JsonRoute):
@@ -34,6 +44,9 @@ class PageRoute(JsonRoute):
                 return RedirectResponse(f"/auth/login?next={quote(target, safe='')}", status_code=303)
             except (Forbidden, NotFound, Conflict, Invalid) as exc:
                 return await error_page(request, exc)
+            except RequestValidationError as exc:  # a path or query value of the wrong shape: a 422 page too
+                return await error_page(request, Invalid("the address does not match what the page takes",
+                                                         errors=validation_errors(exc.errors())))
 
         return page_handler
 

@@ -25,12 +25,14 @@ with a warning at most once a minute.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -174,6 +176,30 @@ def _retry_s(retry_ms: Any) -> float | None:
     return None if int(retry_ms) < 0 else int(retry_ms) / 1000
 
 
+def breaker_prefix(queue_prefix: str) -> str:
+    """Where every process of one deployment keeps its breakers (the queue prefix keeps tests apart)."""
+    return f"{queue_prefix}:breaker"
+
+
+def tool_key(tenant_id: uuid.UUID, tool: str) -> str:
+    """The breaker of one tenant's tool: every call of that tool, whichever run or worker, shares it."""
+    return f"{tenant_id}:{tool}"
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    """A breaker as a person reads it: ``failures`` of ``threshold`` in the window; when open, when probes
+    may go through (``retry_at``, by the Redis server's clock)."""
+
+    state: str  # "closed" | "open" | "half_open"
+    failures: int
+    threshold: int
+    window_s: float
+    opened_at: datetime | None
+    retry_in_s: float | None
+    retry_at: datetime | None
+
+
 class Breaker:
     """Circuit breakers keyed by name (e.g. tenant and tool), state in Redis under ``prefix``."""
 
@@ -253,6 +279,24 @@ class Breaker:
             "opened_at": datetime.fromtimestamp(float(opened) / 1000, UTC) if opened else None,
             "retry_in_s": _retry_s(retry_ms),
         }
+
+    async def read(self, keys: Sequence[tuple[str, BreakerPolicy]]) -> list[BreakerState] | None:
+        """The state of each breaker in ``keys`` (read only; nothing is taken or moved), or None when Redis
+        is not answering: soft state, so a page shows it as unknown rather than failing."""
+        try:
+            found = await asyncio.gather(*(self.state(key, policy) for key, policy in keys))
+        except (RedisError, OSError) as exc:
+            self._warn("read", ",".join(key for key, _ in keys[:3]), exc)
+            return None
+        read_at = datetime.now(UTC)
+        return [
+            BreakerState(
+                state=s["state"], failures=s["failures"], threshold=policy.failure_threshold,
+                window_s=policy.window_s, opened_at=s["opened_at"], retry_in_s=s["retry_in_s"],
+                retry_at=read_at + timedelta(seconds=s["retry_in_s"]) if s["retry_in_s"] is not None else None,
+            )
+            for s, (_, policy) in zip(found, keys, strict=True)
+        ]
 
     async def reset(self, key: str) -> None:
         """Close the breaker and forget its failures. Redis errors propagate."""

@@ -40,7 +40,7 @@ from app.pg import Conn
 from app.runtime import Runtime
 from app.tenants.policy import TenantPolicy, load_policy
 from app.tools import service as tools
-from app.tools.breaker import Breaker, BreakerPolicy
+from app.tools.breaker import Breaker, BreakerPolicy, tool_key
 from app.tools.builtins import TOOLS, ToolCall, ToolError, check_destination
 from app.tools.http_executor import call_http_tool
 from app.tools.redact import redact_write_only, scrub
@@ -195,7 +195,7 @@ class Caller:
         if ref.spec.effect == "write" and (self.scope.shadow or self.scope.policy.shadow):
             return self._shadow(site, ref, args)
         policy = BreakerPolicy(**ref.spec.breaker.model_dump())
-        key = f"{self.scope.tenant_id}:{ref.name}"
+        key = tool_key(self.scope.tenant_id, ref.name)
         decision = await self.breaker.before_call(key, policy)
         if not decision.allowed:
             if ref.spec.fallback and allow_fallback:

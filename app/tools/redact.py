@@ -4,6 +4,7 @@ and secret values that a tool echoes back."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
@@ -88,3 +89,51 @@ def cut_scrubbed(raw: bytes, limit: int, forms: Sequence[bytes]) -> tuple[bytes,
 
 
 _REDACTED_BYTES = REDACTED.encode()
+
+
+# --- a tool's definition, shown to people ------------------------------------------------------------------
+
+# Header names whose literal values are credentials (secrets belong in ``${{ secrets.<name> }}``, which
+# the registry keeps as a reference; a literal written there anyway is never shown back).
+_SENSITIVE_HEADER = re.compile(r"auth|cookie|token|secret|key|pass|credential|signature", re.IGNORECASE)
+_TEMPLATE = re.compile(r"\$\{\{.*?\}\}", re.DOTALL)
+_SCHEME_ONLY = re.compile(r"\s*(?:[A-Za-z-]+\s*)?")
+# Values a JSON Schema may carry for a property: redacted under ``writeOnly: true``.
+_SCHEMA_VALUES = ("default", "examples", "example", "const", "enum")
+
+
+def redact_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A stored tool definition as people may read it: secret references kept (they are names, not values),
+    literal values of credential-like headers replaced, and the example/default values of ``writeOnly``
+    schema parts replaced by ``"[redacted]"``."""
+    shown = dict(spec)
+    executor = spec.get("executor")
+    if isinstance(executor, dict) and isinstance(executor.get("headers"), dict):
+        shown["executor"] = {**executor, "headers": {
+            name: _header_value(name, value) for name, value in executor["headers"].items()
+        }}
+    for key in ("input_schema", "output_schema"):
+        if isinstance(spec.get(key), dict):
+            shown[key] = _schema_values(spec[key], False, 0)
+    return shown
+
+
+def _header_value(name: str, value: Any) -> Any:
+    if not isinstance(value, str) or not _SENSITIVE_HEADER.search(name):
+        return value
+    literal = _TEMPLATE.sub("", value)
+    return value if _SCHEME_ONLY.fullmatch(literal) else REDACTED
+
+
+def _schema_values(schema: Any, write_only: bool, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        return REDACTED
+    if isinstance(schema, list):
+        return [_schema_values(item, write_only, depth + 1) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    write_only = write_only or schema.get("writeOnly") is True
+    return {
+        key: REDACTED if write_only and key in _SCHEMA_VALUES else _schema_values(value, write_only, depth + 1)
+        for key, value in schema.items()
+    }

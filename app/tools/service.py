@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -18,8 +19,11 @@ from app.canonical import digest
 from app.context import Ctx
 from app.errors import Invalid, NotFound
 from app.json_schema import schema_errors
+from app.pagination import keyset
 from app.pg import Conn, dumps
-from app.tools.spec import BUILTIN_SPECS, SECRET_REF, STORED, ToolSpec
+from app.tools.breaker import Breaker, BreakerPolicy, BreakerState, tool_key
+from app.tools.redact import redact_spec
+from app.tools.spec import BUILTIN_SPECS, SECRET_REF, STORED, BreakerSettings, ToolSpec
 from app.vault.service import existing as existing_secrets
 from app.workflows.document import pointer
 
@@ -245,3 +249,113 @@ async def versions_using_secret(conn: Conn, tenant_id: uuid.UUID, secret: str) -
         for r in rows
         if any(secret in SECRET_REF.findall(value) for value in (r["headers"] or {}).values() if isinstance(value, str))
     ]
+
+
+# --- the registry as the dashboard shows it -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolStatus:
+    """One version of a tool for people: its definition (secrets redacted), the guardrails it carries,
+    and its circuit breaker now (None: Redis is not answering)."""
+
+    name: str
+    version: int  # 0 for builtins
+    spec: dict[str, Any]
+    created_at: datetime | None
+    created_by: str | None
+    breaker: BreakerState | None
+
+    @property
+    def builtin(self) -> bool:
+        return self.version == 0
+
+    @property
+    def effect(self) -> str:
+        return str(self.spec.get("effect", ""))
+
+    @property
+    def autonomy(self) -> dict[str, Any]:
+        found = self.spec.get("autonomy")
+        return found if isinstance(found, dict) else {"mode": "auto"}
+
+    @property
+    def required_roles(self) -> list[str]:
+        return list(self.spec.get("required_roles") or [])
+
+    @property
+    def fallback(self) -> str | None:
+        found = self.spec.get("fallback")
+        return str(found) if found else None
+
+
+@dataclass(frozen=True)
+class ToolRegistry:
+    tools: list[ToolStatus]  # registered tools, latest versions, by name
+    builtins: list[ToolStatus]  # on the first page only
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class ToolDetail:
+    shown: ToolStatus
+    latest_version: int
+    versions: list[dict[str, Any]]  # newest first: name, version, spec_hash, created_at, created_by
+    next_cursor: str | None
+
+
+REGISTRY_PAGES = keyset("tools", str)
+VERSION_PAGES = keyset("tool-versions", int)
+
+
+def _policy(spec: dict[str, Any]) -> BreakerPolicy:
+    return BreakerPolicy(**BreakerSettings.model_validate(spec.get("breaker") or {}).model_dump())
+
+
+async def _with_breakers(ctx: Ctx, breaker: Breaker, rows: list[dict[str, Any]]) -> list[ToolStatus]:
+    states = await breaker.read([(tool_key(ctx.tenant_id, r["name"]), _policy(r["spec"])) for r in rows])
+    return [
+        ToolStatus(r["name"], r["version"], redact_spec(r["spec"]), r["created_at"], r["created_by"],
+                   states[i] if states is not None else None)
+        for i, r in enumerate(rows)
+    ]
+
+
+def _builtin_row(name: str) -> dict[str, Any]:
+    return {"name": name, "version": 0, "spec": stored(BUILTIN_SPECS[name]), "created_at": None, "created_by": None}
+
+
+async def tool_registry(conn: Conn, ctx: Ctx, breaker: Breaker, *, limit: int, cursor: str | None) -> ToolRegistry:
+    """A keyset page of the tenant's tools (latest versions) with their breakers; the builtins on the first."""
+    rows = await list_tools(conn, ctx, limit=limit + 1, after=REGISTRY_PAGES.after(cursor))
+    page, next_cursor = REGISTRY_PAGES.page(rows, limit, lambda r: (r["name"],))
+    builtins = [_builtin_row(name) for name in sorted(BUILTIN_SPECS)] if cursor is None else []
+    statuses = await _with_breakers(ctx, breaker, [*page, *builtins])
+    return ToolRegistry(statuses[:len(page)], statuses[len(page):], next_cursor)
+
+
+async def tool_detail(conn: Conn, ctx: Ctx, breaker: Breaker, name: str, version: int | None, *, limit: int,
+                      cursor: str | None) -> ToolDetail:
+    """One version of a tool (the latest by default, redacted), its breaker, and a keyset page of its versions."""
+    shown = await get_tool(conn, ctx, name, version)
+    latest = shown if version is None else await get_tool(conn, ctx, name, None)
+    versions: list[dict[str, Any]] = []
+    next_cursor = None
+    if shown["version"] != 0:
+        rows = await list_versions(conn, ctx, name, limit=limit + 1, before=VERSION_PAGES.after(cursor))
+        versions, next_cursor = VERSION_PAGES.page(rows, limit, lambda r: (r["version"],))
+    # The breaker follows the latest version's settings: that is what calls resolve to.
+    states = await breaker.read([(tool_key(ctx.tenant_id, name), _policy(latest["spec"]))])
+    status = ToolStatus(shown["name"], shown["version"], redact_spec(shown["spec"]), shown["created_at"],
+                        shown["created_by"], states[0] if states else None)
+    return ToolDetail(status, latest["version"],
+                      [{k: v for k, v in r.items() if k != "spec"} for r in versions], next_cursor)
+
+
+
+async def tool_status(conn: Conn, ctx: Ctx, breaker: Breaker, name: str) -> ToolStatus:
+    """A tool's latest version (redacted) with its breaker now: what its page refreshes."""
+    latest = await get_tool(conn, ctx, name, None)
+    states = await breaker.read([(tool_key(ctx.tenant_id, name), _policy(latest["spec"]))])
+    return ToolStatus(latest["name"], latest["version"], redact_spec(latest["spec"]), latest["created_at"],
+                      latest["created_by"], states[0] if states else None)

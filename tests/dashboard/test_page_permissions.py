@@ -45,7 +45,7 @@ async def test_each_role_gets_what_the_table_allows(
     approvals = (await client.get("/api/v1/approvals", params={"run": run["id"]}, headers=tenant.headers)).json()
     admin_values = await _admin_values(client, tenant)
     values = {"run_id": run["id"], "step_id": "ok", "action": "pause", "approval_id": approvals["items"][0]["id"],
-              "name": workflow, **admin_values}
+              "name": workflow, "tool": "echo", **admin_values}
     browser = await sign_in(tenant, (role,))
     token = re.search(r'name="csrf_token" value="([^"]+)"', (await browser.get("/runs")).text)
     assert token

@@ -276,6 +276,35 @@ async def test_redis_down_allows_calls_and_warns_once(caplog: pytest.LogCaptureF
     assert len(warnings) == 1
 
 
+async def test_read_reports_each_state_and_moves_nothing(breaker: Breaker, key: str) -> None:
+    other = f"{key}-other"
+    await fail(breaker, other, FAST, 1)
+    await open_breaker(breaker, key, FAST)
+    states = await breaker.read([(key, FAST), (other, FAST)])
+    assert states is not None
+    opened, closed = states
+    assert (opened.state, opened.failures, opened.threshold) == ("open", 3, 3)
+    assert opened.opened_at is not None and opened.retry_in_s is not None and opened.retry_at is not None
+    assert opened.retry_at > datetime.now(UTC) and 0 < opened.retry_in_s <= FAST.open_s
+    assert (closed.state, closed.failures, closed.retry_at) == ("closed", 1, None)
+    for _ in range(200):  # until open_s has passed
+        states = await breaker.read([(key, FAST)])
+        if states and states[0].state == "half_open":
+            break
+        await asyncio.sleep(0.01)
+    assert states and states[0].state == "half_open"
+    # Reading took no probe slot: the first call after it is the probe.
+    assert (await breaker.before_call(key, FAST)).probe
+
+
+async def test_read_with_redis_down_is_unknown_not_an_error(key: str) -> None:
+    client = Redis(host="127.0.0.1", port=closed_port(), socket_connect_timeout=0.5)
+    try:
+        assert await Breaker(client).read([(key, FAST)]) is None
+    finally:
+        await client.aclose()
+
+
 def test_policy_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         BreakerPolicy(failure_threshold=0)

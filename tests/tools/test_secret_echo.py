@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.config import Settings
-from app.tools.redact import REDACTED, cut_scrubbed, scrub, secret_forms
+from app.tools.redact import REDACTED, cut_scrubbed, redact_spec, scrub, secret_forms
 from tests.fakes.tool_server import ToolServer
 from tests.support.runs import create_workflow, name, start_run, step, wait_run
 from tests.support.tenants import TenantKey
@@ -26,6 +26,30 @@ MIN_RESPONSE_BYTES = 1024  # the smallest max_response_bytes a tool may set
 def test_scrub_replaces_secrets_in_keys_and_values() -> None:
     value = {SECRET: {"nested": [f"Bearer {SECRET}", {f"x{SECRET}y": 1}]}, "plain": "ok"}
     assert scrub(value, {SECRET}) == {REDACTED: {"nested": [f"Bearer {REDACTED}", {f"x{REDACTED}y": 1}]}, "plain": "ok"}
+
+
+def test_a_spec_shown_to_people_keeps_secret_references_and_hides_literal_credentials() -> None:
+    spec = {
+        "name": "pay",
+        "executor": {"kind": "http", "url": "https://x.example", "headers": {
+            "Authorization": "Bearer ${{ secrets.pay_key }}", "X-Api-Key": "sk-live-123",
+            "Cookie": "session=abc; ${{ secrets.c }}", "Accept": "application/json", "X-Token": "${{ secrets.t }}",
+        }},
+        "input_schema": {"type": "object", "properties": {
+            "card": {"type": "string", "writeOnly": True, "default": "4111", "examples": ["4242"], "enum": ["1"]},
+            "nested": {"type": "object", "writeOnly": True, "properties": {"pin": {"const": "0000"}}},
+            "note": {"type": "string", "default": "kept"},
+        }},
+    }
+    shown = redact_spec(spec)
+    headers = shown["executor"]["headers"]
+    assert headers == {"Authorization": "Bearer ${{ secrets.pay_key }}", "X-Api-Key": REDACTED, "Cookie": REDACTED,
+                       "Accept": "application/json", "X-Token": "${{ secrets.t }}"}
+    card = shown["input_schema"]["properties"]["card"]
+    assert (card["default"], card["examples"], card["enum"], card["type"]) == (REDACTED, REDACTED, REDACTED, "string")
+    assert shown["input_schema"]["properties"]["nested"]["properties"]["pin"]["const"] == REDACTED
+    assert shown["input_schema"]["properties"]["note"]["default"] == "kept"
+    assert spec["executor"]["headers"]["X-Api-Key"] == "sk-live-123"  # the stored spec is left alone
 
 
 def test_scrub_replaces_a_longer_secret_before_one_it_contains() -> None:
