@@ -6,8 +6,9 @@ One module per area, each with its own router of pages (``common.page_router()``
 
 from fastapi import APIRouter
 
-from app.dashboard import approvals, run, runs, workflows
+from app.dashboard import approvals, run, run_forms, runs, workflows
 
 router = APIRouter()
-for area in (runs, run, approvals, workflows):
+# run_forms before run: its POST routes are more specific than run's /runs/{run_id}/{action}.
+for area in (runs, run_forms, run, approvals, workflows):
     router.include_router(area.router)
