@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from app.auth.web import Me, signed_in_user, templates
 from app.errors import AppError, Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from app.http import JsonRoute
+from app.request_work import ANSWERED_WITH_ERROR
 
 
 class PageRoute(JsonRoute):
@@ -33,6 +34,7 @@ class PageRoute(JsonRoute):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/auth/login?next={quote(target, safe='')}", status_code=303)
             except (Forbidden, NotFound, Conflict, Invalid) as exc:
+                request.scope[ANSWERED_WITH_ERROR] = True  # so the request's unit of work commits nothing
                 return await error_page(request, exc)
 
         return page_handler

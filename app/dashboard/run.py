@@ -45,9 +45,8 @@ Operator = Annotated[Ctx, Depends(require(OPERATE))]
 TABS = {"graph": "Graph", "timeline": "Timeline", "steps": "Steps", "events": "Events",
         "reasoning": "Reasoning", "budget": "Budget"}
 PAGE = 50  # map items and events a page
-Tab = Annotated[str, Query(max_length=16)]
-After = Annotated[int | None, Query(ge=-1, le=INT64_MAX)]
-Name = Annotated[str | None, Query(max_length=128)]
+# Taken as text and checked here, so a bad value is the dashboard's 422 page rather than problem+json.
+Text = Annotated[str | None, Query(max_length=1024)]
 
 
 @dataclass(frozen=True)
@@ -62,11 +61,30 @@ class View:
     items_after: int | None = None
 
 
-def _view(tab: Tab = "graph", after: After = None, type: Name = None, step: Name = None, items: Name = None,
-          items_after: After = None) -> View:
+def _view(tab: Text = None, after: Text = None, type: Text = None, step: Text = None, items: Text = None,
+          items_after: Text = None) -> View:
+    tab = tab or "graph"
     if tab not in TABS:
-        raise Invalid(f"no tab {tab!r}", errors=[{"pointer": "/query/tab", "message": f"one of {', '.join(TABS)}"}])
-    return View(tab, after, type or None, step or None, items or None, items_after)
+        raise Invalid("no such tab", errors=[{"pointer": "/query/tab", "message": f"one of {', '.join(TABS)}"}])
+    for field, value in (("type", type), ("step", step), ("items", items)):
+        if value is not None and len(value) > 128:
+            raise Invalid(f"{field} is too long", errors=[{"pointer": f"/query/{field}", "message": "at most 128"}])
+    return View(tab, _position(after, "after"), type or None, step or None, items or None,
+                _position(items_after, "items_after"))
+
+
+def _position(value: str | None, field: str) -> int | None:
+    """A keyset position: an integer from -1 (before the first) to the largest id."""
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = -2
+    if not -1 <= number <= INT64_MAX:
+        raise Invalid(f"{field} is not a position", errors=[
+            {"pointer": f"/query/{field}", "message": f"an integer from -1 to {INT64_MAX}"}])
+    return number
 
 
 Shown = Annotated[View, Depends(_view)]

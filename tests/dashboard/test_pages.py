@@ -223,12 +223,15 @@ async def test_a_failed_runs_page_shows_each_attempt_and_links_its_events(
          "retry": {"max_attempts": 2, "jitter": False, "backoff_base_s": 0.01}}])
     run = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, workflow))["id"])
     assert run["status"] == "failed", run
-    page = (await (await sign_in(tenant)).get(f"/runs/{run['id']}")).text
+    browser = await sign_in(tenant)
+    page = (await browser.get(f"/runs/{run['id']}", params={"tab": "steps"})).text
     assert XSS not in page
     assert page.count("fail: upstream &lt;script&gt;alert(1)&lt;/script&gt;") == 2  # both attempts, escaped
-    first_event = run["events"][0]["id"]
-    assert f'id="event-{first_event}"' in page and f'href="#event-{first_event}"' in page
     assert 'hx-trigger' not in page  # an ended run's page does not poll
+    events = (await browser.get(f"/runs/{run['id']}", params={"tab": "events"})).text
+    first_event = run["events"][0]["id"]
+    assert f'id="event-{first_event}"' in events
+    assert f'href="/runs/{run["id"]}?tab=events&amp;after={first_event - 1}#event-{first_event}"' in events
 
 
 async def test_runs_filter_by_day_page_with_their_filters_and_jump_to_a_run(
