@@ -57,12 +57,13 @@ class Node:
 
     @property
     def aria_label(self) -> str:
+        """The box's visible text first (a name that starts as it reads), then the step in words."""
         words = [f"step {self.id}", self.kind]
         if self.state is not None:
             words.append(self.state.status)
             if self.state.total is not None:
                 words.append(f"{self.state.done or 0} of {self.state.total} items done")
-        return ", ".join(words)
+        return f"{self.label} {self.detail} ({', '.join(words)})"
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,9 @@ def test_states_give_each_node_its_status_in_words_and_an_accessible_label() -> 
              tool("a_very_long_step_identifier_indeed", "each")]
     drawn = layout(definition(steps), {"fetch": StepState("succeeded"), "each": StepState("running", 2, 3)})
     at = {node.id: node for node in drawn.nodes}
-    assert at["fetch"].aria_label == "step fetch, tool, succeeded"
+    assert at["fetch"].aria_label == "fetch succeeded (step fetch, tool, succeeded)"
     assert at["fetch"].detail == "succeeded"
-    assert at["each"].aria_label == "step each, map, running, 2 of 3 items done"
+    assert at["each"].aria_label == "each running · 2/3 (step each, map, running, 2 of 3 items done)"
     assert at["each"].detail == "running · 2/3"
     long = at["a_very_long_step_identifier_indeed"]
     assert long.state is None and long.detail == "tool"  # no state: the kind

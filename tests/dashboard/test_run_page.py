@@ -55,15 +55,15 @@ async def test_the_graph_tab_draws_each_step_with_its_status_and_links_to_its_de
     assert page.status_code == 200, page.text
     # Layers top to bottom: fetch above each and check (side by side), join below them.
     y = {step_id: float(found) for step_id, found in re.findall(
-        r'aria-label="step (\w+),[^"]*" class="dag-node[^"]*">\s*<title>[^<]*</title>\s*<rect x="[\d.]+" y="([\d.]+)"',
-        page.text)}
+        r'aria-label="[^"]*\(step (\w+),[^"]*" class="dag-node[^"]*">\s*<title>[^<]*</title>\s*'
+        r'<rect x="[\d.]+" y="([\d.]+)"', page.text)}
     assert y["fetch"] < y["each"] == y["check"] < y["join"], y
     assert f'href="/runs/{run["id"]}?tab=graph" aria-current="page"' in page.text
     text = page.text
-    assert 'aria-label="step fetch, tool, succeeded"' in text
-    assert 'aria-label="step each, map, succeeded, 3 of 3 items done"' in text
-    assert 'aria-label="step check, tool, failed"' in text
-    assert 'aria-label="step join, tool, cancelled"' in text or 'aria-label="step join, tool, pending"' in text
+    assert 'aria-label="fetch succeeded (step fetch, tool, succeeded)"' in text
+    assert 'aria-label="each succeeded · 3/3 (step each, map, succeeded, 3 of 3 items done)"' in text
+    assert 'aria-label="check failed (step check, tool, failed)"' in text
+    assert re.search(r'aria-label="join (cancelled|pending) \(step join, tool, (cancelled|pending)\)"', text)
     assert f'href="/runs/{run["id"]}?tab=steps#step-fetch"' in text
     assert text.count('class="dag-edge"') == 4
     assert ">succeeded · 3/3</text>" in text  # the status in words, not only a colour
