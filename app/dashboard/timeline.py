@@ -20,6 +20,7 @@ ROW_H = 26.0
 BAR_H = 14.0
 AXIS_H = 24.0
 TICKS = 4
+LABEL_ROOM = 70.0  # right of the plot, for the mark after the last bar
 WAITING_KINDS = {"wait": "waited for a signal", "approval": "waited for an approval"}
 
 
@@ -96,8 +97,8 @@ def timeline(run: dict[str, Any], now: datetime) -> Timeline:
     drawn = tuple(Row(step_id, AXIS_H + i * ROW_H, tuple(bars)) for i, (step_id, bars) in enumerate(rows.items()))
     ticks = tuple(Tick(x(t0 + (t1 - t0) * i / TICKS), _iso(t0 + (t1 - t0) * i / TICKS),
                        "+" + _duration((t1 - t0).total_seconds() * i / TICKS)) for i in range(TICKS + 1))
-    return Timeline(rows=drawn, ticks=ticks, width=LABEL_W + PLOT_W + 20, height=AXIS_H + len(drawn) * ROW_H + 4,
-                    start=_iso(t0))
+    return Timeline(rows=drawn, ticks=ticks, width=LABEL_W + PLOT_W + LABEL_ROOM,
+                    height=AXIS_H + len(drawn) * ROW_H + 4, start=_iso(t0))
 
 
 def _duration(seconds: float) -> str:
