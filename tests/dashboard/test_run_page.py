@@ -314,3 +314,17 @@ async def test_another_tenants_run_is_404_on_every_new_route_and_bad_input_is_42
         assert answer.status_code == 422, (data, answer.status_code)
     deep = await browser.post(f"{mine}/again/preview", data={"csrf_token": token, "input": "[" * 50_000})
     assert deep.status_code == 422 and 'id="again-input"' in deep.text
+
+
+async def test_the_events_api_filters_as_the_events_tab_does(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings
+) -> None:
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [
+        {"id": "a", "tool": "echo", "args": {}}, {"id": "b", "needs": ["a"], "tool": "echo", "args": {}}])
+    run = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, workflow))["id"])
+    url = f"/api/v1/runs/{run['id']}/events"
+    found = (await client.get(url, params={"type": "step_succeeded", "step": "b"}, headers=tenant.headers)).json()
+    assert [(e["type"], e["step_id"]) for e in found["items"]] == [("step_succeeded", "b")]
+    every = (await client.get(url, params={"type": "step_succeeded"}, headers=tenant.headers)).json()["items"]
+    assert [e["step_id"] for e in every] == ["a", "b"]
