@@ -13,18 +13,26 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 
 from app.db import Db
 from app.engine.unit_of_work import UnitOfWork
 from app.pg import driver
 from app.runtime import AppRuntime
 
+# Set in the request's scope by a route class that turns an error into a response itself (the dashboard's
+# pages): the error then never reaches this dependency, which would otherwise commit what the handler
+# wrote before it failed.
+ANSWERED_WITH_ERROR = "steward.answered_with_error"
 
-async def request_work(db: Db, runtime: AppRuntime) -> AsyncIterator[UnitOfWork]:
-    """A unit of work in the request's transaction; flushed, committed and relayed after the handler."""
+
+async def request_work(request: Request, db: Db, runtime: AppRuntime) -> AsyncIterator[UnitOfWork]:
+    """A unit of work in the request's transaction; flushed, committed and relayed after the handler
+    (nothing is committed when the handler failed: the session rolls back as it closes)."""
     work = UnitOfWork(await driver(db))
     yield work
+    if request.scope.get(ANSWERED_WITH_ERROR):
+        return
     await work.flush()
     await db.commit()
     await runtime.after_commit(work)

@@ -36,6 +36,8 @@ DEFAULT_LIMITS: dict[str, Any] = {"max_steps": 25, "max_tokens": 100_000}
 USD_DIGITS, USD_PLACES = 18, 8
 LIMIT_KEYS = ("max_steps", "max_tokens", "max_cost_usd", "timeout_s")
 BUDGET_EXHAUSTED = "budget_exhausted"
+# The status reasons of a run paused because a limit or a budget ran out: raising limits resumes it.
+PAUSED_ON_BUDGET = frozenset({BUDGET_EXHAUSTED})
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,14 @@ from app.dashboard import (
     audit,
     budgets,
     run,
+    run_forms,
     runs,
     tools,
     workflows,
 )
 
 router = APIRouter()
-for area in (runs, run, approvals, workflows, tools, budgets, audit, admin_access, admin_settings, admin_providers):
+# run_forms before run: its POST routes are more specific than run's /runs/{run_id}/{action}.
+for area in (runs, run_forms, run, approvals, workflows, tools, budgets, audit, admin_access, admin_settings,
+             admin_providers):
     router.include_router(area.router)

@@ -8,6 +8,7 @@ permission is a 403 page naming it, another tenant's run is the same 404 page as
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -20,6 +21,7 @@ from app.auth.permissions import allowed
 from app.auth.web import Me, signed_in_user, templates
 from app.errors import AppError, Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from app.http import JsonRoute, validation_errors
+from app.request_work import ANSWERED_WITH_ERROR
 
 
 def may(me: Me | None, permission: str) -> bool:
@@ -27,7 +29,15 @@ def may(me: Me | None, permission: str) -> bool:
     return me is not None and allowed(frozenset(me.roles), permission)
 
 
+def json_text(value: Any, indent: int | None = None) -> str:
+    """A value as JSON for reading: what users and models wrote appears as they wrote it (``<`` stays
+    ``<``, escaped for HTML by the template like any text), unlike ``tojson``, which is for attributes and
+    writes ``\u003c``."""
+    return json.dumps(value, indent=indent, ensure_ascii=False, default=str)
+
+
 templates.env.globals["may"] = may
+templates.env.filters["json_text"] = json_text
 
 
 class PageRoute(JsonRoute):
@@ -43,8 +53,10 @@ class PageRoute(JsonRoute):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/auth/login?next={quote(target, safe='')}", status_code=303)
             except (Forbidden, NotFound, Conflict, Invalid) as exc:
+                request.scope[ANSWERED_WITH_ERROR] = True  # so the request's unit of work commits nothing
                 return await error_page(request, exc)
             except RequestValidationError as exc:  # a path or query value of the wrong shape: a 422 page too
+                request.scope[ANSWERED_WITH_ERROR] = True
                 return await error_page(request, Invalid("the address does not match what the page takes",
                                                          errors=validation_errors(exc.errors())))
 

@@ -99,8 +99,12 @@ async def list_events(
     settings: AppSettings,
     cursor: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="events after this id")] = None,
     limit: Limit = None,
+    type: Annotated[str | None, Query(max_length=128, description="only events of this type")] = None,
+    step: Annotated[str | None, Query(max_length=128, description="only events of this step")] = None,
 ) -> schemas.EventPage:
-    return await runs_service.list_events(db, ctx, run_id, after=cursor, limit=page_size(limit, settings))
+    return await runs_service.list_events(
+        db, ctx, run_id, after=cursor, limit=page_size(limit, settings), type=type or None, step_id=step or None
+    )
 
 
 @router.get("/{run_id}/steps/{step_id}/conversation", response_model=schemas.ConversationPage)

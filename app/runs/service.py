@@ -11,16 +11,18 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import pagination
 from app.audit.service import entry as audit_entry
-from app.budgets.service import create_usage, effective_limits, tenant_budget
+from app.budgets.service import create_usage, effective_limits, set_run_limits, tenant_budget
 from app.canonical import digest
 from app.config import Settings
 from app.context import Ctx
@@ -36,6 +38,7 @@ from app.runs import schemas
 from app.runs.models import Run, RunEvent, StepRun
 from app.workflows import service as workflows_service
 from app.workflows.definition import validate_input
+from app.workflows.steps import Definition, WaitStep
 
 RUN_EVENTS_INLINE = 200
 
@@ -268,6 +271,10 @@ async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> dict[str, An
     Built as plain JSON-ready data straight from four queries: this is what every long poll returns,
     so it skips the ORM and model validation. Another tenant's run is 404.
     """
+    return (await _read_run(db, ctx, run_id))[0]
+
+
+async def _read_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> tuple[dict[str, Any], Definition]:
     conn = await driver(db)
     run = await conn.fetchrow(_RUN, run_id, ctx.tenant_id)
     if run is None:
@@ -312,7 +319,7 @@ async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> dict[str, An
             for event in events[:RUN_EVENTS_INLINE]
         ],
         "events_truncated": len(events) > RUN_EVENTS_INLINE,
-    }
+    }, definition
 
 
 def _summary(run: Run) -> schemas.RunSummary:
@@ -383,16 +390,112 @@ async def list_runs(
 
 
 async def list_events(
-    db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, *, after: int | None, limit: int
+    db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, *, after: int | None, limit: int, type: str | None = None,
+    step_id: str | None = None,
 ) -> schemas.EventPage:
+    """The run's events in order, keyset-paginated on id; only those of ``type`` and ``step_id`` when given."""
     await run_status(db, ctx, run_id)
     stmt = select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.tenant_id == ctx.tenant_id)
     if after is not None:
         stmt = stmt.where(RunEvent.id > after)
+    if type is not None:
+        stmt = stmt.where(RunEvent.type == type)
+    if step_id is not None:
+        stmt = stmt.where(RunEvent.step_id == step_id)
     rows = (await db.execute(stmt.order_by(RunEvent.id).limit(limit + 1))).scalars().all()
     return schemas.EventPage(
         items=[_event(event) for event in rows[:limit]], next_cursor=rows[limit - 1].id if len(rows) > limit else None
     )
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """Which of a run's events a page shows: ``after`` an id, of one ``type`` and one ``step_id`` if given."""
+
+    after: int | None = None
+    type: str | None = None
+    step_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ItemPage:
+    items: list[dict[str, Any]]
+    next_cursor: int | None  # the last index shown, when more follow
+
+
+@dataclass(frozen=True)
+class RunDetail:
+    """A run as its page shows it: :func:`get_run`'s data, its definition (for the graph), the signals its
+    waiting steps wait for, a page of each map step's items, and (when asked) a page of its events."""
+
+    run: dict[str, Any]
+    definition: Definition
+    signals: tuple[str, ...]
+    items: dict[str, ItemPage]
+    events: schemas.EventPage | None
+    event_types: tuple[str, ...]
+
+
+async def get_run_detail(
+    db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, *, limit: int, items_step: str | None = None,
+    items_after: int | None = None, events: EventQuery | None = None,
+) -> RunDetail:
+    """The run's page data; map items and events come ``limit`` at a page (``items_after`` applies to the
+    map step ``items_step``, the others show their first page). Another tenant's run is 404."""
+    run, definition = await _read_run(db, ctx, run_id)
+    pages: dict[str, ItemPage] = {}
+    for step in run["steps"]:
+        if step["items"] is not None:
+            after = items_after if step["id"] == items_step and items_after is not None else -1
+            shown = [item for item in step["items"] if item["index"] > after][: limit + 1]
+            pages[step["id"]] = ItemPage(shown[:limit], shown[limit - 1]["index"] if len(shown) > limit else None)
+    signals = sorted({
+        spec.wait.signal for step in run["steps"] if step["status"] == "waiting"
+        and isinstance(spec := definition.step(step["id"]), WaitStep)
+    })
+    page: schemas.EventPage | None = None
+    types: tuple[str, ...] = ()
+    if events is not None:
+        page = await list_events(db, ctx, run_id, after=events.after, limit=limit, type=events.type,
+                                 step_id=events.step_id)
+        conn = await driver(db)
+        types = tuple(row["type"] for row in await conn.fetch(
+            "SELECT DISTINCT type FROM run_event WHERE run_id = $1 AND tenant_id = $2 ORDER BY type",
+            run_id, ctx.tenant_id))
+    return RunDetail(run=run, definition=definition, signals=tuple(signals), items=pages, events=page,
+                     event_types=types)
+
+
+async def start_again(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID, input: Any
+) -> dict[str, Any]:
+    """A new run of ``run_id``'s workflow, same version and priority, with ``input`` (audited as a start);
+    returns the new run. An input its schema refuses is 422 with pointers under ``/input``."""
+    row = (await db.execute(
+        select(Run.workflow_name, Run.workflow_version, Run.priority)
+        .where(Run.id == run_id, Run.tenant_id == ctx.tenant_id)
+    )).one_or_none()
+    if row is None:
+        raise RunNotFound(f"run {run_id} not found")
+    try:
+        body = schemas.RunCreate(workflow=row.workflow_name, version=row.workflow_version, input=input,
+                                 priority=row.priority)
+    except ValidationError as exc:
+        raise Invalid("not a run input", errors=[
+            {"pointer": "/input", "message": error["msg"]} for error in exc.errors()]) from exc
+    run, _ = await start_run(db, work, ctx, settings, body, None)
+    return run
+
+
+async def raise_limits_and_resume(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, run_id: uuid.UUID, limits: dict[str, Any]
+) -> dict[str, Any]:
+    """Set a paused run's limits and resume it, in one transaction, each audited as on its own: a run
+    paused because a budget ran out goes on under the new limits, or neither happens (409 unless paused)."""
+    await set_run_limits(db, ctx, run_id, limits)
+    await actions.resume_run(work, settings, run_id, ctx.tenant_id, ctx.principal)
+    work.audit(ctx.tenant_id, audit_entry(ctx, "run.resume", f"run:{run_id}"))
+    return await _read_back(db, work, ctx, run_id)
 
 
 class StepNotFound(NotFound):

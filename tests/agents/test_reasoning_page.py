@@ -34,12 +34,12 @@ async def test_the_reasoning_chain_shows_turns_calls_and_refusals_in_place(
     assert run["status"] == "succeeded", run
 
     browser = await sign_in(tenant)
-    run_page = (await browser.get(f"/runs/{run['id']}")).text
+    run_page = (await browser.get(f"/runs/{run['id']}?tab=budget")).text
     # The budget meter counts against max_steps (25) the agent's 3 turns and the 1 call that ran (the
     # unknown tool was refused before it could count).
-    assert 'id="budget-title"' in run_page and "4 of 25" in run_page, run_page[run_page.find("Budget"):][:800]
+    assert "4 of 25" in run_page, run_page[run_page.find('class="meters"'):][:800]
     link = f"/runs/{run['id']}/steps/agent/conversation"
-    assert f'href="{link}"' in run_page
+    assert f'href="{link}"' in (await browser.get(f"/runs/{run['id']}?tab=reasoning")).text
     page = await browser.get(link)
     assert page.status_code == 200, page.text
     text = page.text

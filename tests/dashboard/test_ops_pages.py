@@ -164,7 +164,7 @@ async def test_a_tools_definition_is_shown_formatted_with_secrets_redacted_and_e
 
     first = await browser.get("/tools/pay", params={"version": 1})
     assert first.status_code == 200 and "latest is 2" in first.text
-    assert XSS not in first.text and "\\u003cscript\\u003e" in first.text.split('<pre class="json"')[1]
+    assert XSS not in first.text and "&lt;script&gt;" in first.text.split('<pre class="json"')[1]
     assert "Charges &lt;script&gt;" in first.text
 
     builtin = await browser.get("/tools/echo")

@@ -64,7 +64,7 @@ async def test_the_runs_page_lists_the_tenants_runs_and_escapes_what_users_wrote
     assert run.status_code == 200, run.text
     at = run.text.find(XSS)
     assert at == -1, run.text[max(0, at - 300):at + 50]
-    assert "\\u003cscript\\u003ealert(1)" in run.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in run.text  # shown as the user wrote it, as text
     assert 'href="/runs"' in run.text
 
 
@@ -223,12 +223,15 @@ async def test_a_failed_runs_page_shows_each_attempt_and_links_its_events(
          "retry": {"max_attempts": 2, "jitter": False, "backoff_base_s": 0.01}}])
     run = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, workflow))["id"])
     assert run["status"] == "failed", run
-    page = (await (await sign_in(tenant)).get(f"/runs/{run['id']}")).text
+    browser = await sign_in(tenant)
+    page = (await browser.get(f"/runs/{run['id']}", params={"tab": "steps"})).text
     assert XSS not in page
     assert page.count("fail: upstream &lt;script&gt;alert(1)&lt;/script&gt;") == 2  # both attempts, escaped
-    first_event = run["events"][0]["id"]
-    assert f'id="event-{first_event}"' in page and f'href="#event-{first_event}"' in page
     assert 'hx-trigger' not in page  # an ended run's page does not poll
+    events = (await browser.get(f"/runs/{run['id']}", params={"tab": "events"})).text
+    first_event = run["events"][0]["id"]
+    assert f'id="event-{first_event}"' in events
+    assert f'href="/runs/{run["id"]}?tab=events&amp;after={first_event - 1}#event-{first_event}"' in events
 
 
 async def test_runs_filter_by_day_page_with_their_filters_and_jump_to_a_run(
@@ -271,7 +274,7 @@ async def test_workflows_and_their_versions(
     listing = (await browser.get("/workflows")).text
     assert f'href="/workflows/{workflow}"' in listing and hidden not in listing
     latest = (await browser.get(f"/workflows/{workflow}")).text
-    assert "version 2" in latest and '"b"' in latest and f'href="/workflows/{workflow}?version=1"' in latest
+    assert "version 2" in latest and '&#34;b&#34;' in latest and f'href="/workflows/{workflow}?version=1"' in latest
     first = (await browser.get(f"/workflows/{workflow}", params={"version": 1})).text
-    assert XSS not in first and "\\u003cscript\\u003e" in first
+    assert XSS not in first and "&lt;script&gt;" in first
     assert (await browser.get(f"/workflows/{hidden}")).status_code == 404
