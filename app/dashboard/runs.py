@@ -155,8 +155,12 @@ async def bulk_action(
 ) -> Response:
     """Pause, resume, cancel or retry the selected runs, or every run matching the list's filters: each
     through the single-run service call (same audit event), each run answered on its own row."""
-    fields = parse_qsl((await request.body()).decode("utf-8", errors="replace"), keep_blank_values=True,
-                       max_num_fields=runs_service.BULK_MAX + 20)
+    try:
+        fields = parse_qsl((await request.body()).decode("utf-8", errors="replace"), keep_blank_values=True,
+                           max_num_fields=2 * runs_service.BULK_MAX)
+    except ValueError as exc:
+        raise Invalid("too many form fields", errors=[
+            {"pointer": "/form/run", "message": f"at most {runs_service.BULK_MAX} runs"}]) from exc
     action = next((value for key, value in fields if key == "action"), "")
     scope = next((value for key, value in fields if key == "scope"), "selected")
     targets: list[uuid.UUID] | runs_service.RunFilters
