@@ -20,7 +20,6 @@ from app.dashboard.common import SignedIn, page_router
 from app.dashboard.live import change_stream
 from app.dashboard.run import OPERATE, Operator, Viewer
 from app.db import Db
-from app.engine.state_machine import RunStatus
 from app.errors import Invalid, NotFound
 from app.http import AppSettings
 from app.pagination import Cursor, Limit, page_size
@@ -28,7 +27,7 @@ from app.runs import service as runs_service
 from app.runs.schemas import RunListItem
 from app.runtime import AppRuntime
 
-RUN_STATUSES = tuple(status.value for status in RunStatus)
+RUN_STATUSES = runs_service.RUN_STATUSES
 # Status reasons are free text to the filter (a reason added later needs no release of this page), but
 # short and plain: anything else is a 422, as is any other filter value of the wrong shape.
 REASON = re.compile(r"[A-Za-z0-9_.:-]{1,64}")

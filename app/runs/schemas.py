@@ -148,7 +148,8 @@ class RunUsageSummary(BaseModel):
 
 
 class RunListItem(RunSummary):
-    usage: RunUsageSummary | None
+    usage: RunUsageSummary | None = Field(description="null for a run without a usage record, and for callers "
+                                                      "without budgets:read")
     pending_approvals: int = Field(description="the run's approval requests waiting for a decision")
 
 

@@ -418,7 +418,8 @@ async def list_conversation(
 
 # --- the runs list's filters and usage columns, and bulk operator actions ---------------------------------
 
-# Why the engine paused or failed a run (run.status_reason): what the runs list offers to filter by.
+# What the runs list offers to filter by: every run status, and why the engine paused or failed a run.
+RUN_STATUSES = tuple(status.value for status in RunStatus)
 STATUS_REASONS = (BUDGET_EXHAUSTED, actions.RUN_TIMEOUT)
 # The most runs one bulk action touches, named by id or matched by filters.
 BULK_MAX = 500
