@@ -1,7 +1,7 @@
 """Server-Sent Events that tell an open page "something changed": the page then fetches its live part.
 
 The notifier's event (set on each Postgres NOTIFY of the page's subject, and whenever its listening
-connection was lost) becomes ``changed`` events: a burst closer together than ``COALESCE_S`` is one, a
+connection was lost) becomes ``changed`` events: a burst closer together than ``coalesce_s`` is one, a
 comment line every ``KEEPALIVE_S`` keeps an idle stream open through proxies, and a reconnect carrying
 ``Last-Event-ID`` is told at once, for whatever it missed meanwhile. A stream holds no database connection.
 """
@@ -20,7 +20,7 @@ COALESCE_S = 0.2
 
 
 def change_stream(
-    request: Request, watch: contextlib.AbstractContextManager[asyncio.Event]
+    request: Request, watch: contextlib.AbstractContextManager[asyncio.Event], coalesce_s: float = COALESCE_S
 ) -> StreamingResponse:
     """``changed`` events whenever ``watch``'s event is set, coalesced, with keep-alives."""
     resumed = request.headers.get("last-event-id") is not None
@@ -40,6 +40,6 @@ def change_stream(
                 changed.clear()
                 sequence += 1
                 yield f"id: {sequence}\nevent: changed\ndata: {{}}\n\n"
-                await asyncio.sleep(COALESCE_S)  # a burst of changes is one refresh
+                await asyncio.sleep(coalesce_s)  # a burst of changes is one refresh
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})

@@ -3,9 +3,7 @@ and an ``llm``/``agent`` step's reasoning chain."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -18,6 +16,7 @@ from app.auth.web import templates
 from app.budgets import service as budgets_service
 from app.context import Ctx
 from app.dashboard.common import SignedIn, page_router
+from app.dashboard.live import change_stream
 from app.db import INT32_MAX, Db
 from app.errors import NotFound
 from app.http import AppSettings
@@ -27,10 +26,6 @@ from app.runs import service as runs_service
 from app.runtime import AppRuntime
 
 OPERATE = "runs:operate"
-# Live updates: a comment line keeps idle streams open through proxies; changes closer together than
-# COALESCE_S are sent as one.
-KEEPALIVE_S = 15.0
-COALESCE_S = 0.2
 router = page_router()
 Viewer = Annotated[Ctx, Depends(require("runs:read"))]
 Operator = Annotated[Ctx, Depends(require(OPERATE))]
@@ -61,26 +56,7 @@ async def run_stream(
     notifier = runtime.notifier
     if notifier is None:
         raise NotFound("live updates are served by API processes")
-    resumed = request.headers.get("last-event-id") is not None
-
-    async def events() -> AsyncIterator[str]:
-        sequence = 0
-        yield "retry: 2000\n\n"
-        with notifier.watch(run_id) as changed:
-            if resumed:
-                changed.set()
-            while True:
-                try:
-                    await asyncio.wait_for(changed.wait(), timeout=KEEPALIVE_S)
-                except TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                changed.clear()
-                sequence += 1
-                yield f"id: {sequence}\nevent: changed\ndata: {{}}\n\n"
-                await asyncio.sleep(COALESCE_S)  # a burst of changes is one refresh
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+    return change_stream(request, notifier.watch(run_id))
 
 
 async def _run_view(db: Db, ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:

@@ -33,6 +33,8 @@ RUN_STATUSES = runs_service.RUN_STATUSES
 REASON = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # The id of the list's live part: an htmx request for it gets the part alone.
 LIVE_ID = "runs-live"
+# A busy tenant's runs change many times a second: an open list fetches its page at most once a second.
+LIST_COALESCE_S = 1.0
 router = page_router()
 
 
@@ -145,7 +147,7 @@ async def runs_stream(request: Request, ctx: Viewer, db: Db, runtime: AppRuntime
     await db.close()  # the stream holds no database connection
     if runtime.notifier is None:
         raise NotFound("live updates are served by API processes")
-    return change_stream(request, runtime.notifier.watch_tenant(ctx.tenant_id))
+    return change_stream(request, runtime.notifier.watch_tenant(ctx.tenant_id), LIST_COALESCE_S)
 
 
 @router.post("/runs/bulk")
