@@ -177,7 +177,7 @@ async def test_a_bulk_cancel_answers_per_run_and_never_touches_another_tenants_r
 
 
 async def test_bulk_over_the_filters_is_capped_and_bad_requests_are_422_pages(
-    client: httpx.AsyncClient, tenant: TenantKey, sign_in: SignIn
+    client: httpx.AsyncClient, tenant: TenantKey, sign_in: SignIn, settings: Settings
 ) -> None:
     runs = await runs_of(client, tenant, WAIT, 2)
     workflow = (await client.get(f"/api/v1/runs/{runs[0]}", headers=tenant.headers)).json()["workflow"]
@@ -188,6 +188,10 @@ async def test_bulk_over_the_filters_is_capped_and_bad_requests_are_422_pages(
         "csrf_token": token, "action": "pause", "scope": "matching", "workflow": workflow, "status": "waiting"})
     assert matching.status_code == 200, matching.text
     assert outcomes(matching.text) == {run_id: "done: done: now paused" for run_id in runs}
+
+    nothing = await browser.post("/runs/bulk", data={
+        "csrf_token": token, "action": "pause", "scope": "matching", "workflow": workflow, "status": "running"})
+    assert nothing.status_code == 200 and "No run matches these filters" in nothing.text, nothing.text
 
     for data, pointer in (
         ({"action": "pause"}, "/form/run"),
@@ -200,6 +204,23 @@ async def test_bulk_over_the_filters_is_capped_and_bad_requests_are_422_pages(
     ):
         refused = await browser.post("/runs/bulk", data={"csrf_token": token, **data})
         assert refused.status_code == 422 and pointer in refused.text, (data, refused.status_code, refused.text[:500])
+    # More than BULK_MAX matching: refused as a whole, saying so, and nothing is touched.
+    owner = await connect(settings.database_url or "")
+    try:
+        await owner.execute(
+            "INSERT INTO run (id, tenant_id, workflow_id, workflow_version_id, workflow_name, workflow_version, "
+            "status, priority, input, version) SELECT gen_random_uuid(), tenant_id, workflow_id, workflow_version_id, "
+            "workflow_name, workflow_version, 'waiting', priority, input, 1 FROM run, generate_series(1, $2) "
+            "WHERE id = $1", uuid.UUID(runs[0]), BULK_MAX)
+    finally:
+        await owner.close()
+    too_many = await browser.post("/runs/bulk", data={
+        "csrf_token": token, "action": "cancel", "scope": "matching", "workflow": workflow})
+    assert too_many.status_code == 422 and f"more than {BULK_MAX} runs match" in too_many.text, too_many.text
+    cancelled = await client.get("/api/v1/runs", params={"workflow": workflow, "status": "cancelled"},
+                                 headers=tenant.headers)
+    assert cancelled.json()["items"] == []
+
     viewer = await sign_in(tenant)
     forbidden = await viewer.post("/runs/bulk", data={"csrf_token": csrf_of((await viewer.get("/runs")).text),
                                                       "action": "cancel", "run": runs[0]})
