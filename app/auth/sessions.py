@@ -39,7 +39,7 @@ from app.auth.users import User, tenant_access
 from app.config import Settings
 from app.context import Ctx
 from app.db import bind_tenant
-from app.errors import Forbidden
+from app.errors import Forbidden, Invalid
 from app.pg import Conn, dumps
 from app.vault.crypto import load_keys
 
@@ -53,7 +53,8 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 # last_seen_at is written at most this often per session (and at most every tenth of the idle timeout).
 TOUCH_INTERVAL_S = 60.0
 _SIGNATURE_LABEL = b"steward/session-cookie/v1"
-_MAX_FORM_FIELDS = 50
+# Forms are small, but the runs list's bulk form names up to 500 runs (app/runs/service.py BULK_MAX).
+_MAX_FORM_FIELDS = 1000
 
 _COLUMNS = "id_hash, user_id, tenant_id, csrf_token, claims, id_token, created_at, last_seen_at, expires_at"
 _GET = f"SELECT {_COLUMNS} FROM web_session WHERE id_hash = $1"
@@ -250,8 +251,13 @@ async def form_fields(request: Request) -> dict[str, str]:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
         return {}
     body = (await request.body()).decode("utf-8", errors="replace")
+    try:
+        pairs = parse_qsl(body, keep_blank_values=True, max_num_fields=_MAX_FORM_FIELDS)
+    except ValueError as exc:  # more fields than any form of ours has: an answer, not a 500
+        raise Invalid("too many form fields", errors=[
+            {"pointer": "/form", "message": f"at most {_MAX_FORM_FIELDS} fields"}]) from exc
     fields: dict[str, str] = {}
-    for name, value in parse_qsl(body, keep_blank_values=True, max_num_fields=_MAX_FORM_FIELDS):
+    for name, value in pairs:
         fields.setdefault(name, value)
     return fields
 

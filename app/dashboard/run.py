@@ -4,9 +4,7 @@ reasoning chain. The forms (signal, start again, raise limits) are in :mod:`app.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -21,6 +19,7 @@ from app.budgets import service as budgets_service
 from app.context import Ctx
 from app.dashboard.common import SignedIn, page_router
 from app.dashboard.graph import StepState, layout
+from app.dashboard.live import change_stream
 from app.dashboard.timeline import timeline
 from app.db import INT32_MAX, INT64_MAX, Db
 from app.errors import Invalid, NotFound
@@ -33,10 +32,6 @@ from app.runtime import AppRuntime
 OPERATE = "runs:operate"
 START = "runs:start"
 BUDGETS = "budgets:write"
-# Live updates: a comment line keeps idle streams open through proxies; changes closer together than
-# COALESCE_S are sent as one.
-KEEPALIVE_S = 15.0
-COALESCE_S = 0.2
 router = page_router()
 Viewer = Annotated[Ctx, Depends(require("runs:read"))]
 Operator = Annotated[Ctx, Depends(require(OPERATE))]
@@ -117,26 +112,7 @@ async def run_stream(
     notifier = runtime.notifier
     if notifier is None:
         raise NotFound("live updates are served by API processes")
-    resumed = request.headers.get("last-event-id") is not None
-
-    async def events() -> AsyncIterator[str]:
-        sequence = 0
-        yield "retry: 2000\n\n"
-        with notifier.watch(run_id) as changed:
-            if resumed:
-                changed.set()
-            while True:
-                try:
-                    await asyncio.wait_for(changed.wait(), timeout=KEEPALIVE_S)
-                except TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                changed.clear()
-                sequence += 1
-                yield f"id: {sequence}\nevent: changed\ndata: {{}}\n\n"
-                await asyncio.sleep(COALESCE_S)  # a burst of changes is one refresh
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+    return change_stream(request, notifier.watch(run_id))
 
 
 async def _run_view(db: Db, ctx: Ctx, run_id: uuid.UUID, view: View) -> dict[str, Any]:

@@ -42,6 +42,8 @@ from app.workflows.steps import WaitStep
 # Statuses whose clock runs; a paused run is held by an operator and is not timed out while paused.
 RUN_CLOCK = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
 UNFINISHED = (StepStatus.PENDING, StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING)
+# The status_reason of a run failed for running past its timeout_s.
+RUN_TIMEOUT = "run_timeout"
 
 
 class RunNotFound(NotFound):
@@ -189,7 +191,7 @@ async def time_out_run(tx: UnitOfWork, settings: Settings, run_id: uuid.UUID) ->
     rows = (await load_steps(tx.conn, run.id)).values()
     await stop_steps(tx, run, rows, (StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.WAITING), "run timed out")
     status_was = run.status
-    await set_run_status(tx, run, RunStatus.FAILED, error=error, status_reason="run_timeout")
+    await set_run_status(tx, run, RunStatus.FAILED, error=error, status_reason=RUN_TIMEOUT)
     tx.audit(run.tenant_id, entry("system", "run.timeout", f"run:{run.id}", outcome="failed",
                 data={"timeout_s": timeout_s, "deadline": deadline.isoformat(), "status_was": status_was}))
     return True

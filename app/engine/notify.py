@@ -1,5 +1,6 @@
-"""Wakes long polls when a run ends (``steward_run_done``) and open dashboard pages when a run changes
-(``steward_run_changed``): Postgres LISTEN/NOTIFY, on one connection per API process.
+"""Wakes long polls when a run ends (``steward_run_done``), open dashboard pages when a run changes
+(``steward_run_changed``) and open runs lists when one of their tenant's runs changes
+(``steward_tenant_runs_changed``): Postgres LISTEN/NOTIFY, on one connection per API process.
 
 Notifications are a shortcut, not the truth: waiters re-read the run when woken and also on a
 timer, so a notification lost while the listening connection reconnects costs latency only.
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 RUN_DONE = "steward_run_done"
 # Sent by every engine transaction that wrote run events, once per run (app/engine/unit_of_work.py).
 RUN_CHANGED = "steward_run_changed"
+# Sent by the same transactions, once per tenant whose runs they changed (the payload is the tenant id).
+TENANT_CHANGED = "steward_tenant_runs_changed"
 
 
 class RunNotifier:
@@ -30,6 +33,7 @@ class RunNotifier:
         self.dsn = asyncpg_dsn(database_url)
         self._waiters: dict[uuid.UUID, set[asyncio.Event]] = {}
         self._watchers: dict[uuid.UUID, set[asyncio.Event]] = {}
+        self._tenants: dict[uuid.UUID, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -49,8 +53,13 @@ class RunNotifier:
         """An event set whenever the run changes (and whenever the listening connection was lost)."""
         return _subscription(self._watchers, run_id)
 
+    def watch_tenant(self, tenant_id: uuid.UUID) -> contextlib.AbstractContextManager[asyncio.Event]:
+        """An event set whenever one of the tenant's runs changes (and whenever the listening connection
+        was lost): a tenant's open runs lists share one notification, however many runs it has."""
+        return _subscription(self._tenants, tenant_id)
+
     def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
-        subscribers = self._waiters if channel == RUN_DONE else self._watchers
+        subscribers = {RUN_DONE: self._waiters, TENANT_CHANGED: self._tenants}.get(channel, self._watchers)
         with contextlib.suppress(ValueError):
             for event in subscribers.get(uuid.UUID(payload), ()):
                 event.set()
@@ -64,6 +73,7 @@ class RunNotifier:
                 conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
                 await conn.add_listener(RUN_DONE, self._on_notify)
                 await conn.add_listener(RUN_CHANGED, self._on_notify)
+                await conn.add_listener(TENANT_CHANGED, self._on_notify)
                 self.connected.set()
                 DATABASE.up()
                 while not closed.is_set():
@@ -80,21 +90,21 @@ class RunNotifier:
                 if conn is not None and not conn.is_closed():
                     await conn.close()
                 # Anyone waiting may have missed a notification: let them re-check.
-                for subscribers in (*self._waiters.values(), *self._watchers.values()):
+                for subscribers in (*self._waiters.values(), *self._watchers.values(), *self._tenants.values()):
                     for event in subscribers:
                         event.set()
             await asyncio.sleep(1)
 
 
 @contextlib.contextmanager
-def _subscription(subscribers: dict[uuid.UUID, set[asyncio.Event]], run_id: uuid.UUID) -> Iterator[asyncio.Event]:
+def _subscription(subscribers: dict[uuid.UUID, set[asyncio.Event]], key: uuid.UUID) -> Iterator[asyncio.Event]:
     event = asyncio.Event()
-    subscribers.setdefault(run_id, set()).add(event)
+    subscribers.setdefault(key, set()).add(event)
     try:
         yield event
     finally:
-        events = subscribers.get(run_id)
+        events = subscribers.get(key)
         if events is not None:
             events.discard(event)
             if not events:
-                del subscribers[run_id]
+                del subscribers[key]

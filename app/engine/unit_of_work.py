@@ -14,7 +14,7 @@ from typing import Any
 
 from app.audit.chain import Entry, append
 from app.clock import now
-from app.engine.notify import RUN_CHANGED, RUN_DONE
+from app.engine.notify import RUN_CHANGED, RUN_DONE, TENANT_CHANGED
 from app.engine.state_machine import StaleTransition, bulk_moves_sql
 from app.pg import Conn, dumps
 
@@ -53,7 +53,11 @@ WITH attempts AS (
 SELECT {moved}, count(pg_notify('{channel}', id)),
        -- Open dashboard pages of these runs refresh (app/engine/notify.py): one notification per run.
        (SELECT count(pg_notify('{changed}', run_id)) FROM (
-            SELECT DISTINCT event ->> 'run_id' AS run_id FROM jsonb_array_elements($2::jsonb) AS event) AS changed)
+            SELECT DISTINCT event ->> 'run_id' AS run_id FROM jsonb_array_elements($2::jsonb) AS event) AS changed),
+       -- Open runs lists of these runs' tenants refresh too: one notification per tenant.
+       (SELECT count(pg_notify('{tenant_changed}', tenant_id)) FROM (
+            SELECT DISTINCT event ->> 'tenant_id' AS tenant_id FROM jsonb_array_elements($2::jsonb) AS event
+       ) AS tenants)
 FROM unnest($4::text[]) AS id
 """
 
@@ -132,9 +136,11 @@ def _flush_sql(columns: tuple[str, ...] | None) -> str:
     sql = _flush_cache.get(columns)
     if sql is None:
         if columns is None:
-            sql = _FLUSH_TEMPLATE.format(moves="", moved="0", channel=RUN_DONE, changed=RUN_CHANGED)
+            sql = _FLUSH_TEMPLATE.format(moves="", moved="0", channel=RUN_DONE, changed=RUN_CHANGED,
+                                         tenant_changed=TENANT_CHANGED)
         else:
             sql = _FLUSH_TEMPLATE.format(moves=f", moved AS ({bulk_moves_sql(5, 6, columns)})",
-                                         moved="(SELECT count(*) FROM moved)", channel=RUN_DONE, changed=RUN_CHANGED)
+                                         moved="(SELECT count(*) FROM moved)", channel=RUN_DONE, changed=RUN_CHANGED,
+                                         tenant_changed=TENANT_CHANGED)
         _flush_cache[columns] = sql
     return sql

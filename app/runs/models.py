@@ -48,6 +48,11 @@ class Run(Base):
             text("created_at DESC"),
             text("id DESC"),
         ),
+        # The list's filter by why the engine paused or failed a run: few runs have a reason.
+        Index(
+            "ix_run_tenant_reason_created", "tenant_id", "status_reason", text("created_at DESC"), text("id DESC"),
+            postgresql_where=text("status_reason IS NOT NULL"),
+        ),
         Index(
             "uq_run_tenant_idempotency_key",
             "tenant_id",

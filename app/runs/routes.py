@@ -57,9 +57,13 @@ async def list_runs(
     workflow: Annotated[str | None, Query(max_length=128)] = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
+    reason: Annotated[str | None, Query(max_length=64, description="only runs with this status_reason "
+                                        "(budget_exhausted, run_timeout)")] = None,
+    awaiting_approval: Annotated[bool, Query(description="only runs with an approval waiting for a decision")] = False,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Limit = None,
 ) -> schemas.RunPage:
+    """The tenant's runs, newest first, each with its usage against its limits and its pending approvals."""
     return await runs_service.list_runs(
         db,
         ctx,
@@ -67,6 +71,8 @@ async def list_runs(
         workflow=workflow,
         created_after=created_after,
         created_before=created_before,
+        reason=reason,
+        awaiting_approval=awaiting_approval,
         cursor=cursor,
         limit=page_size(limit, settings),
     )

@@ -138,9 +138,34 @@ class RunRead(RunSummary):
     events_truncated: bool
 
 
+class RunUsageSummary(BaseModel):
+    """What a run has used, against the limits in force (absent limits are not set)."""
+
+    tokens: int
+    cost_usd: str = Field(description="USD, as a decimal string")
+    agent_steps: int = Field(description="agents' model turns and chosen tool calls (what max_steps limits)")
+    limits: dict[str, Any]
+
+
+class RunListItem(RunSummary):
+    usage: RunUsageSummary | None = Field(description="null for a run without a usage record, and for callers "
+                                                      "without budgets:read")
+    pending_approvals: int = Field(description="the run's approval requests waiting for a decision")
+
+
 class RunPage(BaseModel):
-    items: list[RunSummary]
+    items: list[RunListItem]
     next_cursor: str | None
+
+
+class BulkOutcome(BaseModel):
+    """One run's answer to a bulk action: ``done``, ``not_allowed`` (the run's status rules it out),
+    ``not_found`` (no such run in this tenant) or ``conflict`` (it changed meanwhile: try again)."""
+
+    run_id: uuid.UUID
+    outcome: str
+    status: str | None = Field(default=None, description="the run's status after the action, or why not")
+    detail: str | None = None
 
 
 class EventPage(BaseModel):

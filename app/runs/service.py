@@ -10,19 +10,29 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import Select, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import pagination
+from app.approvals.models import Approval
 from app.audit.service import entry as audit_entry
-from app.budgets.service import create_usage, effective_limits, set_run_limits, tenant_budget
+from app.auth.permissions import allowed
+from app.budgets.models import RunUsage
+from app.budgets.service import (
+    BUDGET_EXHAUSTED,
+    create_usage,
+    effective_limits,
+    set_run_limits,
+    tenant_budget,
+    usd_text,
+)
 from app.canonical import digest
 from app.config import Settings
 from app.context import Ctx
@@ -30,9 +40,9 @@ from app.engine import actions
 from app.engine.actions import RunNotFound
 from app.engine.advance import Advance, RunRow, load_definition, lock_run
 from app.engine.notify import RunNotifier
-from app.engine.state_machine import RUN_TERMINAL, RunStatus
+from app.engine.state_machine import RUN_TERMINAL, IllegalTransition, RunStatus
 from app.engine.unit_of_work import UnitOfWork
-from app.errors import Invalid, NotFound
+from app.errors import Conflict, Invalid, NotFound
 from app.pg import driver
 from app.runs import schemas
 from app.runs.models import Run, RunEvent, StepRun
@@ -322,20 +332,6 @@ async def _read_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> tuple[dict
     }, definition
 
 
-def _summary(run: Run) -> schemas.RunSummary:
-    return schemas.RunSummary(
-        id=run.id,
-        workflow=run.workflow_name,
-        workflow_version=run.workflow_version,
-        status=run.status,
-        status_reason=run.status_reason,
-        priority=run.priority,
-        created_at=run.created_at,
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-    )
-
-
 def _event(e: RunEvent) -> schemas.EventRead:
     return schemas.EventRead(
         id=e.id, type=e.type, step_id=e.step_id, map_index=e.map_index, data=e.data, created_at=e.created_at
@@ -364,29 +360,21 @@ async def list_runs(
     created_before: datetime | None,
     cursor: str | None,
     limit: int,
+    reason: str | None = None,
+    awaiting_approval: bool = False,
 ) -> schemas.RunPage:
-    """Newest first, keyset-paginated on (created_at, id)."""
-    stmt = select(Run).where(Run.tenant_id == ctx.tenant_id)
-    if status:
-        stmt = stmt.where(Run.status == status)
-    if workflow:
-        stmt = stmt.where(Run.workflow_name == workflow)
-    if created_after:
-        stmt = stmt.where(Run.created_at >= created_after)
-    if created_before:
-        stmt = stmt.where(Run.created_at < created_before)
+    """Newest first, keyset-paginated on (created_at, id), each run with its usage against its limits and
+    its count of pending approvals: one query per page, whatever the page size."""
+    stmt = _run_list(ctx, RunFilters(status, workflow, reason, awaiting_approval, created_after, created_before))
     if key := PAGES.decode(cursor):
         ts, rid = key
         # A row comparison, not created_at < ts OR (...): Postgres turns it into an index bound, so a
         # page deep in a million runs costs what the first page costs.
         stmt = stmt.where(tuple_(Run.created_at, Run.id) < tuple_(ts, rid))
-    rows = (
-        (await db.execute(stmt.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)))
-        .scalars()
-        .all()
-    )
+    rows = (await db.execute(stmt.limit(limit + 1))).all()
     next_cursor = PAGES.encode(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
-    return schemas.RunPage(items=[_summary(run) for run in rows[:limit]], next_cursor=next_cursor)
+    with_usage = allowed(ctx.roles, "budgets:read")  # as GET /budgets/usage would answer
+    return schemas.RunPage(items=[_list_item(row, with_usage) for row in rows[:limit]], next_cursor=next_cursor)
 
 
 async def list_events(
@@ -521,3 +509,142 @@ async def list_conversation(
     )
     items = [schemas.ConversationEntry(**dict(row)) for row in rows[:limit]]
     return schemas.ConversationPage(items=items, next_cursor=rows[limit - 1]["seq"] if len(rows) > limit else None)
+
+
+# --- the runs list's filters and usage columns, and bulk operator actions ---------------------------------
+
+# What the runs list offers to filter by: every run status, and why the engine paused or failed a run.
+RUN_STATUSES = tuple(status.value for status in RunStatus)
+STATUS_REASONS = (BUDGET_EXHAUSTED, actions.RUN_TIMEOUT)
+# The most runs one bulk action touches, named by id or matched by filters.
+BULK_MAX = 500
+
+
+@dataclass(frozen=True)
+class RunFilters:
+    """Which runs a list shows (and a bulk action over "all matching" touches); ``None`` matches any."""
+
+    status: str | None = None
+    workflow: str | None = None
+    reason: str | None = None
+    awaiting_approval: bool = False  # only runs with an approval request waiting for a decision
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+def _run_list(ctx: Ctx, f: RunFilters) -> Select[Any]:
+    # Each filter has an index that starts (tenant_id, <column>, created_at DESC, id DESC), so a page costs
+    # the same at a million runs (status with workflow uses one and reads the other from the rows: at worst
+    # one workflow's runs); "awaiting approval" starts from the few pending approvals instead.
+    pending = (
+        select(func.count()).select_from(Approval)
+        .where(Approval.run_id == Run.id, Approval.tenant_id == Run.tenant_id, Approval.status == "pending")
+        .scalar_subquery()
+    )
+    stmt = (
+        select(Run.id, Run.workflow_name, Run.workflow_version, Run.status, Run.status_reason, Run.priority,
+               Run.created_at, Run.started_at, Run.finished_at, RunUsage.limits, RunUsage.tokens,
+               RunUsage.cost_usd, RunUsage.tool_calls, pending.label("pending_approvals"))
+        .outerjoin(RunUsage, RunUsage.run_id == Run.id)
+        .where(Run.tenant_id == ctx.tenant_id)
+    )
+    if f.status:
+        stmt = stmt.where(Run.status == f.status)
+    if f.workflow:
+        stmt = stmt.where(Run.workflow_name == f.workflow)
+    if f.reason:
+        stmt = stmt.where(Run.status_reason == f.reason)
+    if f.awaiting_approval:
+        stmt = stmt.where(Run.id.in_(
+            select(Approval.run_id).where(Approval.tenant_id == ctx.tenant_id, Approval.status == "pending")))
+    if f.created_after:
+        stmt = stmt.where(Run.created_at >= f.created_after)
+    if f.created_before:
+        stmt = stmt.where(Run.created_at < f.created_before)
+    return stmt.order_by(Run.created_at.desc(), Run.id.desc())
+
+
+def _list_item(row: Any, with_usage: bool) -> schemas.RunListItem:
+    usage = None if row.limits is None or not with_usage else schemas.RunUsageSummary(
+        tokens=row.tokens, cost_usd=usd_text(row.cost_usd), agent_steps=row.tool_calls, limits=row.limits)
+    return schemas.RunListItem(
+        id=row.id, workflow=row.workflow_name, workflow_version=row.workflow_version, status=row.status,
+        status_reason=row.status_reason, priority=row.priority, created_at=row.created_at,
+        started_at=row.started_at, finished_at=row.finished_at, usage=usage,
+        pending_approvals=row.pending_approvals,
+    )
+
+
+OPERATIONS: dict[str, Callable[[AsyncSession, UnitOfWork, Ctx, Settings, uuid.UUID], Awaitable[dict[str, Any]]]] = {
+    "pause": pause_run, "resume": resume_run, "cancel": cancel_run, "retry": retry_run,
+}
+
+
+class TooManyRuns(Invalid):
+    type = "too-many-runs"
+    title = "Too many runs for one bulk action"
+
+
+async def act_on_runs(
+    db: AsyncSession,
+    ctx: Ctx,
+    settings: Settings,
+    action: str,
+    targets: Sequence[uuid.UUID] | RunFilters,
+    *,
+    after_commit: Callable[[UnitOfWork], Awaitable[None]],
+) -> list[schemas.BulkOutcome]:
+    """Apply an operator action to runs named by id, or to every run matching ``targets`` (at most
+    :data:`BULK_MAX`); one outcome per run, in order.
+
+    Each run goes through the single-run service call (same engine move, same audit event) in a
+    transaction of its own, committed and then relayed by ``after_commit``: one run refused, missing or
+    changed meanwhile leaves the others done. Another tenant's run is ``not_found``, never touched.
+    """
+    operation = OPERATIONS.get(action)
+    if operation is None:
+        raise Invalid(f"no action {action!r}", errors=[{"pointer": "/form/action",
+                                                        "message": f"one of {', '.join(OPERATIONS)}"}])
+    if isinstance(targets, RunFilters):
+        matched = (await db.execute(_run_list(ctx, targets).with_only_columns(Run.id).limit(BULK_MAX + 1)))
+        run_ids = list(matched.scalars())
+        if len(run_ids) > BULK_MAX:
+            raise TooManyRuns(f"more than {BULK_MAX} runs match these filters: narrow them (a bulk action takes "
+                              f"at most {BULK_MAX} runs)", errors=[{"pointer": "/form/scope",
+                                                                   "message": f"over {BULK_MAX} runs match"}])
+    else:
+        run_ids = list(dict.fromkeys(targets))
+        if len(run_ids) > BULK_MAX:
+            raise TooManyRuns(f"{len(run_ids)} runs selected: a bulk action takes at most {BULK_MAX}",
+                              errors=[{"pointer": "/form/run", "message": f"at most {BULK_MAX} runs"}])
+    await db.commit()  # what the request did before (signing in) is its own transaction
+    outcomes = []
+    for run_id in run_ids:
+        outcomes.append(await _act_on_one(db, ctx, settings, operation, run_id, after_commit))
+    return outcomes
+
+
+async def _act_on_one(
+    db: AsyncSession, ctx: Ctx, settings: Settings,
+    operation: Callable[[AsyncSession, UnitOfWork, Ctx, Settings, uuid.UUID], Awaitable[dict[str, Any]]],
+    run_id: uuid.UUID, after_commit: Callable[[UnitOfWork], Awaitable[None]],
+) -> schemas.BulkOutcome:
+    """One run of a bulk action, in its own transaction: done and committed, or refused and rolled back."""
+    work = UnitOfWork(await driver(db))
+    try:
+        run = await operation(db, work, ctx, settings, run_id)
+        await work.flush()
+        await db.commit()
+    except NotFound:
+        await db.rollback()
+        return schemas.BulkOutcome(run_id=run_id, outcome="not_found", detail="no such run")
+    except IllegalTransition as exc:
+        await db.rollback()
+        status = exc.extra.get("status_now")
+        return schemas.BulkOutcome(run_id=run_id, outcome="not_allowed", status=status,
+                                   detail=f"the run is {status}" if status else exc.detail)
+    except Conflict as exc:
+        await db.rollback()
+        return schemas.BulkOutcome(run_id=run_id, outcome="conflict", detail=exc.detail)
+    await after_commit(work)
+    return schemas.BulkOutcome(run_id=run_id, outcome="done", status=run["status"])
