@@ -13,11 +13,12 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from app.auth.web import Me, signed_in_user, templates
 from app.errors import AppError, Conflict, Forbidden, Invalid, NotFound, Unauthorized
-from app.http import JsonRoute
+from app.http import JsonRoute, validation_errors
 
 
 class PageRoute(JsonRoute):
@@ -34,6 +35,8 @@ class PageRoute(JsonRoute):
                 return RedirectResponse(f"/auth/login?next={quote(target, safe='')}", status_code=303)
             except (Forbidden, NotFound, Conflict, Invalid) as exc:
                 return await error_page(request, exc)
+            except RequestValidationError as exc:  # a bad query or path parameter: a 422 page, as for a form
+                return await error_page(request, Invalid("invalid request", errors=validation_errors(exc.errors())))
 
         return page_handler
 

@@ -11,9 +11,11 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -36,6 +38,7 @@ from app.runs import schemas
 from app.runs.models import Run, RunEvent, StepRun
 from app.workflows import service as workflows_service
 from app.workflows.definition import validate_input
+from app.workflows.form import RunForm, place_errors, read_form
 
 RUN_EVENTS_INLINE = 200
 
@@ -418,3 +421,42 @@ async def list_conversation(
     )
     items = [schemas.ConversationEntry(**dict(row)) for row in rows[:limit]]
     return schemas.ConversationPage(items=items, next_cursor=rows[limit - 1]["seq"] if len(rows) > limit else None)
+
+
+# --- the dashboard's "start a run" form -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FormStart:
+    form: RunForm  # with the values sent, and every problem on the field it belongs to
+    run_id: uuid.UUID | None  # None: not started (the form has errors)
+
+
+async def start_run_from_form(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, workflow: str, version: int | None,
+    sent: dict[str, str],
+) -> FormStart:
+    """Start a run from the fields of a version's generated form (or its JSON editor), as :func:`start_run`
+    does (audited, checked against the input_schema); or return the form with its errors in place. The
+    form's hidden request key is the run's Idempotency-Key: the same form sent twice starts one run."""
+    form = await workflows_service.run_form(db, ctx, workflow, version)
+    try:
+        form.request_key = str(uuid.UUID(sent.get("request", "")))
+    except ValueError:
+        form.request_key = str(uuid.uuid4())
+    value = read_form(form, sent)
+    if form.has_errors:
+        return FormStart(form, None)
+    try:
+        body = schemas.RunCreate(workflow=workflow, version=form.version, input=value)
+    except ValidationError as exc:
+        form.errors += [str(error["msg"]) for error in exc.errors()]
+        return FormStart(form, None)
+    try:
+        run, _ = await start_run(db, work, ctx, settings, body, f"dashboard:{form.request_key}")
+    except Invalid as exc:
+        if not exc.errors:
+            form.errors.append(exc.detail)
+        place_errors(form, [{**e, "pointer": e["pointer"].removeprefix("/input")} for e in exc.errors or []])
+        return FormStart(form, None)
+    return FormStart(form, uuid.UUID(run["id"]))
