@@ -118,8 +118,8 @@ async def test_a_second_person_approves_an_agents_call_with_edited_arguments_the
     assert "removed" in diff and "everyone@example.com" in diff and "added" in diff and "team@example.com" in diff
     await no_axe_violations(approver, "inbox with the editor's check")
     await approver.keyboard.press("Escape")  # out of the field: the keys act again
-    await approver.keyboard.press("a")
-    await approver.wait_for_url(lambda url: url.endswith("/approvals"))
+    async with approver.expect_navigation(url=lambda url: url.endswith("/approvals")):
+        await approver.keyboard.press("a")
 
     # The agent's next call asks again: rejected, with the comment the keyboard jumped to.
     second = await next_request(client, tenant.headers, run_id, {"to": "spam@example.com"})
@@ -128,8 +128,8 @@ async def test_a_second_person_approves_an_agents_call_with_edited_arguments_the
     assert await approver.evaluate("() => document.activeElement.name") == "comment"
     await approver.keyboard.type("no spam, just j and k")  # keys typed into a field stay there
     assert await approver.evaluate(SELECTED) == 0
-    await approver.locator(f"#approval-{second['id']} button[value=reject]").click()
-    await approver.wait_for_url(lambda url: url.endswith("/approvals"))
+    async with approver.expect_navigation(url=lambda url: url.endswith("/approvals")):
+        await approver.locator(f"#approval-{second['id']} button[value=reject]").click()
 
     run = await wait_run(client, tenant.headers, run_id)
     assert run["status"] == "succeeded" and step(run, "agent")["output"] == "sent", run
@@ -163,9 +163,8 @@ async def test_keyboard_moves_between_requests_and_approves_the_selected_one(
     assert await page.evaluate("() => document.activeElement.getAttribute('aria-current')") == "true"
     await page.keyboard.press("Control+a")  # a modifier: not a shortcut
     assert (await pending(client, tenant.headers, runs[1]["id"])) != []
-    await page.keyboard.press("a")
-    await page.wait_for_url(lambda url: url.endswith("/approvals"))
-    await page.wait_for_load_state()
+    async with page.expect_navigation(url=lambda url: url.endswith("/approvals")):
+        await page.keyboard.press("a")
     run = await wait_run(client, tenant.headers, runs[1]["id"])
     assert run["status"] == "succeeded", run
     for other in (runs[0], runs[2]):
