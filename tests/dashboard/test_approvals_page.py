@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from tests.fakes.model_server import ModelServer, Turn
@@ -264,3 +266,21 @@ async def test_bad_input_is_a_422_page_never_a_500(
         assert answer.status_code == 422 and pointer in answer.text, (data, answer.status_code, answer.text[:300])
     step_check = await approver.post(f"{target}/check", data={"csrf_token": token, "args": "{}"})
     assert step_check.status_code == 422 and "no arguments to edit" in step_check.text
+
+
+async def test_the_names_of_starters_are_escaped(
+    client: httpx.AsyncClient, tenant: TenantKey, sign_in: SignIn, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    starter = await sign_in(tenant, ("operator",))
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "ok", "approval": {"reason": "r"}}])
+    started = await starter.post("/api/v1/runs", json={"workflow": workflow, "input": {}},
+                                 headers={"X-CSRF-Token": csrf_of((await starter.get("/runs")).text)})
+    assert started.status_code == 201, started.text
+    subject = (await starter.get("/auth/me")).json()["user"]["subject"]
+    async with sessionmaker() as db, db.begin():
+        await db.execute(text("UPDATE app_user SET name = :n WHERE issuer = 'local' AND subject = :s"),
+                         {"n": XSS, "s": subject})
+    page = (await (await sign_in(tenant, ("approver",))).get("/approvals")).text
+    assert XSS not in page
+    assert "<dt>Run started by</dt><dd>&lt;script&gt;alert(1)&lt;/script&gt;</dd>" in page
