@@ -29,7 +29,7 @@ from app.engine.state_machine import (
 )
 from app.engine.unit_of_work import Job, UnitOfWork
 from app.pg import Conn, dumps
-from app.workflows.definition import parse_definition
+from app.workflows.definition import parse_stored
 from app.workflows.steps import ApprovalStep, Definition, RetryPolicy, StepDef, WaitStep
 
 MAX_PASSES = 50
@@ -141,10 +141,7 @@ async def load_definition(conn: Conn, workflow_version_id: uuid.UUID) -> Definit
     if cached is not None:
         return cached
     raw = await conn.fetchval("SELECT definition FROM workflow_version WHERE id = $1", workflow_version_id)
-    # Stored definitions passed validation under whatever limits applied then; don't re-apply limits.
-    definition = parse_definition(
-        raw, max_steps=1_000_000, max_map_items=10**9, max_map_concurrency=10**6, known_tools=None, stored=True
-    )
+    definition = parse_stored(raw)
     _definitions[workflow_version_id] = definition
     if len(_definitions) > 512:
         _definitions.popitem(last=False)

@@ -48,6 +48,7 @@ from app.runs import schemas
 from app.runs.models import Run, RunEvent, StepRun
 from app.workflows import service as workflows_service
 from app.workflows.definition import validate_input
+from app.workflows.form import RunForm, place_errors, read_form
 from app.workflows.steps import Definition, WaitStep
 
 RUN_EVENTS_INLINE = 200
@@ -648,3 +649,40 @@ async def _act_on_one(
         return schemas.BulkOutcome(run_id=run_id, outcome="conflict", detail=exc.detail)
     await after_commit(work)
     return schemas.BulkOutcome(run_id=run_id, outcome="done", status=run["status"])
+# --- the dashboard's "start a run" form -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FormStart:
+    form: RunForm  # with the values sent, and every problem on the field it belongs to
+    run_id: uuid.UUID | None  # None: not started (the form has errors)
+
+
+async def start_run_from_form(
+    db: AsyncSession, work: UnitOfWork, ctx: Ctx, settings: Settings, workflow: str, version: int | None,
+    sent: dict[str, str],
+) -> FormStart:
+    """Start a run from the fields of a version's generated form (or its JSON editor), as :func:`start_run`
+    does (audited, checked against the input_schema); or return the form with its errors in place. The
+    form's hidden request key is the run's Idempotency-Key: the same form sent twice starts one run."""
+    form = await workflows_service.run_form(db, ctx, workflow, version)
+    try:
+        form.request_key = str(uuid.UUID(sent.get("request", "")))
+    except ValueError:
+        form.request_key = str(uuid.uuid4())
+    value = read_form(form, sent)
+    if form.has_errors:
+        return FormStart(form, None)
+    try:
+        body = schemas.RunCreate(workflow=workflow, version=form.version, input=value)
+    except ValidationError as exc:
+        form.errors += [str(error["msg"]) for error in exc.errors()]
+        return FormStart(form, None)
+    try:
+        run, _ = await start_run(db, work, ctx, settings, body, f"dashboard:{form.request_key}")
+    except Invalid as exc:
+        if not exc.errors:
+            form.errors.append(exc.detail)
+        place_errors(form, [{**e, "pointer": e["pointer"].removeprefix("/input")} for e in exc.errors or []])
+        return FormStart(form, None)
+    return FormStart(form, uuid.UUID(run["id"]))

@@ -84,6 +84,14 @@ def parse_definition(
 # --- building ------------------------------------------------------------------------------------------
 
 
+def parse_stored(raw: Any) -> Definition:
+    """A stored version's definition: it passed validation under the limits of its day, which are not
+    applied again (a lowered limit must not break versions made before it)."""
+    return parse_definition(
+        raw, max_steps=1_000_000, max_map_items=10**9, max_map_concurrency=10**6, known_tools=None, stored=True
+    )
+
+
 def _build(doc: DefinitionDoc, bounds: Bounds) -> Definition:
     """The frozen definition a valid document describes, defaults filled in."""
     limits = {} if doc.limits is None else doc.limits.model_dump(exclude_none=True)

@@ -6,8 +6,11 @@ import asyncio
 import copy
 import re
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+import yaml
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,8 +22,10 @@ from app.context import Ctx
 from app.errors import Invalid, NotFound
 from app.pg import driver
 from app.providers.service import model_names
+from app.textdiff import DiffLine, line_diff
 from app.tools.service import tool_names
-from app.workflows.definition import DefinitionError, parse_definition
+from app.workflows.definition import DefinitionError, parse_definition, parse_stored
+from app.workflows.form import RunForm, build_form
 from app.workflows.models import Workflow, WorkflowVersion
 from app.workflows.schemas import NAME_PATTERN
 from app.workflows.steps import BUILTIN_TOOLS, Definition
@@ -195,6 +200,86 @@ async def list_workflow_versions(
         query = query.where(WorkflowVersion.version < before)
     rows = list((await db.execute(query.order_by(WorkflowVersion.version.desc()).limit(limit + 1))).scalars())
     return rows[:limit], len(rows) > limit
+
+
+# --- the dashboard's views -------------------------------------------------------------------------------
+
+# Runs are counted per version up to this many: past it the page says "10000 or more" (counting a
+# million runs to print one number is not worth the scan).
+RUN_COUNT_CAP = 10000
+_RUN_COUNTS = (
+    "SELECT v AS version, c.n FROM unnest($3::int[]) AS v, LATERAL (SELECT count(*) AS n FROM "
+    "(SELECT 1 FROM run WHERE tenant_id = $1 AND workflow_name = $2 AND workflow_version = v LIMIT $4) s) c"
+)
+_YamlDumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def definition_yaml(definition: Any) -> str:
+    """A stored definition as YAML, keys in their stored order (what an author would write)."""
+    return str(yaml.dump(definition, Dumper=_YamlDumper, sort_keys=False, allow_unicode=True, width=100,
+                         default_flow_style=False))
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: int
+    created_at: datetime
+    definition_hash: str
+    runs: int  # up to RUN_COUNT_CAP + 1
+    runs_capped: bool
+
+
+@dataclass(frozen=True)
+class WorkflowOverview:
+    name: str
+    shown: WorkflowVersion
+    yaml: str
+    definition: Definition  # parsed, for the step graph
+    versions: list[VersionRow]  # newest first, a page of them
+    more_before: int | None  # the next page: versions below this one
+
+
+async def workflow_overview(
+    db: AsyncSession, ctx: Ctx, name: str, version: int | None, *, limit: int, before: int | None = None
+) -> WorkflowOverview:
+    """One version of a workflow (the latest by default) as YAML, and a page of its versions with how many
+    runs each has; WorkflowNotFound."""
+    shown = await get_workflow_version(db, ctx, name, version)
+    versions, more = await list_workflow_versions(db, ctx, name, limit=limit, before=before)
+    counts = {
+        row["version"]: row["n"]
+        for row in await (await driver(db)).fetch(
+            _RUN_COUNTS, ctx.tenant_id, name, [v.version for v in versions], RUN_COUNT_CAP + 1
+        )
+    }
+    rows = [VersionRow(v.version, v.created_at, v.definition_hash, min(counts.get(v.version, 0), RUN_COUNT_CAP),
+                       counts.get(v.version, 0) > RUN_COUNT_CAP) for v in versions]
+    return WorkflowOverview(name, shown, definition_yaml(shown.definition), parse_stored(shown.definition), rows,
+                            versions[-1].version if more and versions else None)
+
+
+@dataclass(frozen=True)
+class VersionDiff:
+    name: str
+    old: WorkflowVersion
+    new: WorkflowVersion
+    rows: list[DiffLine]  # [] when the definitions are the same
+
+
+async def diff_versions(db: AsyncSession, ctx: Ctx, name: str, old: int, new: int) -> VersionDiff:
+    """Two versions' definitions compared line by line as YAML; WorkflowNotFound for either missing."""
+    before = await get_workflow_version(db, ctx, name, old)
+    after = await get_workflow_version(db, ctx, name, new)
+    return VersionDiff(name, before, after, line_diff(definition_yaml(before.definition),
+                                                      definition_yaml(after.definition)))
+
+
+async def run_form(db: AsyncSession, ctx: Ctx, name: str, version: int | None) -> RunForm:
+    """The "start a run" form of a version (the latest by default), from its input_schema; WorkflowNotFound."""
+    found = await get_workflow_version(db, ctx, name, version)
+    form = build_form(name, found.version, found.definition.get("input_schema"))
+    form.request_key = str(uuid.uuid4())
+    return form
 
 
 # --- examples ------------------------------------------------------------------------------------------
