@@ -52,9 +52,16 @@ SELECT gen_random_uuid(), r.tenant_id, r.id, 'a', 'tool',
        CASE WHEN r.status = 'running' THEN now() + interval '1 hour' END,
        CASE WHEN r.status = 'waiting' THEN now() + interval '1 day' END, r.created_at
 FROM run r;
+-- Every 20th run had an agent step, every 10th made two tool calls (one failed): what the workflow stats read.
+INSERT INTO step_run (id, tenant_id, run_id, step_id, kind, status, version, attempts, created_at)
+SELECT gen_random_uuid(), r.tenant_id, r.id, 'agent', 'agent', 'succeeded', 1, 1, r.created_at
+FROM (SELECT *, row_number() OVER () AS n FROM run) r WHERE r.n % 20 = 0;
+INSERT INTO run_event (tenant_id, run_id, step_id, type, data, created_at)
+SELECT r.tenant_id, r.id, 'a', 'tool_called', jsonb_build_object('tool', 'echo', 'ok', c.ok), r.created_at
+FROM (SELECT *, row_number() OVER () AS n FROM run) r CROSS JOIN (VALUES (true), (false)) c(ok) WHERE r.n % 10 = 0;
 INSERT INTO outbox (tenant_id, run_id, kind, job_id, queue, created_at)
 SELECT tenant_id, id, 'step', id::text, 'steward:normal', now() FROM run WHERE status = 'running' LIMIT 1000;
-ANALYZE;
+VACUUM ANALYZE;
 """
 
 

@@ -3,8 +3,10 @@
 
 Starts the product as the engine benchmark does (a database of its own on the given PostgreSQL, a Redis
 database, `steward api` and `steward worker`), makes a few runs through the REST API — one that
-succeeds, one waiting on an approval, one that failed — signs the local admin in with headless Chromium
-(Debian's /usr/bin/chromium) and saves the runs page, a run's page and the approvals inbox at 1280x800.
+succeeds, one waiting on an approval, one that failed, and an agent's run against a scripted
+OpenAI-compatible model server on loopback — signs the local admin in with headless Chromium (Debian's
+/usr/bin/chromium) and saves the runs page, a run's graph and timeline, the agent's reasoning chain and
+the approvals inbox at 1280x800.
 
     .venv/bin/python scripts/screenshots.py [--pg postgresql://postgres@127.0.0.1:5432/postgres]
 """
@@ -28,6 +30,7 @@ from playwright.async_api import async_playwright  # noqa: E402
 
 from app.auth.local import ensure_local_admin  # noqa: E402
 from bench.engine import Product  # noqa: E402
+from tests.fakes.model_server import ModelServer, Turn  # noqa: E402
 
 OUT = ROOT / "docs" / "img"
 WORKFLOW = {
@@ -43,6 +46,16 @@ WORKFLOW = {
         ],
     },
 }
+AGENT = {"name": "support-triage", "definition": {"steps": [
+    {"id": "triage", "agent": {"model": "local/triage-1", "tools": ["echo"], "input": "${{ input.ticket }}",
+                               "instructions": "Look the customer up, then say who should answer the ticket."}},
+]}}
+TRIAGE = [
+    Turn.tool_calls([("echo", {"customer": "ACME-42", "lookup": "plan"})], content="Let me look the customer up.",
+                    usage=(412, 38)),
+    Turn.final("Route to the billing team: the customer is on the Enterprise plan and asks about an invoice.",
+               usage=(530, 41)),
+]
 BROKEN = {"name": "nightly-sync", "definition": {"steps": [
     {"id": "fetch", "tool": "echo", "args": {}},
     {"id": "sync", "needs": ["fetch"], "tool": "fail", "args": {"message": "upstream answered 503"}},
@@ -94,13 +107,18 @@ async def shoot(base: str, key: str, password: str) -> None:
         await page.click(f"form[action='/approvals/{approval['id']}'] button[value=approve]")
         await page.wait_for_url(lambda url: url.endswith("/approvals"))
         wait(base, key, done["id"], {"succeeded"})
-        # One waiting for its approval, one failed.
+        # An agent's run, one waiting for its approval, one failed.
+        agent = api(base, key, "POST", "/api/v1/runs", {"workflow": "support-triage",
+                                                        "input": {"ticket": "Why was I charged twice?"}})
+        wait(base, key, agent["id"], {"succeeded"})
         gated = api(base, key, "POST", "/api/v1/runs", {"workflow": "refund", "input": {"order": "A-1002"}})
         failed = api(base, key, "POST", "/api/v1/runs", {"workflow": "nightly-sync", "input": {}})
         wait(base, key, gated["id"], {"waiting"})
         wait(base, key, failed["id"], {"failed"})
 
         for file, url in {"dashboard-runs.png": "/runs", "dashboard-run.png": f"/runs/{done['id']}",
+                          "dashboard-timeline.png": f"/runs/{done['id']}?tab=timeline",
+                          "dashboard-reasoning.png": f"/runs/{agent['id']}/steps/triage/conversation",
                           "dashboard-approvals.png": "/approvals"}.items():
             await page.goto(url)
             await page.screenshot(path=str(OUT / file))
@@ -111,18 +129,25 @@ async def shoot(base: str, key: str, password: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/13")
     args = parser.parse_args()
-    product = Product(argparse.Namespace(pg=args.pg, redis=args.redis, env=[], startup_timeout=90.0))
+    # The scripted model server answers on loopback, which the product refuses unless told.
+    product = Product(argparse.Namespace(pg=args.pg, redis=args.redis, startup_timeout=90.0,
+                                         env=["STEWARD_HTTP_ALLOW_PRIVATE_NETWORKS=true"]))
+    models = ModelServer().script("triage-1", TRIAGE)
     try:
+        models.start()
         target = product.start()
         base, key = target.url, target.key
-        for workflow in (WORKFLOW, BROKEN):
+        api(base, key, "PUT", "/api/v1/providers/local", {
+            "base_url": models.url, "models": {"triage-1": {"input_per_mtok": "3.00", "output_per_mtok": "15.00"}}})
+        for workflow in (WORKFLOW, AGENT, BROKEN):
             api(base, key, "POST", "/api/v1/workflows", workflow)
         password = asyncio.run(admin_password(target.database_url))
         asyncio.run(shoot(base, key, password))
     finally:
         product.stop()
+        models.stop()
 
 
 if __name__ == "__main__":

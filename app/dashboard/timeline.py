@@ -115,9 +115,16 @@ Span = tuple[str, str, str, datetime, datetime | None, str]
 def _spans(run: dict[str, Any]) -> list[Span]:
     """(step, kind, status, start, end or None, label) of every bar, in step order."""
     spans: list[Span] = []
+    # A step that waits has no attempt: its wait starts when it began waiting (its event), if not started.
+    began_waiting: dict[str, datetime] = {}
+    for event in run["events"]:
+        if event["type"] in ("step_waiting", "approval_requested") and event["step_id"]:
+            at = _at(event["created_at"])
+            if at is not None:
+                began_waiting.setdefault(event["step_id"], at)
     for step in run["steps"]:
         if step["kind"] in WAITING_KINDS:
-            start = _at(step["started_at"])
+            start = _at(step["started_at"]) or began_waiting.get(step["id"])
             if start is not None:
                 spans.append((step["id"], step["kind"], step["status"], start, _at(step["finished_at"]), ""))
             continue

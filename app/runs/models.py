@@ -41,12 +41,14 @@ class Run(Base):
         Index(
             "ix_run_tenant_status_created", "tenant_id", "status", text("created_at DESC"), text("id DESC")
         ),
+        # It carries status and finished_at: a workflow's reliability figures read a window from it alone.
         Index(
             "ix_run_tenant_workflow_created",
             "tenant_id",
             "workflow_name",
             text("created_at DESC"),
             text("id DESC"),
+            postgresql_include=["status", "finished_at"],
         ),
         # The list's filter by why the engine paused or failed a run: few runs have a reason.
         Index(
@@ -95,6 +97,8 @@ class StepRun(Base):
         UniqueConstraint("run_id", "step_id", "map_index", postgresql_nulls_not_distinct=True),
         # The reconciler's scans: expired leases and due wait timeouts.
         Index("ix_step_run_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        # A workflow's agent success rate: the tenant's agent steps of a window.
+        Index("ix_step_run_agent", "tenant_id", "created_at", postgresql_where=text("kind = 'agent'")),
         Index("ix_step_run_wait_deadline", "wait_deadline", postgresql_where=text("status = 'waiting'")),
     )
 
@@ -150,7 +154,12 @@ class RunEvent(Base):
     """Append-only trace of a run."""
 
     __tablename__ = "run_event"
-    __table_args__ = (Index("ix_run_event_run_id_id", "run_id", "id"),)
+    __table_args__ = (
+        Index("ix_run_event_run_id_id", "run_id", "id"),
+        # A workflow's dependency health: the tenant's tool and model call events of a window.
+        Index("ix_run_event_calls", "tenant_id", "created_at", postgresql_where=text(
+            "type IN ('tool_called', 'tool_call_failed', 'model_called', 'model_call_failed')")),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))

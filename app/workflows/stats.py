@@ -73,18 +73,22 @@ SELECT count(*) FILTER (WHERE s.status = ANY($4::text[])) AS finished,
               AND (e.type IN ('run_paused', 'run_retried') OR (e.type = 'approval_requested' AND e.step_id = s.step_id))
        )) AS unaided
 FROM step_run s JOIN run r ON r.id = s.run_id
-WHERE r.tenant_id = $1 AND r.workflow_name = $2 AND r.created_at >= $3 AND s.kind = 'agent' AND s.map_index IS NULL
+WHERE s.tenant_id = $1 AND s.kind = 'agent' AND s.created_at >= $3 AND s.map_index IS NULL
+  AND r.tenant_id = $1 AND r.workflow_name = $2 AND r.created_at >= $3
 """
 
-# Tool calls (tool steps and agents' calls) and model calls, by tool and by provider.
+# Tool calls (tool steps and agents' calls) and model calls, by tool and by provider. A step or event of a
+# run created in the window was itself created in it: the bound on its own created_at loses nothing and
+# lets the partial index by tenant and time do the work.
 DEPENDENCIES_SQL = """
 SELECT kind, name, count(*) AS calls, count(*) FILTER (WHERE ok) AS ok FROM (
     SELECT CASE WHEN e.type LIKE 'tool%' THEN 'tool' ELSE 'provider' END AS kind,
            CASE WHEN e.type LIKE 'tool%' THEN e.data ->> 'tool' ELSE split_part(e.data ->> 'model', '/', 1) END AS name,
            e.type = 'model_called' OR (e.type = 'tool_called' AND (e.data ->> 'ok')::boolean) AS ok
-    FROM run r JOIN run_event e ON e.run_id = r.id
-    WHERE r.tenant_id = $1 AND r.workflow_name = $2 AND r.created_at >= $3
+    FROM run_event e JOIN run r ON r.id = e.run_id
+    WHERE e.tenant_id = $1 AND e.created_at >= $3
       AND e.type IN ('tool_called', 'tool_call_failed', 'model_called', 'model_call_failed')
+      AND r.tenant_id = $1 AND r.workflow_name = $2 AND r.created_at >= $3
 ) calls
 WHERE name IS NOT NULL
 GROUP BY kind, name ORDER BY calls DESC, kind, name LIMIT $4

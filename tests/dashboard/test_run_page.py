@@ -104,6 +104,17 @@ async def test_the_timeline_shows_every_attempt_failed_ones_marked_and_waits(
     assert "still going" not in page.text
 
 
+async def test_the_timeline_shows_an_approval_steps_wait_from_its_request(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, sign_in: SignIn
+) -> None:
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "ok", "approval": {"reason": "ship it?"}}])
+    run = await start_run(client, tenant.headers, workflow)
+    await wait_for(client, tenant.headers, run["id"], lambda r: step(r, "ok")["status"] == "waiting", 30)
+    page = (await (await sign_in(tenant)).get(f"/runs/{run['id']}", params={"tab": "timeline"})).text
+    assert re.search(r"<title>ok: waited for an approval, waiting, from \S+ until now", page), page
+
+
 async def test_the_steps_tab_pages_a_maps_items_and_the_events_tab_filters_and_pages(
     client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, sign_in: SignIn
 ) -> None:
