@@ -35,14 +35,12 @@ import asyncpg
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine import DEFAULT_PG, DEFAULT_REDIS, Product, bootstrap, chain_definition, fanout_definition, revision
-from runlist import FILL
 
 from app.auth.local import LOCAL_ADMIN, ensure_local_admin
 from app.runs.service import PAGES
+from bench.engine import DEFAULT_PG, DEFAULT_REDIS, Product, bootstrap, chain_definition, fanout_definition, revision
+from bench.runlist import FILL
 
 BUSY_TENANT = "tenant-1"  # runlist's fill puts half the runs here
 
