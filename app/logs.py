@@ -49,6 +49,17 @@ def bind(**fields: Any) -> None:
 
 
 @contextmanager
+def request_scope() -> Iterator[None]:
+    """What :func:`bind` adds inside the block is gone after it, even when the request was handled in
+    the caller's own task (an in-process client)."""
+    token = _context.set(_context.get())
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+@contextmanager
 def bound(**fields: Any) -> Iterator[None]:
     """:func:`bind` for the ``with`` block only."""
     token = _context.set(_with(fields))

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import logs
 from app.approvals.routes import router as approvals_router
 from app.audit.routes import router as audit_router
 from app.auth.web import router as auth_router
@@ -62,6 +63,18 @@ HTTP_LATENCY = Histogram(
     "steward_http_request_duration_seconds", "Time to handle an HTTP request", ["method", "route"]
 )
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class LogContextMiddleware:
+    """Log records of a request carry its tenant and principal (bound when the caller is authenticated),
+    and only its own: the binding ends with the request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with logs.request_scope():
+            await self.app(scope, receive, send)
 
 
 class MetricsMiddleware:
@@ -184,6 +197,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(LogContextMiddleware)
     app.include_router(health_router)
     app.include_router(dashboard_router)
     app.include_router(workflows_router)

@@ -4,7 +4,7 @@ for runs and conditions while servers come and go."""
 from __future__ import annotations
 
 import asyncio
-import re
+import json
 import secrets
 import threading
 from collections.abc import Callable
@@ -19,7 +19,6 @@ from tests.fakes.tool_server import ToolServer
 from tests.support.workers import WorkerProcess
 
 # A log record of ours starts with its UTC time (app/logs.py); its traceback, if any, is indented below.
-RECORD = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
 
 
 @dataclass
@@ -49,8 +48,15 @@ class LoggedWorker:
         return self.process.proc.poll() is None
 
     def records(self) -> list[str]:
-        """The log records written so far (first lines only; continuation lines are tracebacks)."""
-        return [line for line in self.lines if RECORD.match(line)]
+        """The log records written so far (the worker writes one JSON object a line), each as
+        ``time level logger: message``; lines that are no record (the command's own warnings) left out."""
+        entries = [json.loads(line) for line in self.lines if line.startswith("{")]
+        return [f"{e['time']} {e['level']} {e['logger']}: {e['message']}" for e in entries]
+
+    def tracebacks(self) -> list[str]:
+        """Lines that are no log record (a traceback printed outside logging) or a record carrying one."""
+        return [line for line in self.lines if line.startswith("{") and "exception" in json.loads(line)
+                or not line.startswith("{") and not line.startswith("steward worker: ")]
 
     def said(self, text: str) -> int:
         return sum(1 for line in self.records() if text in line)
