@@ -56,7 +56,11 @@ $(BROWSER_MODULES): tests/browser/package-lock.json
 /usr/bin/chromium:
 	apt-get install -y chromium
 
-test: $(VENV)/.installed-dev $(OIDC_MODULES) $(BROWSER_MODULES) /usr/bin/chromium
+# tests/test_metrics.py checks both metrics endpoints with Prometheus's promtool.
+/usr/bin/promtool:
+	apt-get install -y --no-install-recommends prometheus
+
+test: $(VENV)/.installed-dev $(OIDC_MODULES) $(BROWSER_MODULES) /usr/bin/chromium /usr/bin/promtool
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev

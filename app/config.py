@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # the processes it starts unless this is set); the least level written.
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Metrics: distinct tool, model and workflow label values past this read "other"; a tenant label on
+    # the per-tenant metrics only when asked (one series per tenant).
+    metrics_max_label_values: int = Field(default=100, ge=1, le=10_000)
+    metrics_tenant_label: bool = False
 
     @model_validator(mode="before")
     @classmethod

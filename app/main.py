@@ -12,13 +12,15 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram
+from prometheus_client.core import Metric
 from sqlalchemy import text
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import logs
+from app import metrics as app_metrics
 from app.approvals.routes import router as approvals_router
 from app.audit.routes import router as audit_router
 from app.auth.web import router as auth_router
@@ -140,8 +142,17 @@ async def readyz(request: Request) -> Any:
 
 
 @health_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    """This process's metrics, and gauges of what the database holds now (runs active, queues, outbox,
+    budget spend), read at scrape time; without them while the database cannot be reached."""
+    runtime: Runtime = request.app.state.runtime
+    families: list[Metric] = []
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S), runtime.pg.acquire() as conn:
+            families = await app_metrics.database_families(conn, tenant_label=runtime.settings.metrics_tenant_label)
+    except Exception as exc:
+        DATABASE.down(exc)
+    return Response(app_metrics.exposition(families), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _check_database(runtime: Runtime) -> str:

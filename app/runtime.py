@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app import metrics
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
 from app.engine.notify import RunNotifier
@@ -71,6 +72,7 @@ class Runtime:
         watch_engine(engine)
         # The expression evaluators (started on first use) follow this process's settings, not the environment's.
         evaluation.configure(settings.expression_processes, settings.expression_memory_mb)
+        metrics.configure(settings)
         # min_size=0: connections open on demand, so asyncpg keeps no "connection floor" it would retry
         # (with a traceback each time) through a database outage.
         pg = await asyncpg.create_pool(
@@ -94,6 +96,13 @@ class Runtime:
             await self.relay.send(tx.jobs, tx.aborts)
         if tx.dequeue:
             await self.relay.drop(tx.dequeue)
+        metrics.observe_events(tx.written)
+        if tx.ended:
+            try:
+                async with self.pg.acquire() as conn:
+                    await metrics.observe_ended(conn, tx.ended)
+            except Exception as exc:  # committed already: only the metrics of these runs are lost
+                log.warning("metrics of %d ended runs not recorded: %r", len(tx.ended), exc)
 
     async def stop(self) -> None:
         await self.relay.stop()

@@ -15,6 +15,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from app import metrics
 from app.engine.advance import Claimed, Claimer, cached_definition, load_definition
 from app.engine.attempts import Outcome, claim_attempt, record_outcomes
 from app.engine.attempts import fire_wait_timeout as fire_wait_timeout_tx
@@ -94,10 +95,13 @@ async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claim
     with bound(tenant=claimed.tenant_id, run=claimed.run_id, step=claimed.step_id, item=claimed.map_index,
                attempt=claimed.attempt_n):
         outcome = await _execute_bound(runtime, http, breaker, claimed, lease)
+        definition = cached_definition(claimed.workflow_version_id)
+        seconds = (outcome.finished_at - outcome.started_at).total_seconds()
+        kind = definition.step(claimed.step_id).kind if definition is not None else "unknown"
+        metrics.observe_attempt(kind, outcome.ok, outcome.error_class, seconds)
         # Messages are what the run's events say (tool errors scrubbed of secrets), never arguments.
         log.debug("attempt %d of step %s: %s in %.0f ms", claimed.attempt_n, claimed.step_id,
-                  "ok" if outcome.ok else f"{outcome.error_class}: {outcome.message}",
-                  (outcome.finished_at - outcome.started_at).total_seconds() * 1000)
+                  "ok" if outcome.ok else f"{outcome.error_class}: {outcome.message}", seconds * 1000)
         return outcome
 
 

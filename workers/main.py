@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 import app.models  # noqa: F401  (every table, so foreign keys resolve in a worker-only process)
 from app.config import Settings
 from app.engine.unit_of_work import QUEUES
+from app.metrics import exposed_registry
 from app.redis import connect, redis_settings
 from app.runtime import Runtime
 from app.tools.breaker import Breaker, breaker_prefix
@@ -88,7 +89,7 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
     worker_id = new_worker_id()
     metrics = None
     if settings.worker_metrics_port is not None:
-        metrics, _ = start_http_server(settings.worker_metrics_port, addr=settings.host)
+        metrics, _ = start_http_server(settings.worker_metrics_port, addr=settings.host, registry=exposed_registry())
         log.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
     async with httpx.AsyncClient(follow_redirects=False) as http:
         workers = build_workers(

@@ -86,13 +86,14 @@ class ApprovalRow:
     args: Any
     status: str
     requested_by: str | None
+    requested_at: datetime
     expires_at: datetime | None
     on_expiry: str
 
 
 _ROW = (
-    "SELECT id, run_id, step_run_id, step_id, kind, tool, tool_version, args, status, requested_by, expires_at, "
-    "on_expiry FROM approval"
+    "SELECT id, run_id, step_run_id, step_id, kind, tool, tool_version, args, status, requested_by, requested_at, "
+    "expires_at, on_expiry FROM approval"
 )
 # A pending approval has no decision, comment or edited arguments yet: a move sets them (NULL when not
 # given); its action hash changes only when the approver edited the arguments.
@@ -228,12 +229,13 @@ async def record_decision(
     longer pending (nothing is written then). ``edited_args`` (not None): the approver's arguments,
     which the action hash then binds. ``actor``: the request deciding."""
     principal = actor.principal
+    decided_at = now()
     edited = edited_args is not None
     final_args = edited_args if edited else approval.args
     to = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
     bound_to = action_hash(approval.tool, approval.tool_version, final_args) if approval.kind != "step" else None
-    if not await move_approval(tx.conn, approval.id, to=to, decided_by=principal, decided_at=now(), comment=comment,
-                               approved_args=edited_args, action_digest=bound_to):
+    if not await move_approval(tx.conn, approval.id, to=to, decided_by=principal, decided_at=decided_at,
+                               comment=comment, approved_args=edited_args, action_digest=bound_to):
         return False
     tx.event(
         run.id,
@@ -243,6 +245,7 @@ async def record_decision(
         actor=principal,
         comment=comment,
         edited=edited,
+        waited_s=round((decided_at - approval.requested_at).total_seconds(), 3),
     )
     tx.audit(run.tenant_id, entry(actor, f"approval.{'approve' if approve else 'reject'}", f"approval:{approval.id}",
                                   data={"run": str(run.id), "step": approval.step_id, "edited": edited,
@@ -288,7 +291,8 @@ async def expire_approval(tx: UnitOfWork, run: RunRow, step: StepRow) -> Expiry 
         return Expiry(approval, flagged=True)
     if not await move_approval(tx.conn, approval.id, to=ApprovalStatus.EXPIRED, decided_at=now()):
         return Expiry(approval, flagged=False, landed=False)
-    tx.event(run.id, "approval_expired", step_id=step.step_id, approval_id=str(approval.id))
+    tx.event(run.id, "approval_expired", step_id=step.step_id, approval_id=str(approval.id),
+             waited_s=round((now() - approval.requested_at).total_seconds(), 3))
     tx.audit(run.tenant_id, entry("system", "approval.expire", f"approval:{approval.id}"))
     return Expiry(approval, flagged=False)
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from app import metrics
 from app.audit import retention as audit_retention
 from app.budgets.service import settle_stale
 from app.clock import now
@@ -68,6 +69,11 @@ async def reconcile_once(runtime: Runtime) -> Report:
     await audit_retention.retention_pass(runtime)
     if report.leases_expired or report.waits_timed_out or report.runs_timed_out or report.rows_failed:
         log.info("reconciler: %s", report)
+    for kind, count in (("lease_expired", report.leases_expired), ("wait_timed_out", report.waits_timed_out),
+                        ("run_timed_out", report.runs_timed_out), ("job_resent", report.jobs_resent),
+                        ("hold_settled", report.holds_settled)):
+        if count:
+            metrics.RECOVERIES.labels(kind).inc(count)
     return report
 
 

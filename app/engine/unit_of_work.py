@@ -77,6 +77,9 @@ class UnitOfWork:
     # arq jobs whose attempts another job took over: (queue, job id), removed from Redis after commit.
     dequeue: list[tuple[str, str]] = field(default_factory=list)
     finished_runs: list[uuid.UUID] = field(default_factory=list)
+    # Everything flushed so far (events, ended runs), for what happens after commit (metrics).
+    written: list[dict[str, Any]] = field(default_factory=list)
+    ended: list[uuid.UUID] = field(default_factory=list)
     # Step moves checked already, written by flush (see state_machine.defer_step_move).
     deferred: list[tuple[Any, str, dict[str, Any]]] = field(default_factory=list)
     # Audit events by tenant, chained by the last flush (the chain head's lock is held until commit:
@@ -124,6 +127,8 @@ class UnitOfWork:
             ((to, columns),) = groups
             args += [to, dumps([{"id": row.id, "version": row.version - 1, **values} for row, _, values in moves])]
         moved = await self.conn.fetchval(_flush_sql(tuple(sorted(moves[0][2])) if moves else None), *args)
+        self.written += self.events
+        self.ended += self.finished_runs
         self.attempts, self.events, self.outbox, self.finished_runs, self.deferred = [], [], [], [], []
         if moves and moved != len(moves):
             raise StaleTransition(f"{len(moves) - moved} of {len(moves)} deferred step moves were stale")

@@ -39,15 +39,26 @@ from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app import metrics
+
 log = logging.getLogger(__name__)
 
 WARN_INTERVAL_S = 60.0
 DEFAULT_MIN_PROBE_LEASE_S = 30.0
 
 # Module-level: prometheus_client's default registry refuses a second metric of the same name.
-BREAKER_OPEN = Gauge(
-    "steward_breaker_open", "1 while the breaker is open or half-open, as this process last saw it", ["key"]
+BREAKER_STATE = Gauge(
+    "steward_breaker_state", "A tool's breaker as this process last saw it: 0 closed, 1 half-open, 2 open",
+    ["tool", "tenant"], multiprocess_mode="max",
 )
+_STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def _show(key: str, state: str) -> None:
+    tenant, _, tool = key.rpartition(":")  # tool_key(): "<tenant id>:<tool>"
+    BREAKER_STATE.labels(metrics.LABELS.tools(tool), metrics.LABELS.tenant(tenant)).set(_STATE_VALUE.get(state, 0))
+
+
 BREAKER_TRANSITIONS = Counter("steward_breaker_transitions_total", "Breaker state changes made by this process", ["to"])
 
 # KEYS: state hash, failure window (zset), probe leases (zset). Sets now (ms, server time),
@@ -237,7 +248,7 @@ class Breaker:
         decision = Decision(allowed=bool(allowed), state=_text(state), retry_in_s=_retry_s(retry_ms), probe=bool(probe))
         if first_probe:
             BREAKER_TRANSITIONS.labels("half_open").inc()
-        BREAKER_OPEN.labels(key).set(0 if decision.state == "closed" else 1)
+        _show(key, decision.state)
         return decision
 
     async def record(self, key: str, policy: BreakerPolicy, ok: bool, *, probe: bool) -> str:
@@ -264,7 +275,7 @@ class Breaker:
         new_state = _text(state)
         if moved_to:
             BREAKER_TRANSITIONS.labels(_text(moved_to)).inc()
-        BREAKER_OPEN.labels(key).set(0 if new_state == "closed" else 1)
+        _show(key, new_state)
         return new_state
 
     async def state(self, key: str, policy: BreakerPolicy) -> dict[str, Any]:
@@ -301,7 +312,7 @@ class Breaker:
     async def reset(self, key: str) -> None:
         """Close the breaker and forget its failures. Redis errors propagate."""
         await self._redis.delete(*self._keys(key))
-        BREAKER_OPEN.labels(key).set(0)
+        _show(key, "closed")
 
     def _warn(self, action: str, key: str, exc: BaseException) -> None:
         now = time.monotonic()

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-from prometheus_client import Counter, Histogram
+from prometheus_client import Histogram
 
 from app.budgets import service as budgets
 from app.budgets.service import Hold
@@ -54,11 +54,6 @@ from app.workflows.steps import Permissions, RetryPolicy
 
 log = logging.getLogger(__name__)
 
-GUARDRAIL_REJECTIONS = Counter(
-    "steward_guardrail_rejections_total", "Tool calls refused by a guardrail", ["reason"]
-)
-TOOL_CALLS = Counter("steward_tool_calls_total", "Tool calls executed", ["outcome"])
-TOOL_CALL_SECONDS = Histogram("steward_tool_call_seconds", "Time spent in tool calls (execution only)")
 GUARDRAIL_OVERHEAD_SECONDS = Histogram(
     "steward_guardrail_overhead_seconds", "Time the guarded call path adds to a tool call's own execution",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
@@ -277,7 +272,6 @@ class Caller:
         recorded = redact_write_only(ref.spec.input_schema, args) if ref else None
         data = {"tool": name, "version": ref.version if ref else None, "reason": reason, "message": message,
                 "call_id": site.call_id or None, "args": recorded}
-        GUARDRAIL_REJECTIONS.labels(reason).inc()
         note = AuditNote(self.scope.principal or "system", "guardrail.reject", f"run:{self.scope.run_id}", "denied",
                          {**data, "step": site.step_id})
         if guardrail:
@@ -323,7 +317,6 @@ class Caller:
         except ToolError as exc:
             error = exc
         elapsed = time.perf_counter() - started
-        TOOL_CALL_SECONDS.observe(elapsed)
         failed = error is not None and error.transient
         if failed or probe:
             # A success outside a probe changes nothing in the breaker: no round trip for it.
@@ -336,7 +329,6 @@ class Caller:
         if error is not None and secrets:
             error.message = scrub(error.message, set(secrets.values()))
         if error is not None:
-            TOOL_CALLS.labels("error").inc()
             event = ("tool_called", {**data, "ok": False, "error": error.error_class, "message": error.message})
             return CallResult(False, error_class=error.error_class, message=error.message,
                               transient=error.transient, retry_after=error.retry_after, retry=_retry(ref),
@@ -346,12 +338,10 @@ class Caller:
             output = scrub(output, set(secrets.values()))
         errors = validate_output(ref, output)
         if errors:
-            TOOL_CALLS.labels("invalid_output").inc()
             message = f"output of {ref.name!r} does not match its output_schema: {errors[0]['message']}"
             return CallResult(False, error_class="output_invalid", message=message, exec_s=elapsed,
                               events=(("tool_called", {**data, "ok": False, "error": "output_invalid"}),),
                               audits=(self._call_note(ref, "error", {**audit, "error": "output_invalid"}),))
-        TOOL_CALLS.labels("ok").inc()
         return CallResult(True, output=output, exec_s=elapsed, events=(("tool_called", {**data, "ok": True}),),
                           audits=(self._call_note(ref, "ok", audit),))
 

@@ -136,8 +136,9 @@ async def test_permission_rejections_are_recorded_audited_and_alerted(
             break
         await asyncio.sleep(0.05)
     assert alerts, "the alert webhook was not called"
+    reason = {"allowlist": "not_allowed", "read_only": "read_only", "role": "missing_role"}[case]
     metrics = (await client.get("/metrics")).text
-    assert "steward_guardrail_rejections_total" in metrics
+    assert f'steward_guardrail_decisions_total{{guardrail="{reason}",outcome="rejected"}}' in metrics
 
 
 async def test_shadow_mode_records_but_does_not_run_write_tools(
@@ -259,6 +260,7 @@ async def test_worker_serves_its_tool_metrics(
     assert run["status"] == "succeeded", run
     async with httpx.AsyncClient() as scraper:
         body = (await scraper.get(f"http://127.0.0.1:{port}/metrics")).text
-    calls = [line for line in body.splitlines() if line.startswith('steward_tool_calls_total{outcome="ok"}')]
+    ok_calls = 'steward_tool_calls_total{outcome="ok",tool="echo"}'
+    calls = [line for line in body.splitlines() if line.startswith(ok_calls)]
     assert calls and float(calls[0].split()[-1]) >= 1, body[:2000]
     assert "steward_guardrail_overhead_seconds_count" in body

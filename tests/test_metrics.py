@@ -1,0 +1,147 @@
+"""Prometheus metrics: what runs, steps, tool and model calls, guardrails and approvals did, counted once
+after commit; what the database holds, read at scrape time; bounded labels; both endpoints pass promtool."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import metrics
+from app.config import Settings
+from tests.fakes.model_server import ModelServer, Turn
+from tests.support.net import free_port
+from tests.support.providers import add_provider, model_name
+from tests.support.runs import create_workflow, name, start_run, wait_for, wait_run
+from tests.support.tenants import MakeApiKey, TenantKey
+from tests.support.workers import WorkerProcess
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(client: httpx.AsyncClient) -> tuple[str, Samples]:
+    answer = await client.get("/metrics")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    return answer.text, parse(answer.text)
+
+
+def promtool(text: str) -> None:
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+    assert checked.returncode == 0, (checked.stdout + checked.stderr).decode()
+
+
+@pytest.fixture
+def model_server() -> Iterator[ModelServer]:
+    with ModelServer() as server:
+        yield server
+
+
+async def test_a_run_s_work_is_counted_once_and_the_database_is_read_at_scrape_time(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, model_server: ModelServer,
+    make_api_key: MakeApiKey,
+) -> None:
+    model = model_name()
+    model_server.script(model, [Turn.tool_calls([("echo", {"q": 1}), ("no_such_tool", {})], usage=(100, 20)),
+                                Turn.final("done", usage=(150, 10))])
+    await add_provider(client, tenant.headers, model_server, model, name="local")
+    workflow, waiting = name(), name()
+    await create_workflow(client, tenant.headers, workflow, [
+        {"id": "a", "tool": "echo", "args": {"v": 1}},
+        {"id": "agent", "needs": ["a"], "agent": {"model": f"local/{model}", "input": "go", "tools": ["echo"]}},
+        {"id": "ok", "needs": ["agent"], "approval": {"reason": "ship it?"}},
+        {"id": "boom", "needs": ["ok"], "tool": "fail",
+         "retry": {"max_attempts": 2, "backoff_base_s": 0.01, "jitter": False}},
+    ])
+    await create_workflow(client, tenant.headers, waiting, [{"id": "w", "wait": {"signal": "go"}}])
+    _, before = await scrape(client)
+
+    parked = [await start_run(client, tenant.headers, waiting) for _ in range(2)]
+    for run in parked:
+        await wait_for(client, tenant.headers, run["id"], lambda r: r["status"] == "waiting")
+    run = await start_run(client, tenant.headers, workflow)
+    await wait_for(client, tenant.headers, run["id"], lambda r: r["status"] == "waiting", timeout=30)
+    approval = (await client.get("/api/v1/approvals", params={"run": run["id"]}, headers=tenant.headers)).json()
+    approver = {"Authorization": f"Bearer {await make_api_key(tenant.tenant_id, roles=('approver',))}"}
+    decided = await client.post(f"/api/v1/approvals/{approval['items'][0]['id']}/decision",
+                                json={"decision": "approve"}, headers=approver)  # four-eyes: not the starter
+    assert decided.status_code == 200, decided.text
+    assert (await wait_run(client, tenant.headers, run["id"], timeout=30))["status"] == "failed"
+
+    text, after = await scrape(client)
+
+    def delta(metric: str, **labels: str) -> float:
+        return value(after, metric, **labels) - value(before, metric, **labels)
+
+    assert delta("steward_runs_finished_total", workflow=workflow, outcome="failed", tenant="") == 1
+    assert delta("steward_run_duration_seconds_count", workflow=workflow) == 1
+    assert delta("steward_run_tokens_sum", workflow=workflow) == 280  # 100 + 20 + 150 + 10
+    assert delta("steward_step_attempts_total", kind="tool", outcome="ok") == 1
+    assert delta("steward_step_attempts_total", kind="tool", outcome="fail") == 2
+    assert delta("steward_step_attempts_total", kind="agent", outcome="ok") == 1
+    assert delta("steward_step_retries_total", error_class="fail") == 1
+    assert delta("steward_tool_calls_total", tool="echo", outcome="ok") == 2  # the step's and the agent's
+    assert delta("steward_tool_calls_total", tool="fail", outcome="fail") == 2
+    assert delta("steward_tool_call_duration_seconds_count", tool="echo") == 2
+    assert delta("steward_guardrail_decisions_total", guardrail="all", outcome="allowed") == 4
+    assert sum(v - value(before, n, **dict(labels)) for (n, labels), v in after.items()
+               if n == "steward_guardrail_decisions_total" and ("outcome", "rejected") in labels) == 1
+    provider_model = {"provider": "local", "model": model}
+    assert delta("steward_model_calls_total", **provider_model, outcome="ok") == 2
+    assert delta("steward_model_tokens_total", **provider_model, type="input") == 250
+    assert delta("steward_model_tokens_total", **provider_model, type="output") == 30
+    assert delta("steward_model_cost_usd_total", **provider_model) > 0
+    assert delta("steward_approvals_requested_total") == 1
+    assert delta("steward_approvals_decided_total", decision="approved") == 1
+    assert delta("steward_approval_wait_seconds_count", decision="approved") == 1
+    # Read from the database when scraped: the two parked runs wait.
+    assert delta("steward_runs_active", status="waiting") == 2
+    assert ("steward_queue_depth", frozenset({("priority", "normal")})) in after
+    assert ("steward_outbox_backlog", frozenset()) in after
+    promtool(text)
+
+
+def test_label_values_past_the_limit_read_other(settings: Settings) -> None:
+    metrics.configure(settings.model_copy(update={"metrics_max_label_values": 2}))
+    try:
+        for tool in ("alpha", "beta", "gamma", "alpha"):
+            metrics.observe_events([{"type": "tool_called", "data": {"tool": tool, "ok": True, "ms": 1.0}}])
+        assert [metrics.LABELS.tools(t) for t in ("alpha", "beta", "gamma", "delta")] == ["alpha", "beta", "other",
+                                                                                           "other"]
+        assert metrics.LABELS.tenant("t-1") == ""  # no tenant label unless asked
+        metrics.configure(settings.model_copy(update={"metrics_tenant_label": True}))
+        assert metrics.LABELS.tenant("t-1") == "t-1"
+    finally:
+        metrics.configure(settings)
+
+
+async def test_a_worker_serves_its_own_metrics_and_they_pass_promtool(
+    settings: Settings, worker_process: Callable[..., WorkerProcess]
+) -> None:
+    port = free_port()
+    worker_process(worker_metrics_port=port)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with asyncio.timeout(60):
+            while True:
+                try:
+                    answer = await http.get("/metrics")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)  # a starting process: nothing to wait on but its port
+    assert answer.status_code == 200
+    families: dict[str, Any] = {f.name: f for f in text_string_to_metric_families(answer.text)}
+    assert "steward_step_attempts" in families and "steward_runs_active" not in families  # the API serves those
+    promtool(answer.text)
