@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import logs
+from app import logs, tracing
 from app import metrics as app_metrics
 from app.approvals.routes import router as approvals_router
 from app.audit.routes import router as audit_router
@@ -209,6 +209,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(LogContextMiddleware)
+    if tracing.enabled():
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, excluded_urls=tracing.EXCLUDED_URLS)
     app.include_router(health_router)
     app.include_router(dashboard_router)
     app.include_router(workflows_router)

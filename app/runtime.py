@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app import metrics
+from app import metrics, tracing
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
 from app.engine.notify import RunNotifier
@@ -73,6 +73,7 @@ class Runtime:
         # The expression evaluators (started on first use) follow this process's settings, not the environment's.
         evaluation.configure(settings.expression_processes, settings.expression_memory_mb)
         metrics.configure(settings)
+        tracing.configure(f"steward-{role}")
         # min_size=0: connections open on demand, so asyncpg keeps no "connection floor" it would retry
         # (with a traceback each time) through a database outage.
         pg = await asyncpg.create_pool(
@@ -105,6 +106,7 @@ class Runtime:
                 log.warning("metrics of %d ended runs not recorded: %r", len(tx.ended), exc)
 
     async def stop(self) -> None:
+        tracing.shutdown()
         await self.relay.stop()
         if self.notifier is not None:
             await self.notifier.stop()

@@ -5,21 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from app.config import Settings
 from app.logs import Formatter, JsonFormatter, bind, bound
 from tests.fakes.tool_server import ToolServer
-from tests.support.env import ROOT
-from tests.support.net import free_port
+from tests.support.processes import api_and_worker
 from tests.support.runs import create_workflow, name, start_run, wait_run
 from tests.support.tenants import MakeTenant
 from tests.support.tools import http_tool, register
@@ -65,46 +62,18 @@ async def test_bind_holds_for_the_task_and_the_tasks_it_starts_only() -> None:
     assert "tenant" not in json.loads(JsonFormatter().format(record("after")))
 
 
+def test_a_record_inside_a_span_carries_its_trace_and_span_ids() -> None:
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("work") as span:
+        entry = json.loads(JsonFormatter().format(record("inside")))
+    context = span.get_span_context()
+    assert (entry["trace_id"], entry["span_id"]) == (format(context.trace_id, "032x"), format(context.span_id, "016x"))
+    assert "trace_id" not in json.loads(JsonFormatter().format(record("outside")))
+
+
 def test_the_text_form_is_one_line_a_record_for_a_terminal() -> None:
     line = Formatter().format(record("PostgreSQL unreachable"))
     assert line.endswith("Z WARNING steward.test: PostgreSQL unreachable")
-
-
-@asynccontextmanager
-async def product(settings: Settings, logs: Path) -> AsyncIterator[str]:
-    """``steward api`` and ``steward worker`` as processes, logging at DEBUG in the default form into
-    ``logs``; yields the API's URL and stops both (their last lines written) on the way out."""
-    port = free_port()
-    env = {
-        **os.environ, "DATABASE_URL": settings.database_url or "", "REDIS_URL": settings.redis_url or "",
-        "STEWARD_QUEUE_PREFIX": settings.queue_prefix, "STEWARD_SECRET_KEYS": settings.secret_keys or "",
-        "STEWARD_LOG_LEVEL": "DEBUG", "STEWARD_HTTP_ALLOW_PRIVATE_NETWORKS": "true", "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("STEWARD_LOG_FORMAT", None)
-    processes = []
-    try:
-        for command, log in ((["api", "--port", str(port)], "api.log"), (["worker"], "worker.log")):
-            with open(logs / log, "wb") as stderr:  # noqa: ASYNC230  # the child writes it, not us
-                processes.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "app.cli", *command, cwd=ROOT, env=env,
-                    stdout=asyncio.subprocess.DEVNULL, stderr=stderr))
-        url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=url) as probe:
-            async with asyncio.timeout(60):
-                while True:
-                    try:
-                        if (await probe.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)  # polling a starting process: no event to wait on
-        yield url
-    finally:
-        for process in processes:
-            if process.returncode is None:
-                process.terminate()
-        for process in processes:
-            await asyncio.wait_for(process.wait(), timeout=60)
 
 
 @pytest.mark.xdist_group("processes")
@@ -113,7 +82,9 @@ async def test_no_line_of_a_run_that_used_a_secret_holds_it(
 ) -> None:
     tenant = await make_tenant()
     card_schema = {"type": "object", "properties": {"card": {"type": "string", "writeOnly": True}}}
-    async with product(settings, tmp_path) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+    debug = {"STEWARD_LOG_LEVEL": "DEBUG", "STEWARD_LOG_FORMAT": ""}  # empty: the default form
+    async with (api_and_worker(settings, tmp_path, **debug) as url,
+                httpx.AsyncClient(base_url=url, timeout=30) as client):
         put = await client.put("/api/v1/secrets/crm_key", json={"value": SECRET}, headers=tenant.headers)
         assert put.status_code in (200, 201, 204), put.text
         auth = {"Authorization": "Bearer ${{ secrets.crm_key }}"}

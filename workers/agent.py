@@ -25,7 +25,9 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+from opentelemetry.trace import SpanKind
 
+from app import tracing
 from app.budgets import service as budgets
 from app.budgets.service import Hold
 from app.canonical import digest
@@ -202,10 +204,8 @@ class ModelStepRun:
         if isinstance(hold, budgets.Exhausted):
             return self._exhausted(hold)
         try:
-            result = await chat(
-                self.http, base_url=self.model.base_url, api_key=self.model.api_key, model=self.model.model,
+            result = await self._chat(
                 messages=c.messages, tools=self.tools or None, max_tokens=answer_cap,
-                max_tokens_param=self.model.max_tokens_param,
                 response_format={"type": "json_object"} if spec.output == "json" and not self.tools else None,
                 timeout_s=settings.model_timeout_s,
             )
@@ -226,6 +226,24 @@ class ModelStepRun:
                     result.input_tokens + result.output_tokens)
         c.apply(cp)
         return None
+
+    async def _chat(self, **request: Any) -> ChatResult:
+        """One model call, in a ``chat <model>`` span (GenAI conventions; no prompt or answer on it)."""
+        attributes = {tracing.GEN_AI_OPERATION: "chat", tracing.GEN_AI_PROVIDER: self.model.provider,
+                      tracing.GEN_AI_MODEL: self.model.model, "steward.turn": self.conversation.turns + 1}
+        with tracing.span(f"chat {self.model.model}", attributes, SpanKind.CLIENT) as current:
+            try:
+                result = await chat(self.http, base_url=self.model.base_url, api_key=self.model.api_key,
+                                    model=self.model.model, max_tokens_param=self.model.max_tokens_param, **request)
+            except ModelError as exc:
+                tracing.outcome(current, False, f"model_{exc.error_class}")
+                raise
+            current.set_attribute(tracing.GEN_AI_INPUT_TOKENS, result.input_tokens)
+            current.set_attribute(tracing.GEN_AI_OUTPUT_TOKENS, result.output_tokens)
+            if result.finish_reason:
+                current.set_attribute(tracing.GEN_AI_FINISH_REASONS, [result.finish_reason])
+            tracing.outcome(current, True, None)
+            return result
 
     async def _save_turn(self, tx: UnitOfWork, cp: Checkpoint, events: list[tuple[str, dict[str, Any]]], hold: Hold,
                          cost: Decimal, tokens: int) -> None:
@@ -378,8 +396,16 @@ async def run_model_step(runtime: Runtime, http: httpx.AsyncClient, caller: Call
     agent_caller = replace(caller, scope=replace(scope, permissions=Permissions(scope.permissions.read_only,
                                                                                  allowed)))
     conversation = replay(base_messages(step, claimed.args or {}), saved)
-    return await ModelStepRun(runtime, http, agent_caller, claimed, spec, model, tool_specs, conversation,
-                              started, counts_turns=step.kind == "agent").run()
+    stepper = ModelStepRun(runtime, http, agent_caller, claimed, spec, model, tool_specs, conversation, started,
+                           counts_turns=step.kind == "agent")
+    if step.kind != "agent":
+        return await stepper.run()
+    attributes = {tracing.GEN_AI_OPERATION: "invoke_agent", tracing.GEN_AI_AGENT: step.id,
+                  tracing.GEN_AI_PROVIDER: model.provider, tracing.GEN_AI_MODEL: model.model}
+    with tracing.span(f"invoke_agent {step.id}", attributes) as current:
+        outcome = await stepper.run()
+        tracing.outcome(current, outcome.ok, outcome.error_class)
+        return outcome
 
 
 async def _tool_specs(conn: Conn, caller: Caller, names: tuple[str, ...]) -> list[dict[str, Any]]:

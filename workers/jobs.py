@@ -15,7 +15,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from app import metrics
+from opentelemetry.trace import SpanKind
+
+from app import metrics, tracing
 from app.engine.advance import Claimed, Claimer, cached_definition, load_definition
 from app.engine.attempts import Outcome, claim_attempt, record_outcomes
 from app.engine.attempts import fire_wait_timeout as fire_wait_timeout_tx
@@ -92,13 +94,22 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
 
 
 async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claimed, lease: Lease) -> Outcome:
+    queue = f"{runtime.settings.queue_prefix}:{claimed.priority}"
+    attributes = {
+        tracing.MESSAGING_SYSTEM: "arq", tracing.MESSAGING_DESTINATION: queue, tracing.MESSAGING_OPERATION: "process",
+        "steward.tenant.id": str(claimed.tenant_id), "steward.run.id": str(claimed.run_id),
+        "steward.step.id": claimed.step_id, "steward.step.attempt": claimed.attempt_n,
+        "steward.step.map_index": claimed.map_index,
+    }
     with bound(tenant=claimed.tenant_id, run=claimed.run_id, step=claimed.step_id, item=claimed.map_index,
-               attempt=claimed.attempt_n):
+               attempt=claimed.attempt_n), tracing.span(f"process {queue}", attributes, SpanKind.CONSUMER) as current:
         outcome = await _execute_bound(runtime, http, breaker, claimed, lease)
         definition = cached_definition(claimed.workflow_version_id)
         seconds = (outcome.finished_at - outcome.started_at).total_seconds()
         kind = definition.step(claimed.step_id).kind if definition is not None else "unknown"
         metrics.observe_attempt(kind, outcome.ok, outcome.error_class, seconds)
+        current.set_attribute("steward.step.kind", kind)
+        tracing.outcome(current, outcome.ok, outcome.error_class)
         # Messages are what the run's events say (tool errors scrubbed of secrets), never arguments.
         log.debug("attempt %d of step %s: %s in %.0f ms", claimed.attempt_n, claimed.step_id,
                   "ok" if outcome.ok else f"{outcome.error_class}: {outcome.message}", seconds * 1000)

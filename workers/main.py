@@ -18,6 +18,7 @@ from arq import cron, func
 from prometheus_client import start_http_server
 
 import app.models  # noqa: F401  (every table, so foreign keys resolve in a worker-only process)
+from app import tracing
 from app.config import Settings
 from app.engine.unit_of_work import QUEUES
 from app.metrics import exposed_registry
@@ -92,6 +93,10 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
         metrics, _ = start_http_server(settings.worker_metrics_port, addr=settings.host, registry=exposed_registry())
         log.info("worker metrics on http://%s:%d/metrics", settings.host, settings.worker_metrics_port)
     async with httpx.AsyncClient(follow_redirects=False) as http:
+        if tracing.enabled():  # tool and model calls: client spans, and traceparent sent along
+            from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+            HTTPXClientInstrumentor().instrument_client(http)
         workers = build_workers(
             runtime, concurrency=concurrency or settings.worker_concurrency, worker_id=worker_id, http=http
         )

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 from prometheus_client import Histogram
 
+from app import tracing
 from app.budgets import service as budgets
 from app.budgets.service import Hold
 from app.clock import now
@@ -251,6 +252,7 @@ class Caller:
     def _approval(self, site: CallSite, ref: ToolRef, args: Any, grant: Grant | None) -> CallResult | None:
         if grant is None or grant.status == "pending":
             reason = _gate_reason(ref, args)
+            tracing.event("approval_required", tool=ref.name, **{"steward.tool.version": ref.version})
             return CallResult(False, error_class="approval_required", message=reason,
                               gate=Gate(kind=site.kind, call_id=site.call_id, tool=ref.name, tool_version=ref.version,
                                         args=args, reason=reason))
@@ -272,6 +274,7 @@ class Caller:
         recorded = redact_write_only(ref.spec.input_schema, args) if ref else None
         data = {"tool": name, "version": ref.version if ref else None, "reason": reason, "message": message,
                 "call_id": site.call_id or None, "args": recorded}
+        tracing.event("guardrail_rejected", tool=name, reason=reason)
         note = AuditNote(self.scope.principal or "system", "guardrail.reject", f"run:{self.scope.run_id}", "denied",
                          {**data, "step": site.step_id})
         if guardrail:
@@ -301,6 +304,16 @@ class Caller:
 
     async def _execute(self, site: CallSite, ref: ToolRef, args: Any, secrets: dict[str, str], key: str,
                        policy: BreakerPolicy, probe: bool) -> CallResult:
+        with tracing.span(f"execute_tool {ref.name}", {
+            tracing.GEN_AI_OPERATION: "execute_tool", tracing.GEN_AI_TOOL: ref.name,
+            tracing.GEN_AI_TOOL_CALL_ID: site.call_id or None, "steward.tool.version": ref.version,
+        }) as current:
+            result = await self._execute_call(site, ref, args, secrets, key, policy, probe)
+            tracing.outcome(current, result.ok, result.error_class)
+            return result
+
+    async def _execute_call(self, site: CallSite, ref: ToolRef, args: Any, secrets: dict[str, str], key: str,
+                            policy: BreakerPolicy, probe: bool) -> CallResult:
         call = ToolCall(args, site.attempt, site.idempotency_key, self.settings, self.http,
                         tuple(self.scope.policy.http_allowlist))
         started = time.perf_counter()

@@ -1,0 +1,117 @@
+"""Traces: OpenTelemetry, off unless the standard ``OTEL_*`` variables ask for them.
+
+Tracing is on when ``OTEL_TRACES_EXPORTER`` names an exporter (``otlp``, ``console``; ``none`` is off) or
+an OTLP endpoint is set (``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), and
+``OTEL_SDK_DISABLED`` is not ``true``. The SDK reads the rest itself: the sampler
+(``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ``OTEL_TRACES_SAMPLER_ARG=0.1``), the batch
+processor's delays, the exporter's endpoint, headers and timeout, ``OTEL_SERVICE_NAME`` and
+``OTEL_RESOURCE_ATTRIBUTES``. Spans leave through a ``BatchSpanProcessor`` over OTLP/HTTP (protobuf),
+flushed when the process stops.
+
+What is traced (docs/operations.md, "Traces"): API requests (health and metrics left out), each step
+attempt a worker runs (``process <queue>``, the messaging conventions with ``messaging.system=arq``), and
+inside it the GenAI conventions as pinned by the installed ``opentelemetry-semantic-conventions``:
+``invoke_agent <step>``, ``chat <model>``, ``execute_tool <tool>``, plus the outbound HTTP calls (W3C
+``traceparent`` sent to tools and model providers). Guardrail refusals and approval requests are span
+events. Attributes carry ids, names, counts and outcomes, never arguments, prompts or secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
+from opentelemetry.semconv._incubating.attributes import messaging_attributes as messaging
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+log = logging.getLogger(__name__)
+TRACER = trace.get_tracer("steward")
+EXCLUDED_URLS = "healthz,readyz,metrics,static/"
+_provider: TracerProvider | None = None
+# The semantic conventions' names, as the installed opentelemetry-semantic-conventions pins them.
+GEN_AI_OPERATION = gen_ai.GEN_AI_OPERATION_NAME
+GEN_AI_PROVIDER = gen_ai.GEN_AI_PROVIDER_NAME
+GEN_AI_MODEL = gen_ai.GEN_AI_REQUEST_MODEL
+GEN_AI_INPUT_TOKENS = gen_ai.GEN_AI_USAGE_INPUT_TOKENS
+GEN_AI_OUTPUT_TOKENS = gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS
+GEN_AI_FINISH_REASONS = gen_ai.GEN_AI_RESPONSE_FINISH_REASONS
+GEN_AI_TOOL = gen_ai.GEN_AI_TOOL_NAME
+GEN_AI_TOOL_CALL_ID = gen_ai.GEN_AI_TOOL_CALL_ID
+GEN_AI_AGENT = gen_ai.GEN_AI_AGENT_NAME
+MESSAGING_SYSTEM = messaging.MESSAGING_SYSTEM
+MESSAGING_DESTINATION = messaging.MESSAGING_DESTINATION_NAME
+MESSAGING_OPERATION = messaging.MESSAGING_OPERATION_TYPE
+
+
+def enabled() -> bool:
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporters:
+        return exporters != "none"
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def _exporter(name: str) -> SpanExporter:
+    if name == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if name == "console":
+        return ConsoleSpanExporter()
+    raise ValueError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console or none)")
+
+
+def configure(service: str) -> bool:
+    """Install this process's tracer provider when tracing is asked for (once a process); whether on."""
+    global _provider
+    if _provider is not None:
+        return True
+    if not enabled():
+        return False
+    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME")
+                                                        or service}))
+    names = [n.strip() for n in (os.environ.get("OTEL_TRACES_EXPORTER") or "otlp").lower().split(",") if n.strip()]
+    for name in names:
+        provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    log.info("tracing on: %s to %s", ", ".join(names), os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+             or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "the default endpoint")
+    return True
+
+
+def shutdown() -> None:
+    """Send what is buffered and stop (a process stopping)."""
+    global _provider
+    if _provider is not None:
+        _provider.shutdown()
+        _provider = None
+
+
+@contextmanager
+def span(name: str, attributes: Mapping[str, Any], kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
+    """A span of ours, current inside the block; None-valued attributes are left out."""
+    with TRACER.start_as_current_span(name, kind=kind, attributes={k: v for k, v in attributes.items()
+                                                                   if v is not None}) as current:
+        yield current
+
+
+def outcome(current: Span, ok: bool, error_class: str | None) -> None:
+    current.set_attribute("steward.outcome", "ok" if ok else error_class or "error")
+    if not ok:
+        current.set_attribute("error.type", error_class or "error")
+        current.set_status(Status(StatusCode.ERROR, error_class))
+
+
+def event(name: str, **attributes: Any) -> None:
+    """An event on the current span (a guardrail refusal, an approval request)."""
+    trace.get_current_span().add_event(name, {k: v for k, v in attributes.items() if v is not None})

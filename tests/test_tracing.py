@@ -1,0 +1,104 @@
+"""Traces: off by default; with an OTLP endpoint, the API and workers send the spans of a run (request,
+step attempts, agent, model and tool calls) to a real OTLP/HTTP receiver, without arguments or secrets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app import tracing
+from app.config import Settings
+from tests.fakes.model_server import ModelServer, Turn
+from tests.fakes.otlp_receiver import OtlpReceiver
+from tests.fakes.tool_server import ToolServer
+from tests.support.processes import api_and_worker
+from tests.support.providers import add_provider, model_name
+from tests.support.runs import create_workflow, name, start_run, wait_run
+from tests.support.tenants import MakeTenant
+from tests.support.tools import http_tool, register
+
+SECRET = "tok-0f9e8d7c6b5a4f3e"
+CARD = "4000000000000077"
+
+
+def test_tracing_is_off_unless_an_exporter_or_endpoint_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                     "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(variable, raising=False)
+    assert not tracing.enabled()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    assert tracing.enabled()
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert not tracing.enabled()
+    monkeypatch.delenv("OTEL_SDK_DISABLED")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert not tracing.enabled()
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as server:
+        yield server
+
+
+@pytest.mark.xdist_group("processes")
+async def test_a_runs_spans_reach_the_collector_with_genai_attributes_and_no_secrets(
+    settings: Settings, make_tenant: MakeTenant, tool_server: ToolServer, receiver: OtlpReceiver, tmp_path: Path,
+) -> None:
+    tenant = await make_tenant()
+    model = model_name()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base_url, "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_TRACES_EXPORTER": "otlp"}
+    with ModelServer() as models:
+        models.script(model, [Turn.tool_calls([("charge", {"card": CARD})], usage=(120, 30)),
+                              Turn.final("charged", usage=(160, 5))])
+        async with (api_and_worker(settings, tmp_path, **otel) as url,
+                    httpx.AsyncClient(base_url=url, timeout=30) as client):
+            await client.put("/api/v1/secrets/pay_key", json={"value": SECRET}, headers=tenant.headers)
+            card = {"type": "object", "properties": {"card": {"type": "string", "writeOnly": True}}}
+            await register(client, tenant.headers, name="charge", input_schema=card, executor=http_tool(
+                tool_server.url + "/echo", headers={"Authorization": "Bearer ${{ secrets.pay_key }}"}))
+            await add_provider(client, tenant.headers, models, model, name="local")
+            workflow = name()
+            await create_workflow(client, tenant.headers, workflow, [
+                {"id": "agent", "agent": {"model": f"local/{model}", "input": "pay", "tools": ["charge"]}}])
+            run = await start_run(client, tenant.headers, workflow)
+            assert (await wait_run(client, tenant.headers, run["id"], timeout=60))["status"] == "succeeded"
+            assert (await client.get("/healthz")).status_code == 200
+        # Both processes have stopped: what they buffered was sent on the way out.
+
+    spans = receiver.spans
+    by_name = {s.name: s for s in spans}
+    services = {s.service for s in spans}
+    assert {"steward-api", "steward-worker"} <= services, services
+    assert any(s.service == "steward-api" and s.name.startswith("POST /api/v1/runs") for s in spans), by_name.keys()
+    assert not any("healthz" in s.name or "metrics" in s.name for s in spans)
+
+    process = next(s for s in spans
+                   if s.name.startswith("process ") and s.attributes.get("steward.run.id") == run["id"])
+    assert process.kind == "SPAN_KIND_CONSUMER"
+    assert process.attributes["messaging.system"] == "arq"
+    assert process.attributes["messaging.destination.name"] == f"{settings.queue_prefix}:normal"
+    assert (process.attributes["steward.step.id"], process.attributes["steward.step.kind"]) == ("agent", "agent")
+    assert process.attributes["steward.tenant.id"] == str(tenant.tenant_id)
+
+    agent = by_name["invoke_agent agent"]
+    assert agent.parent_id == process.span_id and agent.attributes["gen_ai.operation.name"] == "invoke_agent"
+    chats = [s for s in spans if s.name == f"chat {model}"]
+    assert len(chats) == 2 and all(c.parent_id == agent.span_id for c in chats)
+    assert chats[0].attributes["gen_ai.provider.name"] == "local"
+    assert chats[0].attributes["gen_ai.request.model"] == model
+    assert sorted((c.attributes["gen_ai.usage.input_tokens"], c.attributes["gen_ai.usage.output_tokens"])
+                  for c in chats) == [(120, 30), (160, 5)]
+    tool = by_name["execute_tool charge"]
+    assert tool.attributes["gen_ai.tool.name"] == "charge" and tool.attributes["gen_ai.tool.call.id"]
+    assert tool.trace_id == process.trace_id
+    # The tool call went out with the trace: the tool server saw a traceparent of this trace.
+    sent = [c.headers.get("traceparent", "") for c in tool_server.calls_to("/echo")]
+    assert any(header.split("-")[1] == tool.trace_id for header in sent if header), sent
+
+    everything = repr(spans)
+    assert SECRET not in everything and CARD not in everything
