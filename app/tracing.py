@@ -25,12 +25,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
 from opentelemetry.semconv._incubating.attributes import messaging_attributes as messaging
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger(__name__)
 TRACER = trace.get_tracer("steward")
@@ -102,6 +104,44 @@ def span(name: str, attributes: Mapping[str, Any], kind: SpanKind = SpanKind.INT
     """A span of ours, current inside the block; None-valued attributes are left out."""
     with TRACER.start_as_current_span(name, kind=kind, attributes={k: v for k, v in attributes.items()
                                                                    if v is not None}) as current:
+        yield current
+
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def current_traceparent() -> str | None:
+    """The W3C traceparent of the current span, to store with what it queues; None outside a sampled span
+    (tracing off: nothing is stored)."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    parts = (traceparent or "").split("-")
+    return parts[1] if len(parts) == 4 else None
+
+
+def _span_context(traceparent: str | None) -> SpanContext | None:
+    if not traceparent:
+        return None
+    found = trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent})).get_span_context()
+    return found if found.is_valid else None
+
+
+@contextmanager
+def continued(name: str, attributes: Mapping[str, Any], kind: SpanKind, parent: str | None,
+              first: str | None) -> Iterator[Span]:
+    """A span continuing the trace of ``parent`` (a stored traceparent), or, without one, the root of a new
+    trace; linked to ``first`` (the run's first trace) when that is another trace."""
+    parent_context = _span_context(parent)
+    first_context = _span_context(first)
+    context = trace.set_span_in_context(NonRecordingSpan(parent_context)) if parent_context else Context()
+    links = [Link(first_context)] if first_context and (
+        parent_context is None or first_context.trace_id != parent_context.trace_id) else []
+    with TRACER.start_as_current_span(name, context=context, kind=kind, links=links, attributes={
+            k: v for k, v in attributes.items() if v is not None}) as current:
         yield current
 
 

@@ -12,11 +12,11 @@ import pytest
 from app import tracing
 from app.config import Settings
 from tests.fakes.model_server import ModelServer, Turn
-from tests.fakes.otlp_receiver import OtlpReceiver
+from tests.fakes.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.fakes.tool_server import ToolServer
 from tests.support.processes import api_and_worker
 from tests.support.providers import add_provider, model_name
-from tests.support.runs import create_workflow, name, start_run, wait_run
+from tests.support.runs import create_workflow, name, start_run, wait_for, wait_run
 from tests.support.tenants import MakeTenant
 from tests.support.tools import http_tool, register
 
@@ -62,11 +62,22 @@ async def test_a_runs_spans_reach_the_collector_with_genai_attributes_and_no_sec
             await register(client, tenant.headers, name="charge", input_schema=card, executor=http_tool(
                 tool_server.url + "/echo", headers={"Authorization": "Bearer ${{ secrets.pay_key }}"}))
             await add_provider(client, tenant.headers, models, model, name="local")
-            workflow = name()
+            workflow, waits = name(), name()
             await create_workflow(client, tenant.headers, workflow, [
                 {"id": "agent", "agent": {"model": f"local/{model}", "input": "pay", "tools": ["charge"]}}])
+            await create_workflow(client, tenant.headers, waits, [
+                {"id": "a", "tool": "echo"}, {"id": "w", "needs": ["a"], "wait": {"signal": "go"}},
+                {"id": "b", "needs": ["w"], "tool": "echo"}])
             run = await start_run(client, tenant.headers, workflow)
-            assert (await wait_run(client, tenant.headers, run["id"], timeout=60))["status"] == "succeeded"
+            done = await wait_run(client, tenant.headers, run["id"], timeout=60)
+            assert done["status"] == "succeeded"
+            paused = await start_run(client, tenant.headers, waits)
+            await wait_for(client, tenant.headers, paused["id"], lambda r: r["status"] == "waiting", timeout=30)
+            signalled = await client.post(f"/api/v1/runs/{paused['id']}/signals/go", json={"payload": {}},
+                                          headers=tenant.headers)
+            assert signalled.status_code == 200, signalled.text
+            resumed = await wait_run(client, tenant.headers, paused["id"], timeout=30)
+            assert resumed["status"] == "succeeded"
             assert (await client.get("/healthz")).status_code == 200
         # Both processes have stopped: what they buffered was sent on the way out.
 
@@ -84,6 +95,20 @@ async def test_a_runs_spans_reach_the_collector_with_genai_attributes_and_no_sec
     assert process.attributes["messaging.destination.name"] == f"{settings.queue_prefix}:normal"
     assert (process.attributes["steward.step.id"], process.attributes["steward.step.kind"]) == ("agent", "agent")
     assert process.attributes["steward.tenant.id"] == str(tenant.tenant_id)
+
+    # The request that started the run and the worker's first attempt are one trace, which the run shows.
+    started = [s for s in spans if s.kind == "SPAN_KIND_SERVER" and s.name == "POST /api/v1/runs"
+               and s.trace_id == process.trace_id]
+    assert len(started) == 1 and started[0].service == "steward-api" and done["trace_id"] == process.trace_id
+    # A run that waited goes on in the trace of the request that woke it, linked to its first trace.
+    def step_span(step_id: str) -> ReceivedSpan:
+        return next(s for s in spans if s.name.startswith("process ") and s.attributes.get("steward.run.id")
+                    == paused["id"] and s.attributes["steward.step.id"] == step_id)
+    first, after = step_span("a"), step_span("b")
+    assert first.trace_id == resumed["trace_id"] and after.trace_id != first.trace_id
+    assert after.links == [first.trace_id]
+    assert any(s.name.startswith("POST /api/v1/runs/{run_id}/signals") and s.trace_id == after.trace_id
+               for s in spans), sorted({s.name for s in spans})
 
     agent = by_name["invoke_agent agent"]
     assert agent.parent_id == process.span_id and agent.attributes["gen_ai.operation.name"] == "invoke_agent"

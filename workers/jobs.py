@@ -101,8 +101,10 @@ async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claim
         "steward.step.id": claimed.step_id, "steward.step.attempt": claimed.attempt_n,
         "steward.step.map_index": claimed.map_index,
     }
+    process = tracing.continued(f"process {queue}", attributes, SpanKind.CONSUMER, claimed.trace_context,
+                                claimed.run_trace_context)
     with bound(tenant=claimed.tenant_id, run=claimed.run_id, step=claimed.step_id, item=claimed.map_index,
-               attempt=claimed.attempt_n), tracing.span(f"process {queue}", attributes, SpanKind.CONSUMER) as current:
+               attempt=claimed.attempt_n), process as current:
         outcome = await _execute_bound(runtime, http, breaker, claimed, lease)
         definition = cached_definition(claimed.workflow_version_id)
         seconds = (outcome.finished_at - outcome.started_at).total_seconds()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from app import tracing
 from app.clock import now
 from app.config import Settings
 from app.engine.gates import Gate, cancel_approvals, request_approval
@@ -45,6 +46,7 @@ class RunRow:
     input: Any
     workflow_version_id: uuid.UUID
     started_at: datetime | None
+    trace_context: str | None = None  # the traceparent of the request that started the run
 
 
 @dataclass
@@ -94,6 +96,9 @@ class Claimed:
     args: Any
     job_id: str
     worker_id: str
+    # Traces: what queued the attempt (its span is the attempt's parent) and the run's first trace.
+    trace_context: str | None = None
+    run_trace_context: str | None = None
 
     @property
     def idempotency_key(self) -> str:
@@ -102,7 +107,7 @@ class Claimed:
 
 
 _LOCK_RUN = (
-    "SELECT id, tenant_id, status, version, priority, input, workflow_version_id, started_at FROM run "
+    "SELECT id, tenant_id, status, version, priority, input, workflow_version_id, started_at, trace_context FROM run "
     "WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2) FOR UPDATE"
 )
 # Item outputs stay in the database until their map completes: a map of thousands would otherwise
@@ -354,6 +359,8 @@ class Advance:
                 args=args,
                 job_id=claimer.job_id,
                 worker_id=claimer.worker_id,
+                trace_context=tracing.current_traceparent(),  # run inline: a child of the step before it
+                run_trace_context=self.run.trace_context,
             )
         )
 

@@ -83,7 +83,8 @@ _ATTEMPT_RUN = "SELECT run_id FROM step_attempt WHERE id = $1 AND status = 'queu
 # The job's own attempt first, then other queued, due attempts of the same run (map items, parallel
 # branches) that this worker can take in the same transaction.
 _CLAIMABLE = (
-    "SELECT s.id, s.status, s.version, s.step_id, s.map_index, s.input, a.n, a.id AS attempt_id, a.job_id "
+    "SELECT s.id, s.status, s.version, s.step_id, s.map_index, s.input, a.n, a.id AS attempt_id, a.job_id, "
+    "a.trace_context "
     "FROM step_attempt a JOIN step_run s ON s.id = a.step_run_id "
     "WHERE a.run_id = $1 AND a.status = 'queued' AND s.status = 'queued' AND s.current_attempt_id = a.id "
     "AND (a.not_before IS NULL OR a.not_before <= $2) "
@@ -133,7 +134,8 @@ async def claim_attempt(tx: UnitOfWork, settings: Settings, attempt_id: uuid.UUI
             run_id=run.id, tenant_id=run.tenant_id, workflow_version_id=run.workflow_version_id,
             priority=run.priority, step_run_id=step.id, step_version=step.version, step_id=step.step_id,
             map_index=step.map_index, attempt_id=row["attempt_id"], attempt_n=row["n"], args=row["input"],
-            job_id=claimer.job_id, worker_id=claimer.worker_id,
+            job_id=claimer.job_id, worker_id=claimer.worker_id, trace_context=row["trace_context"],
+            run_trace_context=run.trace_context,
         )
         for step, row in zip(steps, rows, strict=True)
     ]

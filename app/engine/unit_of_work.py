@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from app import tracing
 from app.audit.chain import Entry, append
 from app.clock import now
 from app.engine.notify import RUN_CHANGED, RUN_DONE, TENANT_CHANGED
@@ -35,10 +36,10 @@ class Job:
 _FLUSH_TEMPLATE = """
 WITH attempts AS (
     INSERT INTO step_attempt (id, tenant_id, run_id, step_run_id, n, status, job_id, worker, not_before,
-                              queued_at, started_at)
+                              queued_at, started_at, trace_context)
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(
         id uuid, tenant_id uuid, run_id uuid, step_run_id uuid, n int, status text, job_id text, worker text,
-        not_before timestamptz, queued_at timestamptz, started_at timestamptz)
+        not_before timestamptz, queued_at timestamptz, started_at timestamptz, trace_context text)
 ), events AS (
     INSERT INTO run_event (tenant_id, run_id, step_id, map_index, type, data, created_at)
     SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
@@ -98,7 +99,11 @@ class UnitOfWork:
         self.audits.setdefault(tenant_id, []).append(entry)
 
     def add_attempt(self, **values: Any) -> None:
-        self.attempts.append({"worker": None, "not_before": None, "started_at": None, "queued_at": now(), **values})
+        attempt = {"worker": None, "not_before": None, "started_at": None, "queued_at": now(), **values}
+        # The attempt continues the trace that queued it, unless it waits first (a retry's backoff): a
+        # trace should not span the wait, so that one starts its own, linked to the run's first.
+        attempt["trace_context"] = tracing.current_traceparent() if attempt["not_before"] is None else None
+        self.attempts.append(attempt)
 
     def enqueue(self, run_id: uuid.UUID, job: Job) -> None:
         self.outbox.append({"tenant_id": self.tenant_id, "run_id": run_id, "kind": job.kind, "job_id": job.job_id,

@@ -82,6 +82,8 @@ class Run(Base):
     principal_roles: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
     # Why the run is paused or failed by a guardrail (e.g. "budget_exhausted"); cleared on resume.
     status_reason: Mapped[str | None] = mapped_column(String(64))
+    # W3C traceparent of the request that started the run (when tracing is on): its trace is the run's first.
+    trace_context: Mapped[str | None] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())
     started_at: Mapped[datetime | None] = mapped_column(TS)
@@ -148,6 +150,8 @@ class StepAttempt(Base):
     finished_at: Mapped[datetime | None] = mapped_column(TS)
     error_class: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # W3C traceparent of what queued the attempt (a request, or the attempt before it in the worker).
+    trace_context: Mapped[str | None] = mapped_column(String(64))
 
 
 class RunEvent(Base):

@@ -133,6 +133,8 @@ class RunRead(RunSummary):
     input: Any
     output: Any
     error: dict[str, Any] | None
+    trace_id: str | None = Field(default=None, description="The trace of the request that started the run (with "
+                                 "tracing on): its worker spans continue it; later ones link to it")
     steps: list[StepRead]
     events: list[EventRead]
     events_truncated: bool

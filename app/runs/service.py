@@ -20,7 +20,7 @@ from sqlalchemy import Select, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import pagination
+from app import pagination, tracing
 from app.approvals.models import Approval
 from app.audit.service import entry as audit_entry
 from app.auth.permissions import allowed
@@ -103,6 +103,7 @@ async def create_run(
         "created_by": ctx.principal,
         "principal_roles": sorted(ctx.roles),
         "version": 1,
+        "trace_context": tracing.current_traceparent(),
     }
     try:
         async with db.begin_nested():
@@ -261,7 +262,7 @@ def _ts(value: datetime | None) -> str | None:
 
 _RUN = (
     "SELECT id, workflow_name, workflow_version, status, status_reason, priority, created_at, started_at, "
-    "finished_at, input, output, error, workflow_version_id FROM run WHERE id = $1 AND tenant_id = $2"
+    "finished_at, input, output, error, workflow_version_id, trace_context FROM run WHERE id = $1 AND tenant_id = $2"
 )
 _STEPS = (
     "SELECT id, step_id, map_index, kind, status, input, output, error, started_at, finished_at FROM step_run "
@@ -322,7 +323,7 @@ async def _read_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> tuple[dict
         "status": run["status"], "status_reason": run["status_reason"], "priority": run["priority"],
         "created_at": _ts(run["created_at"]),
         "started_at": _ts(run["started_at"]), "finished_at": _ts(run["finished_at"]), "input": run["input"],
-        "output": run["output"], "error": run["error"],
+        "output": run["output"], "error": run["error"], "trace_id": tracing.trace_id_of(run["trace_context"]),
         "steps": [top[sid] for sid in definition.order if sid in top],
         "events": [
             {"id": event["id"], "type": event["type"], "step_id": event["step_id"], "map_index": event["map_index"],

@@ -33,6 +33,7 @@ class ReceivedSpan:
     events: list[str]
     service: str
     status: str
+    links: list[str]  # the trace ids this span links to
 
 
 def _hex(encoded: str) -> str:
@@ -74,6 +75,7 @@ class OtlpReceiver(BackgroundServer):
                         attributes={a["key"]: _value(a["value"]) for a in span.get("attributes", [])},
                         events=[e["name"] for e in span.get("events", [])], service=str(resource.get("service.name")),
                         status=span.get("status", {}).get("code", ""),
+                        links=[_hex(link["traceId"]) for link in span.get("links", [])],
                     ))
         with self._lock:
             self._spans += received
