@@ -15,10 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import metrics
 from app.config import Settings
 from tests.fakes.model_server import ModelServer, Turn
+from tests.fakes.tool_server import ToolServer
 from tests.support.net import free_port
 from tests.support.providers import add_provider, model_name
 from tests.support.runs import create_workflow, name, start_run, wait_for, wait_run
 from tests.support.tenants import MakeApiKey, TenantKey
+from tests.support.tools import http_tool, register
 from tests.support.workers import WorkerProcess
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -145,3 +147,34 @@ async def test_a_worker_serves_its_own_metrics_and_they_pass_promtool(
     families: dict[str, Any] = {f.name: f for f in text_string_to_metric_families(answer.text)}
     assert "steward_step_attempts" in families and "steward_runs_active" not in families  # the API serves those
     promtool(answer.text)
+
+
+async def test_a_breaker_opening_shows_by_tool_and_many_runs_add_no_series(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, tool_server: ToolServer
+) -> None:
+    tool = f"flaky_{name()[-6:]}"
+    await register(client, tenant.headers, name=tool, retry={"max_attempts": 1},
+                   breaker={"failure_threshold": 2, "window_s": 600, "open_s": 600},
+                   executor=http_tool(tool_server.url + "/fail"))
+    flaky, steady = name(), name()
+    await create_workflow(client, tenant.headers, flaky, [{"id": "call", "tool": tool, "args": {}}])
+    await create_workflow(client, tenant.headers, steady, [{"id": "a", "tool": "echo", "args": {"v": 1}}])
+    _, before = await scrape(client)
+    for _ in range(2):
+        run = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, flaky))["id"])
+        assert run["status"] == "failed"
+    _, opened = await scrape(client)
+    assert value(opened, "steward_breaker_state", tool=tool, tenant="") == 2  # open
+    assert value(opened, "steward_breaker_transitions_total", to="open") - value(
+        before, "steward_breaker_transitions_total", to="open") == 1
+
+    # Cardinality: once a workflow has run, 40 more runs of it move counters but add no series.
+    await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, steady))["id"])
+    _, warm = await scrape(client)
+    runs = [await start_run(client, tenant.headers, steady) for _ in range(40)]
+    for run in runs:
+        assert (await wait_run(client, tenant.headers, run["id"], timeout=60))["status"] == "succeeded"
+    _, hot = await scrape(client)
+    assert set(hot) - set(warm) == set()
+    assert value(hot, "steward_runs_finished_total", workflow=steady, outcome="succeeded", tenant="") == value(
+        warm, "steward_runs_finished_total", workflow=steady, outcome="succeeded", tenant="") + 40

@@ -127,3 +127,22 @@ async def test_a_runs_spans_reach_the_collector_with_genai_attributes_and_no_sec
 
     everything = repr(spans)
     assert SECRET not in everything and CARD not in everything
+
+
+@pytest.mark.xdist_group("processes")
+async def test_a_sampled_out_request_produces_no_worker_spans(
+    settings: Settings, make_tenant: MakeTenant, receiver: OtlpReceiver, tmp_path: Path,
+) -> None:
+    tenant = await make_tenant()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base_url, "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}
+    async with (api_and_worker(settings, tmp_path, **otel) as url,
+                httpx.AsyncClient(base_url=url, timeout=30) as client):
+        workflow = name()
+        await create_workflow(client, tenant.headers, workflow, [{"id": "a", "tool": "echo"},
+                                                                 {"id": "b", "needs": ["a"], "tool": "echo"}])
+        run = await wait_run(client, tenant.headers, (await start_run(client, tenant.headers, workflow))["id"])
+        assert run["status"] == "succeeded"
+    # The decision not to sample travelled with the run: its steps followed it, nothing was sent.
+    assert run["trace_id"] is not None
+    assert [s.name for s in receiver.spans] == []
