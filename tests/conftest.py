@@ -35,11 +35,13 @@ from app.auth.local import hash_password
 from app.config import Settings
 from app.context import Ctx
 from app.db import async_url, bind_tenant, make_engine, make_sessionmaker, run_migrations
+from app.pg import Conn
 from app.redis import redis_settings
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey
 from app.vault.crypto import new_key
 from tests.fakes.tool_server import ToolServer
+from tests.support.db import connect
 from tests.support.env import ROOT, worker_id, worker_index
 from tests.support.signin import SignIn, app_client, first_form
 from tests.support.tenants import MakeApiKey, MakeTenant, TenantKey
@@ -141,6 +143,17 @@ async def settings(database_url: str, servers: Servers) -> Settings:
         db_pool_size=5,
         db_max_overflow=20,
     )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def owner(database_url: str) -> AsyncIterator[Conn]:
+    """A connection as the tables' owner (a superuser here): no row-level security (to write and tamper
+    with audit chains as an attacker holding the database could; helpers in tests/support/audit.py)."""
+    conn = await connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

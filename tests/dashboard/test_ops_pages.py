@@ -8,19 +8,16 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-import pytest_asyncio
 
 from app.config import Settings
 from app.pg import Conn
 from tests.fakes.tool_server import ToolServer
 from tests.support.audit import add, entries, rows, tamper
 from tests.support.clock import clear_of_the_hour_boundary
-from tests.support.db import connect
 from tests.support.runs import create_workflow, name, start_run, wait_for, wait_run
 from tests.support.signin import SignIn
 from tests.support.tenants import MakeTenant, TenantKey
@@ -236,16 +233,6 @@ async def test_the_budgets_page_matches_the_api_and_lists_runs_a_budget_paused(
 
 
 # --- audit ------------------------------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def owner(database_url: str) -> AsyncIterator[Conn]:
-    """The tables' owner (no row-level security): to write and tamper with chains as tests/audit does."""
-    conn = await connect(database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def events_of(page: str) -> list[int]:
