@@ -212,7 +212,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if tracing.enabled():
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-        FastAPIInstrumentor.instrument_app(app, excluded_urls=tracing.EXCLUDED_URLS)
+        # One span a request: the ASGI receive and send spans (two or more per request) cost more than
+        # they tell (bench/tracing.py).
+        FastAPIInstrumentor.instrument_app(app, excluded_urls=tracing.EXCLUDED_URLS, exclude_spans=["receive", "send"])
     app.include_router(health_router)
     app.include_router(dashboard_router)
     app.include_router(workflows_router)
