@@ -49,8 +49,13 @@ def _value(value: dict[str, Any]) -> Any:
 
 
 class OtlpReceiver(BackgroundServer):
-    def __init__(self) -> None:
+    """``parse=False`` accepts every export unread, counting its bytes (a benchmark's receiver: a real
+    collector's work happens on another machine, not on the cores being measured)."""
+
+    def __init__(self, *, parse: bool = True) -> None:
         super().__init__()
+        self.parse = parse
+        self.received_bytes = 0
         self._lock = threading.Lock()
         self._spans: list[ReceivedSpan] = []
 
@@ -62,6 +67,11 @@ class OtlpReceiver(BackgroundServer):
     def handle(self, request: Request) -> Reply:
         if request.method != "POST" or request.path != "/v1/traces":
             return Reply(404)
+        with self._lock:
+            self.received_bytes += len(request.body)
+        if not self.parse:
+            return Reply(200, ExportTraceServiceResponse().SerializeToString(),
+                         {"Content-Type": "application/x-protobuf"})
         export = ExportTraceServiceRequest()
         export.ParseFromString(request.body)
         received = []
