@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -178,3 +179,39 @@ async def test_a_breaker_opening_shows_by_tool_and_many_runs_add_no_series(
     assert set(hot) - set(warm) == set()
     assert value(hot, "steward_runs_finished_total", workflow=steady, outcome="succeeded", tenant="") == value(
         warm, "steward_runs_finished_total", workflow=steady, outcome="succeeded", tenant="") + 40
+
+
+async def test_worker_processes_sharing_a_multiprocess_directory_serve_their_sum(
+    client: httpx.AsyncClient, tenant: TenantKey, worker_process: Callable[..., WorkerProcess],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several workers behind one scrape (PROMETHEUS_MULTIPROC_DIR): one endpoint reports every process's
+    counts, a stopped process's included. The first worker runs five runs alone and stops; the second,
+    serving metrics, runs five more and reports ten."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    workflow = name()
+    await create_workflow(client, tenant.headers, workflow, [{"id": "a", "tool": "echo", "args": {"v": 1}}])
+
+    async def five() -> set[str]:
+        runs = [await start_run(client, tenant.headers, workflow) for _ in range(5)]
+        done = [await wait_run(client, tenant.headers, run["id"], timeout=60) for run in runs]
+        assert [run["status"] for run in done] == ["succeeded"] * 5
+        return {attempt["worker"] for run in done for step in run["steps"] for attempt in step["attempts"]}
+
+    first = worker_process()
+    ran_first = await five()
+    first.stop()
+    port = free_port()
+    worker_process(worker_metrics_port=port)
+    ran_second = await five()
+    assert ran_first.isdisjoint(ran_second)  # two processes did the work
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with asyncio.timeout(60):
+            while True:
+                try:
+                    samples = parse((await http.get("/metrics")).text)
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)  # a starting process: nothing to wait on but its port
+    assert value(samples, "steward_step_attempts_total", kind="tool", outcome="ok") == 10
+    assert value(samples, "steward_runs_finished_total", workflow=workflow, outcome="succeeded", tenant="") == 10
