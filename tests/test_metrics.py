@@ -213,5 +213,6 @@ async def test_worker_processes_sharing_a_multiprocess_directory_serve_their_sum
                     break
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)  # a starting process: nothing to wait on but its port
-    assert value(samples, "steward_step_attempts_total", kind="tool", outcome="ok") == 10
+    # By workflow: the workers may also pick up what earlier tests of this process left queued.
     assert value(samples, "steward_runs_finished_total", workflow=workflow, outcome="succeeded", tenant="") == 10
+    assert value(samples, "steward_step_attempts_total", kind="tool", outcome="ok") >= 10
