@@ -113,6 +113,8 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 def current_traceparent() -> str | None:
     """The W3C traceparent of the current span, to store with what it queues; None outside a sampled span
     (tracing off: nothing is stored)."""
+    if _provider is None:
+        return None
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
     return carrier.get("traceparent")

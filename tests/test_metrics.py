@@ -3,7 +3,6 @@ after commit; what the database holds, read at scrape time; bounded labels; both
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from app import metrics
 from app.config import Settings
 from tests.fakes.model_server import ModelServer, Turn
 from tests.fakes.tool_server import ToolServer
-from tests.support.net import free_port
+from tests.support.net import free_port, get_once_up
 from tests.support.providers import add_provider, model_name
 from tests.support.runs import create_workflow, name, start_run, wait_for, wait_run
 from tests.support.tenants import MakeApiKey, TenantKey
@@ -136,14 +135,7 @@ async def test_a_worker_serves_its_own_metrics_and_they_pass_promtool(
 ) -> None:
     port = free_port()
     worker_process(worker_metrics_port=port)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-        async with asyncio.timeout(60):
-            while True:
-                try:
-                    answer = await http.get("/metrics")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)  # a starting process: nothing to wait on but its port
+    answer = await get_once_up(f"http://127.0.0.1:{port}/metrics")
     assert answer.status_code == 200
     families: dict[str, Any] = {f.name: f for f in text_string_to_metric_families(answer.text)}
     assert "steward_step_attempts" in families and "steward_runs_active" not in families  # the API serves those
@@ -205,14 +197,7 @@ async def test_worker_processes_sharing_a_multiprocess_directory_serve_their_sum
     worker_process(worker_metrics_port=port)
     ran_second = await five()
     assert ran_first.isdisjoint(ran_second)  # two processes did the work
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-        async with asyncio.timeout(60):
-            while True:
-                try:
-                    samples = parse((await http.get("/metrics")).text)
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)  # a starting process: nothing to wait on but its port
+    samples = parse((await get_once_up(f"http://127.0.0.1:{port}/metrics")).text)
     # By workflow: the workers may also pick up what earlier tests of this process left queued.
     assert value(samples, "steward_runs_finished_total", workflow=workflow, outcome="succeeded", tenant="") == 10
     assert value(samples, "steward_step_attempts_total", kind="tool", outcome="ok") >= 10

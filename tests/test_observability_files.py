@@ -5,7 +5,6 @@ file's `observability` profile wires them to the API and the workers."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
 from tests.support.env import ROOT
-from tests.support.net import free_port
+from tests.support.net import free_port, get_once_up
 from tests.support.workers import WorkerProcess
 
 DOCKER = ROOT / "docker"
@@ -210,14 +209,7 @@ def worker_metrics(worker_process: Callable[..., WorkerProcess]) -> Callable[[],
     async def scrape() -> str:
         port = free_port()
         worker_process(worker_metrics_port=port)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            async with asyncio.timeout(60):
-                while True:
-                    try:
-                        answer = await http.get("/metrics")
-                        break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.1)  # a starting process: nothing to wait on but its port
+        answer = await get_once_up(f"http://127.0.0.1:{port}/metrics")
         assert answer.status_code == 200
         return answer.text
     return scrape

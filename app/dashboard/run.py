@@ -209,20 +209,14 @@ def _controls(status: str, roles: frozenset[str]) -> list[Control]:
     ]
 
 
-_OPERATIONS = {
-    "pause": runs_service.pause_run, "resume": runs_service.resume_run,
-    "cancel": runs_service.cancel_run, "retry": runs_service.retry_run,
-}
-
-
 @router.post("/runs/{run_id}/{action}")
 async def act_on_run(
     run_id: uuid.UUID, action: str, ctx: Operator, work: Work, db: Db, settings: AppSettings
 ) -> Response:
     """A form's operator action: the same service call (and audit event) as the API's, then the run."""
-    operation = _OPERATIONS.get(action)
+    operation = runs_service.OPERATIONS.get(action)
     if operation is None:
-        raise NotFound(f"no action {action!r}: one of {', '.join(_OPERATIONS)}")
+        raise NotFound(f"no action {action!r}: one of {', '.join(runs_service.OPERATIONS)}")
     await operation(db, work, ctx, settings, run_id)
     return RedirectResponse(f"/runs/{run_id}", status_code=303)
 

@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request, Response
 
 from app.auth.deps import require
-from app.auth.web import templates
+from app.auth.web import Me, templates
+from app.config import Settings
 from app.context import Ctx
 from app.dashboard.common import SignedIn, page_router
 from app.db import INT32_MAX, Db
@@ -43,12 +44,7 @@ async def tools_page(
     cursor: Cursor = None, limit: Limit = None,
 ) -> Response:
     """The registry: each tool's effect, autonomy, required roles, fallback and breaker, by name."""
-    registry = await tools_service.tool_registry(
-        await driver(db), ctx, breaker, limit=page_size(limit, settings), cursor=cursor
-    )
-    return templates.TemplateResponse(request, "dashboard/tools.html", {
-        "me": me, "registry": registry, "cursor": cursor, "poll_s": POLL_S, "live": LIVE,
-    })
+    return await _registry(request, "dashboard/tools.html", ctx, me, db, settings, breaker, cursor, limit)
 
 
 @router.get(LIVE)
@@ -57,10 +53,15 @@ async def tools_live(
     cursor: Cursor = None, limit: Limit = None,
 ) -> Response:
     """The registry's table again, breakers read now: the page polls it."""
+    return await _registry(request, "dashboard/_tools_live.html", ctx, me, db, settings, breaker, cursor, limit)
+
+
+async def _registry(request: Request, template: str, ctx: Ctx, me: Me, db: Db, settings: Settings,
+                    breaker: Breaker, cursor: str | None, limit: int | None) -> Response:
     registry = await tools_service.tool_registry(
         await driver(db), ctx, breaker, limit=page_size(limit, settings), cursor=cursor
     )
-    return templates.TemplateResponse(request, "dashboard/_tools_live.html", {
+    return templates.TemplateResponse(request, template, {
         "me": me, "registry": registry, "cursor": cursor, "poll_s": POLL_S, "live": LIVE,
     })
 

@@ -32,6 +32,10 @@ async def _during_outage(api: Api, run_id: str, workflow: str) -> None:
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["type"].endswith("/unavailable")
         assert int(r.headers["retry-after"]) > 0
+    # Metrics still answer: the process's own, without the gauges read from the database.
+    scraped = await api.client.get("/metrics")
+    assert scraped.status_code == 200 and "steward_http_requests_total" in scraped.text
+    assert "steward_runs_active" not in scraped.text
 
 
 async def _api_answers(api: Api, run_id: str) -> None:

@@ -9,11 +9,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
-
 from app.config import Settings
 from tests.support.env import ROOT
-from tests.support.net import free_port
+from tests.support.net import free_port, get_once_up
 
 
 @asynccontextmanager
@@ -35,15 +33,7 @@ async def api_and_worker(settings: Settings, logs: Path, **env: str) -> AsyncIte
                     sys.executable, "-m", "app.cli", *command, cwd=ROOT, env=environment,
                     stdout=asyncio.subprocess.DEVNULL, stderr=stderr))
         url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=url) as probe:
-            async with asyncio.timeout(60):
-                while True:
-                    try:
-                        if (await probe.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)  # polling a starting process: no event to wait on
+        await get_once_up(f"{url}/readyz", ready=lambda answer: answer.status_code == 200)
         yield url
     finally:
         for process in processes:
