@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import re
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from opentelemetry import trace
@@ -31,7 +32,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
 from opentelemetry.semconv._incubating.attributes import messaging_attributes as messaging
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,10 @@ def shutdown() -> None:
         _provider = None
 
 
-@contextmanager
-def span(name: str, attributes: Mapping[str, Any], kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
+def span(name: str, attributes: Mapping[str, Any], kind: SpanKind = SpanKind.INTERNAL) -> AbstractContextManager[Span]:
     """A span of ours, current inside the block; None-valued attributes are left out."""
-    with TRACER.start_as_current_span(name, kind=kind, attributes={k: v for k, v in attributes.items()
-                                                                   if v is not None}) as current:
-        yield current
+    return TRACER.start_as_current_span(name, kind=kind, attributes={k: v for k, v in attributes.items()
+                                                                     if v is not None})
 
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -125,26 +124,31 @@ def trace_id_of(traceparent: str | None) -> str | None:
     return parts[1] if len(parts) == 4 else None
 
 
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
 def _span_context(traceparent: str | None) -> SpanContext | None:
-    if not traceparent:
+    """A stored traceparent (one of ours: version 00) read straight into a remote span context; the
+    propagator's extract builds a whole context to get there, at every step attempt."""
+    found = _TRACEPARENT.fullmatch(traceparent) if traceparent else None
+    if found is None:
         return None
-    found = trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent})).get_span_context()
-    return found if found.is_valid else None
+    context = SpanContext(int(found[1], 16), int(found[2], 16), is_remote=True,
+                          trace_flags=TraceFlags(int(found[3], 16)))
+    return context if context.is_valid else None
 
 
-@contextmanager
 def continued(name: str, attributes: Mapping[str, Any], kind: SpanKind, parent: str | None,
-              first: str | None) -> Iterator[Span]:
+              first: str | None) -> AbstractContextManager[Span]:
     """A span continuing the trace of ``parent`` (a stored traceparent), or, without one, the root of a new
     trace; linked to ``first`` (the run's first trace) when that is another trace."""
     parent_context = _span_context(parent)
     first_context = _span_context(first)
     context = trace.set_span_in_context(NonRecordingSpan(parent_context)) if parent_context else Context()
     links = [Link(first_context)] if first_context and (
-        parent_context is None or first_context.trace_id != parent_context.trace_id) else []
-    with TRACER.start_as_current_span(name, context=context, kind=kind, links=links, attributes={
-            k: v for k, v in attributes.items() if v is not None}) as current:
-        yield current
+        parent_context is None or first_context.trace_id != parent_context.trace_id) else None
+    return TRACER.start_as_current_span(name, context=context, kind=kind, links=links, attributes={
+        k: v for k, v in attributes.items() if v is not None})
 
 
 def outcome(current: Span, ok: bool, error_class: str | None) -> None:
