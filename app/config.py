@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     # the per-tenant metrics only when asked (one series per tenant).
     metrics_max_label_values: int = Field(default=100, ge=1, le=10_000)
     metrics_tenant_label: bool = False
+    # Traces: prompts, answers, tool arguments and results on the GenAI spans (redacted as run events
+    # are), only when asked; each such attribute cut to this many bytes.
+    trace_content: bool = False
+    trace_content_max_bytes: int = Field(default=8192, ge=256, le=1_048_576)
 
     @model_validator(mode="before")
     @classmethod

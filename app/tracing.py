@@ -13,11 +13,17 @@ attempt a worker runs (``process <queue>``, the messaging conventions with ``mes
 inside it the GenAI conventions as pinned by the installed ``opentelemetry-semantic-conventions``:
 ``invoke_agent <step>``, ``chat <model>``, ``execute_tool <tool>``, plus the outbound HTTP calls (W3C
 ``traceparent`` sent to tools and model providers). Guardrail refusals and approval requests are span
-events. Attributes carry ids, names, counts and outcomes, never arguments, prompts or secrets.
+events. Attributes carry ids, names, counts and outcomes: never arguments, prompts or secrets, unless
+``STEWARD_TRACE_CONTENT`` opts in. Then ``chat`` spans also carry the input and output messages and
+``execute_tool`` spans the call's arguments and result (:func:`records_content`, :func:`set_content`),
+redacted exactly as run events are (``writeOnly`` argument values and the tool's secrets replaced by
+``[redacted]``) before they reach the span, each cut to ``STEWARD_TRACE_CONTENT_MAX_BYTES``. With the setting
+off, or a span not sampled, nothing of the content is built or serialised.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -35,6 +41,8 @@ from opentelemetry.semconv._incubating.attributes import messaging_attributes as
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from app.config import Settings
+
 log = logging.getLogger(__name__)
 TRACER = trace.get_tracer("steward")
 EXCLUDED_URLS = "healthz,readyz,metrics,static/"
@@ -49,6 +57,13 @@ GEN_AI_FINISH_REASONS = gen_ai.GEN_AI_RESPONSE_FINISH_REASONS
 GEN_AI_TOOL = gen_ai.GEN_AI_TOOL_NAME
 GEN_AI_TOOL_CALL_ID = gen_ai.GEN_AI_TOOL_CALL_ID
 GEN_AI_AGENT = gen_ai.GEN_AI_AGENT_NAME
+# Content, recorded only under STEWARD_TRACE_CONTENT.
+GEN_AI_INPUT_MESSAGES = gen_ai.GEN_AI_INPUT_MESSAGES
+GEN_AI_OUTPUT_MESSAGES = gen_ai.GEN_AI_OUTPUT_MESSAGES
+GEN_AI_TOOL_CALL_ARGUMENTS = gen_ai.GEN_AI_TOOL_CALL_ARGUMENTS
+GEN_AI_TOOL_CALL_RESULT = gen_ai.GEN_AI_TOOL_CALL_RESULT
+CONTENT_ATTRIBUTES = (GEN_AI_INPUT_MESSAGES, GEN_AI_OUTPUT_MESSAGES, GEN_AI_TOOL_CALL_ARGUMENTS,
+                      GEN_AI_TOOL_CALL_RESULT)
 MESSAGING_SYSTEM = messaging.MESSAGING_SYSTEM
 MESSAGING_DESTINATION = messaging.MESSAGING_DESTINATION_NAME
 MESSAGING_OPERATION = messaging.MESSAGING_OPERATION_TYPE
@@ -161,3 +176,25 @@ def outcome(current: Span, ok: bool, error_class: str | None) -> None:
 def event(name: str, **attributes: Any) -> None:
     """An event on the current span (a guardrail refusal, an approval request)."""
     trace.get_current_span().add_event(name, {k: v for k, v in attributes.items() if v is not None})
+
+
+def records_content(current: Span, settings: Settings) -> bool:
+    """Whether ``current`` takes prompts, answers, arguments and results: the operator opted in and the span
+    is sampled. Callers build (and redact) the content only when this holds."""
+    return settings.trace_content and current.is_recording()
+
+
+def set_content(current: Span, settings: Settings, attributes: Mapping[str, Any]) -> None:
+    """Already-redacted ``attributes`` as JSON text, each cut to ``STEWARD_TRACE_CONTENT_MAX_BYTES``."""
+    for key, value in attributes.items():
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        current.set_attribute(key, cut(text, settings.trace_content_max_bytes))
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` within ``limit`` UTF-8 bytes, a marker saying how long it was when it had to be cut."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    marker = f"…[truncated: {len(raw)} bytes]".encode()
+    return raw[: limit - len(marker)].decode(errors="ignore") + marker.decode()

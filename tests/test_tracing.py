@@ -3,11 +3,14 @@ step attempts, agent, model and tool calls) to a real OTLP/HTTP receiver, withou
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import NonRecordingSpan
 
 from app import tracing
 from app.config import Settings
@@ -38,6 +41,21 @@ def test_tracing_is_off_unless_an_exporter_or_endpoint_is_set(monkeypatch: pytes
     assert not tracing.enabled()
 
 
+def test_content_is_built_only_when_asked_for_and_the_span_is_sampled() -> None:
+    sampled = TracerProvider().get_tracer("test").start_span("chat m")
+    assert sampled.is_recording()
+    assert tracing.records_content(sampled, Settings(trace_content=True))
+    assert not tracing.records_content(sampled, Settings())
+    assert not tracing.records_content(NonRecordingSpan(sampled.get_span_context()), Settings(trace_content=True))
+
+
+def test_content_longer_than_the_cap_is_cut_within_it_and_marked() -> None:
+    assert tracing.cut("short", 256) == "short"
+    text = "é" * 1000  # two bytes each: the cut must not split one
+    cut = tracing.cut(text, 256)
+    assert len(cut.encode()) <= 256 and cut.endswith("…[truncated: 2000 bytes]") and cut.startswith("éé")
+
+
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
     with OtlpReceiver() as server:
@@ -51,7 +69,7 @@ async def test_a_runs_spans_reach_the_collector_with_genai_attributes_and_no_sec
     tenant = await make_tenant()
     model = model_name()
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base_url, "OTEL_BSP_SCHEDULE_DELAY": "50",
-            "OTEL_TRACES_EXPORTER": "otlp"}
+            "OTEL_TRACES_EXPORTER": "otlp", "STEWARD_TRACE_CONTENT": ""}  # empty: the default, off
     with ModelServer() as models:
         models.script(model, [Turn.tool_calls([("charge", {"card": CARD})], usage=(120, 30)),
                               Turn.final("charged", usage=(160, 5))])
@@ -127,6 +145,75 @@ async def test_a_runs_spans_reach_the_collector_with_genai_attributes_and_no_sec
 
     everything = repr(spans)
     assert SECRET not in everything and CARD not in everything
+    # Content is opt-in: without STEWARD_TRACE_CONTENT no span has any of it.
+    assert not [(s.name, key) for s in spans for key in s.attributes if key in tracing.CONTENT_ATTRIBUTES]
+
+
+@pytest.mark.xdist_group("processes")
+async def test_with_trace_content_on_spans_carry_prompts_answers_and_tool_io_redacted_and_cut(
+    settings: Settings, make_tenant: MakeTenant, tool_server: ToolServer, receiver: OtlpReceiver, tmp_path: Path,
+) -> None:
+    tenant = await make_tenant()
+    model = model_name()
+    limit = 1024
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base_url, "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_TRACES_EXPORTER": "otlp", "STEWARD_TRACE_CONTENT": "true",
+            "STEWARD_TRACE_CONTENT_MAX_BYTES": str(limit)}
+    answer = "charged: " + "z" * 3000  # longer than the cap
+    with ModelServer() as models:
+        models.script(model, [Turn.tool_calls([("charge", {"card": CARD, "amount": 12})]), Turn.final(answer)])
+        async with (api_and_worker(settings, tmp_path, **otel) as url,
+                    httpx.AsyncClient(base_url=url, timeout=30) as client):
+            await client.put("/api/v1/secrets/pay_key", json={"value": SECRET}, headers=tenant.headers)
+            schema = {"type": "object", "properties": {"card": {"type": "string", "writeOnly": True},
+                                                       "amount": {"type": "number"}}}
+            # The tool answers with the request's headers: the secret comes back, the card does not.
+            await register(client, tenant.headers, name="charge", input_schema=schema,
+                           response="${{ body.headers }}", executor=http_tool(
+                               tool_server.url + "/echo", headers={"Authorization": "Bearer ${{ secrets.pay_key }}"}))
+            await add_provider(client, tenant.headers, models, model, name="local")
+            workflow = name()
+            await create_workflow(client, tenant.headers, workflow, [
+                {"id": "agent", "agent": {"model": f"local/{model}", "instructions": "You take payments.",
+                                          "input": "charge 12 to my card", "tools": ["charge"]}}])
+            run = await start_run(client, tenant.headers, workflow)
+            done = await wait_run(client, tenant.headers, run["id"], timeout=60)
+            assert done["status"] == "succeeded", done
+    assert any(SECRET in str(call.headers) for call in tool_server.calls_to("/echo"))  # it was really sent
+
+    spans = [s for s in receiver.spans if s.trace_id == done["trace_id"]]
+    chats = sorted((s for s in spans if s.name == f"chat {model}"), key=lambda s: s.attributes["steward.turn"])
+    assert len(chats) == 2
+    first_in = json.loads(chats[0].attributes["gen_ai.input.messages"])
+    assert first_in == [{"role": "system", "parts": [{"type": "text", "content": "You take payments."}]},
+                        {"role": "user", "parts": [{"type": "text", "content": "charge 12 to my card"}]}]
+    [first_out] = json.loads(chats[0].attributes["gen_ai.output.messages"])
+    assert first_out["role"] == "assistant" and first_out["finish_reason"] == "tool_call"
+    [call] = first_out["parts"]
+    assert call["type"] == "tool_call" and call["name"] == "charge"
+    assert call["arguments"] == {"card": "[redacted]", "amount": 12}
+
+    tool = next(s for s in spans if s.name == "execute_tool charge")
+    assert json.loads(tool.attributes["gen_ai.tool.call.arguments"]) == {"card": "[redacted]", "amount": 12}
+    result = json.loads(tool.attributes["gen_ai.tool.call.result"])
+    assert result["authorization"] == "Bearer [redacted]", result
+
+    second_in = json.loads(chats[1].attributes["gen_ai.input.messages"])
+    assert [m["role"] for m in second_in] == ["system", "user", "assistant", "tool"]
+    assert second_in[2]["parts"][0]["arguments"] == {"card": "[redacted]", "amount": 12}
+    response = second_in[3]["parts"][0]
+    assert response["type"] == "tool_call_response" and response["id"] == call["id"]
+    assert "Bearer [redacted]" in response["response"]
+    # The answer is longer than the cap: cut, within the cap, saying so.
+    answered = chats[1].attributes["gen_ai.output.messages"]
+    assert len(answered.encode()) <= limit and answered.endswith("bytes]") and "…[truncated: " in answered
+    assert answered.startswith('[{"role": "assistant", "parts": [{"type": "text", "content": "charged: zzz')
+
+    # Neither the writeOnly value nor the secret is in any attribute or event of any span sent.
+    everything = receiver.spans
+    assert not [(s.name, key) for s in everything for key, value in s.attributes.items()
+                if CARD in str(value) or SECRET in str(value)]
+    assert CARD not in repr(everything) and SECRET not in repr(everything)
 
 
 @pytest.mark.xdist_group("processes")

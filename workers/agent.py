@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -45,6 +46,8 @@ from app.runtime import Runtime
 from app.tools import service as tools
 from app.tools.builtins import ToolError, check_destination
 from app.tools.calls import Caller, CallResult, CallSite, exhausted_notes
+from app.tools.redact import REDACTED, redact_write_only
+from app.tools.service import ToolRef
 from app.workflows.steps import ModelSpec, ModelStep, Permissions
 
 log = logging.getLogger(__name__)
@@ -159,6 +162,28 @@ def parse_answer(text: str) -> Any:
     return json.loads(stripped)
 
 
+def genai_message(message: dict[str, Any], refs: Mapping[str, ToolRef]) -> dict[str, Any]:
+    """A chat message in the GenAI conventions' shape (``role`` and ``parts``), for a span, redacted as run
+    events are: a tool call's ``writeOnly`` argument values replaced. Arguments of a tool the agent does not
+    know, or that are not JSON, are replaced whole (no schema says which parts are safe; run events record
+    none). Tool results are what the model read, their secrets already replaced when the call ran."""
+    role = message.get("role")
+    if role == "tool":
+        parts = [{"type": "tool_call_response", "id": message.get("tool_call_id"), "response": message.get("content")}]
+    else:
+        parts = [{"type": "text", "content": message["content"]}] if message.get("content") else []
+        for call in _pending(message):
+            ref = refs.get(call.name)
+            args = redact_write_only(ref.spec.input_schema, call.args) if ref and call.error is None else REDACTED
+            parts.append({"type": "tool_call", "id": call.id, "name": call.name, "arguments": args})
+    return {"role": role, "parts": parts}
+
+
+def _finish(reason: str | None) -> str:
+    """An OpenAI finish reason as the GenAI conventions name it."""
+    return {"tool_calls": "tool_call", "function_call": "tool_call", None: "stop"}.get(reason, reason or "stop")
+
+
 @dataclass
 class ModelStepRun:
     """One attempt at an ``llm`` or ``agent`` step."""
@@ -228,7 +253,8 @@ class ModelStepRun:
         return None
 
     async def _chat(self, **request: Any) -> ChatResult:
-        """One model call, in a ``chat <model>`` span (GenAI conventions; no prompt or answer on it)."""
+        """One model call, in a ``chat <model>`` span (GenAI conventions; the prompt and answer only under
+        ``STEWARD_TRACE_CONTENT``, redacted)."""
         attributes = {tracing.GEN_AI_OPERATION: "chat", tracing.GEN_AI_PROVIDER: self.model.provider,
                       tracing.GEN_AI_MODEL: self.model.model, "steward.turn": self.conversation.turns + 1}
         with tracing.span(f"chat {self.model.model}", attributes, SpanKind.CLIENT) as current:
@@ -242,6 +268,13 @@ class ModelStepRun:
             current.set_attribute(tracing.GEN_AI_OUTPUT_TOKENS, result.output_tokens)
             if result.finish_reason:
                 current.set_attribute(tracing.GEN_AI_FINISH_REASONS, [result.finish_reason])
+            if tracing.records_content(current, self.runtime.settings):
+                refs = self.caller.refs
+                output = {**genai_message(result.message, refs), "finish_reason": _finish(result.finish_reason)}
+                tracing.set_content(current, self.runtime.settings, {
+                    tracing.GEN_AI_INPUT_MESSAGES: [genai_message(m, refs) for m in request["messages"]],
+                    tracing.GEN_AI_OUTPUT_MESSAGES: [output],
+                })
             tracing.outcome(current, True, None)
             return result
 

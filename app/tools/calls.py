@@ -310,6 +310,13 @@ class Caller:
         }) as current:
             result = await self._execute_call(site, ref, args, secrets, key, policy, probe)
             tracing.outcome(current, result.ok, result.error_class)
+            if tracing.records_content(current, self.settings):
+                # What the run's tool_called event records: writeOnly values replaced; the output and the
+                # error message already had the tool's secrets replaced.
+                tracing.set_content(current, self.settings, {
+                    tracing.GEN_AI_TOOL_CALL_ARGUMENTS: redact_write_only(ref.spec.input_schema, args),
+                    tracing.GEN_AI_TOOL_CALL_RESULT: result.output if result.ok else result.for_model(),
+                })
             return result
 
     async def _execute_call(self, site: CallSite, ref: ToolRef, args: Any, secrets: dict[str, str], key: str,
