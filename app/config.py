@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     # the per-tenant metrics only when asked (one series per tenant).
     metrics_max_label_values: int = Field(default=100, ge=1, le=10_000)
     metrics_tenant_label: bool = False
+    # Traces (when the OTEL_* variables turn them on): a client span per database statement inside a
+    # traced request or step, statement text only, never its parameters.
+    trace_db: bool = False
 
     @model_validator(mode="before")
     @classmethod
