@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     # are), only when asked; each such attribute cut to this many bytes.
     trace_content: bool = False
     trace_content_max_bytes: int = Field(default=8192, ge=256, le=1_048_576)
+    # Traces (when the OTEL_* variables turn them on): a client span per database statement inside a
+    # traced request or step, statement text only, never its parameters.
+    trace_db: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -73,7 +73,7 @@ class Runtime:
         # The expression evaluators (started on first use) follow this process's settings, not the environment's.
         evaluation.configure(settings.expression_processes, settings.expression_memory_mb)
         metrics.configure(settings)
-        tracing.configure(f"steward-{role}")
+        tracing.configure(f"steward-{role}", db=settings.trace_db)
         # min_size=0: connections open on demand, so asyncpg keeps no "connection floor" it would retry
         # (with a traceback each time) through a database outage.
         pg = await asyncpg.create_pool(

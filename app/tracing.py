@@ -19,6 +19,11 @@ events. Attributes carry ids, names, counts and outcomes: never arguments, promp
 redacted exactly as run events are (``writeOnly`` argument values and the tool's secrets replaced by
 ``[redacted]``) before they reach the span, each cut to ``STEWARD_TRACE_CONTENT_MAX_BYTES``. With the setting
 off, or a span not sampled, nothing of the content is built or serialised.
+
+With ``STEWARD_TRACE_DB`` set, every asyncpg statement (direct, and SQLAlchemy's) is a client span too
+(``db.system=postgresql``, the statement text, never its parameters), but only inside a sampled span of
+ours: the background loops (outbox relay, reconciler, LISTEN connections, health checks, metrics scrapes)
+poll all day and start no trace of their own.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
 from opentelemetry.semconv._incubating.attributes import messaging_attributes as messaging
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -47,6 +53,7 @@ log = logging.getLogger(__name__)
 TRACER = trace.get_tracer("steward")
 EXCLUDED_URLS = "healthz,readyz,metrics,static/"
 _provider: TracerProvider | None = None
+_statements: Any = None  # the asyncpg instrumentor, when STEWARD_TRACE_DB
 # The semantic conventions' names, as the installed opentelemetry-semantic-conventions pins them.
 GEN_AI_OPERATION = gen_ai.GEN_AI_OPERATION_NAME
 GEN_AI_PROVIDER = gen_ai.GEN_AI_PROVIDER_NAME
@@ -88,28 +95,51 @@ def _exporter(name: str) -> SpanExporter:
     raise ValueError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console or none)")
 
 
-def configure(service: str) -> bool:
-    """Install this process's tracer provider when tracing is asked for (once a process); whether on."""
+def configure(service: str, *, db: bool = False) -> bool:
+    """Install this process's tracer provider when tracing is asked for (once a process), with a span per
+    database statement when ``db`` (``STEWARD_TRACE_DB``); whether on."""
     global _provider
     if _provider is not None:
         return True
     if not enabled():
         return False
-    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME")
-                                                        or service}))
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or service})
+    provider = TracerProvider(resource=resource)
     names = [n.strip() for n in (os.environ.get("OTEL_TRACES_EXPORTER") or "otlp").lower().split(",") if n.strip()]
-    for name in names:
-        provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
+    processors = [BatchSpanProcessor(_exporter(name)) for name in names]
+    for processor in processors:
+        provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     _provider = provider
-    log.info("tracing on: %s to %s", ", ".join(names), os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-             or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "the default endpoint")
+    if db:
+        _instrument_statements(resource, processors)
+    log.info("tracing on: %s to %s%s", ", ".join(names), os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+             or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "the default endpoint",
+             ", a span per database statement" if db else "")
     return True
+
+
+def _instrument_statements(resource: Resource, processors: list[BatchSpanProcessor]) -> None:
+    """asyncpg's statements as client spans, through a provider of their own whose sampler follows the
+    parent and never starts a trace: a statement outside a sampled span (a poll of a background loop)
+    makes no span. It shares the main provider's processors, which the main provider flushes and stops.
+    Parameters are never captured (they hold run inputs and sealed secrets)."""
+    global _statements
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+    statements = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_OFF), shutdown_on_exit=False)
+    for processor in processors:
+        statements.add_span_processor(processor)
+    _statements = AsyncPGInstrumentor(capture_parameters=False)  # type: ignore[no-untyped-call]
+    _statements.instrument(tracer_provider=statements)
 
 
 def shutdown() -> None:
     """Send what is buffered and stop (a process stopping)."""
-    global _provider
+    global _provider, _statements
+    if _statements is not None:
+        _statements.uninstrument()
+        _statements = None
     if _provider is not None:
         _provider.shutdown()
         _provider = None

@@ -147,6 +147,8 @@ async def test_a_runs_spans_reach_the_collector_with_genai_attributes_and_no_sec
     assert SECRET not in everything and CARD not in everything
     # Content is opt-in: without STEWARD_TRACE_CONTENT no span has any of it.
     assert not [(s.name, key) for s in spans for key in s.attributes if key in tracing.CONTENT_ATTRIBUTES]
+    # Database spans are asked for separately (STEWARD_TRACE_DB, tests/test_tracing_db.py).
+    assert not any("db.system" in s.attributes or "db.system.name" in s.attributes for s in spans)
 
 
 @pytest.mark.xdist_group("processes")
