@@ -45,6 +45,7 @@ from app.runtime import Runtime
 from app.security_headers import SecurityHeadersMiddleware
 from app.tenants.access import router as access_router
 from app.tenants.routes import router as settings_router
+from app.tools.breaker import Breaker, breaker_prefix
 from app.tools.routes import router as tools_router
 from app.vault.routes import router as secrets_router
 from app.workflows.routes import router as workflows_router
@@ -144,14 +145,27 @@ async def readyz(request: Request) -> Any:
 @health_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     """This process's metrics, and gauges of what the database holds now (runs active, queues, outbox,
-    budget spend), read at scrape time; without them while the database cannot be reached."""
+    budget spend) and of the breakers' state in Redis, read at scrape time; a source that does not answer
+    leaves its gauges out and counts a scrape error, never failing the scrape."""
     runtime: Runtime = request.app.state.runtime
     families: list[Metric] = []
+    for source in app_metrics.SCRAPE_SOURCES:
+        app_metrics.SCRAPE_ERRORS.labels(source)  # present at 0 from the first scrape
     try:
         async with asyncio.timeout(READY_TIMEOUT_S), runtime.pg.acquire() as conn:
             families = await app_metrics.database_families(conn, tenant_label=runtime.settings.metrics_tenant_label)
     except Exception as exc:
         DATABASE.down(exc)
+        app_metrics.SCRAPE_ERRORS.labels("database").inc()
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            states = await Breaker(runtime.redis, prefix=breaker_prefix(runtime.settings.queue_prefix)).gauge_states()
+    except Exception as exc:
+        REDIS.down(exc)
+        app_metrics.SCRAPE_ERRORS.labels("redis").inc()
+    else:
+        REDIS.up()
+        families.append(app_metrics.breaker_family(states))
     return Response(app_metrics.exposition(families), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -8,7 +8,9 @@ Three sources, so nothing is counted twice and nothing that describes the databa
   (:func:`observe_commit`): runs finished, retries, approvals, guardrail decisions; a transaction tried
   again after a conflict counts once;
 - **what the database holds**, read when Prometheus scrapes an API process (:func:`database_families`):
-  active runs, queue depth and age, the outbox backlog, budget spend and caps.
+  active runs, queue depth and age, the outbox backlog, budget spend and caps; likewise the circuit
+  breakers' state, read from Redis (:func:`breaker_family`). A source that does not answer leaves its
+  series out and counts ``steward_scrape_errors_total{source}``: the scrape itself never fails.
 
 Label values that come from users (tool, model, provider, workflow) are bounded: past
 ``STEWARD_METRICS_MAX_LABEL_VALUES`` distinct values a label reads ``other``. Tenants are a label only
@@ -22,7 +24,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -129,6 +131,10 @@ APPROVALS_DECIDED = Counter("steward_approvals_decided_total", "Approvals decide
 APPROVAL_WAIT = Histogram("steward_approval_wait_seconds", "Time from an approval's request to its decision",
                           ["decision"], buckets=SECONDS)
 
+SCRAPE_ERRORS = Counter("steward_scrape_errors_total", "Scrapes of the API that left out the series of a source "
+                        "that did not answer in time (database, redis)", ["source"])
+SCRAPE_SOURCES = ("database", "redis")
+
 # Refusals that are guardrail decisions although the tool call path names them by their error class.
 _GUARDRAIL_OF_ERROR = {"approval_rejected": "approval", "approval_expired": "approval",
                        "circuit_open": "breaker", "budget_exhausted": "budget"}
@@ -159,6 +165,8 @@ def observe_events(events: Iterable[dict[str, Any]]) -> None:
             GUARDRAIL_DECISIONS.labels(str(data.get("reason") or "unknown"), "rejected").inc()
         elif kind == "tool_call_failed" and data.get("error") in _GUARDRAIL_OF_ERROR:
             GUARDRAIL_DECISIONS.labels(_GUARDRAIL_OF_ERROR[data["error"]], "rejected").inc()
+        elif kind == "budget_exhausted" and data.get("tool"):  # a model call refused is no guardrail decision
+            GUARDRAIL_DECISIONS.labels("budget", "rejected").inc()
         elif kind == "tool_shadowed":
             GUARDRAIL_DECISIONS.labels("shadow", "shadowed").inc()
         elif kind == "approval_requested":
@@ -257,6 +265,22 @@ async def database_families(conn: Conn, *, tenant_label: bool) -> list[Metric]:
         if tenant_label and window["cap"] is not None:
             caps.add_metric([window["tenant"], window["period"]], float(window["cap"]))
     return [active, depth, oldest, outbox, outbox_age, spend, caps]
+
+
+def breaker_family(states: Mapping[str, int]) -> Metric:
+    """The breaker-state gauge from what Redis holds (``tool_key`` -> 0, 1 or 2): the worst state of the
+    breakers that share a label set (a tool of several tenants without the tenant label, or ``other``)."""
+    worst: dict[tuple[str, str], int] = {}
+    for key in sorted(states):
+        tenant, _, tool = key.partition(":")  # tool_key(): "<tenant id>:<tool>"
+        labels = (LABELS.tools(tool), LABELS.tenant(tenant))
+        worst[labels] = max(worst.get(labels, 0), states[key])
+    family = GaugeMetricFamily("steward_breaker_state", "Tools' circuit breakers, read from Redis: 0 closed with "
+                               "recent failures, 1 half-open, 2 open (closed ones without failures are left out)",
+                               labels=["tool", "tenant"])
+    for (tool, tenant), state in sorted(worst.items()):
+        family.add_metric([tool, tenant], float(state))
+    return family
 
 
 def exposed_registry() -> CollectorRegistry:

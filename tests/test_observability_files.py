@@ -143,7 +143,7 @@ def test_the_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> 
                      "values": "0+1x60"},
                     {"series": 'steward_queue_oldest_age_seconds{priority="normal",job="steward-api"}',
                      "values": "30x60"},
-                    {"series": 'steward_breaker_state{tool="echo",tenant="t",job="steward-worker"}',
+                    {"series": 'steward_breaker_state{tool="echo",tenant="t",job="steward-api"}',
                      "values": "0x20 2x3 0x36"},  # open from 21 to 24 minutes only
                     {"series": 'steward_budget_spend_usd{tenant="t",window="hour"}', "values": "5x60"},
                     {"series": 'steward_budget_cap_usd{tenant="t",window="hour"}', "values": "10x60"},
@@ -162,8 +162,8 @@ def test_the_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> 
                      "values": "0+60x30"},
                     {"series": 'steward_queue_oldest_age_seconds{priority="high",instance="api-2"}',
                      "values": "0+60x30"},  # two API replicas serve the same gauge: one alert
-                    {"series": 'steward_breaker_state{tool="search",tenant="t",instance="w1"}', "values": "2x30"},
-                    {"series": 'steward_breaker_state{tool="search",tenant="t",instance="w2"}', "values": "0x30"},
+                    {"series": 'steward_breaker_state{tool="search",tenant="t",instance="api-1"}', "values": "2x30"},
+                    {"series": 'steward_breaker_state{tool="search",tenant="t",instance="api-2"}', "values": "2x30"},
                     {"series": 'steward_budget_spend_usd{tenant="t",window="day"}', "values": "85x30"},
                     {"series": 'steward_budget_cap_usd{tenant="t",window="day"}', "values": "100x30"},
                     {"series": 'steward_budget_spend_usd{tenant="u",window="hour"}', "values": "10x30"},

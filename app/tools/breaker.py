@@ -21,6 +21,10 @@ to closed.
 
 Redis is soft state (DESIGN.md): when it cannot be reached, calls are allowed and outcomes dropped,
 with a warning at most once a minute.
+
+The state gauge is read from Redis when the API is scraped (:meth:`Breaker.gauge_states`), not kept by the
+process that last called the tool: a breaker opened by one worker and closed by another reads the same
+everywhere.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,11 +40,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-
-from app import metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +50,6 @@ WARN_INTERVAL_S = 60.0
 DEFAULT_MIN_PROBE_LEASE_S = 30.0
 
 # Module-level: prometheus_client's default registry refuses a second metric of the same name.
-BREAKER_STATE = Gauge(
-    "steward_breaker_state", "A tool's breaker as this process last saw it: 0 closed, 1 half-open, 2 open",
-    ["tool", "tenant"], multiprocess_mode="max",
-)
-_STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
-
-
-def _show(key: str, state: str) -> None:
-    tenant, _, tool = key.rpartition(":")  # tool_key(): "<tenant id>:<tool>"
-    BREAKER_STATE.labels(metrics.LABELS.tools(tool), metrics.LABELS.tenant(tenant)).set(_STATE_VALUE.get(state, 0))
-
-
 BREAKER_TRANSITIONS = Counter("steward_breaker_transitions_total", "Breaker state changes made by this process", ["to"])
 
 # KEYS: state hash, failure window (zset), probe leases (zset). Sets now (ms, server time),
@@ -101,7 +92,7 @@ local ok, probe, threshold = ARGV[1] == '1', ARGV[2] == '1', tonumber(ARGV[3])
 local window_ms, open_ms, ttl_ms, failures_ttl_ms, token =
   tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
 local function open()
-  redis.call('HSET', state_key, 'opened_at', fmt(now))
+  redis.call('HSET', state_key, 'opened_at', fmt(now), 'probe_at', fmt(now + open_ms))
   redis.call('HDEL', state_key, 'half_open_at')
   redis.call('PEXPIRE', state_key, ttl_ms)
   redis.call('DEL', probes_key)
@@ -187,6 +178,11 @@ def _retry_s(retry_ms: Any) -> float | None:
     return None if int(retry_ms) < 0 else int(retry_ms) / 1000
 
 
+def _glob(text: str) -> str:
+    """``text`` matched literally in a SCAN pattern."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
 def breaker_prefix(queue_prefix: str) -> str:
     """Where every process of one deployment keeps its breakers (the queue prefix keeps tests apart)."""
     return f"{queue_prefix}:breaker"
@@ -248,7 +244,6 @@ class Breaker:
         decision = Decision(allowed=bool(allowed), state=_text(state), retry_in_s=_retry_s(retry_ms), probe=bool(probe))
         if first_probe:
             BREAKER_TRANSITIONS.labels("half_open").inc()
-        _show(key, decision.state)
         return decision
 
     async def record(self, key: str, policy: BreakerPolicy, ok: bool, *, probe: bool) -> str:
@@ -275,7 +270,6 @@ class Breaker:
         new_state = _text(state)
         if moved_to:
             BREAKER_TRANSITIONS.labels(_text(moved_to)).inc()
-        _show(key, new_state)
         return new_state
 
     async def state(self, key: str, policy: BreakerPolicy) -> dict[str, Any]:
@@ -312,7 +306,39 @@ class Breaker:
     async def reset(self, key: str) -> None:
         """Close the breaker and forget its failures. Redis errors propagate."""
         await self._redis.delete(*self._keys(key))
-        _show(key, "closed")
+
+    async def gauge_states(self) -> dict[str, int]:
+        """Every breaker Redis keeps anything for, by key (:func:`tool_key`), as the state gauge shows it:
+        2 open, 1 half-open (``open_s`` has passed), 0 closed with failures in its window. Breakers that are
+        closed with no recent failures have no keys and are left out. Read only; Redis errors propagate.
+
+        Found with SCAN rather than an index: an index key would sit in another cluster slot than the
+        breaker's own keys, which the scripts may not touch. As in the scripts, the Redis server's clock
+        decides between open and half-open (``probe_at``, written when the breaker opened)."""
+        start = len(self._prefix) + 2  # past "<prefix>:{"
+        found: set[str] = set()
+        opened: set[str] = set()
+        async for name in self._redis.scan_iter(match=_glob(self._prefix) + ":{*}:*", count=1000):
+            key, _, part = _text(name)[start:].rpartition("}:")
+            found.add(key)
+            if part == "state":
+                opened.add(key)
+        ordered = sorted(opened)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for key in ordered:
+                pipe.hmget(self._keys(key)[0], ["opened_at", "probe_at", "half_open_at"])
+            (seconds, micros), *held = await pipe.execute()
+        now_ms = int(seconds) * 1000 + int(micros) / 1000
+        states = dict.fromkeys(found, 0)
+        for key, (opened_at, probe_at, half_open_at) in zip(ordered, held, strict=True):
+            if opened_at is None:  # expired or closed since the scan
+                continue
+            if probe_at is None:  # opened before probe_at was written: half-open once a probe went through
+                states[key] = 1 if half_open_at is not None else 2
+            else:
+                states[key] = 1 if now_ms >= float(probe_at) else 2
+        return states
 
     def _warn(self, action: str, key: str, exc: BaseException) -> None:
         now = time.monotonic()

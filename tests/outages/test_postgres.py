@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.tool_server import ToolServer
 from tests.support.outages import Api, LoggedWorker, finished, slow_tool_workflow, start_run, until
@@ -36,6 +37,9 @@ async def _during_outage(api: Api, run_id: str, workflow: str) -> None:
     scraped = await api.client.get("/metrics")
     assert scraped.status_code == 200 and "steward_http_requests_total" in scraped.text
     assert "steward_runs_active" not in scraped.text
+    errors = {s.labels["source"]: s.value for family in text_string_to_metric_families(scraped.text)
+              for s in family.samples if s.name == "steward_scrape_errors_total"}
+    assert errors["database"] >= 1 and errors["redis"] == 0  # the scrape says what it left out
 
 
 async def _api_answers(api: Api, run_id: str) -> None:

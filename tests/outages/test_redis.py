@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
+from app.config import Settings
+from app.redis import connect as connect_redis
+from app.tools.breaker import Breaker, BreakerPolicy, breaker_prefix, tool_key
 from tests.fakes.tool_server import ToolServer
 from tests.support.outages import Api, LoggedWorker, finished, slow_tool_workflow, start_run, until
 from tests.support.servers import PrivateRedis
@@ -52,3 +56,26 @@ async def test_redis_away_under_load_no_worker_exits_and_every_run_succeeds_once
         # Nothing else: no traceback, no reconnect chatter, no line per job; every line has its time.
         assert w.tracebacks() == []
         assert [line for line in w.records() if not any(text in line for text in EXPECTED)] == []
+
+
+async def test_redis_away_metrics_still_answer_without_the_breaker_states(
+    api: Api, outage_settings: Settings, private_redis: PrivateRedis
+) -> None:
+    """The breakers' state is read from Redis when scraped: while Redis is away the scrape answers without
+    it and counts a Redis scrape error."""
+    redis = connect_redis(private_redis.url)
+    breaker = Breaker(redis, breaker_prefix(outage_settings.queue_prefix))
+    try:
+        key = tool_key(uuid.uuid4(), "search")
+        assert await breaker.record(key, BreakerPolicy(failure_threshold=1, open_s=600), False, probe=False) == "open"
+        before = await api.client.get("/metrics")
+        assert 'steward_breaker_state{tenant="",tool="search"} 2.0' in before.text
+        await asyncio.to_thread(private_redis.stop)
+        during = await api.client.get("/metrics")
+        assert during.status_code == 200 and "steward_http_requests_total" in during.text
+        assert "steward_breaker_state{" not in during.text
+        assert "steward_runs_active{" in during.text  # the database's gauges are still there
+        errors = [f'steward_scrape_errors_total{{source="redis"}} {n}.0' for n in (0, 1)]
+        assert errors[0] in before.text and errors[1] in during.text
+    finally:
+        await redis.aclose()

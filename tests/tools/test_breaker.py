@@ -64,9 +64,9 @@ def sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def shown_state(key: str) -> float:
-    """steward_breaker_state of the key's tool (0 closed, 1 half-open, 2 open); no tenant label by default."""
-    return sample("steward_breaker_state", {"tool": key.rpartition(":")[2], "tenant": ""})
+async def shown_state(breaker: Breaker, key: str) -> int:
+    """The breaker-state gauge as a scrape reads it from Redis (0 closed, 1 half-open, 2 open; no keys: closed)."""
+    return (await breaker.gauge_states()).get(key, 0)
 
 
 async def test_opens_after_threshold_failures_within_window(breaker: Breaker, key: str) -> None:
@@ -79,7 +79,7 @@ async def test_opens_after_threshold_failures_within_window(breaker: Breaker, ke
     decision = await breaker.before_call(key, FAST)
     assert (decision.allowed, decision.state, decision.probe) == (False, "open", False)
     assert sample("steward_breaker_transitions_total", {"to": "open"}) == opened_before + 1
-    assert shown_state(key) == 2
+    assert await shown_state(breaker, key) == 2
 
 
 async def test_success_while_closed_keeps_the_window(breaker: Breaker, key: str) -> None:
@@ -145,7 +145,7 @@ async def test_probe_success_closes_and_clears_failures(breaker: Breaker, key: s
     assert await fail(breaker, key, FAST, 2) == ["closed", "closed"]
     decision = await breaker.before_call(key, FAST)
     assert (decision.allowed, decision.state, decision.probe) == (True, "closed", False)
-    assert shown_state(key) == 0
+    assert await shown_state(breaker, key) == 0
 
 
 async def test_probe_failure_reopens_for_another_open_period(breaker: Breaker, key: str) -> None:
@@ -202,7 +202,7 @@ async def test_reset_closes_and_removes_keys(breaker: Breaker, redis: Redis, pre
     await breaker.reset(key)
     assert [k async for k in redis.scan_iter(match=f"{prefix}:*")] == []
     assert (await breaker.before_call(key, FAST)).allowed
-    assert shown_state(key) == 0
+    assert await shown_state(breaker, key) == 0
 
 
 async def test_works_with_a_decoding_client(prefix: str, key: str) -> None:
