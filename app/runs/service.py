@@ -7,17 +7,16 @@ the caller commits and relays; they return the run as read in that transaction, 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Select, func, insert, select, tuple_
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import pagination, tracing
@@ -30,7 +29,6 @@ from app.budgets.service import (
     create_usage,
     effective_limits,
     set_run_limits,
-    tenant_budget,
     usd_text,
 )
 from app.canonical import digest
@@ -38,14 +36,14 @@ from app.config import Settings
 from app.context import Ctx
 from app.engine import actions
 from app.engine.actions import RunNotFound
-from app.engine.advance import Advance, RunRow, load_definition, lock_run
+from app.engine.advance import Advance, RunRow, StepRow, load_definition
 from app.engine.notify import RunNotifier
-from app.engine.state_machine import RUN_TERMINAL, IllegalTransition, RunStatus
+from app.engine.state_machine import RUN_TERMINAL, IllegalTransition, RunStatus, StepStatus
 from app.engine.unit_of_work import UnitOfWork
 from app.errors import Conflict, Invalid, NotFound
-from app.pg import driver
+from app.pg import driver, dumps
 from app.runs import schemas
-from app.runs.models import Run, RunEvent, StepRun
+from app.runs.models import Run, RunEvent
 from app.workflows import service as workflows_service
 from app.workflows.definition import validate_input
 from app.workflows.form import RunForm, place_errors, read_form
@@ -67,6 +65,33 @@ class IdempotencyKeyReused(Invalid):
     title = "Idempotency-Key reused with a different request"
 
 
+# Raw statements of the start path: one round trip each (the ORM took eight for the same rows).
+# The version and the tenant's run limits together; RLS scopes both to the transaction's tenant too.
+_VERSION = (
+    "SELECT v.id, v.workflow_id, v.version, b.run_defaults, b.run_maximums FROM workflow w "
+    "JOIN workflow_version v ON v.workflow_id = w.id AND v.tenant_id = w.tenant_id "
+    "AND v.version = coalesce($3::int, w.latest_version) "
+    "LEFT JOIN budget b ON b.tenant_id = w.tenant_id WHERE w.tenant_id = $1 AND w.name = $2"
+)
+# The run and its steps in one statement; a taken Idempotency-Key inserts neither (no savepoint needed:
+# ON CONFLICT waits for a concurrent insert of the same key, then reports no row).
+_INSERT_RUN = """
+WITH new_run AS (
+    INSERT INTO run (id, tenant_id, workflow_id, workflow_version_id, workflow_name, workflow_version, status,
+                     priority, input, idempotency_key, request_hash, created_by, principal_roles, version,
+                     trace_context)
+    VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8::jsonb, $9, $10, $11, $12, 1, $13)
+    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id
+), steps AS (
+    INSERT INTO step_run (id, tenant_id, run_id, step_id, kind, status, version, attempts)
+    SELECT x.id, $2, new_run.id, x.step_id, x.kind, 'pending', 1, 0
+    FROM new_run, unnest($14::uuid[], $15::text[], $16::text[]) AS x(id, step_id, kind)
+)
+SELECT count(*) FROM new_run
+"""
+
+
 async def create_run(
     db: AsyncSession, tx: UnitOfWork, ctx: Ctx, settings: Settings, body: schemas.RunCreate, idempotency_key: str | None
 ) -> tuple[uuid.UUID, bool]:
@@ -79,73 +104,55 @@ async def create_run(
         existing = await _by_idempotency_key(db, ctx, idempotency_key, digest)
         if existing is not None:
             return existing, False
-    wv = await workflows_service.get_workflow_version(db, ctx, body.workflow, body.version)
-    definition = await load_definition(tx.conn, wv.id)
+    conn = tx.conn
+    version = await conn.fetchrow(_VERSION, ctx.tenant_id, body.workflow, body.version)
+    if version is None:
+        what = f"workflow {body.workflow!r}"
+        raise workflows_service.WorkflowNotFound(
+            f"{what if body.version is None else f'version {body.version} of {what}'} not found")
+    definition = await load_definition(conn, version["id"])
     errors = validate_input(definition, body.input)
     if errors:
         raise Invalid(
             "the input does not match the workflow's input_schema",
             errors=[{**error, "pointer": "/input" + error["pointer"]} for error in errors],
         )
-    run_id = uuid.uuid4()
-    values = {
-        "id": run_id,
-        "tenant_id": ctx.tenant_id,
-        "workflow_id": wv.workflow_id,
-        "workflow_version_id": wv.id,
-        "workflow_name": body.workflow,
-        "workflow_version": wv.version,
-        "status": RunStatus.QUEUED.value,
-        "priority": body.priority,
-        "input": body.input,
-        "idempotency_key": idempotency_key,
-        "request_hash": digest if idempotency_key else None,
-        "created_by": ctx.principal,
-        "principal_roles": sorted(ctx.roles),
-        "version": 1,
-        "trace_context": tracing.current_traceparent(),
-    }
-    try:
-        async with db.begin_nested():
-            await db.execute(insert(Run).values(**values))
-    except IntegrityError:
+    budget = {"run_defaults": version["run_defaults"], "run_maximums": version["run_maximums"]}
+    limits = effective_limits(budget, definition.limits, body.limits.given() if body.limits else None)
+    run_id, trace_context = uuid.uuid4(), tracing.current_traceparent()
+    step_ids = [uuid.uuid4() for _ in definition.steps]
+    inserted = await conn.fetchval(
+        _INSERT_RUN, run_id, ctx.tenant_id, version["workflow_id"], version["id"], body.workflow, version["version"],
+        body.priority, dumps(body.input), idempotency_key, digest if idempotency_key else None, ctx.principal,
+        sorted(ctx.roles), trace_context, step_ids, [step.id for step in definition.steps],
+        [step.kind for step in definition.steps],
+    )
+    if not inserted:
         # Another request with the same key won the race; answer as it did.
-        if idempotency_key is None:
-            raise
+        assert idempotency_key is not None
         existing = await _by_idempotency_key(db, ctx, idempotency_key, digest)
         assert existing is not None
         return existing, False
-    conn = await driver(db)
-    limits = effective_limits(await tenant_budget(conn, ctx.tenant_id), definition.limits,
-                              body.limits.given() if body.limits else None)
     await create_usage(conn, ctx.tenant_id, run_id, body.workflow, limits)
-    await db.execute(
-        insert(StepRun),
-        [
-            {
-                "tenant_id": ctx.tenant_id,
-                "run_id": run_id,
-                "step_id": step.id,
-                "map_index": None,
-                "kind": step.kind,
-                "status": "pending",
-                "version": 1,
-                "attempts": 0,
-            }
-            for step in definition.steps
-        ],
-    )
-    run = await lock_run(tx, run_id)
-    assert run is not None
+    # The run was inserted by this transaction, so no other can see, let alone lock, it: what lock_run
+    # would read back is what was just written.
+    tx.tenant_id = ctx.tenant_id
+    run = RunRow(id=run_id, tenant_id=ctx.tenant_id, status=RunStatus.QUEUED.value, version=1, priority=body.priority,
+                 input=body.input, workflow_version_id=version["id"], started_at=None, trace_context=trace_context)
+    rows: dict[tuple[str, int | None], StepRow] = {
+        (step.id, None): StepRow(id=step_run_id, step_id=step.id, map_index=None, kind=step.kind,
+                                 status=StepStatus.PENDING, version=1, attempts=0, current_attempt_id=None)
+        for step, step_run_id in zip(definition.steps, step_ids, strict=True)
+    }
     tx.event(
         run_id,
         "run_created",
         actor=ctx.principal,
         workflow=body.workflow,
-        version=wv.version,
+        version=version["version"],
         priority=body.priority,
     )
-    await Advance(tx=tx, run=run, definition=definition, settings=settings).plan_and_apply()
+    await Advance(tx=tx, run=run, definition=definition, settings=settings, rows=rows).plan_and_apply()
     return run_id, True
 
 
@@ -224,19 +231,26 @@ async def wait_for_run(
     assert notifier is not None
     deadline = time.monotonic() + wait_s
     with notifier.subscribe(run_id) as woken:
-        while True:
-            # Read in a transaction of its own so each check sees the latest commit.
-            status = await run_status(db, ctx, run_id)
-            await db.rollback()
+        status = await run_status(db, ctx, run_id)
+        while RunStatus(status) not in RUN_TERMINAL:
             left = deadline - time.monotonic()
-            if RunStatus(status) in RUN_TERMINAL or left <= 0:
+            if left <= 0:
                 break
+            # No transaction (nor connection) held while waiting; each check reads the latest commit.
+            await db.rollback()
             try:
                 # The timer is a backstop for a notification lost while the listener reconnects.
                 await asyncio.wait_for(woken.wait(), timeout=min(left, 1.0))
             except TimeoutError:
-                pass
+                status = await run_status(db, ctx, run_id)
+                continue
             woken.clear()
+            # Woken: the run ended (or the listener reconnected). Read it all at once, and answer with
+            # that read when it shows the end, as it nearly always does.
+            run = await get_run(db, ctx, run_id)
+            if RunStatus(run["status"]) in RUN_TERMINAL or deadline - time.monotonic() <= 0:
+                return run
+            status = run["status"]
     return await get_run(db, ctx, run_id)
 
 
@@ -260,63 +274,75 @@ def _ts(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
-_RUN = (
-    "SELECT id, workflow_name, workflow_version, status, status_reason, priority, created_at, started_at, "
-    "finished_at, input, output, error, workflow_version_id, trace_context FROM run WHERE id = $1 AND tenant_id = $2"
-)
-_STEPS = (
-    "SELECT id, step_id, map_index, kind, status, input, output, error, started_at, finished_at FROM step_run "
-    "WHERE run_id = $1 ORDER BY map_index NULLS FIRST"
-)
-_ATTEMPTS = (
-    "SELECT step_run_id, n, status, queued_at, not_before, started_at, finished_at, error_class, error_message, "
-    "worker FROM step_attempt WHERE run_id = $1 ORDER BY n"
-)
-_EVENTS = (
-    "SELECT id, type, step_id, map_index, data, created_at FROM run_event WHERE run_id = $1 ORDER BY id LIMIT $2"
-)
+def _iso(column: str) -> str:
+    """SQL formatting a timestamptz as :func:`_ts` does in Python (no fraction when it is zero)."""
+    return (
+        f"to_char({column} AT TIME ZONE 'UTC', CASE WHEN extract(microseconds FROM {column}) % 1000000 = 0 "
+        "THEN 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"' ELSE 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"' END)"
+    )
+
+
+_STATUS = "SELECT status FROM run WHERE id = $1 AND tenant_id = $2"
+# The whole run document in one round trip: steps (with their attempts) and events come as JSON built by
+# Postgres in the shape of ``schemas.RunRead``; only the nesting of map items and the steps' order (the
+# definition's) are left to Python. Each step comes as [step_id, step]: an item's object has no id.
+_READ_RUN = f"""
+SELECT r.id, r.workflow_name, r.workflow_version, r.status, r.status_reason, r.priority, r.created_at,
+       r.started_at, r.finished_at, r.input, r.output, r.error, r.workflow_version_id, r.trace_context,
+       (SELECT coalesce(json_agg(json_build_array(s.step_id, CASE WHEN s.map_index IS NULL THEN
+                   json_build_object('id', s.step_id, 'kind', s.kind, 'input', s.input, 'status', s.status,
+                                     'output', s.output, 'error', s.error,
+                                     'started_at', {_iso('s.started_at')}, 'finished_at', {_iso('s.finished_at')},
+                                     'attempts', coalesce(a.attempts, '[]'), 'items', NULL)
+                 ELSE
+                   json_build_object('index', s.map_index, 'status', s.status, 'output', s.output, 'error', s.error,
+                                     'started_at', {_iso('s.started_at')}, 'finished_at', {_iso('s.finished_at')},
+                                     'attempts', coalesce(a.attempts, '[]'))
+                 END) ORDER BY s.map_index NULLS FIRST), '[]')::text
+          FROM step_run s LEFT JOIN (
+              SELECT step_run_id, json_agg(json_build_object(
+                  'n', n, 'status', status, 'queued_at', {_iso('queued_at')}, 'not_before', {_iso('not_before')},
+                  'started_at', {_iso('started_at')}, 'finished_at', {_iso('finished_at')},
+                  'error', CASE WHEN error_class IS NOT NULL
+                                THEN json_build_object('class', error_class, 'message', error_message) END,
+                  'worker', worker) ORDER BY n) AS attempts
+              FROM step_attempt WHERE run_id = $1 GROUP BY step_run_id
+          ) a ON a.step_run_id = s.id
+         WHERE s.run_id = $1) AS steps,
+       (SELECT coalesce(json_agg(json_build_object(
+                   'id', e.id, 'type', e.type, 'step_id', e.step_id, 'map_index', e.map_index, 'data', e.data,
+                   'created_at', {_iso('e.created_at')}) ORDER BY e.id), '[]')::text
+          FROM (SELECT * FROM run_event WHERE run_id = $1 ORDER BY id LIMIT $3) e) AS events
+FROM run r WHERE r.id = $1 AND r.tenant_id = $2
+"""
 
 
 async def get_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> dict[str, Any]:
     """The run with its steps, map items, attempts and first events, in the shape of ``schemas.RunRead``.
 
-    Built as plain JSON-ready data straight from four queries: this is what every long poll returns,
-    so it skips the ORM and model validation. Another tenant's run is 404.
+    Built as plain JSON-ready data by one query: this is what every long poll returns, so it skips the
+    ORM and model validation. Another tenant's run is 404.
     """
     return (await _read_run(db, ctx, run_id))[0]
 
 
 async def _read_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> tuple[dict[str, Any], Definition]:
     conn = await driver(db)
-    run = await conn.fetchrow(_RUN, run_id, ctx.tenant_id)
+    run = await conn.fetchrow(_READ_RUN, run_id, ctx.tenant_id, RUN_EVENTS_INLINE + 1)
     if run is None:
         raise RunNotFound(f"run {run_id} not found")
-    steps = await conn.fetch(_STEPS, run_id)
-    attempts = await conn.fetch(_ATTEMPTS, run_id)
-    events = await conn.fetch(_EVENTS, run_id, RUN_EVENTS_INLINE + 1)
-    by_step: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
-    for attempt in attempts:
-        by_step[attempt["step_run_id"]].append({
-            "n": attempt["n"], "status": attempt["status"], "queued_at": _ts(attempt["queued_at"]),
-            "not_before": _ts(attempt["not_before"]), "started_at": _ts(attempt["started_at"]),
-            "finished_at": _ts(attempt["finished_at"]),
-            "error": ({"class": attempt["error_class"], "message": attempt["error_message"]}
-                      if attempt["error_class"] else None),
-            "worker": attempt["worker"],
-        })
     top: dict[str, dict[str, Any]] = {}
-    for row in steps:
-        common = {"status": row["status"], "output": row["output"], "error": row["error"],
-                  "started_at": _ts(row["started_at"]), "finished_at": _ts(row["finished_at"]),
-                  "attempts": by_step.get(row["id"], [])}
-        if row["map_index"] is None:
-            top[row["step_id"]] = {"id": row["step_id"], "kind": row["kind"], "input": row["input"], **common,
-                                   "items": [] if row["kind"] == "map" else None}
+    for step_id, step in json.loads(run["steps"]):
+        if "index" in step:
+            top[step_id]["items"].append(step)
         else:
-            top[row["step_id"]]["items"].append({"index": row["map_index"], **common})
+            if step["kind"] == "map":
+                step["items"] = []
+            top[step_id] = step
     for step in top.values():
         if step["kind"] == "map" and not step["items"]:
             step["items"] = None  # not expanded yet
+    events = json.loads(run["events"])
     definition = await load_definition(conn, run["workflow_version_id"])
     return {
         "id": str(run["id"]), "workflow": run["workflow_name"], "workflow_version": run["workflow_version"],
@@ -325,11 +351,7 @@ async def _read_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> tuple[dict
         "started_at": _ts(run["started_at"]), "finished_at": _ts(run["finished_at"]), "input": run["input"],
         "output": run["output"], "error": run["error"], "trace_id": tracing.trace_id_of(run["trace_context"]),
         "steps": [top[sid] for sid in definition.order if sid in top],
-        "events": [
-            {"id": event["id"], "type": event["type"], "step_id": event["step_id"], "map_index": event["map_index"],
-             "data": event["data"], "created_at": _ts(event["created_at"])}
-            for event in events[:RUN_EVENTS_INLINE]
-        ],
+        "events": events[:RUN_EVENTS_INLINE],
         "events_truncated": len(events) > RUN_EVENTS_INLINE,
     }, definition
 
@@ -341,9 +363,7 @@ def _event(e: RunEvent) -> schemas.EventRead:
 
 
 async def run_status(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> str:
-    status = (
-        await db.execute(select(Run.status).where(Run.id == run_id, Run.tenant_id == ctx.tenant_id))
-    ).scalar_one_or_none()
+    status = await (await driver(db)).fetchval(_STATUS, run_id, ctx.tenant_id)
     if status is None:
         raise RunNotFound(f"run {run_id} not found")
     return str(status)
