@@ -273,7 +273,8 @@ _ATTEMPTS = (
     "worker FROM step_attempt WHERE run_id = $1 ORDER BY n"
 )
 _EVENTS = (
-    "SELECT id, type, step_id, map_index, data, created_at FROM run_event WHERE run_id = $1 ORDER BY id LIMIT $2"
+    "SELECT id, type, step_id, map_index, data, created_at, trace_id FROM run_event WHERE run_id = $1 ORDER BY id "
+    "LIMIT $2"
 )
 
 
@@ -327,7 +328,7 @@ async def _read_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> tuple[dict
         "steps": [top[sid] for sid in definition.order if sid in top],
         "events": [
             {"id": event["id"], "type": event["type"], "step_id": event["step_id"], "map_index": event["map_index"],
-             "data": event["data"], "created_at": _ts(event["created_at"])}
+             "data": event["data"], "created_at": _ts(event["created_at"]), "trace_id": event["trace_id"]}
             for event in events[:RUN_EVENTS_INLINE]
         ],
         "events_truncated": len(events) > RUN_EVENTS_INLINE,
@@ -336,7 +337,8 @@ async def _read_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> tuple[dict
 
 def _event(e: RunEvent) -> schemas.EventRead:
     return schemas.EventRead(
-        id=e.id, type=e.type, step_id=e.step_id, map_index=e.map_index, data=e.data, created_at=e.created_at
+        id=e.id, type=e.type, step_id=e.step_id, map_index=e.map_index, data=e.data, created_at=e.created_at,
+        trace_id=e.trace_id,
     )
 
 
