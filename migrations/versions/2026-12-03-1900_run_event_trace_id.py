@@ -3,7 +3,7 @@ dashboard can link an event to its trace.
 
 Revision ID: 7e4f1c9a5b32
 Revises: 6d3e0b8f4a21
-Create Date: 2026-12-04 10:00:00
+Create Date: 2026-12-03 19:00:00
 """
 
 from collections.abc import Sequence
