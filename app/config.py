@@ -5,8 +5,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -125,6 +126,20 @@ class Settings(BaseSettings):
     # Traces (when the OTEL_* variables turn them on): a client span per database statement inside a
     # traced request or step, statement text only, never its parameters.
     trace_db: bool = False
+    # Traces: the dashboard links trace ids to this address (``{trace_id}`` replaced), e.g. a Tempo or
+    # Jaeger trace view; unset: trace ids show as text.
+    trace_url: str | None = None
+
+    @field_validator("trace_url")
+    @classmethod
+    def _trace_url_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.replace("{trace_id}", "0"))
+        if "{trace_id}" not in value or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("STEWARD_TRACE_URL must be an http(s) address with {trace_id} in it, e.g. "
+                             "https://tempo.example/trace/{trace_id}")
+        return value
 
     @model_validator(mode="before")
     @classmethod

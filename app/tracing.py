@@ -9,7 +9,9 @@ processor's delays, the exporter's endpoint, headers and timeout, ``OTEL_SERVICE
 flushed when the process stops.
 
 What is traced (docs/operations.md, "Traces"): API requests (health and metrics left out), each step
-attempt a worker runs (``process <queue>``, the messaging conventions with ``messaging.system=arq``), and
+attempt queued through arq (a short ``send <queue>`` producer span, whose traceparent the attempt keeps)
+and each one a worker runs (``process <queue>``, the consumer: a child of that ``send`` span; the messaging
+conventions with ``messaging.system=arq``), and
 inside it the GenAI conventions as pinned by the installed ``opentelemetry-semantic-conventions``:
 ``invoke_agent <step>``, ``chat <model>``, ``execute_tool <tool>``, plus the outbound HTTP calls (W3C
 ``traceparent`` sent to tools and model providers). Guardrail refusals and approval requests are span
@@ -24,6 +26,9 @@ With ``STEWARD_TRACE_DB`` set, every asyncpg statement (direct, and SQLAlchemy's
 (``db.system=postgresql``, the statement text, never its parameters), but only inside a sampled span of
 ours: the background loops (outbox relay, reconciler, LISTEN connections, health checks, metrics scrapes)
 poll all day and start no trace of their own.
+
+Run events keep the trace id of the span they are written in (``current_trace_id``), which the dashboard links to
+``STEWARD_TRACE_URL``. Every helper here returns at once, doing nothing, while tracing is off.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from opentelemetry import trace
@@ -170,6 +175,45 @@ def trace_id_of(traceparent: str | None) -> str | None:
 
 
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+def current_trace_id() -> str | None:
+    """The trace id of the current span, for what is written in it (run events); None with tracing off or
+    outside a span. Sampled or not, as logs and the run's ``trace_id`` have it."""
+    if _provider is None:
+        return None
+    found = trace.get_current_span().get_span_context()
+    return format(found.trace_id, "032x") if found.is_valid else None
+
+
+def trace_id_while_on(traceparent: str | None) -> str | None:
+    """The trace id of a stored traceparent, with tracing on (None off: nothing is written then)."""
+    return trace_id_of(traceparent) if _provider is not None else None
+
+
+def sent(queue: str, tenant_id: Any, run_id: Any, step_id: str | None, attempt: int,
+         map_index: int | None) -> str | None:
+    """A ``send <queue>`` producer span (the messaging conventions) for a step attempt queued in the
+    current trace; returns its traceparent, which the attempt keeps so that the worker's ``process``
+    span is its child. None with tracing off or outside a span (the attempt then starts a trace)."""
+    if _provider is None or not trace.get_current_span().get_span_context().is_valid:
+        return None
+    with TRACER.start_as_current_span(f"send {queue}", kind=SpanKind.PRODUCER, attributes={k: v for k, v in {
+        MESSAGING_SYSTEM: "arq", MESSAGING_DESTINATION: queue, MESSAGING_OPERATION: "send",
+        "steward.tenant.id": str(tenant_id), "steward.run.id": str(run_id), "steward.step.id": step_id,
+        "steward.step.attempt": attempt, "steward.step.map_index": map_index,
+    }.items() if v is not None}):
+        return current_traceparent()
+
+
+@contextmanager
+def resumed(traceparent: str | None) -> Iterator[None]:
+    """Inside the block, the span of ``traceparent`` is current again (no new span): what a worker records
+    after an attempt's ``process`` span ended (its events, the steps it queues) stays in that trace."""
+    parent = _span_context(traceparent) if _provider is not None else None
+    if parent is None:
+        yield
+        return
+    with trace.use_span(NonRecordingSpan(parent), end_on_exit=False):
+        yield
 
 
 def _span_context(traceparent: str | None) -> SpanContext | None:

@@ -19,6 +19,7 @@ OPTIONAL = {
     "STEWARD_SECRET_KEYS": "secret_keys",
     "STEWARD_WORKER_METRICS_PORT": "worker_metrics_port",
     "STEWARD_AUDIT_RETENTION_DAYS": "audit_retention_days",
+    "STEWARD_TRACE_URL": "trace_url",
 }
 
 

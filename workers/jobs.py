@@ -63,24 +63,30 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
     results: list[tuple[Claimed, Outcome]] = []
     solo: Claimed | None = None
     started = 0
+    # The traceparent of each attempt's ``process`` span (tracing on): its outcome is recorded in it.
+    ran_in: dict[uuid.UUID, str] = {}
     try:
         while claimed or running:
             started += len(claimed)
             if len(claimed) == 1 and not running:
                 # One step at a time (a chain): run it here, without a task to schedule and wait for.
                 solo = claimed[0]
-                results = [(solo, await _execute(runtime, ctx["http"], ctx["breaker"], solo, leases[solo.step_run_id]))]
+                results = [(solo, await _execute(runtime, ctx["http"], ctx["breaker"], solo, leases[solo.step_run_id],
+                                                 ran_in))]
                 solo = None
             else:
                 for c in claimed:
-                    task = asyncio.create_task(_execute(runtime, ctx["http"], ctx["breaker"], c, leases[c.step_run_id]))
+                    task = asyncio.create_task(_execute(runtime, ctx["http"], ctx["breaker"], c, leases[c.step_run_id],
+                                                        ran_in))
                     running[task] = c
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 results = [(running.pop(task), task.result()) for task in done]
             room = batch - len(running) if started < settings.inline_continue_max else 0
-            claimed, claimed_at = await _record(runtime, results, replace(claimer, capacity=room), leases)
+            with tracing.resumed(ran_in.get(results[0][0].attempt_id)):
+                claimed, claimed_at = await _record(runtime, results, replace(claimer, capacity=room), leases)
             for c, _ in results:
                 leases.pop(c.step_run_id, None)
+                ran_in.pop(c.attempt_id, None)
             leases.update({c.step_run_id: Lease(claimed_at + settings.lease_s) for c in claimed})
             results = []
     except asyncio.CancelledError:
@@ -93,7 +99,8 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
         raise
 
 
-async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claimed, lease: Lease) -> Outcome:
+async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claimed, lease: Lease,
+                   ran_in: dict[uuid.UUID, str]) -> Outcome:
     queue = f"{runtime.settings.queue_prefix}:{claimed.priority}"
     attributes = {
         tracing.MESSAGING_SYSTEM: "arq", tracing.MESSAGING_DESTINATION: queue, tracing.MESSAGING_OPERATION: "process",
@@ -105,6 +112,8 @@ async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claim
                                 claimed.run_trace_context)
     with bound(tenant=claimed.tenant_id, run=claimed.run_id, step=claimed.step_id, item=claimed.map_index,
                attempt=claimed.attempt_n), process as current:
+        if (traceparent := tracing.current_traceparent()) is not None:
+            ran_in[claimed.attempt_id] = traceparent
         outcome = await _execute_bound(runtime, http, breaker, claimed, lease)
         definition = cached_definition(claimed.workflow_version_id)
         seconds = (outcome.finished_at - outcome.started_at).total_seconds()

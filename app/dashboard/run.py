@@ -86,17 +86,21 @@ Shown = Annotated[View, Depends(_view)]
 
 
 @router.get("/runs/{run_id}")
-async def run_page(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedIn, db: Db, view: Shown) -> Response:
+async def run_page(
+    request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedIn, db: Db, view: Shown, settings: AppSettings
+) -> Response:
     return templates.TemplateResponse(request, "dashboard/run.html", {
-        "me": me, **await _run_view(db, ctx, run_id, view),
+        "me": me, "trace_url": settings.trace_url, **await _run_view(db, ctx, run_id, view),
     })
 
 
 @router.get("/runs/{run_id}/live")
-async def run_live(request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedIn, db: Db, view: Shown) -> Response:
+async def run_live(
+    request: Request, run_id: uuid.UUID, ctx: Viewer, me: SignedIn, db: Db, view: Shown, settings: AppSettings
+) -> Response:
     """The changing part of a run's page, which the page polls (htmx) until the run has ended."""
     return templates.TemplateResponse(request, "dashboard/_run_live.html", {
-        "me": me, **await _run_view(db, ctx, run_id, view),
+        "me": me, "trace_url": settings.trace_url, **await _run_view(db, ctx, run_id, view),
     })
 
 

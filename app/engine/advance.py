@@ -312,7 +312,8 @@ class Advance:
             moves.append(
                 (row, {"attempts": attempt_n, "current_attempt_id": attempt_id, "input": args, **(extra or {})})
             )
-            self._add_attempt(row, attempt_id, attempt_n, "queued")
+            self._add_attempt(row, attempt_id, attempt_n, "queued", queue=queue, step_id=row.step_id,
+                              map_index=row.map_index)
             self.tx.enqueue(self.run.id, Job(kind="step", job_id=str(attempt_id), queue=queue))
             self.tx.event(self.run.id, "step_queued", step_id=row.step_id, map_index=row.map_index, attempt=attempt_n)
         await transition_steps(self.conn, moves, StepStatus.QUEUED)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from app import tracing
 from app.audit.service import entry as audit_entry
 from app.clock import now
 from app.config import Settings
@@ -125,10 +126,14 @@ async def claim_attempt(tx: UnitOfWork, settings: Settings, attempt_id: uuid.UUI
     queue = queue_name(settings, run.priority)
     tx.dequeue.extend((queue, row["job_id"]) for row in rows[1:])
     for row in rows:
-        tx.event(run.id, "step_started", step_id=row["step_id"], map_index=row["map_index"], attempt=row["n"],
-                 worker=claimer.worker_id)
+        started_event = tx.event(run.id, "step_started", step_id=row["step_id"], map_index=row["map_index"],
+                                 attempt=row["n"], worker=claimer.worker_id)
+        # Claimed before its ``process`` span opens: the event is of the trace that span continues.
+        if (trace_id := tracing.trace_id_while_on(row["trace_context"])) is not None:
+            started_event["trace_id"] = trace_id
     if run.status == RunStatus.QUEUED:
-        await set_run_status(tx, run, RunStatus.RUNNING)
+        with tracing.resumed(rows[0]["trace_context"]):  # its event is of the trace its first step continues
+            await set_run_status(tx, run, RunStatus.RUNNING)
     return [
         Claimed(
             run_id=run.id, tenant_id=run.tenant_id, workflow_version_id=run.workflow_version_id,

@@ -41,9 +41,10 @@ WITH attempts AS (
         id uuid, tenant_id uuid, run_id uuid, step_run_id uuid, n int, status text, job_id text, worker text,
         not_before timestamptz, queued_at timestamptz, started_at timestamptz, trace_context text)
 ), events AS (
-    INSERT INTO run_event (tenant_id, run_id, step_id, map_index, type, data, created_at)
+    INSERT INTO run_event (tenant_id, run_id, step_id, map_index, type, data, created_at, trace_id)
     SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
-        tenant_id uuid, run_id uuid, step_id text, map_index int, type text, data jsonb, created_at timestamptz)
+        tenant_id uuid, run_id uuid, step_id text, map_index int, type text, data jsonb, created_at timestamptz,
+        trace_id text)
 ), outbox AS (
     INSERT INTO outbox (tenant_id, run_id, kind, job_id, queue, not_before, created_at)
     SELECT * FROM jsonb_to_recordset($3::jsonb) AS x(
@@ -92,17 +93,30 @@ class UnitOfWork:
     ) -> dict[str, Any]:
         row = {"tenant_id": self.tenant_id, "run_id": run_id, "step_id": step_id, "map_index": map_index,
                "type": type_, "data": data, "created_at": now()}
+        # The trace the event was written in (left out, so NULL, with tracing off).
+        if (trace_id := tracing.current_trace_id()) is not None:
+            row["trace_id"] = trace_id
         self.events.append(row)
         return row
 
     def audit(self, tenant_id: uuid.UUID, entry: Entry) -> None:
         self.audits.setdefault(tenant_id, []).append(entry)
 
-    def add_attempt(self, **values: Any) -> None:
+    def add_attempt(self, *, queue: str | None = None, step_id: str | None = None, map_index: int | None = None,
+                    **values: Any) -> None:
+        """``queue``: the attempt's job goes through it (``step_id`` and ``map_index`` name the step for
+        its ``send`` span); None: this worker runs the attempt inline, or it waits first."""
         attempt = {"worker": None, "not_before": None, "started_at": None, "queued_at": now(), **values}
-        # The attempt continues the trace that queued it, unless it waits first (a retry's backoff): a
-        # trace should not span the wait, so that one starts its own, linked to the run's first.
-        attempt["trace_context"] = tracing.current_traceparent() if attempt["not_before"] is None else None
+        # The attempt continues the trace that queued it (through a ``send`` span when it goes through
+        # the queue), unless it waits first (a retry's backoff): a trace should not span the wait, so
+        # that one starts its own, linked to the run's first.
+        if attempt["not_before"] is not None:
+            attempt["trace_context"] = None
+        elif queue is not None:
+            attempt["trace_context"] = tracing.sent(queue, attempt["tenant_id"], attempt["run_id"], step_id,
+                                                    attempt["n"], map_index)
+        else:
+            attempt["trace_context"] = tracing.current_traceparent()
         self.attempts.append(attempt)
 
     def enqueue(self, run_id: uuid.UUID, job: Job) -> None:

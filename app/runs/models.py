@@ -173,6 +173,8 @@ class RunEvent(Base):
     type: Mapped[str] = mapped_column(String(48))
     data: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())
+    # The trace of the span the event was written in (when tracing is on).
+    trace_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class AgentCheckpoint(Base):

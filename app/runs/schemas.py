@@ -113,6 +113,8 @@ class EventRead(BaseModel):
     map_index: int | None
     data: dict[str, Any]
     created_at: datetime
+    trace_id: str | None = Field(default=None, description="The trace of the span the event was written in (with "
+                                 "tracing on): the request or the step attempt that wrote it")
 
 
 class RunSummary(BaseModel):

@@ -311,7 +311,7 @@ SELECT r.id, r.workflow_name, r.workflow_version, r.status, r.status_reason, r.p
          WHERE s.run_id = $1) AS steps,
        (SELECT coalesce(json_agg(json_build_object(
                    'id', e.id, 'type', e.type, 'step_id', e.step_id, 'map_index', e.map_index, 'data', e.data,
-                   'created_at', {_iso('e.created_at')}) ORDER BY e.id), '[]')::text
+                   'created_at', {_iso('e.created_at')}, 'trace_id', e.trace_id) ORDER BY e.id), '[]')::text
           FROM (SELECT * FROM run_event WHERE run_id = $1 ORDER BY id LIMIT $3) e) AS events
 FROM run r WHERE r.id = $1 AND r.tenant_id = $2
 """
@@ -358,7 +358,8 @@ async def _read_run(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID) -> tuple[dict
 
 def _event(e: RunEvent) -> schemas.EventRead:
     return schemas.EventRead(
-        id=e.id, type=e.type, step_id=e.step_id, map_index=e.map_index, data=e.data, created_at=e.created_at
+        id=e.id, type=e.type, step_id=e.step_id, map_index=e.map_index, data=e.data, created_at=e.created_at,
+        trace_id=e.trace_id,
     )
 
 

@@ -59,7 +59,8 @@ async def _expected(owner: Conn, run_id: str, order: list[str]) -> dict[str, Any
         "error": run["error"], "trace_id": None,
         "steps": [top[sid] for sid in order],
         "events": [{"id": e["id"], "type": e["type"], "step_id": e["step_id"], "map_index": e["map_index"],
-                    "data": e["data"], "created_at": _ts(e["created_at"])} for e in events[:200]],
+                    "data": e["data"], "created_at": _ts(e["created_at"]), "trace_id": e["trace_id"]}
+                   for e in events[:200]],
         "events_truncated": len(events) > 200,
     }
 
