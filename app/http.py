@@ -162,7 +162,13 @@ def get_app_settings(request: Request) -> Settings:
     return settings
 
 
-AppSettings = Annotated[Settings, Depends(get_app_settings)]
+async def _app_settings(request: Request) -> Settings:
+    # A coroutine: FastAPI calls a plain ``def`` dependency through its thread pool, a hand-off to a
+    # thread and back on every request.
+    return get_app_settings(request)
+
+
+AppSettings = Annotated[Settings, Depends(_app_settings)]
 
 
 # --- handlers ------------------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ class Runtime:
         await self.engine.dispose()
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    """A coroutine, so FastAPI calls it inline (a plain ``def`` dependency goes through its thread pool)."""
     runtime: Runtime = request.app.state.runtime
     return runtime
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,3 +170,21 @@ async def test_starting_and_reading_a_run_take_few_statements(
         r = await client.get(f"/api/v1/runs/{run['id']}", params={"wait": 5}, headers=tenant.headers)
     assert r.json()["status"] == "cancelled"
     assert len(seen) <= 5, seen  # and its status first
+
+
+def test_the_runs_routes_have_no_dependency_run_in_a_thread(app: FastAPI) -> None:
+    """FastAPI runs a plain ``def`` dependency through its thread pool: a thread hand-off per request."""
+    from fastapi.routing import APIRoute, iter_route_contexts
+
+    def calls(dependant: Any) -> Iterator[Any]:
+        for sub in dependant.dependencies:
+            yield sub.call
+            yield from calls(sub)
+
+    routes = [(c.path, c.original_route) for c in iter_route_contexts(app.routes)
+              if isinstance(c.original_route, APIRoute) and c.path.startswith("/api/v1/runs")]
+    assert len(routes) > 5
+    for path, route in routes:
+        for call in calls(route.dependant):
+            target = call if inspect.isfunction(call) else type(call).__call__
+            assert inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target), (path, call)
