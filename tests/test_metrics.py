@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics
+from app.audit.chain import seal_backlog
 from app.config import Settings
+from app.pg import Conn
 from tests.fakes.model_server import ModelServer, Turn
 from tests.fakes.tool_server import ToolServer
+from tests.support.audit import add_unsealed, entries
 from tests.support.net import free_port, get_once_up
 from tests.support.providers import add_provider, model_name
 from tests.support.runs import create_workflow, name, start_run, wait_for, wait_run
@@ -114,6 +118,19 @@ async def test_a_run_s_work_is_counted_once_and_the_database_is_read_at_scrape_t
     assert ("steward_queue_depth", frozenset({("priority", "normal")})) in after
     assert ("steward_outbox_backlog", frozenset()) in after
     promtool(text)
+
+
+async def test_unsealed_audit_rows_are_read_at_scrape_time(
+    client: httpx.AsyncClient, owner: Conn, tenant: TenantKey
+) -> None:
+    await add_unsealed(owner, tenant.tenant_id, entries(2, at=[datetime.now(UTC) - timedelta(hours=h) for h in (2, 1)]))
+    text, samples = await scrape(client)
+    assert value(samples, "steward_audit_unsealed_rows") >= 2
+    assert value(samples, "steward_audit_unsealed_oldest_age_seconds") >= 7200
+    promtool(text)
+    await seal_backlog(owner, tenant.tenant_id)
+    assert await owner.fetchval("SELECT count(*) FROM audit_event WHERE tenant_id = $1 AND seq IS NULL",
+                                tenant.tenant_id) == 0
 
 
 def test_label_values_past_the_limit_read_other(settings: Settings) -> None:
