@@ -3,8 +3,8 @@
 Export columns are those of the chain (docs/security.md, "Audit log"): ids as strings, ``at`` in the chain's
 format, so every sealed line can be re-hashed with :func:`app.audit.chain.row_hash`. Sealed rows come first,
 in ``seq`` order; rows not sealed yet follow in ``id`` (sealing) order with ``seq``, ``prev_hash`` and
-``hash`` null. ``GET /api/v1/audit/export``
-and ``steward audit export`` both write the bytes of :func:`open_export`.
+``hash`` null. ``GET /api/v1/audit/export`` and ``steward audit export`` both write the bytes of
+:func:`open_export`.
 """
 
 from __future__ import annotations

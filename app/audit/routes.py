@@ -8,8 +8,9 @@ fixed in its startup packet, so row-level security confines it to the caller's t
 (every query filters on ``tenant_id`` as well). Each process holds at most ``MAX_STREAMS`` of them at once
 (app/audit/service.py, shared with the dashboard); past that the API answers 429. The export runs in one
 REPEATABLE READ transaction: a consistent snapshot, whose chain head is sent in the
-``Steward-Audit-Head-Seq`` / ``-Hash`` response headers, and its rows not sealed yet (they come last, with
-null ``seq``/``prev_hash``/``hash``) in ``Steward-Audit-Unsealed-Rows`` / ``-Oldest-Unsealed-At``.
+``Steward-Audit-Head-Seq`` / ``-Hash`` response headers, and its rows not sealed yet (they come last,
+with null ``seq``/``prev_hash``/``hash``) in ``Steward-Audit-Unsealed-Rows``,
+``-Oldest-Unsealed-At`` and ``-Oldest-Unsealed-Age-S``.
 
 The filters, the export formats and the snapshot are in app/audit/export.py (shared with the CLI).
 """
@@ -152,7 +153,7 @@ class VerificationRead(BaseModel):
         200: {
             "description": "Every matching event, streamed (sealed rows in chain order, then unsealed ones); "
                            "the head of the chain in the Steward-Audit-Head-* headers, the unsealed rows in "
-                           "Steward-Audit-Unsealed-Rows and -Oldest-Unsealed-At",
+                           "Steward-Audit-Unsealed-Rows, -Oldest-Unsealed-At and -Oldest-Unsealed-Age-S",
             "content": {"application/x-ndjson": {"schema": {"type": "string"}},
                         "text/csv": {"schema": {"type": "string"}}},
         },
@@ -183,6 +184,7 @@ async def export_audit(
     }
     if snapshot.unsealed.oldest_at is not None:
         headers["Steward-Audit-Oldest-Unsealed-At"] = format_at(snapshot.unsealed.oldest_at)
+        headers["Steward-Audit-Oldest-Unsealed-Age-S"] = f"{snapshot.unsealed.oldest_age_s or 0:.3f}"
     return _ExportResponse(snapshot.export.chunks(), conn, headers=headers, media_type=MEDIA_TYPES[fmt])
 
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Passes woken by notifications are at least this far apart.
-MIN_GAP_S = 0.1
+MIN_GAP_S = 0.25
 # Allowed for one pass to seal a backlog (and the time to see a row committed), in the bound below.
 PASS_ALLOWANCE_S = 5.0
 # The listening connection is re-opened this long after it was lost.

@@ -1,7 +1,7 @@
 """``steward audit verify``, ``steward audit export`` and ``steward audit seal``: the audit log from the
 command line.
 
-Both connect as the tables' owner through ``DATABASE_URL`` (no row-level security; every query filters on
+All connect as the tables' owner through ``DATABASE_URL`` (no row-level security; every query filters on
 the tenant). ``verify`` exits 1 when any chain is broken (or the database cannot be reached), printing the
 first broken link of each; 2 on a usage error such as an unknown tenant. ``export`` writes the API's
 bytes (app/audit/export.py) to a file, renamed into place only once complete, or to stdout. ``seal`` chains

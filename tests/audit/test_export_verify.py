@@ -193,6 +193,7 @@ async def test_verify_and_export_report_unsealed_rows(
     assert response.headers["steward-audit-head-seq"] == "3"
     assert response.headers["steward-audit-unsealed-rows"] == "2"
     assert response.headers["steward-audit-oldest-unsealed-at"] == format_at(pending_at[1])
+    assert 2 * 86400 <= float(response.headers["steward-audit-oldest-unsealed-age-s"]) < 3 * 86400
     table = list(csv.reader(io.StringIO((await export(client, auditor, format="csv")).text, newline="")))
     assert [record[2] for record in table[1:]] == ["1", "2", "3", "", ""]
     events = (await client.get("/api/v1/audit/events", headers=auditor.headers)).json()["items"]
