@@ -100,7 +100,7 @@ async def test_the_model_corrects_itself_after_each_structured_error(
     assert turn["tool_calls"] == [{"id": "call_0_0", "name": "search_web"}] and turn["cost_usd"]
     audit = (await db.execute(text(
         "SELECT action, coalesce(data->>'reason', outcome) FROM audit_event WHERE tenant_id = :t "
-        "AND action IN ('guardrail.reject', 'tool.call') ORDER BY seq"), {"t": tenant.tenant_id})).all()
+        "AND action IN ('guardrail.reject', 'tool.call') ORDER BY id"), {"t": tenant.tenant_id})).all()
     # Every guardrail decision and every call that ran is on the audit record.
     assert [tuple(r) for r in audit] == [("guardrail.reject", "unknown_tool"), ("guardrail.reject", "invalid_args"),
                                          ("guardrail.reject", "read_only"), ("tool.call", "ok")]
