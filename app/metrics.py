@@ -229,11 +229,21 @@ SELECT
     (SELECT count(*) FROM audit_event WHERE seq IS NULL) AS audit_unsealed,
     (SELECT extract(epoch FROM now() - min(at)) FROM audit_event WHERE seq IS NULL) AS audit_unsealed_oldest_s,
     (SELECT coalesce(jsonb_agg(w), '[]') FROM (
-        SELECT CASE WHEN $1 THEN w.tenant_id::text ELSE '' END AS tenant, w.period, sum(w.spent_usd) AS spent,
+        SELECT CASE WHEN $1 THEN w.tenant_id::text ELSE '' END AS tenant, w.period, sum(w.spent) AS spent,
                sum(CASE w.period WHEN 'hour' THEN b.hourly_usd ELSE b.daily_usd END) AS cap
-        FROM budget_window w LEFT JOIN budget b ON b.tenant_id = w.tenant_id
-        WHERE (w.period = 'hour' AND w.start = date_trunc('hour', now(), 'UTC'))
-           OR (w.period = 'day' AND w.start = date_trunc('day', now(), 'UTC'))
+        FROM (
+            -- Each tenant's current windows, with the settled spend not folded into them yet.
+            SELECT tenant_id, period, sum(spent_usd) AS spent FROM (
+                SELECT tenant_id, period, spent_usd FROM budget_window
+                WHERE (period = 'hour' AND start = date_trunc('hour', now(), 'UTC'))
+                   OR (period = 'day' AND start = date_trunc('day', now(), 'UTC'))
+                UNION ALL
+                SELECT tenant_id, p.period, actual_usd FROM budget_reservation
+                CROSS JOIN (VALUES ('hour'), ('day')) AS p (period)
+                WHERE NOT windowed AND status = 'settled' AND day_start = date_trunc('day', now(), 'UTC')
+                  AND (p.period = 'day' OR hour_start = date_trunc('hour', now(), 'UTC'))) s
+            GROUP BY 1, 2) w
+        LEFT JOIN budget b ON b.tenant_id = w.tenant_id
         GROUP BY 1, 2) w) AS spend
 """
 ACTIVE_STATUSES = ("queued", "running", "waiting", "paused")
