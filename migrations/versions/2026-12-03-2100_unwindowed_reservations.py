@@ -3,8 +3,8 @@ says whether a reservation's amounts are in ``budget_window`` yet; the reconcile
 ones in, in batches. A partial index finds the ones not yet folded, for readers and capped reservations.
 
 Revision ID: 8a41c7e2b9d5
-Revises: 6d3e0b8f4a21
-Create Date: 2026-12-04 10:00:00
+Revises: 9e2b7c4d1f58
+Create Date: 2026-12-03 21:00:00
 """
 
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "8a41c7e2b9d5"
-down_revision: str | None = "6d3e0b8f4a21"
+down_revision: str | None = "9e2b7c4d1f58"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
