@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     # Audit events older than this many days are deleted by the reconciler (the chain then starts at
     # the oldest row kept); None: kept for ever.
     audit_retention_days: int | None = Field(default=None, ge=1)
+    # Workers seal (hash-chain) committed audit rows at least this often, sooner when woken by a commit.
+    audit_seal_interval_s: float = Field(default=1.0, gt=0, le=60)
     # Logs on stderr: one JSON object a line, or text lines for a terminal (`steward up` uses text for
     # the processes it starts unless this is set); the least level written.
     log_format: Literal["json", "text"] = "json"

@@ -226,12 +226,24 @@ SELECT
         FROM step_attempt a JOIN run r ON r.id = a.run_id WHERE a.status = 'queued' GROUP BY r.priority) q) AS queues,
     (SELECT count(*) FROM outbox) AS outbox,
     (SELECT extract(epoch FROM now() - min(created_at)) FROM outbox) AS outbox_oldest_s,
+    (SELECT count(*) FROM audit_event WHERE seq IS NULL) AS audit_unsealed,
+    (SELECT extract(epoch FROM now() - min(at)) FROM audit_event WHERE seq IS NULL) AS audit_unsealed_oldest_s,
     (SELECT coalesce(jsonb_agg(w), '[]') FROM (
-        SELECT CASE WHEN $1 THEN w.tenant_id::text ELSE '' END AS tenant, w.period, sum(w.spent_usd) AS spent,
+        SELECT CASE WHEN $1 THEN w.tenant_id::text ELSE '' END AS tenant, w.period, sum(w.spent) AS spent,
                sum(CASE w.period WHEN 'hour' THEN b.hourly_usd ELSE b.daily_usd END) AS cap
-        FROM budget_window w LEFT JOIN budget b ON b.tenant_id = w.tenant_id
-        WHERE (w.period = 'hour' AND w.start = date_trunc('hour', now(), 'UTC'))
-           OR (w.period = 'day' AND w.start = date_trunc('day', now(), 'UTC'))
+        FROM (
+            -- Each tenant's current windows, with the settled spend not folded into them yet.
+            SELECT tenant_id, period, sum(spent_usd) AS spent FROM (
+                SELECT tenant_id, period, spent_usd FROM budget_window
+                WHERE (period = 'hour' AND start = date_trunc('hour', now(), 'UTC'))
+                   OR (period = 'day' AND start = date_trunc('day', now(), 'UTC'))
+                UNION ALL
+                SELECT tenant_id, p.period, actual_usd FROM budget_reservation
+                CROSS JOIN (VALUES ('hour'), ('day')) AS p (period)
+                WHERE NOT windowed AND status = 'settled' AND day_start = date_trunc('day', now(), 'UTC')
+                  AND (p.period = 'day' OR hour_start = date_trunc('hour', now(), 'UTC'))) s
+            GROUP BY 1, 2) w
+        LEFT JOIN budget b ON b.tenant_id = w.tenant_id
         GROUP BY 1, 2) w) AS spend
 """
 ACTIVE_STATUSES = ("queued", "running", "waiting", "paused")
@@ -256,6 +268,12 @@ async def database_families(conn: Conn, *, tenant_label: bool) -> list[Metric]:
                                value=float(row["outbox"]))
     outbox_age = GaugeMetricFamily("steward_outbox_oldest_age_seconds", "Age of the oldest job in the outbox",
                                    value=float(row["outbox_oldest_s"] or 0))
+    unsealed = GaugeMetricFamily("steward_audit_unsealed_rows",
+                                 "Audit rows committed and not yet sealed (hash-chained) by a worker",
+                                 value=float(row["audit_unsealed"]))
+    unsealed_age = GaugeMetricFamily("steward_audit_unsealed_oldest_age_seconds",
+                                     "Age of the oldest audit row not yet sealed",
+                                     value=float(row["audit_unsealed_oldest_s"] or 0))
     spend = GaugeMetricFamily("steward_budget_spend_usd", "Spend in the current UTC hour and day",
                               labels=["tenant", "window"])
     caps = GaugeMetricFamily("steward_budget_cap_usd", "Each tenant's cap of the current hour and day "
@@ -264,7 +282,7 @@ async def database_families(conn: Conn, *, tenant_label: bool) -> list[Metric]:
         spend.add_metric([window["tenant"], window["period"]], float(window["spent"] or 0))
         if tenant_label and window["cap"] is not None:
             caps.add_metric([window["tenant"], window["period"]], float(window["cap"]))
-    return [active, depth, oldest, outbox, outbox_age, spend, caps]
+    return [active, depth, oldest, outbox, outbox_age, unsealed, unsealed_age, spend, caps]
 
 
 def breaker_family(states: Mapping[str, int]) -> Metric:

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """Skip asyncpg's reset query on release (a round trip per transaction): the engine's connections
-    never LISTEN, take advisory locks, open cursors or SET session state, and asyncpg rolls back any
-    transaction left open before calling this."""
+    never LISTEN, take session advisory locks (budget reservations take transaction ones), open cursors
+    or SET session state, and asyncpg rolls back any transaction left open before calling this."""
 
 
 async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:

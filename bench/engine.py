@@ -27,6 +27,19 @@ Two modes:
   (Redis database ``--redis``, flushed first, and a queue prefix of their own), and removes it all at
   the end, also on Ctrl-C or error.
 
+Options of the self-hosted mode (none of them changes the default run):
+
+* ``--tenants N``: N tenants, each with its own admin key and its own copy of the workflows; the j-th run of
+  client task k goes to tenant ``(k + j * c) % N`` (c: the scenario's concurrency), so chain-10 c=8 with 8
+  tenants keeps one run in flight per tenant, and c=1 cycles through them.
+* ``--apis N --workers M``: N ``steward api`` processes on ports of their own (every request, each poll
+  included, goes to the next one round-robin) and M ``steward worker`` processes, named api-1.. and
+  worker-1.. in the CPU figures. Either option also samples the Postgres connections of each process
+  (pg_stat_activity rows matched to the process's TCP ports, every second) and reports the peaks.
+* ``--soak SECONDS``: instead of the scenarios, the chain-10 loop at ``--chain8-concurrency`` for that
+  long, with the resident memory (RSS) of every child sampled after the warm-up and every 10 s; reports
+  first, last and peak RSS per process and the growth from first to last (and the connection peaks).
+
 Run it with the project's virtualenv: ``.venv/bin/python bench/engine.py [--json out.json]``.
 """
 
@@ -35,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -49,8 +63,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -64,6 +78,7 @@ if str(ROOT) not in sys.path:
 try:
     import asyncpg
     import httpx
+    import psutil
 except ImportError as exc:  # pragma: no cover - a wrong interpreter
     sys.exit(
         f"bench/engine.py: {exc}; run it with the project's virtualenv: .venv/bin/python bench/engine.py"
@@ -81,6 +96,8 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/12"
 STDERR_TAIL_LINES = 40
+SOAK_SAMPLE_S = 10.0  # RSS sampling period of --soak
+CONN_SAMPLE_S = 1.0  # pg_stat_activity sampling period of --apis / --workers / --soak
 
 # The aims the numbers are read against (docs/benchmarks.md).
 AIM_CHAIN1_HANDOFF_P50_MS = 2.0
@@ -277,21 +294,34 @@ class Target:
     url: str
     key: str
     database_url: str | None
+    urls: list[str] = field(default_factory=list)  # every api process (--apis); empty: just url
+    tenant_keys: list[str] = field(default_factory=list)  # an admin key per tenant (--tenants); empty: just key
 
 
 class Api:
+    """One tenant's client; each request goes to the next of the target's api processes."""
+
     def __init__(self, target: Target, *, run_timeout_s: float, poll_wait_s: float) -> None:
         self.run_timeout_s = run_timeout_s
         self.poll_wait_s = poll_wait_s
-        self.http = httpx.AsyncClient(
-            base_url=target.url.rstrip("/"),
-            headers={"Authorization": f"Bearer {target.key}"},
-            timeout=httpx.Timeout(30.0, read=poll_wait_s + 30.0),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-        )
+        self.clients = [
+            httpx.AsyncClient(
+                base_url=url.rstrip("/"),
+                headers={"Authorization": f"Bearer {target.key}"},
+                timeout=httpx.Timeout(30.0, read=poll_wait_s + 30.0),
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            )
+            for url in target.urls or [target.url]
+        ]
+        self.http = self.clients[0]
+        self._turn = itertools.count()
+
+    def _next(self) -> httpx.AsyncClient:
+        return self.clients[next(self._turn) % len(self.clients)]
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        for client in self.clients:
+            await client.aclose()
 
     @staticmethod
     def _check(resp: httpx.Response, what: str, ok: tuple[int, ...] = (200, 201)) -> dict[str, Any]:
@@ -301,12 +331,13 @@ class Api:
         return body
 
     async def ready(self) -> None:
-        resp = await self.http.get("/readyz")
-        if resp.status_code != 200:
-            raise BenchError(f"GET /readyz: HTTP {resp.status_code}: {resp.text[:400]}")
+        for client in self.clients:
+            resp = await client.get("/readyz")
+            if resp.status_code != 200:
+                raise BenchError(f"GET {client.base_url}/readyz: HTTP {resp.status_code}: {resp.text[:400]}")
 
     async def create_workflow(self, name: str, definition: dict[str, Any]) -> int:
-        resp = await self.http.post(
+        resp = await self._next().post(
             "/api/v1/workflows",
             json={"name": name, "description": "bench/engine.py", "definition": definition},
         )
@@ -319,7 +350,7 @@ class Api:
         """Start a run and long-poll it to a terminal state; never longer than run_timeout_s."""
         started = time.perf_counter()
         deadline = started + self.run_timeout_s
-        resp = await self.http.post(
+        resp = await self._next().post(
             "/api/v1/runs", json={"workflow": workflow, "version": version, "input": run_input}
         )
         doc = self._check(resp, "POST /api/v1/runs")
@@ -336,7 +367,7 @@ class Api:
                     error=f"no terminal state within {self.run_timeout_s:g} s after {polls} polls",
                 ), doc
             wait = max(1.0, min(self.poll_wait_s, left))
-            resp = await self.http.get(
+            resp = await self._next().get(
                 f"/api/v1/runs/{run_id}",
                 params={"wait": f"{wait:g}"},
                 timeout=httpx.Timeout(30.0, read=wait + 30.0),
@@ -458,6 +489,154 @@ class CpuMeter:
         return out
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and its descendants (expression evaluators); empty once it is gone."""
+    try:
+        proc = psutil.Process(pid)
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def tcp_ports_by_inode() -> dict[int, int]:
+    """The local port of every TCP socket of this network namespace, by socket inode."""
+    ports: dict[int, int] = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(path).read_text().splitlines()[1:]:
+                fields = line.split()
+                ports[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
+    return ports
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(int(link[8:-1]))
+    return inodes
+
+
+class ConnCounter:
+    """Postgres connections to the product's database per process, sampled periodically: each
+    pg_stat_activity row's client_port is matched to the local TCP ports of a process (/proc, Linux, same
+    machine; the expression evaluators, which never connect, are not looked at). Rows no process claims (a
+    Unix socket, a connection opened or closed mid-sample, another client) count as ``other``. A backend
+    (pid and client port) keeps its process once known, so /proc/net/tcp, slow to read on a machine with
+    many sockets, is read again only when a new backend appears."""
+
+    def __init__(self, conn: asyncpg.Connection, pids: dict[str, int]) -> None:
+        self.conn = conn
+        self.pids = pids
+        self.samples = 0
+        self.peak: dict[str, int] = {}
+        self.peak_by_application: dict[str, dict[str, int]] = {}
+        self.last: dict[str, dict[str, int]] = {}
+        self.error: str | None = None
+        self.owners: dict[tuple[int, int], str] = {}  # (backend pid, client port) -> process name
+
+    @classmethod
+    async def connect(cls, database_url: str, pids: dict[str, int]) -> ConnCounter:
+        return cls(await asyncio.wait_for(asyncpg.connect(plain_pg_url(database_url)), timeout=15), pids)
+
+    def _ports(self) -> dict[int, str]:
+        by_inode = tcp_ports_by_inode()
+        return {
+            by_inode[inode]: name
+            for name, pid in self.pids.items()
+            for inode in socket_inodes(pid)
+            if inode in by_inode
+        }
+
+    async def sample(self) -> None:
+        rows = await self.conn.fetch(
+            "SELECT pid, application_name, client_port FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        backends = [(int(row["pid"]), int(row["client_port"] or -1)) for row in rows]
+        if any(b not in self.owners for b in backends):
+            # After the query: a row's connection is still open when its port is listed.
+            ports = await asyncio.to_thread(self._ports)
+            self.owners = {b: ports.get(b[1], "other") for b in backends}
+        counts: dict[str, dict[str, int]] = {}
+        for row, backend in zip(rows, backends, strict=True):
+            by_app = counts.setdefault(self.owners[backend], {})
+            app = row["application_name"] or "(none)"
+            by_app[app] = by_app.get(app, 0) + 1
+        self.samples += 1
+        self.last = counts
+        for name, by_app in counts.items():
+            self.peak[name] = max(self.peak.get(name, 0), sum(by_app.values()))
+            peaks = self.peak_by_application.setdefault(name, {})
+            for app, n in by_app.items():
+                peaks[app] = max(peaks.get(app, 0), n)
+
+    async def run(self, interval_s: float) -> None:
+        """Sample until cancelled; a failed sample ends the sampling and is reported, not raised."""
+        try:
+            while True:
+                await self.sample()
+                await asyncio.sleep(interval_s)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self.error = f"{exc.__class__.__name__}: {exc}"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "interval_s": CONN_SAMPLE_S,
+            "samples": self.samples,
+            "error": self.error,
+            "peak": self.peak,
+            "peak_by_application": self.peak_by_application,
+            "last": self.last,
+        }
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class RssSampler:
+    """Resident memory of each product process (its descendants apart, as ``<name> children``)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.started = time.perf_counter()
+        self.samples: dict[str, list[tuple[float, float]]] = {}  # name -> [(seconds since start, MiB)]
+
+    def sample(self) -> None:
+        at = round(time.perf_counter() - self.started, 1)
+        for name, pid in self.pids.items():
+            tree = process_tree(pid)
+            rss = {}
+            for proc in tree:
+                with contextlib.suppress(psutil.Error):
+                    rss[proc.pid] = proc.memory_info().rss / 2**20
+            if pid in rss:
+                self.samples.setdefault(name, []).append((at, rss.pop(pid)))
+            if rss or f"{name} children" in self.samples:
+                self.samples.setdefault(f"{name} children", []).append((at, sum(rss.values())))
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.sample()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, points in self.samples.items():
+            first, last = points[0][1], points[-1][1]
+            out[name] = {
+                "first_mib": first,
+                "last_mib": last,
+                "max_mib": max(v for _, v in points),
+                "growth_pct": (last - first) * 100.0 / first if first else None,
+                "samples": points,
+            }
+        return {"interval_s": SOAK_SAMPLE_S, "processes": out}
+
+
 # --- scenarios ---------------------------------------------------------------------------------------
 
 
@@ -471,25 +650,39 @@ async def run_scenario(
     probe: XidProbe | None,
     max_failures: int,
     cpu: CpuMeter | None = None,
+    *,
+    tenants: Sequence[tuple[Api, int]] = (),
+    duration_s: float | None = None,
 ) -> None:
+    """``result.runs_planned`` runs, ``result.concurrency`` in flight, or as many as start within
+    ``duration_s``. With ``tenants`` (each one's client and workflow version), the j-th run of client task k
+    goes to tenant ``(k + j * concurrency) % len(tenants)``."""
     remaining = result.runs_planned
+    stop_at: float | None = None
     failures = 0
     lock = asyncio.Lock()
 
     async def take() -> bool:
         nonlocal remaining
         async with lock:
-            if remaining <= 0 or result.aborted:
+            if result.aborted:
+                return False
+            if stop_at is not None:
+                return time.perf_counter() < stop_at
+            if remaining <= 0:
                 return False
             remaining -= 1
             return True
 
-    async def client_task() -> None:
+    async def client_task(slot: int) -> None:
         nonlocal failures
+        turn = slot
         while await take():
+            run_api, run_version = tenants[turn % len(tenants)] if tenants else (api, version)
+            turn += result.concurrency
             started = time.perf_counter()
             try:
-                run, doc = await api.run(workflow, version, make_input())
+                run, doc = await run_api.run(workflow, run_version, make_input())
             except (httpx.HTTPError, BenchError, ValueError, KeyError) as exc:
                 run, doc = (
                     RunResult(
@@ -515,7 +708,9 @@ async def run_scenario(
         w0 = await probe.other_db_writes()
         x0 = await probe.xid()
     started = time.perf_counter()
-    await asyncio.gather(*(client_task() for _ in range(result.concurrency)))
+    if duration_s is not None:
+        stop_at = started + duration_s
+    await asyncio.gather(*(client_task(slot) for slot in range(result.concurrency)))
     result.wall_s = time.perf_counter() - started
     if probe is not None and x0 is not None and w0 is not None:
         await asyncio.sleep(0.3)  # trailing writes of the last run (outbox bookkeeping) belong to it
@@ -529,8 +724,15 @@ async def run_scenario(
 async def bench(
     args: argparse.Namespace, target: Target, product: Product | None
 ) -> tuple[dict[str, Any], int]:
-    api = Api(target, run_timeout_s=args.run_timeout, poll_wait_s=args.poll_wait)
+    tenant_apis = [
+        Api(replace(target, key=key), run_timeout_s=args.run_timeout, poll_wait_s=args.poll_wait)
+        for key in target.tenant_keys or [target.key]
+    ]
+    api = tenant_apis[0]
     probe: XidProbe | None = None
+    conns: ConnCounter | None = None
+    rss: RssSampler | None = None
+    background: list[asyncio.Future[None]] = []
     results: list[ScenarioResult] = []
     try:
         await _with_timeout(api.ready(), 15, "the API does not answer GET /readyz")
@@ -539,15 +741,22 @@ async def bench(
         machine = await machine_info(probe, args, product)
         cpu = CpuMeter({**product.pids(), "client": os.getpid()}, probe) if product is not None else None
         print_header(machine, args)
+        if product is not None and target.database_url and (args.apis or args.workers or args.soak):
+            conns = await ConnCounter.connect(target.database_url, {**product.pids(), "client": os.getpid()})
+            background.append(asyncio.ensure_future(conns.run(CONN_SAMPLE_S)))
 
-        selected = args.only
-        chain_version = fan_version = 0
-        if "chain1" in selected or "chain8" in selected:
-            chain_version = await api.create_workflow(CHAIN_WORKFLOW, chain_definition(args.chain_length))
-        if "fanout" in selected:
-            fan_version = await api.create_workflow(
-                FANOUT_WORKFLOW, fanout_definition(args.fanout_concurrency)
-            )
+        selected = ["soak"] if args.soak else args.only
+        chain_versions = [0] * len(tenant_apis)
+        fan_versions = [0] * len(tenant_apis)
+        for i, tenant_api in enumerate(tenant_apis):
+            if {"chain1", "chain8", "soak"} & set(selected):
+                chain_versions[i] = await tenant_api.create_workflow(
+                    CHAIN_WORKFLOW, chain_definition(args.chain_length)
+                )
+            if "fanout" in selected:
+                fan_versions[i] = await tenant_api.create_workflow(
+                    FANOUT_WORKFLOW, fanout_definition(args.fanout_concurrency)
+                )
 
         chain_input: Callable[[], dict[str, Any]] = dict
         items = list(range(args.fanout_items))
@@ -555,72 +764,97 @@ async def bench(
         def fan_input() -> dict[str, Any]:
             return {"items": items}
 
-        # Warm-up: one run per workflow, not counted (imports, pools, prepared statements, JIT-less caches).
-        for workflow, version, make_input in (
-            (CHAIN_WORKFLOW, chain_version, chain_input),
-            (FANOUT_WORKFLOW, fan_version, fan_input),
-        ):
-            if not version:
-                continue
-            warm, _ = await api.run(workflow, version, make_input())
-            if warm.status != "succeeded":
-                raise BenchError(
-                    f"warm-up run of {workflow} did not succeed: {warm.status}: "
-                    f"{json.dumps(warm.error, default=str)[:800]}"
-                )
-            print(f"warm-up {workflow}: {warm.latency_ms:.0f} ms", file=sys.stderr, flush=True)
+        # Warm-up: one run per workflow and tenant, not counted (imports, pools, prepared statements, caches).
+        for tenant_api, chain_version, fan_version in zip(tenant_apis, chain_versions, fan_versions, strict=True):
+            for workflow, version, make_input in (
+                (CHAIN_WORKFLOW, chain_version, chain_input),
+                (FANOUT_WORKFLOW, fan_version, fan_input),
+            ):
+                if not version:
+                    continue
+                warm, _ = await tenant_api.run(workflow, version, make_input())
+                if warm.status != "succeeded":
+                    raise BenchError(
+                        f"warm-up run of {workflow} did not succeed: {warm.status}: "
+                        f"{json.dumps(warm.error, default=str)[:800]}"
+                    )
+                print(f"warm-up {workflow}: {warm.latency_ms:.0f} ms", file=sys.stderr, flush=True)
 
-        plan: list[tuple[ScenarioResult, str, int, Callable[[], dict[str, Any]], Any]] = []
+        def spread(versions: list[int]) -> list[tuple[Api, int]]:
+            return list(zip(tenant_apis, versions, strict=True)) if len(tenant_apis) > 1 else []
+
+        suffix = f", {len(tenant_apis)} tenants" if len(tenant_apis) > 1 else ""
+        plan: list[tuple[ScenarioResult, str, Callable[[], dict[str, Any]], Any, list[int]]] = []
         if "chain1" in selected:
             plan.append(
                 (
-                    ScenarioResult("chain1", f"chain-{args.chain_length} c=1", args.chain1_runs, 1),
+                    ScenarioResult("chain1", f"chain-{args.chain_length} c=1{suffix}", args.chain1_runs, 1),
                     CHAIN_WORKFLOW,
-                    chain_version,
                     chain_input,
                     chain_handoffs,
+                    chain_versions,
                 )
             )
         if "chain8" in selected:
             c = args.chain8_concurrency
             plan.append(
                 (
-                    ScenarioResult("chain8", f"chain-{args.chain_length} c={c}", args.chain8_runs, c),
+                    ScenarioResult("chain8", f"chain-{args.chain_length} c={c}{suffix}", args.chain8_runs, c),
                     CHAIN_WORKFLOW,
-                    chain_version,
                     chain_input,
                     chain_handoffs,
+                    chain_versions,
                 )
             )
         if "fanout" in selected:
             plan.append(
                 (
-                    ScenarioResult("fanout", f"fan-out-{args.fanout_items}", args.fanout_runs, 1),
+                    ScenarioResult("fanout", f"fan-out-{args.fanout_items}{suffix}", args.fanout_runs, 1),
                     FANOUT_WORKFLOW,
-                    fan_version,
                     fan_input,
                     fanout_handoffs,
+                    fan_versions,
+                )
+            )
+        if "soak" in selected:
+            c = args.chain8_concurrency
+            plan.append(
+                (
+                    ScenarioResult("soak", f"chain-{args.chain_length} c={c} soak {args.soak:g} s{suffix}", 0, c),
+                    CHAIN_WORKFLOW,
+                    chain_input,
+                    chain_handoffs,
+                    chain_versions,
                 )
             )
 
-        for result, workflow, version, make_input, handoffs in plan:
-            print(
-                f"running {result.name}: {result.runs_planned} runs, {result.concurrency} in flight ...",
-                file=sys.stderr,
-                flush=True,
-            )
+        for result, workflow, make_input, handoffs, versions in plan:
+            soaking = result.key == "soak"
+            if soaking:
+                what = f"{result.concurrency} in flight for {args.soak:g} s"
+                budget = args.soak + args.run_timeout + 60
+            else:
+                what = f"{result.runs_planned} runs, {result.concurrency} in flight"
+                budget = args.run_timeout * math.ceil(result.runs_planned / result.concurrency) + 60
+            print(f"running {result.name}: {what} ...", file=sys.stderr, flush=True)
             result.load_before = os.getloadavg()[0]
-            budget = args.run_timeout * math.ceil(result.runs_planned / result.concurrency) + 60
+            if soaking and product is not None:
+                rss = RssSampler(product.pids())
+                rss.sample()
+                background.append(asyncio.ensure_future(rss.run(SOAK_SAMPLE_S)))
             try:
                 await _with_timeout(
                     run_scenario(
-                        api, result, workflow, version, make_input, handoffs, probe, args.max_failures, cpu
+                        api, result, workflow, versions[0], make_input, handoffs, probe, args.max_failures, cpu,
+                        tenants=spread(versions), duration_s=args.soak if soaking else None,
                     ),
                     budget,
                     f"scenario {result.name} did not finish within {budget:g} s",
                 )
             except BenchError as exc:
                 result.aborted = str(exc)
+            if rss is not None and soaking:
+                rss.sample()
             result.load_after = os.getloadavg()[0]
             results.append(result)
             s = result.summary()
@@ -633,18 +867,32 @@ async def bench(
                     flush=True,
                 )
     finally:
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if conns is not None:
+            await conns.close()
         if probe is not None:
             await probe.close()
-        await api.aclose()
+        for tenant_api in tenant_apis:
+            await tenant_api.aclose()
 
     report = {
         "machine": machine,
         "command": command_line(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("key",)},
         "scenarios": [r.summary() for r in results],
-        "runs": {r.key: [asdict(x) for x in r.runs] for r in results},
+        # A soak's runs are summarised only: an hour of them would be tens of megabytes.
+        "runs": {r.key: [asdict(x) for x in r.runs] for r in results if r.key != "soak"},
     }
-    bad = any(r.failed or r.aborted or len(r.runs) < r.runs_planned for r in results)
+    if conns is not None:
+        report["connections"] = conns.summary()
+    if rss is not None:
+        report["memory"] = rss.summary()
+    bad = any(
+        r.failed or r.aborted or len(r.runs) < r.runs_planned or (r.key == "soak" and not r.runs) for r in results
+    )
     return report, (1 if bad else 0)
 
 
@@ -742,7 +990,7 @@ async def machine_info(
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "postgres": pg_version,
-        "mode": f"self-hosted: {' '.join(product.commands['api'])} + {' '.join(product.commands['worker'])}"
+        "mode": product.describe()
         if product is not None
         else f"external {args.url}",
         "child_env": args.env,
@@ -893,6 +1141,27 @@ def print_report(report: dict[str, Any]) -> None:
             util = f"; machine {100 * busy / (nproc * s['wall_s']):.0f}% busy" if busy and s["wall_s"] else ""
             parts = ", ".join(f"{k} {v:.2f}" for k, v in per_step.items())
             print(f"CPU ms per step, {s['scenario']}: {parts}{util}")
+    if conns := report.get("connections"):
+        peaks = [
+            f"{name} {conns['peak'][name]} ("
+            + ", ".join(f"{app} {n}" for app, n in sorted(conns["peak_by_application"][name].items()))
+            + ")"
+            for name in sorted(conns["peak"], key=lambda n: (n == "other", n))
+        ]
+        print(
+            f"Postgres connections per process, peak of {conns['samples']} samples every "
+            f"{conns['interval_s']:g} s (total; by application_name): {'; '.join(peaks) or 'none'}"
+        )
+        if conns["error"]:
+            print(f"(connection sampling stopped early: {conns['error']})")
+    if memory := report.get("memory"):
+        print(f"RSS per process in MiB, sampled after the warm-up and every {memory['interval_s']:g} s:")
+        for name, m in memory["processes"].items():
+            growth = "n/a" if m["growth_pct"] is None else f"{m['growth_pct']:+.1f}%"
+            print(
+                f"  {name}: first {m['first_mib']:.1f}, last {m['last_mib']:.1f}, max {m['max_mib']:.1f}, "
+                f"first -> last {growth} ({len(m['samples'])} samples)"
+            )
     print()
     print(aims_table(report["scenarios"]))
     print()
@@ -955,7 +1224,10 @@ async def bootstrap(database_url: str, tenant: str = "bench") -> Bootstrapped:
     return result
 
 class Product:
-    """A database, a Redis database and the API and worker processes, all removed by ``stop()``."""
+    """A database, a Redis database and the API and worker processes, all removed by ``stop()``.
+
+    Its options are read from ``args`` when present (other benchmarks pass their own namespace): ``apis``,
+    ``workers`` and ``tenants``, each 1 by default."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -963,23 +1235,47 @@ class Product:
         self.dbname = f"steward_bench_{secrets.token_hex(4)}"
         self.database_url = urlunsplit(urlsplit(self.admin_url)._replace(path="/" + self.dbname))
         self.queue_prefix = f"stwbench-{secrets.token_hex(4)}"
-        self.port = free_port()
+        self.apis = getattr(args, "apis", None) or 1
+        self.workers = getattr(args, "workers", None) or 1
+        self.tenants = getattr(args, "tenants", None) or 1
+        self.ports: list[int] = []
+        while len(self.ports) < self.apis:
+            if (port := free_port()) not in self.ports:
+                self.ports.append(port)
+        self.port = self.ports[0]
         self.logdir = Path(tempfile.mkdtemp(prefix="steward-bench-"))
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         self.db_created = False
         self.keep_logs = False
         self.key = ""
+        self.tenant_keys: list[str] = []
         self.commands: dict[str, list[str]] = {}
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.urls[0]
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    def describe(self) -> str:
+        """The commands the product runs, for the report's header."""
+        first: dict[str, list[str]] = {}
+        for name, cmd in self.commands.items():
+            first.setdefault(name.split("-")[0], cmd)
+        api = " ".join(first["api"]) + (
+            f" (x{self.apis}, ports {', '.join(map(str, self.ports))})" if self.apis > 1 else ""
+        )
+        worker = " ".join(first["worker"]) + (f" (x{self.workers})" if self.workers > 1 else "")
+        return f"self-hosted: {api} + {worker}"
 
     def start(self) -> Target:
+        ports = f"port {self.port}" if self.apis == 1 else f"ports {', '.join(map(str, self.ports))}"
         print(
             f"starting product: database {self.dbname}, redis {redact_url(self.args.redis)}, "
-            f"queue prefix {self.queue_prefix}, port {self.port}",
+            f"queue prefix {self.queue_prefix}, {ports}",
             file=sys.stderr,
             flush=True,
         )
@@ -987,7 +1283,8 @@ class Product:
         from app.db import run_migrations
 
         run_migrations(self.database_url)
-        self.key = asyncio.run(self._bootstrap())
+        self.tenant_keys = asyncio.run(self._bootstrap())
+        self.key = self.tenant_keys[0]
         asyncio.run(self._flush_redis())
         env = {
             **os.environ,
@@ -1003,10 +1300,19 @@ class Product:
             name, _, value = item.partition("=")
             env[name] = value
         cmd = steward_command()
-        self._spawn("api", [*cmd, "api", "--host", "127.0.0.1", "--port", str(self.port)], env)
-        self._spawn("worker", [*cmd, "worker"], env)
+        for i, port in enumerate(self.ports, 1):
+            name = "api" if self.apis == 1 else f"api-{i}"
+            self._spawn(name, [*cmd, "api", "--host", "127.0.0.1", "--port", str(port)], env)
+        for i in range(1, self.workers + 1):
+            self._spawn("worker" if self.workers == 1 else f"worker-{i}", [*cmd, "worker"], env)
         self._wait_ready(self.args.startup_timeout)
-        return Target(url=self.url, key=self.key, database_url=self.database_url)
+        return Target(
+            url=self.url,
+            key=self.key,
+            database_url=self.database_url,
+            urls=self.urls,
+            tenant_keys=self.tenant_keys,
+        )
 
     async def _create_database(self) -> None:
         conn = await asyncio.wait_for(asyncpg.connect(self.admin_url), timeout=15)
@@ -1016,8 +1322,10 @@ class Product:
         finally:
             await conn.close()
 
-    async def _bootstrap(self) -> str:
-        return (await bootstrap(self.database_url)).api_key
+    async def _bootstrap(self) -> list[str]:
+        """An admin key per tenant: ``bench``, then ``bench-2`` .. ``bench-N``."""
+        names = ["bench", *(f"bench-{i}" for i in range(2, self.tenants + 1))]
+        return [(await bootstrap(self.database_url, name)).api_key for name in names]
 
     async def _flush_redis(self) -> None:
         import redis.asyncio as aioredis
@@ -1048,20 +1356,27 @@ class Product:
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         last = "no answer"
+        pending = list(self.urls)
         while time.monotonic() < deadline:
             for name, proc in self.children.items():
                 code = proc.poll()
                 if code is not None:
                     raise BenchError(f"steward {name} exited with code {code} during start-up")
-            try:
-                resp = httpx.get(self.url + "/readyz", timeout=2.0)
-                if resp.status_code == 200:
-                    return
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = f"{exc.__class__.__name__}: {exc}"
+            for url in list(pending):
+                try:
+                    resp = httpx.get(url + "/readyz", timeout=2.0)
+                    if resp.status_code == 200:
+                        pending.remove(url)
+                        continue
+                    last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                except httpx.HTTPError as exc:
+                    last = f"{exc.__class__.__name__}: {exc}"
+            if not pending:
+                return
             time.sleep(0.25)
-        raise BenchError(f"the API did not become ready on {self.url} within {timeout_s:g} s (last: {last})")
+        raise BenchError(
+            f"the API did not become ready on {', '.join(pending)} within {timeout_s:g} s (last: {last})"
+        )
 
     def pids(self) -> dict[str, int]:
         return {name: proc.pid for name, proc in self.children.items()}
@@ -1172,9 +1487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra environment for the api and worker processes (repeatable)",
     )
-    p.add_argument(
-        "--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}"
-    )
+    p.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers here")
     p.add_argument("--chain-length", type=int, default=10)
     p.add_argument("--chain1-runs", type=int, default=50)
@@ -1187,7 +1500,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--poll-wait", type=float, default=30.0, help="?wait= of each long poll (default 30)")
     p.add_argument("--max-failures", type=int, default=5, help="stop a scenario after this many failed runs")
     p.add_argument("--startup-timeout", type=float, default=90.0, help="seconds for the product to come up")
+    p.add_argument(
+        "--tenants", type=int, default=1, metavar="N",
+        help="spread the runs round-robin over N tenants, each with its own API key (default 1)",
+    )
+    p.add_argument(
+        "--apis", type=int, metavar="N",
+        help="api processes, requests spread round-robin over them (default 1); reports Postgres connections",
+    )
+    p.add_argument(
+        "--workers", type=int, metavar="M", help="worker processes (default 1); reports Postgres connections"
+    )
+    p.add_argument(
+        "--soak", type=float, metavar="SECONDS",
+        help="instead of the scenarios, run the chain-10 loop (--chain8-concurrency) this long, sampling RSS",
+    )
     args = p.parse_args(argv)
+    if args.soak is not None and args.only is not None:
+        p.error("--soak runs the chain-10 loop alone: drop --only")
+    if args.url and (args.tenants != 1 or args.apis or args.workers or args.soak is not None):
+        p.error("--tenants, --apis, --workers and --soak are for the self-hosted mode (without --url)")
+    if args.soak is not None and args.soak <= 0:
+        p.error("--soak must be more than 0 seconds")
+    for name in ("apis", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    args.only = args.only if args.only is not None else ",".join(SCENARIOS)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SCENARIOS]
     if unknown or not only:
@@ -1214,6 +1552,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fanout_items",
         "fanout_concurrency",
         "max_failures",
+        "tenants",
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -8,6 +8,7 @@ import re
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics
+from app.audit.chain import seal_backlog
 from app.config import Settings
+from app.pg import Conn
 from app.redis import connect as connect_redis
 from app.tools.breaker import Breaker, BreakerPolicy, breaker_prefix, tool_key
 from tests.fakes.model_server import ModelServer, Turn
 from tests.fakes.tool_server import ToolServer
+from tests.support.audit import add_unsealed, entries
 from tests.support.net import free_port, get_once_up
 from tests.support.providers import add_provider, model_name
 from tests.support.runs import create_workflow, name, start_run, step, wait_for, wait_run
@@ -164,6 +168,17 @@ async def test_a_run_paused_by_its_budget_is_a_budget_decision_and_shows_paused_
     assert delta(after, "steward_tool_calls_total", tool="paid", outcome="ok") == 3
     assert delta(after, "steward_runs_finished_total", workflow=workflow, outcome="succeeded", tenant="") == 1
     assert delta(after, "steward_run_cost_usd_sum", workflow=workflow) == 3
+async def test_unsealed_audit_rows_are_read_at_scrape_time(
+    client: httpx.AsyncClient, owner: Conn, tenant: TenantKey
+) -> None:
+    await add_unsealed(owner, tenant.tenant_id, entries(2, at=[datetime.now(UTC) - timedelta(hours=h) for h in (2, 1)]))
+    text, samples = await scrape(client)
+    assert value(samples, "steward_audit_unsealed_rows") >= 2
+    assert value(samples, "steward_audit_unsealed_oldest_age_seconds") >= 7200
+    promtool(text)
+    await seal_backlog(owner, tenant.tenant_id)
+    assert await owner.fetchval("SELECT count(*) FROM audit_event WHERE tenant_id = $1 AND seq IS NULL",
+                                tenant.tenant_id) == 0
 
 
 def test_label_values_past_the_limit_read_other(settings: Settings) -> None:

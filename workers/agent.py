@@ -71,6 +71,7 @@ class PendingCall:
     name: str
     args: Any
     error: str | None  # the arguments were not JSON
+    counted: bool = False  # counted against max_steps with the turn that chose it
 
 
 @dataclass
@@ -91,7 +92,9 @@ class Conversation:
             message = cp.data["message"]
             self.messages.append(message)
             self.turns += 1
-            self.pending = _pending(message)
+            # The first ``counted`` calls were counted against max_steps when the turn was saved.
+            counted = cp.data.get("counted", 0)
+            self.pending = [replace(call, counted=i < counted) for i, call in enumerate(_pending(message))]
             self.answer = None if self.pending else (message.get("content") or "")
         elif cp.kind == "tool":
             self.messages.append({"role": "tool", "tool_call_id": cp.call_id, "content": cp.data["content"]})
@@ -280,7 +283,12 @@ class ModelStepRun:
 
     async def _save_turn(self, tx: UnitOfWork, cp: Checkpoint, events: list[tuple[str, dict[str, Any]]], hold: Hold,
                          cost: Decimal, tokens: int) -> None:
-        """The turn's checkpoint and the settlement of its hold: both or neither."""
+        """The turn's checkpoint and the settlement of its hold: both or neither. An agent's turn also
+        counts the tool calls it chose against max_steps here, as many as fit (the checkpoint records how
+        many), so those calls need no transaction of their own when they are free."""
+        if self.counts_turns:
+            chosen = len(cp.data["message"].get("tool_calls") or [])
+            cp.data["counted"] = await budgets.count_chosen_calls(tx.conn, self.claimed.run_id, chosen)
         await checkpoints.save(tx, self.claimed, cp, events, [])
         await budgets.settle(tx.conn, hold, cost, tokens)
 
@@ -354,12 +362,20 @@ class ModelStepRun:
         heard = ("agent_tool_result", {"call_id": self._call_key(call), "tool": call.name, "ok": result.ok,
                                        "content": content[:PREVIEW_CHARS], "content_sha256": _digest(content),
                                        "bytes": len(full.encode()), "trimmed": content != full})
-        await in_tx(self.runtime, checkpoints.save, self.claimed, cp, [*result.events, heard], result.audits)
+        # A call counted with its turn that was refused before its reservation gives its count back.
+        await in_tx(self.runtime, self._save_call, cp, [*result.events, heard], result.audits,
+                    call.counted and not result.budgeted)
         c.apply(cp)
         if not result.ok and c.failures[signature] >= self.spec.loop_limit:
             return self._fail("agent_loop", f"the model made the same failing call to {call.name!r} "
                               f"{c.failures[signature]} times ({result.error_class}: {result.message})")
         return None
+
+    async def _save_call(self, tx: UnitOfWork, cp: Checkpoint, events: list[tuple[str, dict[str, Any]]],
+                         audits: list[AuditNote], uncount: bool) -> None:
+        await checkpoints.save(tx, self.claimed, cp, events, audits)
+        if uncount:
+            await budgets.uncount_call(tx.conn, self.claimed.run_id)
 
     def _call_key(self, call: PendingCall) -> str:
         return f"{self.conversation.turns}:{call.id}"[:128]
@@ -371,21 +387,24 @@ class ModelStepRun:
         # identical call gets an approval and an idempotency key of its own.
         call_id = self._call_key(call)
         key = f"{self.claimed.idempotency_key}:{self.conversation.epoch}:{call_id}"
-        # The model chose this call: it counts against max_steps, once, however often it is retried here.
+        # The model chose this call: it counts against max_steps, once, however often it is retried here;
+        # normally with its turn already, else (no room was left then) when it is made.
         site = CallSite(self.claimed.step_run_id, self.claimed.step_id, self.claimed.attempt_n, key, call_id, "agent",
-                        counted=True)
+                        counted=not call.counted)
         events: list[tuple[str, dict[str, Any]]] = []
         audits: list[AuditNote] = []
         attempt = 1
+        budgeted = None  # whether the first attempt got past its reservation: where the call is counted
         while True:
             result = await self.caller.call(site, call.name, call.args)
             site = replace(site, counted=False)
+            budgeted = result.budgeted if budgeted is None else budgeted
             events += result.events
             audits += result.audits
             retry = result.retry
             if result.ok or not result.transient or result.error_class == "circuit_open" or retry is None \
                     or attempt >= retry.max_attempts:
-                return replace(result, events=tuple(events), audits=tuple(audits))
+                return replace(result, events=tuple(events), audits=tuple(audits), budgeted=budgeted)
             delay = min(retry.backoff_base_s * 2 ** (attempt - 1), retry.backoff_max_s, MAX_TOOL_RETRY_DELAY_S)
             if result.retry_after is not None:
                 delay = max(delay, min(result.retry_after, MAX_TOOL_RETRY_DELAY_S))

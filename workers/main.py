@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 
 import app.models  # noqa: F401  (every table, so foreign keys resolve in a worker-only process)
 from app import tracing
+from app.audit.sealer import seal_loop
 from app.config import Settings
 from app.engine.unit_of_work import QUEUES
 from app.metrics import exposed_registry
@@ -103,6 +104,8 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
         tasks = [asyncio.create_task(w.async_run()) for w in workers]
         by_queue = {w.queue_name: w for w in workers}
         tasks.append(asyncio.create_task(listen(runtime.redis, settings.queue_prefix, by_queue)))
+        # Audit rows are written unsealed by the actions' transactions and chained here (app/audit/sealer.py).
+        tasks.append(asyncio.create_task(seal_loop(runtime), name="audit-sealer"))
         log.info("worker %s started on %s", worker_id, ", ".join(w.queue_name for w in workers))
         try:
             await asyncio.gather(*tasks)

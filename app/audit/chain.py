@@ -5,15 +5,25 @@ sorted, no whitespace, UTF-8, ``at`` as ``YYYY-MM-DDTHH:MM:SS.ffffffZ``. ``prev_
 the tenant's previous row (``seq - 1``), or 64 zeros for the first. Anyone holding an export can
 re-compute it (docs/security.md spells the format out).
 
-Writers lock the tenant's ``audit_head`` row, append after it and move it, all in the transaction of
-the action they record: concurrent writers queue on that row, so the chain cannot fork, and a rolled
-back action leaves neither its row nor a gap.
+Writing and sealing are apart, so that a busy tenant's actions do not queue on its chain:
+
+- :func:`append` inserts the rows *unsealed* (``seq``, ``prev_hash``, ``hash`` NULL) in the transaction of
+  the action they record: a rolled back action leaves no row, a committed one always has its row. It
+  takes no lock beyond its own rows', and notifies :data:`CHANNEL` (delivered at commit) as a wake-up.
+- :func:`seal_tenant` chains a tenant's committed unsealed rows, in ``id`` order, after its
+  ``audit_head``, in a short transaction of its own holding that head's row lock: sealers of one tenant
+  never run at once (a second one skips the tenant), so the chain cannot fork, and it has no gaps since
+  only committed rows are ever sealed. The workers' sealer (app/audit/sealer.py) calls it.
+
+The append-only trigger refuses every UPDATE of ``audit_event`` but the sealing one (NULL to values of
+those three columns, nothing else changed), and every DELETE but retention's of sealed rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import uuid
 from collections.abc import Sequence
@@ -24,10 +34,18 @@ from typing import Any
 
 from app.canonical import canonical_json
 from app.clock import now
+from app.outage import is_database_outage
 from app.pg import Conn, dumps
+
+log = logging.getLogger(__name__)
+
 
 GENESIS = "0" * 64
 FORMAT_VERSION = 1
+# Notified by every transaction that appended audit rows: the sealers' wake-up (a hint; they also poll).
+CHANNEL = "steward_audit_unsealed"
+# Rows one sealing transaction chains at most (the head's lock is held for that long).
+SEAL_BATCH = 1000
 
 # Keys whose values never belong in the audit log, whatever the caller passed.
 _SECRET_KEYS = ("password", "secret", "token", "api_key", "apikey", "authorization", "cookie", "credential")
@@ -123,85 +141,107 @@ def _secret_key(key: Any) -> bool:
     return any(marker in lowered for marker in _SECRET_KEYS)
 
 
-# Locks the head (creating it on a tenant's first event): concurrent appenders wait here.
-_LOCK_HEAD = """
-INSERT INTO audit_head (tenant_id, seq, hash) VALUES ($1, 0, $2)
-ON CONFLICT (tenant_id) DO UPDATE SET seq = audit_head.seq
-RETURNING seq, hash
+_INSERT = f"""
+WITH rows AS (
+    INSERT INTO audit_event (tenant_id, at, actor, ip, user_agent, action, target, outcome, data)
+    SELECT $1, x.at, x.actor, x.ip, x.user_agent, x.action, x.target, x.outcome, x.data
+    FROM jsonb_to_recordset($2::jsonb) AS x(at timestamptz, actor text, ip text, user_agent text, action text,
+                                            target text, outcome text, data jsonb)
+)
+SELECT pg_notify('{CHANNEL}', '')
 """
-
-_INSERT_ROWS = """
-INSERT INTO audit_event (tenant_id, seq, at, actor, ip, user_agent, action, target, outcome, data, prev_hash, hash)
-SELECT $1, x.seq, x.at, x.actor, x.ip, x.user_agent, x.action, x.target, x.outcome, x.data, x.prev_hash, x.hash
-FROM jsonb_to_recordset($2::jsonb) AS x(seq bigint, at timestamptz, actor text, ip text, user_agent text,
-                                        action text, target text, outcome text, data jsonb, prev_hash text, hash text)
-"""
-
-# After _LOCK_HEAD: append and move the head.
-_APPEND = f"""
-WITH rows AS ({_INSERT_ROWS})
-UPDATE audit_head SET seq = $3, hash = $4 WHERE tenant_id = $1
-"""
-
-# One round trip when this process guessed the head right: the head moves to the new rows and they
-# are inserted. Guessed wrong (another writer came first; the UPDATE waits for its commit): the head is
-# left as it is, but locked, and returned, so the rows are chained after it by one more statement.
-_APPEND_IF_HEAD = f"""
-WITH head AS (
-    UPDATE audit_head SET seq = CASE WHEN seq = $5 AND hash = $6 THEN $3 ELSE seq END,
-                          hash = CASE WHEN seq = $5 AND hash = $6 THEN $4 ELSE hash END
-    WHERE tenant_id = $1 RETURNING seq, hash
-), rows AS ({_INSERT_ROWS.rstrip()} WHERE EXISTS (SELECT FROM head WHERE seq = $3 AND hash = $4))
-SELECT seq, hash FROM head
-"""
-
-# The head each tenant's chain had when this process last wrote it (a guess: checked by _APPEND_IF_HEAD).
-_heads: dict[uuid.UUID, tuple[int, str]] = {}
-_MAX_HEADS = 10_000
 
 
 async def append(conn: Conn, tenant_id: uuid.UUID, entries: Sequence[Entry]) -> None:
-    """Chain ``entries`` onto the tenant's log, in order, inside the caller's transaction."""
+    """Insert ``entries``, in order and unsealed, inside the caller's transaction (a sealer chains them
+    once it has committed)."""
     if not entries:
         return
-    known = _heads.get(tenant_id)
-    head = None
-    if known is not None:
-        rows, seq, digest = _chain(tenant_id, entries, *known)
-        head = await conn.fetchrow(_APPEND_IF_HEAD, tenant_id, dumps(rows), seq, digest, *known)
-        if head is not None and (head["seq"], head["hash"]) == (seq, digest):
-            _remember(tenant_id, seq, digest)
-            return
-    if head is None:  # no guess, or the tenant has no chain yet
-        head = await conn.fetchrow(_LOCK_HEAD, tenant_id, GENESIS)
-        assert head is not None
-    rows, seq, digest = _chain(tenant_id, entries, int(head["seq"]), str(head["hash"]))
-    await conn.execute(_APPEND, tenant_id, dumps(rows), seq, digest)
-    _remember(tenant_id, seq, digest)
+    rows = [{"at": format_at(e.at), "actor": e.actor, "ip": e.ip, "user_agent": e.user_agent, "action": e.action,
+             "target": e.target, "outcome": e.outcome,
+             # Numbers as PostgreSQL will give them back, and nothing JSONB would refuse.
+             "data": as_jsonb(json.loads(dumps(redact_secret_keys(e.data))))} for e in entries]
+    await conn.execute(_INSERT, tenant_id, dumps(rows))
 
 
-def _remember(tenant_id: uuid.UUID, seq: int, digest: str) -> None:
-    # Remembered before commit: a rollback leaves the guess ahead of the table, which the next append
-    # finds out (and corrects) with one wasted statement.
-    if len(_heads) >= _MAX_HEADS:
-        _heads.clear()
-    _heads[tenant_id] = (seq, digest)
+# --- sealing ----------------------------------------------------------------------------------------------
+
+# The head, locked; no row when another sealer holds it (or the tenant has no head yet).
+_LOCK_HEAD = "SELECT seq, hash FROM audit_head WHERE tenant_id = $1 FOR UPDATE SKIP LOCKED"
+# A tenant's first head: created and held by this transaction (nothing when another one has it).
+_NEW_HEAD = """
+INSERT INTO audit_head (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING
+RETURNING seq, hash
+"""
+_UNSEALED = """
+SELECT id, at, actor, ip, user_agent, action, target, outcome, data FROM audit_event
+WHERE tenant_id = $1 AND seq IS NULL ORDER BY id LIMIT $2
+"""
+_SEAL = """
+WITH sealed AS (
+    UPDATE audit_event e SET seq = x.seq, prev_hash = x.prev_hash, hash = x.hash
+    FROM jsonb_to_recordset($2::jsonb) AS x(id bigint, seq bigint, prev_hash text, hash text)
+    WHERE e.id = x.id AND e.tenant_id = $1 AND e.seq IS NULL
+    RETURNING e.id
+)
+UPDATE audit_head SET seq = $3, hash = $4 WHERE tenant_id = $1 RETURNING (SELECT count(*) FROM sealed)
+"""
+TENANTS_UNSEALED = "SELECT DISTINCT tenant_id FROM audit_event WHERE seq IS NULL"
 
 
-def _chain(
-    tenant_id: uuid.UUID, entries: Sequence[Entry], seq: int, prev: str
-) -> tuple[list[dict[str, Any]], int, str]:
-    """The rows of ``entries`` chained after (``seq``, ``prev``), and the new head."""
-    rows = []
-    for entry in entries:
-        seq += 1
-        # The stored JSONB must read back as what was hashed: round-trip the data through JSON, then
-        # write numbers as PostgreSQL will give them back.
-        data = as_jsonb(json.loads(dumps(redact_secret_keys(entry.data))))
-        row = ChainRow(tenant_id, seq, entry.at, entry.actor, entry.ip, entry.user_agent, entry.action,
-                       entry.target, entry.outcome, data, prev)
-        prev = row_hash(row)
-        rows.append({"seq": seq, "at": format_at(entry.at), "actor": entry.actor, "ip": entry.ip,
-                     "user_agent": entry.user_agent, "action": entry.action, "target": entry.target,
-                     "outcome": entry.outcome, "data": data, "prev_hash": row.prev_hash, "hash": prev})
-    return rows, seq, prev
+class SealConflict(Exception):
+    """Rows to seal were sealed meanwhile by someone not holding the head (the transaction rolls back)."""
+
+
+async def seal_tenant(conn: Conn, tenant_id: uuid.UUID, *, limit: int = SEAL_BATCH) -> int | None:
+    """Chain up to ``limit`` of the tenant's committed unsealed rows (``id`` order) after its head, in a
+    transaction of its own; the rows sealed, or None when another sealer holds the tenant's head."""
+    async with conn.transaction():
+        head = await conn.fetchrow(_LOCK_HEAD, tenant_id)
+        if head is None:
+            head = await conn.fetchrow(_NEW_HEAD, tenant_id, GENESIS)
+            if head is None:
+                return None
+        records = await conn.fetch(_UNSEALED, tenant_id, limit)
+        if not records:
+            return 0
+        seq, prev = int(head["seq"]), str(head["hash"])
+        sealed = []
+        for r in records:
+            seq += 1
+            digest = row_hash(ChainRow(tenant_id, seq, r["at"], r["actor"], r["ip"], r["user_agent"], r["action"],
+                                       r["target"], r["outcome"], r["data"], prev))
+            sealed.append({"id": r["id"], "seq": seq, "prev_hash": prev, "hash": digest})
+            prev = digest
+        count = await conn.fetchval(_SEAL, tenant_id, dumps(sealed), seq, prev)
+        if count != len(sealed):
+            raise SealConflict(f"tenant {tenant_id}: {len(sealed) - (count or 0)} of {len(sealed)} rows were "
+                               "sealed by someone not holding the head")
+    return len(sealed)
+
+
+async def seal_backlog(conn: Conn, tenant_id: uuid.UUID) -> int:
+    """Seal the tenant's committed unsealed rows, batch after batch, unless another sealer holds its head;
+    the rows sealed."""
+    total = 0
+    while n := await seal_tenant(conn, tenant_id):
+        total += n
+        if n < SEAL_BATCH:
+            break
+    return total
+
+
+async def seal_pending(conn: Conn) -> int:
+    """Seal every tenant's committed unsealed rows (``conn``: an owner connection outside any transaction);
+    the rows sealed. Tenants another sealer holds are left to it; a tenant whose rows cannot be sealed
+    (its chain tampered with) is logged and left for the next pass, the others are sealed all the same."""
+    total = 0
+    for record in await conn.fetch(TENANTS_UNSEALED):
+        tenant_id = record["tenant_id"]
+        try:
+            total += await seal_backlog(conn, tenant_id)
+        except Exception as exc:
+            if is_database_outage(exc):
+                raise
+            log.exception("audit sealer: could not seal the rows of tenant %s", tenant_id)
+    return total

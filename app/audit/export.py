@@ -1,8 +1,10 @@
 """The audit log as exported: filters, the JSONL and CSV encodings, and the export's consistent snapshot.
 
 Export columns are those of the chain (docs/security.md, "Audit log"): ids as strings, ``at`` in the chain's
-format, so every line can be re-hashed with :func:`app.audit.chain.row_hash`. ``GET /api/v1/audit/export``
-and ``steward audit export`` both write the bytes of :func:`open_export`.
+format, so every sealed line can be re-hashed with :func:`app.audit.chain.row_hash`. Sealed rows come first,
+in ``seq`` order; rows not sealed yet follow in ``id`` (sealing) order with ``seq``, ``prev_hash`` and
+``hash`` null. ``GET /api/v1/audit/export`` and ``steward audit export`` both write the bytes of
+:func:`open_export`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from app.audit.chain import format_at
+from app.audit.verify import Unsealed, unsealed
 from app.errors import Invalid
 from app.pg import Conn
 
@@ -97,16 +100,17 @@ def csv_line(values: Iterable[str | None]) -> str:
 
 def csv_row(row: Mapping[str, Any]) -> str:
     record = export_record(row)
-    record["seq"] = str(record["seq"])
+    record["seq"] = None if record["seq"] is None else str(record["seq"])
     record["data"] = _compact(record["data"])
     return csv_line(record[c] for c in COLUMNS)
 
 
 class Export:
-    """One export from an open cursor, as encoded chunks of :data:`BATCH` rows; ``rows`` counts those sent."""
+    """One export from open cursors (read one after the other), as encoded chunks of :data:`BATCH` rows;
+    ``rows`` counts those sent."""
 
-    def __init__(self, cursor: Any, fmt: ExportFormat) -> None:
-        self.cursor = cursor
+    def __init__(self, cursors: list[Any], fmt: ExportFormat) -> None:
+        self.cursors = cursors
         self.fmt = fmt
         self.rows = 0
 
@@ -114,17 +118,19 @@ class Export:
         if self.fmt == "csv":
             yield csv_line(COLUMNS).encode()
         line = jsonl_line if self.fmt == "jsonl" else csv_row
-        while batch := await self.cursor.fetch(BATCH):
-            self.rows += len(batch)
-            yield "".join(map(line, batch)).encode()
+        for cursor in self.cursors:
+            while batch := await cursor.fetch(BATCH):
+                self.rows += len(batch)
+                yield "".join(map(line, batch)).encode()
 
 
 async def open_export(conn: Conn, tenant_id: uuid.UUID, filters: Filters, fmt: ExportFormat) -> Export:
-    """Open the export's cursor, in seq order; ``conn`` must be in a transaction (REPEATABLE READ for a
-    snapshot consistent with the head)."""
+    """Open the export's cursors: sealed rows in seq order, then unsealed ones in id order (each on its
+    index); ``conn`` must be in a transaction (REPEATABLE READ for a snapshot consistent with the head)."""
     where, args = filters.sql(tenant_id)
-    cursor = await conn.cursor(f"{SELECT} WHERE {where} ORDER BY seq", *args)
-    return Export(cursor, fmt)
+    sealed = await conn.cursor(f"{SELECT} WHERE {where} AND seq IS NOT NULL ORDER BY seq", *args)
+    unsealed = await conn.cursor(f"{SELECT} WHERE {where} AND seq IS NULL ORDER BY id", *args)
+    return Export([sealed, unsealed], fmt)
 
 
 def export_filename(tenant: str, fmt: ExportFormat, at: datetime) -> str:
@@ -137,11 +143,13 @@ def export_filename(tenant: str, fmt: ExportFormat, at: datetime) -> str:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """An export opened on a snapshot: the tenant's name, its chain head then, and the rows to send."""
+    """An export opened on a snapshot: the tenant's name, its chain head and unsealed rows then (all of the
+    tenant's, whatever the filters), and the rows to send."""
 
     tenant_name: str | None
     head_seq: int
     head_hash: str
+    unsealed: Unsealed
     export: Export
 
 
@@ -151,5 +159,6 @@ async def open_snapshot(conn: Conn, tenant_id: uuid.UUID, filters: Filters, fmt:
     await conn.transaction(isolation="repeatable_read", readonly=True).start()
     name = await conn.fetchval("SELECT name FROM tenant WHERE id = $1", tenant_id)
     head = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE tenant_id = $1", tenant_id)
+    pending = await unsealed(conn, tenant_id)
     export = await open_export(conn, tenant_id, filters, fmt)
-    return Snapshot(name, head["seq"] if head else 0, head["hash"] if head else "", export)
+    return Snapshot(name, head["seq"] if head else 0, head["hash"] if head else "", pending, export)

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Identity, Index, String, func
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Identity, Index, String, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -12,12 +12,16 @@ from app.db import Base
 
 
 class AuditEvent(Base):
-    """Append-only, hash-chained record of who did what (see app/audit/chain.py and the migration's trigger)."""
+    """Append-only, hash-chained record of who did what (see app/audit/chain.py and the migrations' trigger):
+    written unsealed in the action's transaction, sealed (chained) by a sealer after commit."""
 
     __tablename__ = "audit_event"
     __table_args__ = (
         Index("uq_audit_event_tenant_seq", "tenant_id", "seq", unique=True),
         Index("ix_audit_event_tenant_at", "tenant_id", "at"),
+        Index("ix_audit_event_unsealed", "tenant_id", "id", postgresql_where=text("seq IS NULL")),
+        CheckConstraint("(seq IS NULL) = (prev_hash IS NULL) AND (seq IS NULL) = (hash IS NULL)",
+                        name="ck_audit_event_sealed"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -30,14 +34,14 @@ class AuditEvent(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     ip: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(512))
-    # Position in the tenant's chain, the previous row's hash and this row's (SHA-256, hex).
-    seq: Mapped[int] = mapped_column(BigInteger)
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64))
+    # Position in the tenant's chain, the previous row's hash and this row's (SHA-256, hex); NULL until sealed.
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class AuditHead(Base):
-    """The last row of each tenant's chain; appenders lock it."""
+    """The last sealed row of each tenant's chain; a sealer holds its row lock while it chains."""
 
     __tablename__ = "audit_head"
 

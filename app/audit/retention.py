@@ -5,8 +5,9 @@ row kept becomes the chain's anchor (``anchored_at_seq`` in app/audit/verify.py)
 order, and a row is deleted only when every row before it is older than the cutoff as well (``at`` can
 run a few microseconds out of ``seq`` order under concurrent appends), so no gap ever opens inside the
 chain. The chain's last row is never deleted: an emptied chain would look exactly like a deleted one.
-Each tenant whose rows were deleted gets an ``audit.retention`` event in its own chain, naming the last
-seq deleted, so the anchor is explained by a sealed row.
+Only sealed rows are deleted (the trigger refuses the others). Each tenant whose rows were deleted gets an
+``audit.retention`` event in its own chain, naming the last seq deleted, sealed at once, so the anchor is
+explained by a sealed row.
 
 Deletes run as the tables' owner in transactions of at most :data:`BATCH` rows, each one setting
 ``steward.audit_retention`` so the append-only trigger lets them through.
@@ -18,7 +19,7 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
-from app.audit.chain import Entry, append, format_at
+from app.audit.chain import Entry, append, format_at, seal_backlog
 from app.pg import Conn
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ ORDER BY h.tenant_id
 # The oldest $3 rows; of those, the ones before the first young row and before the head row.
 _DELETE = """
 WITH batch AS MATERIALIZED (
-    SELECT seq, at FROM audit_event WHERE tenant_id = $1 ORDER BY seq LIMIT $3
+    SELECT seq, at FROM audit_event WHERE tenant_id = $1 AND seq IS NOT NULL ORDER BY seq LIMIT $3
 ), keep AS (
     SELECT least(min(seq) FILTER (WHERE at >= $2), (SELECT seq FROM audit_head WHERE tenant_id = $1)) AS seq
     FROM batch
@@ -84,6 +85,7 @@ async def apply_retention(conn: Conn, days: int, *, max_rows: int | None = None)
                 await append(conn, tenant_id, [Entry(ACTOR, "audit.retention", None, data={
                     "deleted": deleted, "through_seq": through, "older_than": format_at(cutoff), "days": days,
                 })])
+            await seal_backlog(conn, tenant_id)  # unless a sealer is at it already
             log.info("audit retention: tenant %s: deleted %d events up to seq %d", tenant_id, deleted, through)
     return total
 

@@ -8,7 +8,9 @@ fixed in its startup packet, so row-level security confines it to the caller's t
 (every query filters on ``tenant_id`` as well). Each process holds at most ``MAX_STREAMS`` of them at once
 (app/audit/service.py, shared with the dashboard); past that the API answers 429. The export runs in one
 REPEATABLE READ transaction: a consistent snapshot, whose chain head is sent in the
-``Steward-Audit-Head-Seq`` / ``-Hash`` response headers.
+``Steward-Audit-Head-Seq`` / ``-Hash`` response headers, and its rows not sealed yet (they come last,
+with null ``seq``/``prev_hash``/``hash``) in ``Steward-Audit-Unsealed-Rows``,
+``-Oldest-Unsealed-At`` and ``-Oldest-Unsealed-Age-S``.
 
 The filters, the export formats and the snapshot are in app/audit/export.py (shared with the CLI).
 """
@@ -25,6 +27,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.audit import service as audit_service
+from app.audit.chain import format_at
 from app.audit.export import (
     MEDIA_TYPES,
     ExportFormat,
@@ -39,14 +42,14 @@ from app.auth.deps import require
 from app.context import Ctx
 from app.db import Db
 from app.http import AppSettings, JsonRoute, api_responses, problem_responses
-from app.pagination import Cursor, Limit, keyset, page_size
+from app.pagination import Cursor, Limit, page_size
 from app.pg import Conn, driver
 
 # The dedicated connections of exports and verifications, shared with the dashboard (app/audit/service.py).
 _streams = audit_service.streams
+PAGES = audit_service.PAGES
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"], responses=api_responses(), route_class=JsonRoute)
-PAGES = keyset("audit", int)
 
 Auditor = Annotated[Ctx, Depends(require("audit:read"))]
 
@@ -91,7 +94,7 @@ class _ExportResponse(StreamingResponse):
 class AuditEventRead(BaseModel):
     id: str
     tenant_id: str
-    seq: int
+    seq: int | None = Field(description="Position in the chain; null until the row is sealed")
     at: str = Field(description="UTC, `YYYY-MM-DDTHH:MM:SS.ffffffZ` (the chain's format)")
     actor: str
     ip: str | None
@@ -100,8 +103,8 @@ class AuditEventRead(BaseModel):
     target: str | None
     outcome: str
     data: Any
-    prev_hash: str
-    hash: str
+    prev_hash: str | None
+    hash: str | None
 
 
 class AuditEventPage(BaseModel):
@@ -121,9 +124,15 @@ class BrokenRead(BaseModel):
     detail: str
 
 
+class UnsealedRead(BaseModel):
+    rows: int = Field(description="Rows committed but not sealed (chained) yet: nothing to check in them yet")
+    oldest_at: str | None = Field(description="`at` of the oldest of them")
+    oldest_age_s: float | None = Field(description="Seconds since then, at the verification")
+
+
 class VerificationRead(BaseModel):
     ok: bool
-    rows: int = Field(description="Rows checked: the whole chain, or up to the first broken link")
+    rows: int = Field(description="Sealed rows checked: the whole chain, or up to the first broken link")
     first_seq: int | None
     last_seq: int | None
     anchored_at_seq: int | None = Field(
@@ -132,6 +141,8 @@ class VerificationRead(BaseModel):
     head: HeadRead | None = Field(description="The chain's head (last seq and hash): keep it elsewhere to detect "
                                               "a rewritten history later")
     broken: BrokenRead | None = Field(description="The first broken link; null when `ok`")
+    unsealed: UnsealedRead = Field(description="Rows not sealed yet (sealed by the workers within a bound: "
+                                               "docs/security.md)")
 
 
 @router.get(
@@ -140,8 +151,9 @@ class VerificationRead(BaseModel):
     summary="Export the tenant's audit log (JSONL or CSV), in chain order",
     responses={
         200: {
-            "description": "Every matching event, streamed; the head of the chain in the Steward-Audit-Head-* "
-                           "headers",
+            "description": "Every matching event, streamed (sealed rows in chain order, then unsealed ones); "
+                           "the head of the chain in the Steward-Audit-Head-* headers, the unsealed rows in "
+                           "Steward-Audit-Unsealed-Rows, -Oldest-Unsealed-At and -Oldest-Unsealed-Age-S",
             "content": {"application/x-ndjson": {"schema": {"type": "string"}},
                         "text/csv": {"schema": {"type": "string"}}},
         },
@@ -154,7 +166,8 @@ async def export_audit(
     filters: Filtered,
     fmt: Annotated[ExportFormat, Query(alias="format", description="`jsonl` (default) or `csv`")] = "jsonl",
 ) -> StreamingResponse:
-    """One JSON object per line (JSONL) or a CSV with a header row; `data` is compact JSON text in CSV."""
+    """One JSON object per line (JSONL) or a CSV with a header row; `data` is compact JSON text in CSV.
+    Sealed rows come first, in `seq` order; rows not sealed yet follow, with null `seq`/`prev_hash`/`hash`."""
     conn = await _streams.connect(settings, ctx.tenant_id)
     try:
         snapshot = await open_snapshot(conn, ctx.tenant_id, filters, fmt)
@@ -167,7 +180,11 @@ async def export_audit(
         "Cache-Control": "no-store",
         "Steward-Audit-Head-Seq": str(snapshot.head_seq),
         "Steward-Audit-Head-Hash": snapshot.head_hash,
+        "Steward-Audit-Unsealed-Rows": str(snapshot.unsealed.rows),
     }
+    if snapshot.unsealed.oldest_at is not None:
+        headers["Steward-Audit-Oldest-Unsealed-At"] = format_at(snapshot.unsealed.oldest_at)
+        headers["Steward-Audit-Oldest-Unsealed-Age-S"] = f"{snapshot.unsealed.oldest_age_s or 0:.3f}"
     return _ExportResponse(snapshot.export.chunks(), conn, headers=headers, media_type=MEDIA_TYPES[fmt])
 
 
@@ -183,10 +200,11 @@ async def verify_audit(ctx: Auditor, settings: AppSettings) -> VerificationRead:
 async def list_audit_events(
     ctx: Auditor, db: Db, settings: AppSettings, filters: Filtered, limit: Limit = None, cursor: Cursor = None
 ) -> AuditEventPage:
-    """Keyset-paginated on `seq`: pass `next_cursor` back as `cursor` for the next (older) page."""
+    """Newest first (by `at`, then `id`: rows not sealed yet have no `seq`), keyset-paginated: pass
+    `next_cursor` back as `cursor` for the next (older) page."""
     size = page_size(limit, settings)
     rows = await audit_service.list_events(
-        await driver(db), ctx.tenant_id, filters, before=PAGES.after(cursor), limit=size + 1
+        await driver(db), ctx.tenant_id, filters, before=PAGES.decode(cursor), limit=size + 1
     )
-    items, next_cursor = PAGES.page(rows, size, lambda r: (r["seq"],))
+    items, next_cursor = PAGES.page(rows, size, lambda r: (r["at"], r["id"]))
     return AuditEventPage(items=[AuditEventRead(**export_record(r)) for r in items], next_cursor=next_cursor)

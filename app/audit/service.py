@@ -1,5 +1,5 @@
-"""Writing audit events (one row per action, chained, in the transaction of the action it records) and
-browsing them. Exports are in app/audit/export.py, verification in app/audit/verify.py.
+"""Writing audit events (one row per action, in the transaction of the action it records; chained by a
+sealer after commit) and browsing them. Exports are in app/audit/export.py, verification in app/audit/verify.py.
 
 Engine code collects its events on the :class:`~app.engine.unit_of_work.UnitOfWork` (``tx.audit``), which appends them
 just before commit; services outside the engine call :func:`record` on their connection.
@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -21,6 +22,7 @@ from app.audit.verify import Verification, verify_chain
 from app.config import Settings
 from app.context import Ctx
 from app.errors import AppError
+from app.pagination import keyset
 from app.pg import Conn, asyncpg_dsn, setup_connection
 
 log = logging.getLogger(__name__)
@@ -117,16 +119,22 @@ async def record(
     await append(conn, tenant_id, [entry(actor, action, target, outcome=outcome, data=data)])
 
 
+# The events list's cursors: newest first by (at, id), on the (tenant_id, at) index; not by seq, so that
+# rows not sealed yet are listed too.
+PAGES = keyset("audit-events", datetime, int)
+
+
 async def list_events(
-    conn: Conn, tenant_id: uuid.UUID, filters: Filters, *, before: int | None, limit: int
+    conn: Conn, tenant_id: uuid.UUID, filters: Filters, *, before: tuple[datetime, int] | None, limit: int
 ) -> list[asyncpg.Record]:
-    """The tenant's events matching ``filters``, newest first, below seq ``before`` (keyset pages)."""
+    """The tenant's events matching ``filters``, newest first, before the (at, id) ``before`` (keyset pages)."""
     where, args = filters.sql(tenant_id)
     if before is not None:
-        args.append(before)
-        where += f" AND seq < ${len(args)}"
+        args += before
+        where += f" AND (at, id) < (${len(args) - 1}, ${len(args)})"
     args.append(limit)
-    rows: list[asyncpg.Record] = await conn.fetch(f"{SELECT} WHERE {where} ORDER BY seq DESC LIMIT ${len(args)}", *args)
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"{SELECT} WHERE {where} ORDER BY at DESC, id DESC LIMIT ${len(args)}", *args)
     return rows
 
 

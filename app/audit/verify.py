@@ -7,6 +7,9 @@ memory stays constant however long the chain is.
 The first row kept may start after seq 1 with a ``prev_hash`` that is not the genesis hash only because
 retention deleted the rows before it (app/audit/retention.py); it is accepted as the chain's anchor and
 reported as ``anchored_at_seq``. Everything after it must link up to the head.
+
+Rows not sealed yet (written by committed actions, not chained by a sealer yet: app/audit/chain.py) have
+nothing to check; they are counted, with the time of the oldest, from the same snapshot.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
-from app.audit.chain import GENESIS, ChainRow, row_hash
+from app.audit.chain import GENESIS, ChainRow, format_at, row_hash
 from app.pg import Conn
 
 BATCH = 500
@@ -26,8 +30,13 @@ Reason = Literal["hash_mismatch", "prev_hash_mismatch", "missing_rows", "head_mi
 _HEAD = "SELECT seq, hash FROM audit_head WHERE tenant_id = $1"
 _ROWS = (
     "SELECT id, seq, at, actor, ip, user_agent, action, target, outcome, data, prev_hash, hash "
-    "FROM audit_event WHERE tenant_id = $1 ORDER BY seq"
+    "FROM audit_event WHERE tenant_id = $1 AND seq IS NOT NULL ORDER BY seq"
 )
+# The unsealed rows: how many, and the oldest one's time and age (the partial index answers this).
+UNSEALED = """
+SELECT count(*) AS n, min(at) AS oldest_at, extract(epoch FROM clock_timestamp() - min(at))::float8 AS oldest_age_s
+FROM audit_event WHERE tenant_id = $1 AND seq IS NULL
+"""
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,28 @@ class Head:
 
 
 @dataclass(frozen=True)
+class Unsealed:
+    """Rows committed but not chained yet: how many, and the oldest one's ``at`` and age then."""
+
+    rows: int = 0
+    oldest_at: datetime | None = None
+    oldest_age_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "oldest_at": None if self.oldest_at is None else format_at(self.oldest_at),
+                "oldest_age_s": self.oldest_age_s}
+
+
+async def unsealed(conn: Conn, tenant_id: uuid.UUID) -> Unsealed:
+    row = await conn.fetchrow(UNSEALED, tenant_id)
+    assert row is not None
+    return Unsealed(int(row["n"]), row["oldest_at"], row["oldest_age_s"])
+
+
+@dataclass(frozen=True)
 class Verification:
-    """What :func:`verify_chain` found. ``rows``, ``last_seq``: rows read (all of them unless broken)."""
+    """What :func:`verify_chain` found. ``rows``, ``last_seq``: sealed rows read (all of them unless broken);
+    ``unsealed``: the rows not sealed yet."""
 
     rows: int
     first_seq: int | None
@@ -56,6 +85,7 @@ class Verification:
     anchored_at_seq: int | None
     head: Head | None
     broken: Broken | None
+    unsealed: Unsealed = Unsealed()
 
     @property
     def ok(self) -> bool:
@@ -73,6 +103,7 @@ class Verification:
                 "seq": self.broken.seq, "id": self.broken.id, "reason": self.broken.reason,
                 "detail": self.broken.detail,
             },
+            "unsealed": self.unsealed.as_dict(),
         }
 
 
@@ -160,8 +191,9 @@ class ChainWalk:
                           f"the head records hash {head.hash} for row {last}, the row has {self._last_hash}")
         return None
 
-    def result(self, broken: Broken | None) -> Verification:
-        return Verification(self.rows, self.first_seq, self._last_seq, self.anchored_at_seq, self.head, broken)
+    def result(self, broken: Broken | None, pending: Unsealed | None = None) -> Verification:
+        return Verification(self.rows, self.first_seq, self._last_seq, self.anchored_at_seq, self.head, broken,
+                            pending or Unsealed())
 
 
 async def verify_chain(conn: Conn, tenant_id: uuid.UUID) -> Verification:
@@ -174,10 +206,11 @@ async def verify_chain(conn: Conn, tenant_id: uuid.UUID) -> Verification:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         row = await conn.fetchrow(_HEAD, tenant_id)
         walk = ChainWalk(tenant_id, None if row is None else Head(int(row["seq"]), str(row["hash"])))
+        pending = await unsealed(conn, tenant_id)
         cursor = await conn.cursor(_ROWS, tenant_id)
         while batch := await cursor.fetch(BATCH):
             for record in batch:
                 broken = walk.add(record)
                 if broken is not None:
-                    return walk.result(broken)
-    return walk.result(walk.finish())
+                    return walk.result(broken, pending)
+    return walk.result(walk.finish(), pending)

@@ -5,7 +5,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, Numeric, String, func, text
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, Numeric, String, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -64,7 +64,11 @@ class Reservation(Base):
     """Cost (and tokens) held for one model or tool call until it is settled to what it really cost."""
 
     __tablename__ = "budget_reservation"
-    __table_args__ = (Index("ix_budget_reservation_held", "created_at", postgresql_where=text("status = 'held'")),)
+    __table_args__ = (
+        Index("ix_budget_reservation_held", "created_at", postgresql_where=text("status = 'held'")),
+        Index("ix_budget_reservation_unwindowed", "tenant_id", "day_start", "hour_start",
+              postgresql_where=text("NOT windowed")),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
@@ -76,6 +80,9 @@ class Reservation(Base):
     hour_start: Mapped[datetime] = mapped_column(TS)
     day_start: Mapped[datetime] = mapped_column(TS)
     status: Mapped[str] = mapped_column(String(8))  # held | settled
+    # Whether its amounts are in the tenant's windows: false for a tenant without caps until the
+    # reconciler folds its settled cost in (app/budgets/service.py).
+    windowed: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     actual_usd: Mapped[Decimal | None] = mapped_column(USD)
     actual_tokens: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=func.clock_timestamp())

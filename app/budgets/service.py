@@ -1,16 +1,43 @@
 """Run limits and tenant cost caps, enforced by reserving before every call and settling after it.
 
-Reservation is one short transaction: it locks the run's usage row, then the tenant's hour and day
-windows (always in that order, so concurrent reservations cannot deadlock), checks every limit
-against spent + reserved + this call's estimate, and only then records the hold. Concurrent runs
-therefore can never push spend past a cap: the last one to take the locks sees all the others'
-holds. Settling replaces the estimate by the actual cost; a hold whose worker died is settled at
-its estimate by the reconciler.
+Reservation is one short transaction: it locks the run's usage row, then, for a paid call of a tenant
+with caps, the tenant's hour and day windows (always in that order, so concurrent reservations cannot
+deadlock), checks every limit against spent + reserved + this call's estimate, and only then records
+the hold. Concurrent runs therefore can never push spend past a cap: the last one to take the locks
+sees all the others' holds. Settling replaces the estimate by the actual cost; a hold whose worker died
+is settled at its estimate by the reconciler.
+
+The windows are hot rows: every paid call of every run of a tenant would queue on them. A tenant without
+caps needs no window to check, so its reservations stay off them: ``windowed`` false, the hold counted in
+the run's usage and the reservation row only, and settled there too. The reconciler folds their settled
+cost into the windows in batches (:func:`fold_unwindowed`: one statement, one upsert per tenant window).
+Readers (the usage API, the budgets page, the metrics) add to a window what is not folded into it yet,
+in the same statement, found through a partial index: a fold moves amounts from one side to the other
+atomically, so one snapshot sees each amount once.
+
+Caps set while such holds are in flight still hold. A reservation of a tenant with caps locks its
+windows, then (in a new statement, so a fold it waited for is seen whole) adds the tenant's unwindowed
+holds at their estimate and its settled, unfolded costs. What remains is a reservation that read no caps
+and has not committed its hold yet when the caps are set: a capped reservation could not see that hold
+and might admit a call the cap has no room for. So every paid reservation takes a shared transaction
+advisory lock on its tenant before reading the caps, and :func:`put_budget` takes it exclusively before
+writing them: the update waits for reservations that may have read the old caps to commit (their holds
+then visible to every later reservation), and reservations arriving meanwhile wait for its commit and
+read the new caps. Shared holders do not wait for each other, and the lock lives in memory only (no row,
+no WAL), so the hot path stays uncontended. Caps removed while windowed holds are in flight change
+nothing for them: a hold settles into the windows exactly when it was reserved into them.
+
+An agent's tool calls count against ``max_steps`` with the model turn that chose them, in the
+transaction that saves the turn (:func:`count_chosen_calls`, under the run's usage row lock, so agents
+running at once in one run cannot pass the limit together); a free call counted there needs no
+transaction when it is made. A call refused before its reservation gives its count back when its result
+is saved (:func:`uncount_call`), so what counts is what it was when calls were counted at reservation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +55,8 @@ from app.pg import Conn, driver, dumps
 
 if TYPE_CHECKING:
     from app.budgets.schemas import BudgetSettings
+
+log = logging.getLogger(__name__)
 
 # max_steps counts an agent's model turns and the tool calls it chooses (run_usage.tool_calls), to stop
 # agents that loop; a workflow's own tool steps and map items are bounded by its definition instead.
@@ -107,10 +136,15 @@ def windows(at: datetime) -> tuple[datetime, datetime]:
 
 
 _FREE_CALL = (
-    "UPDATE run_usage SET tool_calls = tool_calls + $2 WHERE run_id = $1 "
-    "AND (NOT limits ? 'max_steps' OR tool_calls + $2 <= (limits ->> 'max_steps')::int) "
+    "UPDATE run_usage SET tool_calls = tool_calls + 1 WHERE run_id = $1 "
+    "AND (NOT limits ? 'max_steps' OR tool_calls + 1 <= (limits ->> 'max_steps')::int) "
     "AND (NOT limits ? 'max_cost_usd' OR cost_usd + reserved_usd <= (limits ->> 'max_cost_usd')::numeric) "
     "RETURNING 1"
+)
+# A free call that counts nothing is refused only when the run already spent past its max_cost_usd: a read.
+_FREE_CHECK = (
+    "SELECT 1 FROM run_usage WHERE run_id = $1 AND limits ? 'max_cost_usd' "
+    "AND cost_usd + reserved_usd > (limits ->> 'max_cost_usd')::numeric"
 )
 _USAGE = (
     "SELECT u.limits, u.tool_calls, u.tokens, u.reserved_tokens, u.cost_usd, u.reserved_usd, b.hourly_usd, "
@@ -125,6 +159,18 @@ _LOCK_WINDOWS = (
     "SELECT period, spent_usd + reserved_usd AS used FROM budget_window WHERE tenant_id = $1 "
     "AND ((period = 'hour' AND start = $2) OR (period = 'day' AND start = $3)) ORDER BY period DESC FOR UPDATE"
 )
+# What the windows do not hold yet: unwindowed holds (at their estimate) and settled costs not yet folded in.
+_UNWINDOWED = (
+    "SELECT coalesce(sum(CASE status WHEN 'held' THEN amount_usd ELSE actual_usd END) "
+    "FILTER (WHERE hour_start = $2), 0) AS hour, "
+    "coalesce(sum(CASE status WHEN 'held' THEN amount_usd ELSE actual_usd END), 0) AS day "
+    "FROM budget_reservation WHERE tenant_id = $1 AND day_start = $3 AND NOT windowed"
+)
+# Advisory lock (two-key form; its first key names this use) ordering reservations that found no caps
+# before setting caps: reservations share it, put_budget() takes it alone. See the module docstring.
+CAPS_LOCK_CLASS = 0x5354_4231
+_SHARE_CAPS = "SELECT pg_advisory_xact_lock_shared($1, hashtext($2::uuid::text))"
+_EXCLUDE_CAPS = "SELECT pg_advisory_xact_lock($1, hashtext($2::uuid::text))"
 
 
 async def reserve(
@@ -139,7 +185,8 @@ async def reserve(
     count_call: bool = True,
 ) -> Hold | Exhausted:
     """Check the run's limits and the tenant's caps for one more call, and hold its estimate;
-    ``count_call``: the call is an agent's step and counts against ``max_steps``.
+    ``count_call``: the call is an agent's step and counts against ``max_steps`` here (an agent's tool
+    calls are counted beforehand, with the turn that chose them: :func:`count_chosen_calls`).
 
     Rows are locked in a fixed order, so deadlocks should not happen; should Postgres still pick
     this transaction as a deadlock victim (it rolled back), it is simply tried again."""
@@ -166,12 +213,18 @@ async def _reserve(
     count_call: bool = True,
 ) -> Hold | Exhausted:
     if amount_usd == 0 and tokens == 0:
-        # A free call only counts against max_steps: one statement (Postgres re-checks the WHERE on
-        # the row it locks, so concurrent calls cannot overshoot). No row: refused, or no usage row;
-        # the full check below tells which, and why.
-        if await conn.fetchval(_FREE_CALL, run_id, int(count_call)) is not None:
+        # A free call counted here is one statement (Postgres re-checks the WHERE on the row it locks, so
+        # concurrent calls cannot overshoot); one counting nothing is a read. No row: refused, or no usage
+        # row; the full check below tells which, and why.
+        if count_call:
+            if await conn.fetchval(_FREE_CALL, run_id) is not None:
+                return Hold(None, Decimal(0), 0)
+        elif await conn.fetchval(_FREE_CHECK, run_id) is None:
             return Hold(None, Decimal(0), 0)
     async with conn.transaction():
+        if amount_usd > 0:
+            # Before the caps are read: setting caps waits for this transaction (module docstring).
+            await conn.execute(_SHARE_CAPS, CAPS_LOCK_CLASS, tenant_id)
         u = await conn.fetchrow(_USAGE, run_id)
         if u is None:
             return Hold(None, Decimal(0), 0)  # a run from before budgets existed
@@ -197,18 +250,23 @@ async def _reserve(
             )
         hour, day = windows(datetime.now(UTC))
         caps = {"hour": u["hourly_usd"], "day": u["daily_usd"]}
-        if amount_usd > 0:
+        windowed = amount_usd > 0 and (caps["hour"] is not None or caps["day"] is not None)
+        if windowed:
             await conn.execute(_WINDOWS, tenant_id, hour, day)
-            # Always locked, hour then day, before they are written: settle() takes them in the same order.
+            # Always locked, hour then day, before they are written: settle() and the fold take them in the
+            # same order. Only then are the amounts they do not hold yet summed (a fold committed while this
+            # waited moved them into the windows: a new statement sees both sides of that move).
             locked = await conn.fetch(_LOCK_WINDOWS, tenant_id, hour, day)
+            pending = await conn.fetchrow(_UNWINDOWED, tenant_id, hour, day)
             for row in locked:
                 cap = caps[row["period"]]
-                if cap is not None and row["used"] + amount_usd > cap:
+                used = row["used"] + pending[row["period"]]
+                if cap is not None and used + amount_usd > cap:
                     name = "hourly_usd" if row["period"] == "hour" else "daily_usd"
                     return Exhausted(
                         name,
                         f"the tenant's {name.split('_')[0]} cap of ${cap:.2f} would be passed "
-                        f"(spent and held: ${row['used']:.6f})",
+                        f"(spent and held: ${used:.6f})",
                         policy,
                     )
             await conn.execute(
@@ -232,7 +290,7 @@ async def _reserve(
         hold_id = uuid.uuid4()
         await conn.execute(
             "INSERT INTO budget_reservation (id, tenant_id, run_id, step_id, kind, amount_usd, tokens, hour_start, "
-            "day_start, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'held')",
+            "day_start, status, windowed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'held', $10)",
             hold_id,
             tenant_id,
             run_id,
@@ -242,18 +300,47 @@ async def _reserve(
             tokens,
             hour,
             day,
+            windowed,
         )
         return Hold(hold_id, amount_usd, tokens)
 
 
+# Counts as many of ``$2`` chosen calls as max_steps leaves room for (all of them without the limit), under
+# the row's lock: the subquery's FOR UPDATE makes ``before`` the value this UPDATE starts from.
+_COUNT_CHOSEN = (
+    "UPDATE run_usage u SET tool_calls = u.tool_calls + least($2, CASE WHEN u.limits ? 'max_steps' "
+    "THEN greatest((u.limits ->> 'max_steps')::int - u.tool_calls, 0) ELSE $2 END) "
+    "FROM (SELECT tool_calls AS before FROM run_usage WHERE run_id = $1 FOR UPDATE) o "
+    "WHERE u.run_id = $1 RETURNING u.tool_calls - o.before"
+)
+
+
+async def count_chosen_calls(conn: Conn, run_id: uuid.UUID, calls: int) -> int:
+    """Count an agent turn's ``calls`` tool calls against ``max_steps``, in the transaction that saves the
+    turn; returns how many fit (the first ones, in the model's order). Those need no counting when they
+    are made; the rest are counted (and, while the limit still holds, refused) by :func:`reserve`."""
+    if calls == 0:
+        return 0
+    counted = await conn.fetchval(_COUNT_CHOSEN, run_id, calls)
+    return calls if counted is None else int(counted)  # no usage row: a run from before budgets existed
+
+
+async def uncount_call(conn: Conn, run_id: uuid.UUID) -> None:
+    """Give back the count of a call counted with its turn that was refused before its reservation
+    (guardrails, approvals, shadow mode, an open breaker): those never counted against max_steps."""
+    await conn.execute("UPDATE run_usage SET tool_calls = tool_calls - 1 WHERE run_id = $1", run_id)
+
+
 _SETTLE = (
     "UPDATE budget_reservation SET status = 'settled', actual_usd = $2, actual_tokens = $3, settled_at = now() "
-    "WHERE id = $1 AND status = 'held' RETURNING tenant_id, run_id, amount_usd, tokens, hour_start, day_start"
+    "WHERE id = $1 AND status = 'held' RETURNING tenant_id, run_id, amount_usd, tokens, hour_start, day_start, "
+    "windowed"
 )
 
 
 async def settle(conn: Conn, hold: Hold, actual_usd: Decimal, actual_tokens: int = 0) -> None:
-    """Replace a hold by what the call really cost (a second settle of the same hold does nothing)."""
+    """Replace a hold by what the call really cost (a second settle of the same hold does nothing); the
+    windows only for a windowed hold: an unwindowed one's cost is folded in later (:func:`fold_unwindowed`)."""
     if hold.id is None:
         return
     async with conn.transaction():
@@ -269,6 +356,8 @@ async def settle(conn: Conn, hold: Hold, actual_usd: Decimal, actual_tokens: int
             r["tokens"],
             actual_tokens,
         )
+        if not r["windowed"]:
+            return
         await conn.execute(_LOCK_WINDOWS, r["tenant_id"], r["hour_start"], r["day_start"])
         await conn.execute(
             "UPDATE budget_window SET reserved_usd = greatest(reserved_usd - $4, 0), spent_usd = spent_usd + $5 "
@@ -292,12 +381,54 @@ async def settle_stale(conn: Conn, older_than_s: float) -> int:
     return len(rows)
 
 
+FOLD_BATCH = 5000
+# One statement, so readers see a settled cost either still unwindowed or already in its windows, never
+# both or neither: marks a batch of settled unwindowed reservations windowed and adds their cost to their
+# windows, one upsert per tenant window, taken in the order reserve() and settle() lock them (a tenant's
+# hours before its day). Rows another fold has locked are skipped, not waited for.
+_FOLD = """
+WITH folded AS (
+    UPDATE budget_reservation SET windowed = true WHERE id IN (
+        SELECT id FROM budget_reservation WHERE NOT windowed AND status = 'settled' LIMIT $1 FOR UPDATE SKIP LOCKED)
+    RETURNING tenant_id, hour_start, day_start, actual_usd),
+sums AS (
+    SELECT tenant_id, 'hour' AS period, hour_start AS start, sum(actual_usd) AS usd FROM folded GROUP BY 1, 3
+    UNION ALL
+    SELECT tenant_id, 'day', day_start, sum(actual_usd) FROM folded GROUP BY 1, 3),
+added AS (
+    INSERT INTO budget_window (tenant_id, period, start, spent_usd)
+    SELECT tenant_id, period, start, usd FROM sums ORDER BY tenant_id, period DESC, start
+    ON CONFLICT (tenant_id, period, start) DO UPDATE SET spent_usd = budget_window.spent_usd + excluded.spent_usd
+    RETURNING 1)
+SELECT (SELECT count(*) FROM folded) AS reservations, (SELECT count(*) FROM added) AS windows
+"""
+
+
+async def fold_unwindowed(conn: Conn, *, batch: int = FOLD_BATCH, batches: int = 10) -> int:
+    """Add the settled cost of unwindowed reservations to their tenant's windows, in batches; returns how
+    many reservations were folded. Called by the reconciler on each pass."""
+    folded = 0
+    for _ in range(batches):
+        try:
+            row = await conn.fetchrow(_FOLD, batch)
+        except asyncpg.DeadlockDetectedError:
+            log.warning("budgets: folding unwindowed spend was a deadlock victim; the next pass folds it")
+            break
+        assert row is not None
+        folded += row["reservations"]
+        if row["reservations"] < batch:
+            break
+    return folded
+
+
 # --- the budgets API -----------------------------------------------------------------------------------
 
 
 async def put_budget(db: AsyncSession, ctx: Ctx, budget: BudgetSettings) -> BudgetSettings:
     """Set the tenant's caps and run limits (audited); running runs keep the limits they started with."""
     conn = await driver(db)
+    # Waits for reservations that read the caps before this (module docstring); held to the commit.
+    await conn.execute(_EXCLUDE_CAPS, CAPS_LOCK_CLASS, ctx.tenant_id)
     await conn.execute(
         "INSERT INTO budget (tenant_id, hourly_usd, daily_usd, on_exhausted, run_defaults, run_maximums, updated_by) "
         "VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7) ON CONFLICT (tenant_id) DO UPDATE SET "
@@ -321,6 +452,18 @@ async def get_budget(db: AsyncSession, ctx: Ctx) -> dict[str, Any] | None:
     return await tenant_budget(await driver(db), ctx.tenant_id)
 
 
+# A window as readers see it: its row plus what is not folded into it yet, read in one statement (one
+# snapshot: a fold moves amounts from one side to the other atomically).
+_WINDOW_NOW = (
+    "SELECT coalesce((SELECT spent_usd FROM budget_window WHERE tenant_id = $1 AND period = $2 AND start = $3), 0) "
+    "+ coalesce(sum(actual_usd) FILTER (WHERE status = 'settled'), 0) AS spent_usd, "
+    "coalesce((SELECT reserved_usd FROM budget_window WHERE tenant_id = $1 AND period = $2 AND start = $3), 0) "
+    "+ coalesce(sum(amount_usd) FILTER (WHERE status = 'held'), 0) AS reserved_usd "
+    "FROM budget_reservation WHERE tenant_id = $1 AND day_start = $4 AND ($2 = 'day' OR hour_start = $3) "
+    "AND NOT windowed"
+)
+
+
 async def usage(
     db: AsyncSession, ctx: Ctx, *, workflow: str | None = None, run: uuid.UUID | None = None
 ) -> dict[str, Any]:
@@ -330,12 +473,7 @@ async def usage(
     result: dict[str, Any] = {}
     for period, start in (("hour", hour), ("day", day)):
         if workflow is None:
-            row = await conn.fetchrow(
-                "SELECT spent_usd, reserved_usd FROM budget_window WHERE tenant_id = $1 AND period = $2 AND start = $3",
-                ctx.tenant_id,
-                period,
-                start,
-            )
+            row = await conn.fetchrow(_WINDOW_NOW, ctx.tenant_id, period, start, day)
         else:
             row = await conn.fetchrow(
                 f"SELECT coalesce(sum(r.actual_usd) FILTER (WHERE r.status = 'settled'), 0) AS spent_usd, "
@@ -385,9 +523,14 @@ async def set_run_limits(db: AsyncSession, ctx: Ctx, run_id: uuid.UUID, requeste
 PAUSED_PAGES = keyset("budget-paused-runs", datetime, uuid.UUID)
 TOP_WORKFLOWS = 10
 
+# The hour windows of a day, each with what is not folded into it yet (one statement: see _WINDOW_NOW).
 _HOURS_OF_DAY = (
+    "SELECT start, sum(spent_usd) AS spent_usd, sum(reserved_usd) AS reserved_usd FROM ("
     "SELECT start, spent_usd, reserved_usd FROM budget_window WHERE tenant_id = $1 AND period = 'hour' "
-    "AND start >= $2 AND start < $3 ORDER BY start"
+    "AND start >= $2 AND start < $3 UNION ALL "
+    "SELECT hour_start, coalesce(sum(actual_usd) FILTER (WHERE status = 'settled'), 0), "
+    "coalesce(sum(amount_usd) FILTER (WHERE status = 'held'), 0) FROM budget_reservation "
+    "WHERE tenant_id = $1 AND day_start = $2 AND NOT windowed GROUP BY hour_start) h GROUP BY start ORDER BY start"
 )
 # Settled spend by workflow since a day's start: what the windows count, split by the runs' workflows.
 _TOP_WORKFLOWS = (
@@ -432,8 +575,9 @@ class Overview:
 async def overview(db: AsyncSession, ctx: Ctx, *, limit: int, cursor: str | None) -> Overview:
     """Everything the budgets page shows, read in one transaction; paused runs keyset-paged, newest first.
 
-    Spend per hour is what the tenant's hour windows hold: each settled call adds to the windows of the hour
-    and the day it was reserved in, so today's hours add up to the day window's spend."""
+    Spend per hour is what the tenant's hour windows hold, with what is not folded into them yet: each
+    settled call adds to the windows of the hour and the day it was reserved in, so today's hours add up
+    to the day window's spend."""
     conn = await driver(db)
     after = PAUSED_PAGES.decode(cursor)
     hour, day = windows(datetime.now(UTC))

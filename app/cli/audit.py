@@ -1,9 +1,12 @@
-"""``steward audit verify`` and ``steward audit export``: the audit log from the command line.
+"""``steward audit verify``, ``steward audit export`` and ``steward audit seal``: the audit log from the
+command line.
 
-Both connect as the tables' owner through ``DATABASE_URL`` (no row-level security; every query filters on
+All connect as the tables' owner through ``DATABASE_URL`` (no row-level security; every query filters on
 the tenant). ``verify`` exits 1 when any chain is broken (or the database cannot be reached), printing the
 first broken link of each; 2 on a usage error such as an unknown tenant. ``export`` writes the API's
-bytes (app/audit/export.py) to a file, renamed into place only once complete, or to stdout.
+bytes (app/audit/export.py) to a file, renamed into place only once complete, or to stdout. ``seal`` chains
+every committed unsealed row now, as the workers' sealer does (app/audit/sealer.py): with no worker running,
+or before a downgrade.
 
 Imported when the ``steward`` parser is built: keep the heavy imports inside the commands.
 """
@@ -67,6 +70,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     export.add_argument("--target", help="only events on this target")
     export.add_argument("--output", "-o", type=Path, metavar="FILE", help="write here (default: stdout)")
     export.set_defaults(handler=export_command)
+
+    seal = actions.add_parser(
+        "seal", help="seal (hash-chain) every committed unsealed audit row now",
+        description="Chain every tenant's committed unsealed audit rows, as the workers' sealer does "
+                    "continuously; prints the rows sealed.",
+    )
+    seal.set_defaults(handler=seal_command)
 
 
 def _timestamp(value: str) -> datetime:
@@ -138,12 +148,39 @@ def describe(name: str, result: Verification) -> str:
         where = f"seq {b.seq}" + (f" (id {b.id})" if b.id is not None else "")
         return f"{name}: BROKEN at {where}: {b.reason}: {b.detail}"
     if not result.rows:
-        return f"{name}: ok, no events"
+        return f"{name}: ok, no sealed events{_unsealed(result)}" if result.unsealed.rows else f"{name}: ok, no events"
     span = f"{result.rows} rows, seq {result.first_seq}..{result.last_seq}"
     if result.anchored_at_seq is not None:
         span += f" (anchored at {result.anchored_at_seq}: older rows removed by retention)"
     head = f"head {result.head.seq} {result.head.hash}" if result.head is not None else "no head"
-    return f"{name}: ok, {span}, {head}"
+    return f"{name}: ok, {span}, {head}{_unsealed(result)}"
+
+
+def _unsealed(result: Verification) -> str:
+    pending = result.unsealed
+    if not pending.rows:
+        return ""
+    return f"; {pending.rows} unsealed (oldest {pending.oldest_age_s or 0:.1f} s old)"
+
+
+# --- seal -------------------------------------------------------------------------------------------
+
+
+def seal_command(args: argparse.Namespace) -> int:
+    sealed = asyncio.run(_seal(_database_url()))
+    print(f"Sealed {sealed} audit events.")
+    return 0
+
+
+async def _seal(database_url: str) -> int:
+    from app.audit.chain import seal_pending
+
+    async with _connect(database_url) as conn:
+        try:
+            return await seal_pending(conn)
+        except Exception as exc:
+            raise_if_not_migrated(exc)
+            raise
 
 
 # --- export -----------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ from app.dashboard.common import SignedIn, error_page, page_router
 from app.db import Db
 from app.errors import Invalid
 from app.http import AppSettings
-from app.pagination import Cursor, Limit, keyset, page_size
+from app.pagination import Cursor, Limit, page_size
 from app.pg import driver
 
 router = page_router()
 Auditor = Annotated[Ctx, Depends(require("audit:read"))]
 # The API's cursor kind: a page's cursor works in both.
-PAGES = keyset("audit", int)
+PAGES = audit_service.PAGES
 EXPORT = "/api/v1/audit/export"
 FILTERS = ("since", "until", "actor", "action", "target")
 
@@ -79,9 +79,9 @@ async def audit_page(
     """Matching events, newest first, with the export of the same filters and the chain's verify button."""
     size = page_size(limit, settings)
     rows = await audit_service.list_events(
-        await driver(db), ctx.tenant_id, filters, before=PAGES.after(cursor), limit=size + 1
+        await driver(db), ctx.tenant_id, filters, before=PAGES.decode(cursor), limit=size + 1
     )
-    items, next_cursor = PAGES.page(rows, size, lambda r: (r["seq"],))
+    items, next_cursor = PAGES.page(rows, size, lambda r: (r["at"], r["id"]))
     query = _query(filters)
     return templates.TemplateResponse(request, "dashboard/audit.html", {
         "me": me, "events": [export_record(r) for r in items], "filters": _form(filters),

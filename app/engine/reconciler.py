@@ -3,7 +3,9 @@
 - running steps whose lease expired (their worker died) fail that attempt as transient and retry;
 - waiting steps past their deadline fail (the deferred arq job normally fires first);
 - active runs past their ``timeout_s`` limit fail as ``run_timeout`` (paused runs wait for their operator);
-- outbox rows not claimed in time (Redis flushed or down, a relay process died) are sent again.
+- outbox rows not claimed in time (Redis flushed or down, a relay process died) are sent again;
+- budget holds whose worker died are settled at their estimate, and the settled spend of tenants without
+  caps (kept off their budget windows on the hot path) is folded into those windows, in batches.
 Each pass handles a bounded batch; every row is re-checked under its run's lock before anything is
 written, so reconcilers running in several worker processes never act on a row twice. Each row is
 repaired in a transaction of its own: a row that cannot be repaired (its data broken by hand or by a
@@ -21,7 +23,7 @@ from datetime import timedelta
 
 from app import metrics
 from app.audit import retention as audit_retention
-from app.budgets.service import settle_stale
+from app.budgets.service import fold_unwindowed, settle_stale
 from app.clock import now
 from app.config import Settings
 from app.engine.actions import RUN_CLOCK, time_out_run
@@ -42,6 +44,7 @@ class Report:
     runs_timed_out: int = 0
     jobs_resent: int = 0
     holds_settled: int = 0
+    spend_folded: int = 0  # unwindowed reservations whose cost was added to their windows
     # Rows whose repair raised (logged with their id; tried again next pass).
     rows_failed: int = 0
 
@@ -65,6 +68,7 @@ async def reconcile_once(runtime: Runtime) -> Report:
     # Holds of calls whose worker died (a live call settles within its timeout plus a margin).
     async with runtime.pg.acquire() as conn:
         report.holds_settled = await settle_stale(conn, settings.step_timeout_s + settings.lease_s * 2)
+        report.spend_folded = await fold_unwindowed(conn)
     # Audit events past settings.audit_retention_days: at most once an hour across all workers.
     await audit_retention.retention_pass(runtime)
     if report.leases_expired or report.waits_timed_out or report.runs_timed_out or report.rows_failed:

@@ -84,8 +84,7 @@ class UnitOfWork:
     ended: list[uuid.UUID] = field(default_factory=list)
     # Step moves checked already, written by flush (see state_machine.defer_step_move).
     deferred: list[tuple[Any, str, dict[str, Any]]] = field(default_factory=list)
-    # Audit events by tenant, chained by the last flush (the chain head's lock is held until commit:
-    # taking it last keeps that short).
+    # Audit events by tenant, inserted (unsealed: a sealer chains them after commit) by the last flush.
     audits: dict[uuid.UUID, list[Entry]] = field(default_factory=dict)
 
     def event(
@@ -126,11 +125,11 @@ class UnitOfWork:
 
     async def flush(self, *, audit: bool = True) -> None:
         """Write what was collected; call before commit and before reading steps back (``audit=False``
-        there: audit events are chained by the flush before commit)."""
+        there: audit events are written by the flush before commit)."""
         await self._flush_engine()
         if audit and self.audits:
             audits, self.audits = self.audits, {}
-            for tenant_id in sorted(audits):  # one order for every writer: no deadlock between heads
+            for tenant_id in sorted(audits):
                 await append(self.conn, tenant_id, audits[tenant_id])
 
     async def _flush_engine(self) -> None:

@@ -12,8 +12,12 @@ Nothing here writes to the database except the budget reservation: the decisions
 caller records in the transaction that records the step's outcome. A tool step's attempt ends with it
 as is; an agent reads it back to its model (:meth:`CallResult.for_model`) or stops on it.
 
-Which calls count against the run's ``max_steps``: those an agent chooses (``CallSite.counted``), not
-the tool steps and map items a workflow's author wrote, which their definition already bounds.
+Which calls count against the run's ``max_steps``: those an agent chooses, not the tool steps and map
+items a workflow's author wrote, which their definition already bounds. An agent's calls are normally
+counted with the model turn that chose them (workers/agent.py); ``CallSite.counted`` marks a call still
+to be counted at its reservation (its turn found no room left, refused here while there is none). A call
+refused before its reservation counts for nothing (``CallResult.budgeted`` false): the agent gives back
+the count its turn took for it.
 """
 
 from __future__ import annotations
@@ -81,8 +85,9 @@ class RunScope:
 class CallSite:
     """Where a call is made: the step attempt, and for agents the model's call id.
 
-    ``counted``: the call counts against the run's ``max_steps`` (an agent's choice, once per call
-    however often it is retried); a workflow's tool steps and map items do not."""
+    ``counted``: the call is counted against the run's ``max_steps`` when it reserves (an agent's choice
+    its turn did not count yet; once per call however often it is retried); a workflow's tool steps and
+    map items do not count."""
 
     step_run_id: uuid.UUID
     step_id: str
@@ -104,6 +109,9 @@ class CallResult(Outcome):
     finished_at: datetime = field(default_factory=now)
     errors: tuple[dict[str, str], ...] = ()  # schema errors, for the model to read
     exec_s: float | None = None  # how long the tool itself took, when it ran
+    # The call got past its budget reservation (where an uncounted agent call is counted): calls refused
+    # before it (guardrails, approvals, shadow mode, an open breaker) do not count against max_steps.
+    budgeted: bool = False
 
     def for_model(self) -> dict[str, Any]:
         """What an agent's model reads back as the tool call's result."""
@@ -205,7 +213,7 @@ class Caller:
         if isinstance(hold, CallResult):
             return hold
         try:
-            result = await self._execute(site, ref, args, secrets, key, policy, decision.probe)
+            result = replace(await self._execute(site, ref, args, secrets, key, policy, decision.probe), budgeted=True)
         finally:
             # A fixed price per call: it is charged whether the call worked or not. Should the database
             # be away, the reconciler settles the hold at this same price: the call's result must not be lost.

@@ -24,7 +24,7 @@ class Recorder:
                  sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         self.client, self.tenant, self.sessionmaker = client, tenant, sessionmaker
         self.seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        self.seq = 0
+        self.last_id = 0
 
     async def call(self, method: str, template: str, body: Any = None, **params: str) -> Any:
         url = re.sub(r"\{(\w+)\}", lambda m: params[m.group(1)], template)
@@ -38,10 +38,10 @@ class Recorder:
         async with self.sessionmaker() as db:
             conn: Any = await db.connection()
             rows = (await conn.exec_driver_sql(
-                "SELECT seq, actor, action, target, ip, user_agent FROM audit_event "
-                "WHERE tenant_id = $1 AND seq > $2 ORDER BY seq", (self.tenant.tenant_id, self.seq))).mappings().all()
+                "SELECT id, actor, action, target, ip, user_agent FROM audit_event "
+                "WHERE tenant_id = $1 AND id > $2 ORDER BY id", (self.tenant.tenant_id, self.last_id))).mappings().all()
         if rows:
-            self.seq = rows[-1]["seq"]
+            self.last_id = rows[-1]["id"]
         return [dict(r) for r in rows]
 
 

@@ -24,7 +24,7 @@ async def audit_actions(sessionmaker: async_sessionmaker[AsyncSession], tenant: 
     async with sessionmaker() as db:
         conn: Any = await db.connection()
         rows = (await conn.exec_driver_sql(
-            "SELECT actor, action, target, data, ip, user_agent FROM audit_event WHERE tenant_id = $1 ORDER BY seq",
+            "SELECT actor, action, target, data, ip, user_agent FROM audit_event WHERE tenant_id = $1 ORDER BY id",
             (tenant.tenant_id,))).mappings().all()
     return [dict(r) for r in rows]
 

@@ -79,7 +79,7 @@ async def test_every_route_allows_or_denies_each_role_as_the_table_says(
     async with sessionmaker() as db:
         rows = (await db.execute(text(
             "SELECT actor, target, outcome, data->>'permission' FROM audit_event "
-            "WHERE tenant_id = :t AND action = 'access.denied' ORDER BY seq"), {"t": tenant.tenant_id})).all()
+            "WHERE tenant_id = :t AND action = 'access.denied' ORDER BY id"), {"t": tenant.tenant_id})).all()
     assert [r[1] for r in rows] == denied
     assert {(r[0].startswith("key:"), r[2]) for r in rows} <= {(True, "denied")}
 

@@ -100,7 +100,7 @@ async def test_the_model_corrects_itself_after_each_structured_error(
     assert turn["tool_calls"] == [{"id": "call_0_0", "name": "search_web"}] and turn["cost_usd"]
     audit = (await db.execute(text(
         "SELECT action, coalesce(data->>'reason', outcome) FROM audit_event WHERE tenant_id = :t "
-        "AND action IN ('guardrail.reject', 'tool.call') ORDER BY seq"), {"t": tenant.tenant_id})).all()
+        "AND action IN ('guardrail.reject', 'tool.call') ORDER BY id"), {"t": tenant.tenant_id})).all()
     # Every guardrail decision and every call that ran is on the audit record.
     assert [tuple(r) for r in audit] == [("guardrail.reject", "unknown_tool"), ("guardrail.reject", "invalid_args"),
                                          ("guardrail.reject", "read_only"), ("tool.call", "ok")]
@@ -200,6 +200,35 @@ async def test_an_agent_that_loops_pauses_at_the_default_step_limit(
                           "call_id": exhausted[0]["call_id"], "action": "pause"}]
     usage = (await client.get("/api/v1/budgets/usage", params={"run": run["id"]}, headers=tenant.headers)).json()
     assert usage["run"]["limits"]["max_steps"] == 25 and usage["run"]["tool_calls"] == 25
+
+
+async def test_parallel_agents_of_one_run_share_max_steps_and_never_pass_it(
+    client: httpx.AsyncClient, tenant: TenantKey, worker: Settings, model_server: ModelServer,
+    tool_server: ToolServer,
+) -> None:
+    """Agents running at once in one run count their turns and calls against the one max_steps: each
+    turn's chosen calls are counted when the turn is saved, under the run's usage row lock."""
+    model = model_name()
+    model_server.script(model, lambda body: Turn.tool_calls([("lookup", {"q": f"n{len(body['messages'])}"}),
+                                                             ("lookup", {"q": f"m{len(body['messages'])}"})]))
+    await add_provider(client, tenant.headers, model_server, model)
+    await tools(client, tenant, tool_server)
+    workflow = name()
+    agent = {"model": f"local/{model}", "instructions": "You help.", "input": "go", "tools": ["lookup"],
+             "max_turns": 100}
+    await create_workflow(client, tenant.headers, workflow, [{"id": f"agent{i}", "agent": agent} for i in range(3)])
+    started = await start_run(client, tenant.headers, workflow, {}, limits={"max_steps": 10})
+    # Three agents at once on a busy machine: the bounds are hang guards only.
+    run = await wait_for(client, tenant.headers, started["id"], lambda r: r["status"] in ("paused", "failed"), 60)
+    # Steps still running when the run paused finish their turn or call: wait until none runs.
+    run = await wait_for(client, tenant.headers, run["id"],
+                         lambda r: not any(s["status"] == "running" for s in r["steps"]), 60)
+    assert run["status"] == "paused" and run["status_reason"] == "budget_exhausted", run
+    usage = (await client.get("/api/v1/budgets/usage", params={"run": run["id"]}, headers=tenant.headers)).json()
+    assert usage["run"]["tool_calls"] == 10
+    made = [c for c in tool_server.calls_to("/echo") if c.idempotency_key
+            and c.idempotency_key.startswith(f"{run['id']}:")]
+    assert len(model_server.calls(model)) + len(made) <= 10, (len(model_server.calls(model)), len(made))
 
 
 async def test_token_limit_pauses_before_the_model_call_and_resumes_after_raising_it(

@@ -16,7 +16,7 @@ import httpx
 from app.audit.chain import format_at
 from app.audit.export import COLUMNS
 from app.pg import Conn
-from tests.support.audit import add, entries, reverify_lines, rows, tamper
+from tests.support.audit import add, add_unsealed, entries, reverify_lines, rows, tamper
 from tests.support.env import ROOT
 from tests.support.tenants import MakeTenant, TenantKey
 
@@ -113,3 +113,19 @@ async def test_no_database_url_is_a_usage_error() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and "DATABASE_URL" in done.stderr
+
+
+async def test_seal_then_verify_reports_what_was_unsealed(database_url: str, owner: Conn, tenant: TenantKey) -> None:
+    await add(owner, tenant.tenant_id, entries(2))
+    await add_unsealed(owner, tenant.tenant_id, entries(2, start=3))
+    before = await steward(database_url, "verify", "--tenant", tenant.name)
+    assert before.returncode == 0, before.stderr
+    assert before.stdout.startswith(f"{tenant.name}: ok, 2 rows, seq 1..2, head 2 ")
+    assert "; 2 unsealed (oldest " in before.stdout
+
+    sealed = await steward(database_url, "seal")
+    assert sealed.returncode == 0, sealed.stderr
+    assert sealed.stdout.startswith("Sealed ") and int(sealed.stdout.split()[1]) >= 2
+    head = (await rows(owner, tenant.tenant_id))[-1]["hash"]
+    after = await steward(database_url, "verify", "--tenant", tenant.name)
+    assert after.stdout == f"{tenant.name}: ok, 4 rows, seq 1..4, head 4 {head}\n"

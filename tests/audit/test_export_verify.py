@@ -24,7 +24,7 @@ from app.audit.verify import verify_chain
 from app.config import Settings
 from app.pg import Conn
 from app.runtime import Runtime
-from tests.support.audit import add, entries, rehash, reverify_lines, rows, tamper
+from tests.support.audit import add, add_unsealed, entries, rehash, reverify_lines, rows, tamper
 from tests.support.tenants import MakeTenant, TenantKey
 
 N = 10
@@ -58,6 +58,7 @@ async def test_an_intact_chain_verifies(client: httpx.AsyncClient, owner: Conn, 
     assert await verify_api(client, auditor) == {
         "ok": True, "rows": N, "first_seq": 1, "last_seq": N, "anchored_at_seq": None,
         "head": {"seq": N, "hash": chain[-1]["hash"]}, "broken": None,
+        "unsealed": {"rows": 0, "oldest_at": None, "oldest_age_s": None},
     }
 
 
@@ -150,6 +151,70 @@ async def test_rows_past_the_head_are_reported(owner: Conn, tenant: TenantKey) -
                         "AND seq = 2) WHERE tenant_id = $1", tenant.tenant_id)
     broken = (await verify_chain(owner, tenant.tenant_id)).broken
     assert broken is not None and (broken.seq, broken.reason) == (3, "head_mismatch")
+
+
+async def test_an_inserted_sealed_row_is_reported(owner: Conn, tenant: TenantKey) -> None:
+    await add(owner, tenant.tenant_id, entries(3))
+    last = (await rows(owner, tenant.tenant_id))[-1]
+    forged = {**dict(last), "seq": 4, "prev_hash": last["hash"], "target": "thing:forged"}
+    forged["hash"] = rehash(forged)
+    await tamper(owner, "INSERT INTO audit_event (tenant_id, seq, at, actor, ip, user_agent, action, target, outcome, "
+                 "data, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                 *(forged[k] for k in ("tenant_id", "seq", "at", "actor", "ip", "user_agent", "action", "target",
+                                       "outcome")), json.dumps(forged["data"]), forged["prev_hash"], forged["hash"])
+    forged_id = (await rows(owner, tenant.tenant_id))[-1]["id"]
+    broken = (await verify_chain(owner, tenant.tenant_id)).broken
+    assert broken is not None and (broken.seq, broken.id, broken.reason) == (4, str(forged_id), "head_mismatch")
+
+
+# --- rows not sealed yet ---------------------------------------------------------------------------------
+
+
+async def test_verify_and_export_report_unsealed_rows(
+    client: httpx.AsyncClient, owner: Conn, auditor: TenantKey
+) -> None:
+    await add(owner, auditor.tenant_id, entries(3))
+    pending_at = days_ago(1, 2)
+    await add_unsealed(owner, auditor.tenant_id, entries(2, start=4, at=pending_at))
+    chain = await rows(owner, auditor.tenant_id)
+    assert [r["seq"] for r in chain] == [1, 2, 3, None, None]
+
+    body = await verify_api(client, auditor)
+    assert body["ok"] and body["rows"] == 3 and body["head"] == {"seq": 3, "hash": chain[2]["hash"]}
+    unsealed = body["unsealed"]
+    assert (unsealed["rows"], unsealed["oldest_at"]) == (2, format_at(pending_at[1]))
+    assert 2 * 86400 <= unsealed["oldest_age_s"] < 3 * 86400
+
+    response = await export(client, auditor)
+    lines = reverify_lines(response.text)
+    assert [(line["seq"], line["target"]) for line in lines] == [
+        (1, "thing:1"), (2, "thing:2"), (3, "thing:3"), (None, "thing:4"), (None, "thing:5")]
+    assert lines[3]["id"] == str(chain[3]["id"]) and lines[3]["hash"] is None and lines[3]["prev_hash"] is None
+    assert response.headers["steward-audit-head-seq"] == "3"
+    assert response.headers["steward-audit-unsealed-rows"] == "2"
+    assert response.headers["steward-audit-oldest-unsealed-at"] == format_at(pending_at[1])
+    assert 2 * 86400 <= float(response.headers["steward-audit-oldest-unsealed-age-s"]) < 3 * 86400
+    table = list(csv.reader(io.StringIO((await export(client, auditor, format="csv")).text, newline="")))
+    assert [record[2] for record in table[1:]] == ["1", "2", "3", "", ""]
+    events = (await client.get("/api/v1/audit/events", headers=auditor.headers)).json()["items"]
+    assert [e["target"] for e in events] == ["thing:3", "thing:2", "thing:1", "thing:4", "thing:5"]  # newest first
+
+    # A sealed row edited is still found at its row, unsealed rows or not.
+    await tamper(owner, "UPDATE audit_event SET actor = 'user:mallory' WHERE id = $1", chain[1]["id"])
+    broken = (await verify_api(client, auditor))["broken"]
+    assert (broken["seq"], broken["id"], broken["reason"]) == (2, str(chain[1]["id"]), "hash_mismatch")
+
+
+async def test_unsealed_rows_join_the_chain_when_sealed(
+    client: httpx.AsyncClient, owner: Conn, auditor: TenantKey
+) -> None:
+    await add(owner, auditor.tenant_id, entries(2))
+    await add_unsealed(owner, auditor.tenant_id, entries(2, start=3))
+    await add(owner, auditor.tenant_id, entries(1, start=5))  # seals what came before it too
+    lines = reverify_lines((await export(client, auditor)).text)
+    assert [(line["seq"], line["target"]) for line in lines] == [(i, f"thing:{i}") for i in range(1, 6)]
+    body = await verify_api(client, auditor)
+    assert body["ok"] and body["rows"] == 5 and body["unsealed"]["rows"] == 0
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -460,6 +525,20 @@ async def test_retention_deletes_in_bounded_batches(
     await retention.apply_retention(owner, 30)
     result = await verify_chain(owner, tenant.tenant_id)
     assert result.ok and result.anchored_at_seq == 13, result.as_dict()
+
+
+async def test_retention_deletes_sealed_rows_only(owner: Conn, tenant: TenantKey) -> None:
+    await add(owner, tenant.tenant_id, entries(3, at=days_ago(90, 80, 70)))
+    await add_unsealed(owner, tenant.tenant_id, entries(2, start=4, at=days_ago(60, 50)))
+
+    await retention.apply_retention(owner, 30)
+
+    # Rows 1 and 2 went; the old unsealed rows stayed, and were sealed with retention's note.
+    chain = await rows(owner, tenant.tenant_id)
+    assert [(r["seq"], r["target"]) for r in chain] == [(3, "thing:3"), (4, "thing:4"), (5, "thing:5"), (6, None)]
+    assert chain[-1]["action"] == "audit.retention" and chain[-1]["data"]["through_seq"] == 2
+    result = await verify_chain(owner, tenant.tenant_id)
+    assert result.ok and result.anchored_at_seq == 3 and result.unsealed.rows == 0, result.as_dict()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from app.config import Settings
 from app.pg import Conn
 from tests.fakes.tool_server import ToolServer
-from tests.support.audit import add, entries, rows, tamper
+from tests.support.audit import add, add_unsealed, entries, rows, tamper
 from tests.support.clock import clear_of_the_hour_boundary
 from tests.support.runs import create_workflow, name, start_run, wait_for, wait_run
 from tests.support.signin import SignIn
@@ -259,12 +259,15 @@ async def test_the_audit_page_searches_pages_and_escapes(
     tenant, other = await make_tenant(), await make_tenant()
     await seeded(owner, tenant)
     await add(owner, other.tenant_id, entries(2, actor="user:mallory", action="run.start"))
+    await add_unsealed(owner, tenant.tenant_id, entries(1, start=7, actor="user:carol"))  # no sealer runs here
     browser = await sign_in(tenant, ("auditor",))
     seqs = {r["target"]: r["seq"] for r in await rows(owner, tenant.tenant_id)}
 
     page = await browser.get("/audit")
     assert page.status_code == 200, page.text
     assert "Audit" in nav(page.text)
+    carol = re.search(r"<tr>\s*<td>(.*?)</td>(?:(?!</tr>).)*user:carol", page.text, re.DOTALL)
+    assert carol and ">unsealed</span>" in carol.group(1), page.text  # listed before it is sealed
     shown = events_of(page.text)
     assert shown == sorted(shown, reverse=True) and len(shown) >= 6  # newest first (the sign-in adds events)
     assert "mallory" not in page.text
@@ -326,10 +329,13 @@ async def test_verify_reports_an_intact_chain_then_the_first_tampered_row(
     page = await browser.get("/audit")
     token = csrf_of(page.text)
 
+    await add_unsealed(owner, tenant.tenant_id, entries(2, start=7))  # no sealer runs here
     ok = await browser.post("/audit/verify", data={"csrf_token": token})
     assert ok.status_code == 200, ok.text
-    count = len(await rows(owner, tenant.tenant_id))
+    kept = await rows(owner, tenant.tenant_id)
+    count, pending = sum(r["seq"] is not None for r in kept), sum(r["seq"] is None for r in kept)
     assert re.search(rf"<strong>Intact.</strong> {count} rows checked", ok.text), ok.text
+    assert pending >= 2 and f"{pending} newer rows not sealed yet" in ok.text, ok.text
 
     chain = await rows(owner, tenant.tenant_id)
     victim = chain[2]

@@ -1,4 +1,4 @@
-"""The audit chain in tests: an owner connection, events appended the way the product appends them,
+"""The audit chain in tests: an owner connection, events appended and sealed the way the product does it,
 tampering as an attacker holding the database could, and offline re-verification of an export."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from app.audit.chain import ChainRow, Entry, append, row_hash
+from app.audit.chain import ChainRow, Entry, append, row_hash, seal_backlog
 from app.pg import Conn
 
 
@@ -29,13 +29,20 @@ def entries(n: int, *, start: int = 1, at: Sequence[datetime] | None = None, **f
 
 
 async def add(conn: Conn, tenant_id: uuid.UUID, items: Sequence[Entry]) -> None:
-    """Append ``items`` in one committed transaction, as the product does."""
+    """Append ``items`` in one committed transaction, then seal them, as the product's actions and sealer do."""
+    await add_unsealed(conn, tenant_id, items)
+    await seal_backlog(conn, tenant_id)
+
+
+async def add_unsealed(conn: Conn, tenant_id: uuid.UUID, items: Sequence[Entry]) -> None:
+    """Append ``items`` in one committed transaction, as an action does (no sealer runs)."""
     async with conn.transaction():
         await append(conn, tenant_id, items)
 
 
 async def rows(conn: Conn, tenant_id: uuid.UUID) -> list[asyncpg.Record]:
-    return list(await conn.fetch("SELECT * FROM audit_event WHERE tenant_id = $1 ORDER BY seq", tenant_id))
+    """The tenant's rows: sealed ones in seq order, then unsealed ones in id (sealing) order."""
+    return list(await conn.fetch("SELECT * FROM audit_event WHERE tenant_id = $1 ORDER BY seq, id", tenant_id))
 
 
 async def tamper(conn: Conn, sql: str, *args: Any) -> str:
@@ -64,10 +71,15 @@ def line_row(line: dict[str, Any]) -> ChainRow:
 
 
 def reverify_lines(text: str) -> list[dict[str, Any]]:
-    """Parse a JSONL export and check it offline: each hash recomputed, each link followed."""
+    """Parse a JSONL export and check it offline: each sealed row's hash recomputed, each link followed;
+    unsealed rows (no seq, prev_hash, hash) only after every sealed one."""
     lines = [json.loads(line) for line in text.splitlines()]
     previous: dict[str, Any] | None = None
-    for line in lines:
+    for k, line in enumerate(lines):
+        if line["seq"] is None:
+            assert line["prev_hash"] is None and line["hash"] is None, f"line {k + 1} is half sealed"
+            assert all(later["seq"] is None for later in lines[k:]), f"line {k + 1}: a sealed row after an unsealed one"
+            continue
         assert row_hash(line_row(line)) == line["hash"], f"row {line['seq']} does not re-hash"
         if previous is not None and line["seq"] == previous["seq"] + 1:
             assert line["prev_hash"] == previous["hash"], f"row {line['seq']} does not link"

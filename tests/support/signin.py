@@ -150,7 +150,7 @@ async def audit_events(sessionmaker: async_sessionmaker[AsyncSession], tenant_id
     async with sessionmaker() as db:
         rows = await db.execute(
             text("SELECT actor, action, target, outcome, data, ip, user_agent FROM audit_event "
-                 "WHERE tenant_id = :t AND action = :a ORDER BY seq"),
+                 "WHERE tenant_id = :t AND action = :a ORDER BY id"),
             {"t": tenant_id, "a": action},
         )
         return [dict(row) for row in rows.mappings()]
