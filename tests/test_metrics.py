@@ -56,6 +56,14 @@ def promtool(text: str) -> None:
     assert checked.returncode == 0, (checked.stdout + checked.stderr).decode()
 
 
+@pytest.fixture(autouse=True)
+def fresh_label_policy(settings: Settings) -> None:
+    """Each test starts with no label values taken: earlier tests of this process may have used up
+    ``metrics_max_label_values`` workflow names, and this test's would then read ``other``, shared with
+    everyone else's runs."""
+    metrics.configure(settings)
+
+
 @pytest.fixture
 def model_server() -> Iterator[ModelServer]:
     with ModelServer() as server:
