@@ -12,7 +12,9 @@ which :func:`setup_connection` installs on the engine's own pool too.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import (
     Any,
@@ -67,3 +69,21 @@ def versioned_update(table: str, columns: tuple[str, ...]) -> str:
 
 def encode(column: str, value: Any) -> Any:
     return dumps(value) if column in JSON_COLUMNS and value is not None else value
+
+
+async def listen_until_closed(conn: Conn, channels: Sequence[str], callback: Callable[..., Any],
+                              on_listening: Callable[[], None] | None = None) -> None:
+    """LISTEN on ``channels`` and return when ``conn`` closes; a connection that died silently only shows
+    when used, so it is pinged every 30 s. Reconnecting is the caller's loop."""
+    closed = asyncio.Event()
+    conn.add_termination_listener(lambda _conn: closed.set())
+    for channel in channels:
+        await conn.add_listener(channel, callback)
+    if on_listening is not None:
+        on_listening()
+    while not closed.is_set():
+        try:
+            await asyncio.wait_for(closed.wait(), timeout=30)
+        except TimeoutError:
+            await conn.fetchval("SELECT 1", timeout=5)
+

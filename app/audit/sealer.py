@@ -21,7 +21,7 @@ import asyncpg
 
 from app.audit.chain import CHANNEL, seal_pending
 from app.outage import quiet_database_outage
-from app.pg import asyncpg_dsn
+from app.pg import asyncpg_dsn, listen_until_closed
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -76,16 +76,7 @@ async def _listen(dsn: str, wake: asyncio.Event) -> None:
         conn = None
         try:
             conn = await asyncpg.connect(dsn, server_settings={"application_name": "steward-audit-sealer"})
-            closed = asyncio.Event()
-            conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
-            await conn.add_listener(CHANNEL, notified)
-            wake.set()
-            while not closed.is_set():
-                try:
-                    await asyncio.wait_for(closed.wait(), timeout=30)
-                except TimeoutError:
-                    # A connection that died silently only shows when used.
-                    await conn.fetchval("SELECT 1", timeout=5)
+            await listen_until_closed(conn, (CHANNEL,), notified, on_listening=wake.set)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.debug("audit sealer: listening connection lost (%r); the interval still applies", exc)
         finally:

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from app.outage import DATABASE
-from app.pg import asyncpg_dsn
+from app.pg import asyncpg_dsn, listen_until_closed
 
 log = logging.getLogger(__name__)
 RUN_DONE = "steward_run_done"
@@ -64,24 +64,17 @@ class RunNotifier:
             for event in subscribers.get(uuid.UUID(payload), ()):
                 event.set()
 
+    def _listening(self) -> None:
+        self.connected.set()
+        DATABASE.up()
+
     async def _listen(self) -> None:
         while True:
             conn = None
             try:
                 conn = await asyncpg.connect(self.dsn)
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda _conn, closed=closed: closed.set())
-                await conn.add_listener(RUN_DONE, self._on_notify)
-                await conn.add_listener(RUN_CHANGED, self._on_notify)
-                await conn.add_listener(TENANT_CHANGED, self._on_notify)
-                self.connected.set()
-                DATABASE.up()
-                while not closed.is_set():
-                    try:
-                        await asyncio.wait_for(closed.wait(), timeout=30)
-                    except TimeoutError:
-                        # A connection that died silently only shows when used.
-                        await conn.fetchval("SELECT 1", timeout=5)
+                await listen_until_closed(conn, (RUN_DONE, RUN_CHANGED, TENANT_CHANGED), self._on_notify,
+                                          on_listening=self._listening)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Reconnecting every second while the database is away: the outage is logged once.
                 DATABASE.down(exc)
