@@ -97,6 +97,8 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # Before the response: the request's span ends with its last byte.
+                tracing.name_by_route(scope["method"], getattr(scope.get("route"), "path", None))
             await send(message)
 
         try:
@@ -224,11 +226,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(LogContextMiddleware)
     if tracing.enabled():
-        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-        # One span a request: the ASGI receive and send spans (two or more per request) cost more than
-        # they tell (bench/tracing.py).
-        FastAPIInstrumentor.instrument_app(app, excluded_urls=tracing.EXCLUDED_URLS, exclude_spans=["receive", "send"])
+        tracing.instrument_app(app)
     app.include_router(health_router)
     app.include_router(dashboard_router)
     app.include_router(workflows_router)

@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 from tests.fakes.otlp_receiver import OtlpReceiver  # noqa: E402
 
+CPU_PROCESSES = ("api", "worker", "postgres")
 FIGURES = (("steps/s", "steps_per_s"), ("hand-off p50 ms", "handoff_p50_ms"), ("hand-off p99 ms", "handoff_p99_ms"))
 
 
@@ -57,9 +58,14 @@ def main() -> None:
     print("command: " + " ".join(["bench/tracing.py", *sys.argv[1:]]) + "\n")
     print("| scenario | figure | tracing off (median) | tracing on (median) | on / off |\n|---|---|---:|---:|---:|")
     for scenario in results["off"][0]:
-        for label, key in FIGURES:
-            off = statistics.median(r[scenario][key] for r in results["off"])
-            on = statistics.median(r[scenario][key] for r in results["on"])
+        figures = [(label, lambda r, key=key: r[key]) for label, key in FIGURES]
+        # CPU per step per process: steadier than throughput on a shared machine.
+        measured = results["off"][0][scenario].get("cpu_ms_per_step") or {}
+        figures += [(f"CPU ms/step {process}", lambda r, process=process: r["cpu_ms_per_step"][process])
+                    for process in CPU_PROCESSES if measured.get(process)]
+        for label, read in figures:
+            off = statistics.median(read(r[scenario]) for r in results["off"])
+            on = statistics.median(read(r[scenario]) for r in results["on"])
             print(f"| {scenario} | {label} | {off:.2f} | {on:.2f} | {on / off:.2f} |")
 
 
