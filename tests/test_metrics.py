@@ -328,7 +328,8 @@ async def test_many_runs_add_no_series(
         assert asyncio.get_running_loop().time() < deadline, f"{hot.get(finished, 0) - warm[finished]} finished"
         await asyncio.sleep(0.2)
     assert hot[finished] - warm[finished] == RUNS
-    added = set(hot) - set(warm)
+    # Series of other workflows may appear: runs an earlier test of this process left behind can end now.
+    added = {series for series in set(hot) - set(warm) if dict(series[1]).get("workflow", steady) == steady}
     # No label holds an id; on a loaded machine a lease may run out under the burst, which adds a series per
     # kind of recovery or attempt outcome (bounded), never one per run.
     assert not [s for s in added if any(IDENTIFIER.search(v) for _, v in s[1])], sorted(added)
