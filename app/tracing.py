@@ -186,10 +186,14 @@ def shutdown() -> None:
         _provider = None
 
 
+def _present(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes without the None-valued ones (an attribute is left out rather than empty)."""
+    return {k: v for k, v in attributes.items() if v is not None}
+
+
 def span(name: str, attributes: Mapping[str, Any], kind: SpanKind = SpanKind.INTERNAL) -> AbstractContextManager[Span]:
     """A span of ours, current inside the block; None-valued attributes are left out."""
-    return TRACER.start_as_current_span(name, kind=kind, attributes={k: v for k, v in attributes.items()
-                                                                     if v is not None})
+    return TRACER.start_as_current_span(name, kind=kind, attributes=_present(attributes))
 
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -210,7 +214,6 @@ def trace_id_of(traceparent: str | None) -> str | None:
     return parts[1] if len(parts) == 4 else None
 
 
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 def current_trace_id() -> str | None:
     """The trace id of the current span, for what is written in it (run events); None with tracing off or
     outside a span. Sampled or not, as logs and the run's ``trace_id`` have it."""
@@ -220,11 +223,6 @@ def current_trace_id() -> str | None:
     return format(found.trace_id, "032x") if found.is_valid else None
 
 
-def trace_id_while_on(traceparent: str | None) -> str | None:
-    """The trace id of a stored traceparent, with tracing on (None off: nothing is written then)."""
-    return trace_id_of(traceparent) if _provider is not None else None
-
-
 def sent(queue: str, tenant_id: Any, run_id: Any, step_id: str | None, attempt: int,
          map_index: int | None) -> str | None:
     """A ``send <queue>`` producer span (the messaging conventions) for a step attempt queued in the
@@ -232,11 +230,11 @@ def sent(queue: str, tenant_id: Any, run_id: Any, step_id: str | None, attempt: 
     span is its child. None with tracing off or outside a span (the attempt then starts a trace)."""
     if _provider is None or not trace.get_current_span().get_span_context().is_valid:
         return None
-    with TRACER.start_as_current_span(f"send {queue}", kind=SpanKind.PRODUCER, attributes={k: v for k, v in {
+    with span(f"send {queue}", {
         MESSAGING_SYSTEM: "arq", MESSAGING_DESTINATION: queue, MESSAGING_OPERATION: "send",
         "steward.tenant.id": str(tenant_id), "steward.run.id": str(run_id), "steward.step.id": step_id,
         "steward.step.attempt": attempt, "steward.step.map_index": map_index,
-    }.items() if v is not None}):
+    }, SpanKind.PRODUCER):
         return current_traceparent()
 
 
@@ -250,6 +248,9 @@ def resumed(traceparent: str | None) -> Iterator[None]:
         return
     with trace.use_span(NonRecordingSpan(parent), end_on_exit=False):
         yield
+
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
 def _span_context(traceparent: str | None) -> SpanContext | None:
@@ -272,8 +273,8 @@ def continued(name: str, attributes: Mapping[str, Any], kind: SpanKind, parent: 
     context = trace.set_span_in_context(NonRecordingSpan(parent_context)) if parent_context else Context()
     links = [Link(first_context)] if first_context and (
         parent_context is None or first_context.trace_id != parent_context.trace_id) else None
-    return TRACER.start_as_current_span(name, context=context, kind=kind, links=links, attributes={
-        k: v for k, v in attributes.items() if v is not None})
+    return TRACER.start_as_current_span(name, context=context, kind=kind, links=links,
+                                        attributes=_present(attributes))
 
 
 def outcome(current: Span, ok: bool, error_class: str | None) -> None:
@@ -285,7 +286,7 @@ def outcome(current: Span, ok: bool, error_class: str | None) -> None:
 
 def event(name: str, **attributes: Any) -> None:
     """An event on the current span (a guardrail refusal, an approval request)."""
-    trace.get_current_span().add_event(name, {k: v for k, v in attributes.items() if v is not None})
+    trace.get_current_span().add_event(name, _present(attributes))
 
 
 def records_content(current: Span, settings: Settings) -> bool:

@@ -126,11 +126,10 @@ async def claim_attempt(tx: UnitOfWork, settings: Settings, attempt_id: uuid.UUI
     queue = queue_name(settings, run.priority)
     tx.dequeue.extend((queue, row["job_id"]) for row in rows[1:])
     for row in rows:
-        started_event = tx.event(run.id, "step_started", step_id=row["step_id"], map_index=row["map_index"],
-                                 attempt=row["n"], worker=claimer.worker_id)
         # Claimed before its ``process`` span opens: the event is of the trace that span continues.
-        if (trace_id := tracing.trace_id_while_on(row["trace_context"])) is not None:
-            started_event["trace_id"] = trace_id
+        with tracing.resumed(row["trace_context"]):
+            tx.event(run.id, "step_started", step_id=row["step_id"], map_index=row["map_index"], attempt=row["n"],
+                     worker=claimer.worker_id)
     if run.status == RunStatus.QUEUED:
         with tracing.resumed(rows[0]["trace_context"]):  # its event is of the trace its first step continues
             await set_run_status(tx, run, RunStatus.RUNNING)

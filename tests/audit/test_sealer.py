@@ -73,3 +73,34 @@ async def test_a_committed_row_is_sealed_within_the_bound(
     assert max(ages) <= bound, (ages, bound)
     result = await verify_chain(owner, tenant.tenant_id)
     assert result.ok and result.rows == 4 and result.unsealed.rows == 0, result.as_dict()
+
+
+LISTENERS = ("SELECT pid FROM pg_stat_activity WHERE application_name = 'steward-audit-sealer' "
+             "AND datname = current_database()")
+
+
+async def test_a_lost_listening_connection_is_opened_again_and_rows_stay_sealed_within_the_bound(
+    client: httpx.AsyncClient, owner: Conn, tenant: TenantKey, settings: Settings
+) -> None:
+    mine = settings.model_copy(update={**FAST, "audit_seal_interval_s": INTERVAL_S})
+    task = asyncio.create_task(run_worker(mine, concurrency=2))
+    try:
+        await sealed_after(owner, tenant, lambda: put_secret(client, tenant))  # up
+        before = {r["pid"] for r in await owner.fetch(LISTENERS)}
+        assert before
+        await owner.execute(f"SELECT pg_terminate_backend(pid) FROM ({LISTENERS}) l")
+
+        # Sealed all the same (the interval does not need the listener), and within the bound.
+        age = await sealed_after(owner, tenant, lambda: put_secret(client, tenant))
+        assert age <= sealer.bound_s(mine), age
+        # The sealer listens again, on a connection of its own.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PATIENCE_S
+        while not ({r["pid"] for r in await owner.fetch(LISTENERS)} - before):
+            assert loop.time() < deadline, "the sealer did not listen again"
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    result = await verify_chain(owner, tenant.tenant_id)
+    assert result.ok and result.unsealed.rows == 0, result.as_dict()
