@@ -223,6 +223,14 @@ def current_trace_id() -> str | None:
     return format(found.trace_id, "032x") if found.is_valid else None
 
 
+def queue_attributes(operation: str, queue: str, tenant_id: Any, run_id: Any, step_id: str | None, attempt: int,
+                     map_index: int | None) -> dict[str, Any]:
+    """The attributes of a step attempt's ``send`` and ``process`` spans: the messaging conventions' and ours."""
+    return {MESSAGING_SYSTEM: "arq", MESSAGING_DESTINATION: queue, MESSAGING_OPERATION: operation,
+            "steward.tenant.id": str(tenant_id), "steward.run.id": str(run_id), "steward.step.id": step_id,
+            "steward.step.attempt": attempt, "steward.step.map_index": map_index}
+
+
 def sent(queue: str, tenant_id: Any, run_id: Any, step_id: str | None, attempt: int,
          map_index: int | None) -> str | None:
     """A ``send <queue>`` producer span (the messaging conventions) for a step attempt queued in the
@@ -230,11 +238,8 @@ def sent(queue: str, tenant_id: Any, run_id: Any, step_id: str | None, attempt: 
     span is its child. None with tracing off or outside a span (the attempt then starts a trace)."""
     if _provider is None or not trace.get_current_span().get_span_context().is_valid:
         return None
-    with span(f"send {queue}", {
-        MESSAGING_SYSTEM: "arq", MESSAGING_DESTINATION: queue, MESSAGING_OPERATION: "send",
-        "steward.tenant.id": str(tenant_id), "steward.run.id": str(run_id), "steward.step.id": step_id,
-        "steward.step.attempt": attempt, "steward.step.map_index": map_index,
-    }, SpanKind.PRODUCER):
+    with span(f"send {queue}", queue_attributes("send", queue, tenant_id, run_id, step_id, attempt, map_index),
+              SpanKind.PRODUCER):
         return current_traceparent()
 
 

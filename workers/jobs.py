@@ -18,7 +18,7 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 
 from app import metrics, tracing
-from app.engine.advance import Claimed, Claimer, cached_definition, load_definition
+from app.engine.advance import Claimed, Claimer, cached_definition, load_definition, queue_name
 from app.engine.attempts import Outcome, claim_attempt, record_outcomes
 from app.engine.attempts import fire_wait_timeout as fire_wait_timeout_tx
 from app.engine.reconciler import reconcile_once
@@ -101,13 +101,9 @@ async def run_step(ctx: dict[str, Any], attempt_id: str) -> None:
 
 async def _execute(runtime: Runtime, http: Any, breaker: Breaker, claimed: Claimed, lease: Lease,
                    ran_in: dict[uuid.UUID, str]) -> Outcome:
-    queue = f"{runtime.settings.queue_prefix}:{claimed.priority}"
-    attributes = {
-        tracing.MESSAGING_SYSTEM: "arq", tracing.MESSAGING_DESTINATION: queue, tracing.MESSAGING_OPERATION: "process",
-        "steward.tenant.id": str(claimed.tenant_id), "steward.run.id": str(claimed.run_id),
-        "steward.step.id": claimed.step_id, "steward.step.attempt": claimed.attempt_n,
-        "steward.step.map_index": claimed.map_index,
-    }
+    queue = queue_name(runtime.settings, claimed.priority)
+    attributes = tracing.queue_attributes("process", queue, claimed.tenant_id, claimed.run_id, claimed.step_id,
+                                          claimed.attempt_n, claimed.map_index)
     process = tracing.continued(f"process {queue}", attributes, SpanKind.CONSUMER, claimed.trace_context,
                                 claimed.run_trace_context)
     with bound(tenant=claimed.tenant_id, run=claimed.run_id, step=claimed.step_id, item=claimed.map_index,
